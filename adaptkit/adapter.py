@@ -1,0 +1,296 @@
+"""The in-memory view of a LoRA adapter: its modules, their factors and their scaling.
+
+An :class:`Adapter` is built from a tensor source (a safetensors or ``.bin`` file, opened lazily) and
+an adapter config (peft's ``adapter_config.json`` or what a raw file's metadata holds). Each adapted
+module is a :class:`LoraModule` named by its *base-model* path (peft's ``base_model.model.`` prefix
+stripped), so ``module.name + ".weight"`` is the base checkpoint's tensor name.
+
+The formulas are peft's (``peft/tuners/lora/layer.py``, ``get_delta_weight``):
+scaling = lora_alpha / r, or lora_alpha / sqrt(r) with ``use_rslora``; ΔW = scaling · B @ A in the
+canonical (out, in) orientation; GPT-2 ``Conv1D`` (``fan_in_fan_out``) and embeddings store the
+transpose. ``rank_pattern`` / ``alpha_pattern`` keys match a module name with the regex
+``(.*\\.)?(KEY)$``, first key wins (peft's ``get_pattern_key``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .errors import AdaptkitError
+
+PEFT_PREFIX = "base_model.model."
+
+UNSUPPORTED_PEFT_TYPES = {
+    "IA3": "IA3", "LOHA": "LoHa", "LOKR": "LoKr", "PREFIX_TUNING": "prefix tuning",
+    "P_TUNING": "p-tuning", "PROMPT_TUNING": "prompt tuning", "ADALORA": "AdaLoRA", "OFT": "OFT",
+    "BOFT": "BOFT", "VERA": "VeRA", "FOURIERFT": "FourierFT", "LN_TUNING": "LayerNorm tuning",
+    "POLY": "Poly", "VBLORA": "VB-LoRA", "HRA": "HRA", "BONE": "Bone", "XLORA": "X-LoRA",
+    "ADAPTION_PROMPT": "adaption prompt", "MULTITASK_PROMPT_TUNING": "multitask prompt tuning",
+    "CPT": "CPT", "RANDLORA": "RandLoRA", "SHIRA": "SHiRA", "C3A": "C3A", "MISS": "MiSS",
+}
+
+_LORA_KEY = re.compile(
+    r"^(?P<mod>.+?)\.(?P<role>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?:\.(?P<adapter>[^.]+))?(?:\.(?P<param>weight|bias))?$")
+
+
+class TensorSource(Protocol):
+    """Lazy access to the tensors of one adapter file."""
+
+    path: Path
+
+    def keys(self) -> list[str]: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def dtype(self, key: str) -> torch.dtype: ...
+    def get(self, key: str) -> torch.Tensor: ...
+
+
+def pattern_key(patterns, name: str):
+    """The first key of ``patterns`` matching module ``name`` the way peft matches it, else None."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: A (r × in), B (out × r), and how ΔW = scaling · B @ A lands on the base."""
+
+    name: str
+    kind: str  # "linear" or "embedding"
+    rank: int
+    alpha: float
+    scaling: float
+    fan_in_fan_out: bool
+    source: TensorSource
+    a_key: str
+    b_key: str
+    magnitude_key: str | None = None  # DoRA
+    bias_key: str | None = None  # lora_bias
+
+    @property
+    def use_dora(self) -> bool:
+        return self.magnitude_key is not None
+
+    @property
+    def A(self) -> torch.Tensor:
+        return self.source.get(self.a_key)
+
+    @property
+    def B(self) -> torch.Tensor:
+        return self.source.get(self.b_key)
+
+    @property
+    def magnitude(self) -> torch.Tensor | None:
+        return self.source.get(self.magnitude_key) if self.magnitude_key else None
+
+    @property
+    def lora_bias(self) -> torch.Tensor | None:
+        return self.source.get(self.bias_key) if self.bias_key else None
+
+    @property
+    def shape_rank(self) -> int:
+        return self.source.shape(self.a_key)[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.source.shape(self.a_key)[-1]
+
+    @property
+    def out_features(self) -> int:
+        return self.source.shape(self.b_key)[0]
+
+    @property
+    def weight_name(self) -> str:
+        """The base checkpoint tensor this module changes."""
+        return self.name + ".weight"
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the base stores the weight as (in, out): embeddings and fan_in_fan_out (Conv1D)."""
+        return self.kind == "embedding" or self.fan_in_fan_out
+
+    def delta(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """ΔW = scaling · B @ A in fp32, canonical (out, in) orientation."""
+        a = self.A.to(device=device, dtype=torch.float32)
+        b = self.B.to(device=device, dtype=torch.float32)
+        return (b @ a).mul_(self.scaling)
+
+    @property
+    def parameters(self) -> int:
+        n = math.prod(self.source.shape(self.a_key)) + math.prod(self.source.shape(self.b_key))
+        for key in (self.magnitude_key, self.bias_key):
+            if key:
+                n += math.prod(self.source.shape(key))
+        return n
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: config, modules by base-model name, and full tensors it replaces."""
+
+    path: Path
+    weights_path: Path
+    config: dict
+    source: TensorSource
+    modules: dict[str, LoraModule]
+    full_tensors: dict[str, str] = field(default_factory=dict)  # base tensor name -> key in source
+    unclaimed: list[str] = field(default_factory=list)  # keys that belong to no module
+    notes: list[str] = field(default_factory=list)  # facts worth a warning (assumed alpha, ...)
+    format: str = "peft"
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config.get("peft_type", "LORA"))
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def r(self) -> int:
+        return int(self.config.get("r", 8))
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.config.get("lora_alpha", 8)
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool(self.config.get("use_rslora", False))
+
+    @property
+    def use_dora(self) -> bool:
+        return any(m.use_dora for m in self.modules.values())
+
+    @property
+    def parameters(self) -> int:
+        return sum(math.prod(self.source.shape(k)) for k in self.source.keys())
+
+    @property
+    def dtypes(self) -> list[str]:
+        return sorted({str(self.source.dtype(k)).removeprefix("torch.") for k in self.source.keys()})
+
+    @property
+    def file_size(self) -> int:
+        return self.weights_path.stat().st_size
+
+    def full_tensor(self, base_name: str) -> torch.Tensor:
+        return self.source.get(self.full_tensors[base_name])
+
+
+def strip_prefix(key: str) -> str:
+    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+
+
+def check_peft_type(config: dict, path: Path) -> None:
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        what = UNSUPPORTED_PEFT_TYPES.get(peft_type, peft_type)
+        raise AdaptkitError(f"peft_type {peft_type} ({what}) is not supported: adaptkit handles LoRA adapters only", path)
+
+
+def build_adapter(path: Path, weights_path: Path, config: dict, source: TensorSource, fmt: str = "peft",
+                  infer_alpha: dict[str, float] | None = None) -> Adapter:
+    """Group a source's keys into LoRA modules and resolve each module's rank, alpha and scaling.
+
+    ``config`` may be empty (a raw file): ranks then come from the shapes and alphas from
+    ``infer_alpha`` (per module) or default to the rank, with a note saying so.
+    """
+    check_peft_type(config, path)
+    has_config = bool(config)
+    r_default = int(config.get("r", 0) or 0)
+    alpha_default = config.get("lora_alpha")
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    use_rslora = bool(config.get("use_rslora", False))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    modules_to_save = list(config.get("modules_to_save") or [])
+    infer_alpha = infer_alpha or {}
+
+    parts: dict[str, dict[str, str]] = {}
+    full: dict[str, str] = {}
+    unclaimed: list[str] = []
+    for key in source.keys():
+        name = strip_prefix(key)
+        m = _LORA_KEY.match(name)
+        if m:
+            mod, role, adapter_name, param = m["mod"], m["role"], m["adapter"], m["param"]
+            if param is None and adapter_name in ("weight", "bias"):
+                param, adapter_name = adapter_name, None
+            slot = role if param != "bias" else role + ".bias"
+            parts.setdefault(mod, {})[slot] = key
+            continue
+        if ".base_layer." in name:  # the base weights peft saves beside an embedding LoRA
+            full[name.replace(".base_layer.", ".")] = key
+            continue
+        if ".modules_to_save." in name:  # a state dict taken from the live model
+            mod, _, rest = name.partition(".modules_to_save.")
+            full[mod + "." + rest.split(".", 1)[1]] = key
+            continue
+        if ".original_module." in name:
+            continue
+        mod = name.rsplit(".", 1)[0]
+        if any(mod == t or mod.endswith("." + t) for t in modules_to_save):
+            full[name] = key
+        else:
+            unclaimed.append(key)
+
+    notes: list[str] = []
+    modules: dict[str, LoraModule] = {}
+    assumed_alpha = []
+    for mod, roles in parts.items():
+        if "lora_A" in roles or "lora_B" in roles:
+            kind, a_key, b_key = "linear", roles.get("lora_A"), roles.get("lora_B")
+        else:
+            kind, a_key, b_key = "embedding", roles.get("lora_embedding_A"), roles.get("lora_embedding_B")
+        if a_key is None or b_key is None:
+            unclaimed.extend(roles.values())
+            notes.append(f"module {mod} has only one of its two LoRA factors")
+            continue
+        shape_rank = source.shape(a_key)[0]
+        key = pattern_key(rank_pattern, mod)
+        rank = int(rank_pattern[key]) if key is not None else (r_default or shape_rank)
+        key = pattern_key(alpha_pattern, mod)
+        if key is not None:
+            alpha = alpha_pattern[key]
+        elif has_config and alpha_default is not None:
+            alpha = alpha_default
+        elif mod in infer_alpha:
+            alpha = infer_alpha[mod]
+        else:
+            alpha = rank
+            assumed_alpha.append(mod)
+        modules[mod] = LoraModule(
+            name=mod, kind=kind, rank=rank, alpha=alpha, scaling=lora_scaling(alpha, rank, use_rslora),
+            fan_in_fan_out=fan_in_fan_out and kind == "linear", source=source, a_key=a_key, b_key=b_key,
+            magnitude_key=roles.get("lora_magnitude_vector"), bias_key=roles.get("lora_B.bias"))
+    if assumed_alpha:
+        notes.append(f"no alpha recorded for {len(assumed_alpha)} modules: assumed alpha = r (scaling 1)")
+    if any("trainable_tokens" in k for k in unclaimed):
+        notes.append("trainable_token_indices (trainable tokens) are not supported and are ignored")
+    return Adapter(path=path, weights_path=weights_path, config=config, source=source,
+                   modules=dict(sorted(modules.items(), key=lambda kv: _natural_key(kv[0]))),
+                   full_tensors=full, unclaimed=unclaimed, notes=notes, format=fmt)
+
+
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Open an adapter lazily: a PEFT folder, or a single ``.safetensors`` / ``.bin`` file."""
+    from .formats import detect_and_load
+
+    return detect_and_load(Path(path))

@@ -1,0 +1,125 @@
+"""The ``adaptkit`` command line: a thin shell over the library.
+
+Every command parses its flags, calls one library function and renders the result (a rich table,
+or one JSON object with ``--json``). User mistakes arrive as :class:`AdaptkitError` and leave as one
+line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import AdaptkitError
+
+# Piped output keeps whole module names (rich would otherwise cut tables at 80 columns).
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AdaptkitError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]warning:[/yellow] {message}", markup=True, soft_wrap=True)
+
+
+def print_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="adaptkit")
+def main():
+    """Inspect, merge, combine, convert and verify LoRA adapters.
+
+    Exact (fp32 math, rounded once), streaming (peak memory follows the largest tensor, not the
+    model) and GPU-aware. Try it on the shipped fixtures:
+
+    \b
+      adaptkit inspect fixtures/adapters/llama-lora
+      adaptkit merge fixtures/tiny-llama fixtures/adapters/llama-lora -o out/merged
+    """
+
+
+@main.command()
+@click.argument("source")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option("--svd", is_flag=True, help="Add each module's singular values of ΔW and the ranks holding 90/99 % of its energy.")
+def inspect(source, as_json, svd):
+    """Show what a LoRA adapter holds.
+
+    SOURCE is a PEFT adapter folder (adapter_config.json + adapter_model.safetensors or .bin) or a
+    single .safetensors file of LoRA tensors. Prints a summary, one row per adapted module (named as
+    in the base model) and health warnings: untrained B, NaN/Inf, shapes that do not fit, ranks
+    that differ from the config, tensors that belong to no module.
+    """
+    from .adapter import load_adapter
+    from .inspection import inspect_adapter
+
+    report = inspect_adapter(load_adapter(source), svd=svd)
+    if as_json:
+        print_json(report.to_dict())
+        return
+    _render_inspect(report, svd)
+
+
+def _render_inspect(report, svd: bool) -> None:
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    scaling = f"{report.scaling:g}" if report.scaling is not None else "per module (see table)"
+    rows = [
+        ("adapter", report.path), ("format", report.format), ("peft type", report.peft_type),
+        ("base model", report.base_model or "-"), ("r", str(report.r)), ("alpha", f"{report.lora_alpha}"),
+        ("scaling", scaling), ("rsLoRA", "yes" if report.use_rslora else "no"),
+        ("DoRA", "yes" if report.use_dora else "no"),
+        ("target modules", ", ".join(report.target_modules) if isinstance(report.target_modules, list)
+         else str(report.target_modules or "-")),
+        ("modules to save", ", ".join(report.modules_to_save) or "-"),
+        ("dtype", ", ".join(report.dtype)), ("parameters", f"{report.parameters:,}"),
+        ("file size", _human_bytes(report.file_size)), ("modules", str(len(report.modules))),
+    ]
+    for k, v in rows:
+        summary.add_row(k, v)
+    out.print(summary)
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("module", "kind", "rank", "alpha", "scaling", "in", "out"):
+        table.add_column(col, justify="left" if col in ("module", "kind") else "right", no_wrap=True)
+    if svd:
+        table.add_column("rank@90%", justify="right")
+        table.add_column("rank@99%", justify="right")
+        table.add_column("top σ", justify="right")
+    for m in report.modules:
+        kind = m.kind + (" +DoRA" if m.dora else "") + (" +bias" if m.lora_bias else "")
+        row = [m.name, kind, str(m.rank), f"{m.alpha:g}", f"{m.scaling:.4g}", str(m.in_features), str(m.out_features)]
+        if svd:
+            row += [str(m.rank_90), str(m.rank_99), f"{m.singular_values[0]:.4g}" if m.singular_values else "-"]
+        table.add_row(*row)
+    out.print()
+    out.print(table)
+    for w in report.warnings:
+        warn(w)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""The one exception type for user mistakes.
+
+Anything the user can fix (a missing file, a malformed config, an adapter that does not fit its base)
+is raised as :class:`AdaptkitError` with one line naming the file and the problem. The CLI prints it
+to stderr and exits with status 2; every other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class AdaptkitError(Exception):
+    """A user-facing error: one line, naming the file (when there is one) and the problem."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else None
+        self.message = " ".join(str(message).split())  # always one line
+        super().__init__(f"{self.path}: {self.message}" if self.path is not None else self.message)

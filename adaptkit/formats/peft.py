@@ -1,0 +1,59 @@
+"""The PEFT adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors`` (or legacy ``.bin``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..adapter import Adapter, build_adapter, check_peft_type
+from ..errors import AdaptkitError
+from .sources import open_source
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def read_config(path: Path) -> dict:
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.exists():
+        subdirs = [p.name for p in path.iterdir() if (p / CONFIG_NAME).exists()] if path.is_dir() else []
+        hint = f" (adapters found in subfolders: {', '.join(sorted(subdirs))})" if subdirs else ""
+        raise AdaptkitError(f"no {CONFIG_NAME} here: not a PEFT adapter folder{hint}", path)
+    try:
+        config = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise AdaptkitError(f"malformed JSON: {e}", cfg_path) from None
+    except OSError as e:
+        raise AdaptkitError(f"cannot read: {e.strerror or e}", cfg_path) from None
+    if not isinstance(config, dict):
+        raise AdaptkitError("malformed adapter config: not a JSON object", cfg_path)
+    if "peft_type" not in config:
+        raise AdaptkitError("malformed adapter config: no peft_type", cfg_path)
+    check_peft_type(config, cfg_path)
+    for key in ("r", "lora_alpha"):
+        if key in config and not isinstance(config[key], (int, float)):
+            raise AdaptkitError(f"malformed adapter config: {key} must be a number", cfg_path)
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise AdaptkitError(f"malformed adapter config: {key} must be an object", cfg_path)
+    _refuse_unsupported(config, cfg_path)
+    return config
+
+
+def _refuse_unsupported(config: dict, cfg_path: Path) -> None:
+    if config.get("layer_replication"):
+        raise AdaptkitError("layer_replication is not supported (the adapter changes the model's layer layout)", cfg_path)
+    if config.get("target_parameters"):
+        raise AdaptkitError("target_parameters (LoRA on raw nn.Parameters) is not supported yet", cfg_path)
+
+
+def load_peft_dir(path: Path) -> Adapter:
+    config = read_config(path)
+    for name in WEIGHT_NAMES:
+        weights = path / name
+        if weights.exists():
+            break
+    else:
+        raise AdaptkitError(f"no adapter weights ({' or '.join(WEIGHT_NAMES)})", path)
+    source = open_source(weights)
+    return build_adapter(path, weights, config, source, fmt="peft")

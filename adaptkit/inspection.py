@@ -1,0 +1,135 @@
+"""What an adapter holds: a summary, per-module facts, health warnings and the spectrum of ΔW.
+
+The spectrum never forms ΔW: with B = Q_B R_B and Aᵀ = Q_A R_A (thin QR), ΔW = s · Q_B (R_B R_Aᵀ) Q_Aᵀ,
+so the singular values of ΔW are s times those of the r × r core R_B R_Aᵀ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .adapter import Adapter, LoraModule
+
+
+@dataclass
+class ModuleReport:
+    name: str
+    kind: str
+    rank: int
+    alpha: float
+    scaling: float
+    in_features: int
+    out_features: int
+    dora: bool = False
+    lora_bias: bool = False
+    singular_values: list[float] | None = None
+    rank_90: int | None = None
+    rank_99: int | None = None
+
+
+@dataclass
+class AdapterReport:
+    path: str
+    format: str
+    peft_type: str
+    base_model: str | None
+    r: int
+    lora_alpha: float
+    scaling: float | None
+    use_rslora: bool
+    use_dora: bool
+    target_modules: object
+    dtype: list[str]
+    parameters: int
+    file_size: int
+    modules: list[ModuleReport]
+    modules_to_save: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def singular_values(module: LoraModule) -> torch.Tensor:
+    """Singular values of ΔW = scaling · B @ A, from the r × r core (fp64 for accuracy)."""
+    a = module.A.to(torch.float64)
+    b = module.B.to(torch.float64)
+    _, r_b = torch.linalg.qr(b)
+    _, r_a = torch.linalg.qr(a.T)
+    core = r_b @ r_a.T
+    return torch.linalg.svdvals(core) * abs(module.scaling)
+
+
+def energy_rank(s: torch.Tensor, fraction: float) -> int:
+    """Smallest k whose top-k singular values hold ``fraction`` of the squared Frobenius norm."""
+    e = s.double() ** 2
+    total = e.sum()
+    if total == 0:
+        return 0
+    cum = torch.cumsum(e, 0) / total
+    return int(torch.searchsorted(cum, torch.tensor(fraction, dtype=cum.dtype) - 1e-12).item()) + 1
+
+
+def health(adapter: Adapter) -> list[str]:
+    warnings = list(adapter.notes)
+    src = adapter.source
+    zero_b, nonfinite, mismatched, rank_diff = [], [], [], []
+    for m in adapter.modules.values():
+        a_shape, b_shape = src.shape(m.a_key), src.shape(m.b_key)
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+            mismatched.append(f"{m.name} (A {list(a_shape)}, B {list(b_shape)})")
+            continue
+        if m.shape_rank != m.rank:
+            rank_diff.append(f"{m.name} (tensors r={m.shape_rank}, config r={m.rank})")
+        a, b = m.A, m.B
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            nonfinite.append(m.name)
+        elif not b.any():
+            zero_b.append(m.name)
+    for key in adapter.full_tensors.values():
+        t = src.get(key)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            nonfinite.append(key)
+    if zero_b:
+        warnings.append(f"B is all zero (untrained, ΔW = 0) in {_few(zero_b)}")
+    if nonfinite:
+        warnings.append(f"NaN or Inf in {_few(nonfinite)}")
+    if mismatched:
+        warnings.append(f"A/B shapes do not fit in {_few(mismatched)}")
+    if rank_diff:
+        warnings.append(f"rank differs from the config in {_few(rank_diff)}")
+    if adapter.unclaimed:
+        warnings.append(f"{len(adapter.unclaimed)} tensors belong to no LoRA module: {_few(adapter.unclaimed)}")
+    if not adapter.modules and not adapter.full_tensors:
+        warnings.append("the adapter holds no LoRA modules")
+    return warnings
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def inspect_adapter(adapter: Adapter, svd: bool = False) -> AdapterReport:
+    modules = []
+    for m in adapter.modules.values():
+        rep = ModuleReport(name=m.name, kind=m.kind, rank=m.rank, alpha=m.alpha, scaling=m.scaling,
+                           in_features=m.in_features, out_features=m.out_features, dora=m.use_dora,
+                           lora_bias=m.bias_key is not None)
+        if svd:
+            s = singular_values(m)
+            rep.singular_values = [float(x) for x in s]
+            rep.rank_90, rep.rank_99 = energy_rank(s, 0.90), energy_rank(s, 0.99)
+        modules.append(rep)
+    scalings = {m.scaling for m in adapter.modules.values()}
+    cfg = adapter.config
+    return AdapterReport(
+        path=str(adapter.path), format=adapter.format, peft_type=adapter.peft_type, base_model=adapter.base_model,
+        r=int(cfg.get("r") or (max((m.rank for m in adapter.modules.values()), default=0))),
+        lora_alpha=cfg.get("lora_alpha", next((m.alpha for m in adapter.modules.values()), None)),
+        scaling=scalings.pop() if len(scalings) == 1 else None, use_rslora=adapter.use_rslora,
+        use_dora=adapter.use_dora, target_modules=cfg.get("target_modules"), dtype=adapter.dtypes,
+        parameters=adapter.parameters, file_size=adapter.file_size, modules=modules,
+        modules_to_save=sorted(adapter.full_tensors), warnings=health(adapter))

@@ -1,0 +1,232 @@
+"""The safetensors format at byte level: header reading and a streaming writer.
+
+The format (https://github.com/huggingface/safetensors#format) is an 8-byte little-endian header
+length N, N bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__":
+{str: str}}`` padded with spaces, then the raw little-endian tensor bytes; offsets are relative to
+the end of the header.
+
+Why our own code next to the safetensors package: its writer needs every tensor in memory at once,
+and its reader memory-maps whole files (the mapped pages count in the process's resident memory)
+and cannot read into a caller's (pinned) buffer. Reading the header ourselves gives each tensor's
+file offset, so a merge can stream: read one tensor with ``pread`` into a reusable buffer, copy
+untouched tensors file-to-file in the kernel, and write the output header first, then the bytes.
+Tests read everything back with the safetensors package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import AdaptkitError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
+                     ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors package refuses headers above 100 MB too
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+
+@dataclass
+class Header:
+    path: Path
+    tensors: list[TensorInfo]  # in the order their bytes appear in the file
+    metadata: dict[str, str]
+    data_start: int
+
+
+def read_header(path: str | Path) -> Header:
+    """Parse and validate a safetensors header; raise AdaptkitError on anything malformed."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise AdaptkitError("not a safetensors file (shorter than 8 bytes)", path)
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > _MAX_HEADER or n > size - 8:
+                raise AdaptkitError(f"not a valid safetensors file (header length {n} for a {size}-byte file)", path)
+            raw = f.read(n)
+    except OSError as e:
+        raise AdaptkitError(f"cannot read: {e.strerror or e}", path) from None
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+        if not isinstance(obj, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise AdaptkitError(f"not a valid safetensors file (corrupt header: {e})", path) from None
+    data_start = 8 + n
+    data_size = size - data_start
+    metadata = obj.pop("__metadata__", None) or {}
+    tensors = []
+    for name, entry in obj.items():
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except KeyError as e:
+            raise AdaptkitError(f"tensor {name!r} has an unsupported or missing field {e}", path) from None
+        except (TypeError, ValueError):
+            raise AdaptkitError(f"tensor {name!r} has a malformed header entry", path) from None
+        nbytes = numel(shape) * itemsize(dtype)
+        if end - begin != nbytes or begin < 0:
+            raise AdaptkitError(f"tensor {name!r}: offsets do not match its shape and dtype", path)
+        if end > data_size:
+            raise AdaptkitError(
+                f"truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size}", path)
+        tensors.append(TensorInfo(name, dtype, shape, data_start + begin, nbytes))
+    tensors.sort(key=lambda t: t.offset)
+    return Header(path, tensors, {str(k): str(v) for k, v in metadata.items()}, data_start)
+
+
+def read_into(fd: int, offset: int, buf: memoryview) -> None:
+    """Fill ``buf`` from file descriptor ``fd`` at ``offset`` (no seek, thread-safe)."""
+    done = 0
+    total = len(buf)
+    while done < total:
+        got = os.preadv(fd, [buf[done:]], offset + done)
+        if got <= 0:
+            raise AdaptkitError(f"unexpected end of file at byte {offset + done}")
+        done += got
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor."""
+    t = t.contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def build_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None) -> tuple[bytes, list[int]]:
+    """Serialise a header for tensors laid out in the given order; return it and each tensor's size."""
+    obj: dict = {}
+    if metadata:
+        obj["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    sizes = []
+    for name, dtype, shape in entries:
+        nbytes = numel(shape) * itemsize(dtype)
+        obj[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        sizes.append(nbytes)
+    raw = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, sizes
+
+
+class StreamingWriter:
+    """Write a safetensors file tensor by tensor, in a fixed order declared up front.
+
+    The header is written first (all names, dtypes and shapes are known before any data), then each
+    tensor's bytes as they arrive, so no more than one tensor is ever held. ``close`` checks that
+    every declared tensor was written in full.
+    """
+
+    def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        header, sizes = build_header(entries, metadata)
+        self._expected = [(name, size) for (name, _, _), size in zip(entries, sizes)]
+        self._next = 0
+        self._f = open(self.path, "wb", buffering=0)
+        self._fd = self._f.fileno()
+        self._write_all(memoryview(header))
+        self.bytes_written = len(header)
+
+    def _write_all(self, mv: memoryview) -> None:
+        done = 0
+        while done < len(mv):
+            done += os.write(self._fd, mv[done:])
+
+    def _advance(self, name: str, nbytes: int) -> None:
+        if self._next >= len(self._expected):
+            raise RuntimeError(f"{self.path}: tensor {name!r} was not declared")
+        exp_name, exp_size = self._expected[self._next]
+        if name != exp_name or nbytes != exp_size:
+            raise RuntimeError(f"{self.path}: expected {exp_name!r} ({exp_size} bytes), got {name!r} ({nbytes} bytes)")
+        self._next += 1
+        self.bytes_written += nbytes
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        data = tensor_bytes(tensor.detach().cpu())
+        self._advance(name, len(data))
+        self._write_all(data)
+
+    def copy_from(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
+        """Copy ``nbytes`` from another file without passing them through user memory."""
+        self._advance(name, nbytes)
+        done = 0
+        while done < nbytes:
+            n = 0
+            try:
+                n = os.copy_file_range(src_fd, self._fd, nbytes - done, src_offset + done)
+            except (OSError, AttributeError):
+                n = 0
+            if n <= 0:  # no kernel copy here (other OS, cross-device on old kernels): read and write
+                chunk = min(nbytes - done, 64 << 20)
+                buf = bytearray(chunk)
+                read_into(src_fd, src_offset + done, memoryview(buf))
+                self._write_all(memoryview(buf))
+                n = chunk
+            done += n
+
+    def close(self, sync: bool = True) -> None:
+        if self._f.closed:
+            return
+        try:
+            if self._next != len(self._expected):
+                missing = [n for n, _ in self._expected[self._next:]]
+                raise RuntimeError(f"{self.path}: {len(missing)} declared tensors never written: {missing[:3]}")
+            if sync:
+                os.fsync(self._fd)
+        finally:
+            self._f.close()
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
