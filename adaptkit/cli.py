@@ -18,7 +18,7 @@ from . import __version__
 from .errors import AdaptkitError
 
 # Piped output keeps whole module names (rich would otherwise cut tables at 80 columns).
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
 
@@ -93,7 +93,7 @@ def _render_inspect(report, svd: bool) -> None:
     ]
     for k, v in rows:
         summary.add_row(k, v)
-    out.print(summary)
+    stdout.print(summary)
     table = Table(show_edge=False, pad_edge=False)
     for col in ("module", "kind", "rank", "alpha", "scaling", "in", "out"):
         table.add_column(col, justify="left" if col in ("module", "kind") else "right", no_wrap=True)
@@ -107,10 +107,78 @@ def _render_inspect(report, svd: bool) -> None:
         if svd:
             row += [str(m.rank_90), str(m.rank_99), f"{m.singular_values[0]:.4g}" if m.singular_values else "-"]
         table.add_row(*row)
-    out.print()
-    out.print(table)
+    stdout.print()
+    stdout.print(table)
     for w in report.warnings:
         warn(w)
+
+
+@main.command()
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER [ADAPTER ...]")
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False),
+              help="Folder to write the merged model to (created; refused if it exists, unless --force).")
+@click.option("--weight", "weights", type=float, multiple=True,
+              help="Scale of each adapter's ΔW, once per adapter, in order (default 1).")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA when present), cpu, cuda or cuda:N. Results match across devices within rounding.")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
+              help="Output dtype of floating tensors; auto keeps each tensor's own.")
+@click.option("--max-shard-size", default=None,
+              help="Re-shard the output (e.g. 5GB, 500MB); by default the base's shard layout is kept.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
+def merge(base, adapters, out, weights, device, dtype, max_shard_size, force, as_json):
+    """Fold LoRA adapters into a base model: W' = W + weight · (α/r) · B·A.
+
+    BASE is a model folder in the Hugging Face layout (config.json with model.safetensors, sharded
+    safetensors + index, or pytorch_model*.bin). Each ADAPTER is a PEFT folder or a raw
+    .safetensors file; several are folded in order. ΔW is computed in fp32 and rounded once into
+    the output dtype; DoRA, rsLoRA, rank/alpha patterns, Conv1D (GPT-2), embedding LoRA,
+    modules_to_save and lora_bias follow peft's formulas.
+
+    Streaming: one tensor at a time is read, merged and written; untouched tensors are copied
+    file-to-file. Output goes to a temporary folder beside OUT, renamed into place at the end.
+
+    \b
+    Example:
+      adaptkit merge fixtures/tiny-llama fixtures/adapters/llama-lora -o out/merged
+    """
+    from .merge import merge as merge_fn
+
+    command = "adaptkit merge " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["merge"] else None
+    bar = _progress(disable=as_json)
+    task = None
+    started = []
+
+    def on_plan(plan):  # the bar starts once the plan holds, so errors print alone
+        nonlocal task
+        task = bar.add_task("merging", total=sum(j.out_bytes for j in plan.jobs))
+        bar.start()
+        started.append(True)
+
+    try:
+        result = merge_fn(base, list(adapters), out, weights=list(weights) or None, device=device, dtype=dtype,
+                          max_shard_size=max_shard_size, force=force, warn=warn, on_plan=on_plan,
+                          progress=lambda n: bar.advance(task, n), command=command)
+    finally:
+        if started:  # rich prints a newline when a bar that never started is stopped
+            bar.stop()
+    if as_json:
+        print_json(result.to_dict())
+        return
+    stdout.print(f"merged {result.modules_merged} modules into {result.tensors_merged} of {result.tensors} tensors "
+              f"→ {result.out} ({_human_bytes(result.bytes_written)} in {result.seconds:.1f} s on {result.device}, "
+              f"peak memory {_human_bytes(result.peak_rss_bytes)})")
+
+
+def _progress(disable: bool):
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=err, disable=disable, transient=True)
 
 
 def _human_bytes(n: float) -> str:

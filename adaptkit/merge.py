@@ -1,0 +1,498 @@
+"""Fold LoRA adapters into a base checkpoint, streaming tensor by tensor.
+
+Data flows one way: the plan (:func:`plan_merge`) checks every adapter against the base and decides,
+for each output tensor, its shard, dtype and the operations on it, before a byte is written. The
+stream (:func:`merge`) then reads each touched tensor, computes in fp32 on the chosen device, rounds
+once to the output dtype and writes it; untouched tensors are copied file-to-file by the kernel.
+
+The math is peft's (``peft/tuners/lora/layer.py`` and ``variants.py``), see :func:`merged_weight`:
+- LoRA: W' = W + w·s·B@A (transposed for Conv1D ``fan_in_fan_out`` and embeddings);
+- DoRA: W' = (m / ‖W₀ + ΔW‖_row) · (W + ΔW), rows of the canonical (out, in) weight, W₀ the weight
+  before any adapter (peft takes the norm of the unmerged weight too);
+- lora_bias: b' = b + w·s·lora_B.bias; modules_to_save: the saved tensor replaces the base one.
+``w`` is the per-adapter ``--weight``; it scales ΔW (a DoRA magnitude is not scaled).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .adapter import Adapter, LoraModule, load_adapter
+from .checkpoint import Checkpoint, is_weight_file
+from .device import resolve_device
+from .errors import AdaptkitError
+from .output import atomic_output_dir, check_output
+from .pipeline import run_stream
+from .safetensors_file import StreamingWriter, itemsize, numel
+
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "fp32": torch.float32}
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
+                            "tok_embeddings.weight")
+OUTPUT_EMBEDDING = "lm_head.weight"
+
+
+@dataclass
+class Op:
+    """One change to one tensor, applied in order."""
+
+    kind: str  # "replace", "lora" or "bias"
+    adapter: Adapter
+    weight: float = 1.0
+    module: LoraModule | None = None
+    key: str | None = None  # for "replace": the adapter tensor that replaces the base one
+    transposed: bool = False  # for "lora": the base stores (in, out)
+
+
+@dataclass
+class TensorJob:
+    name: str  # output tensor name
+    source: str  # base tensor it starts from
+    shape: tuple[int, ...]
+    in_dtype: torch.dtype
+    out_dtype: torch.dtype
+    ops: list[Op] = field(default_factory=list)
+
+    @property
+    def computed(self) -> bool:
+        return bool(self.ops) or self.in_dtype != self.out_dtype
+
+    @property
+    def in_bytes(self) -> int:
+        return numel(self.shape) * itemsize(self.in_dtype)
+
+    @property
+    def out_bytes(self) -> int:
+        return numel(self.shape) * itemsize(self.out_dtype)
+
+
+@dataclass
+class OutShard:
+    file: str
+    jobs: list[TensorJob]
+    metadata: dict[str, str]
+
+
+@dataclass
+class MergePlan:
+    base: Checkpoint
+    adapters: list[Adapter]
+    weights: list[float]
+    shards: list[OutShard]
+    config: dict
+    write_index: bool
+    warnings: list[str]
+
+    @property
+    def jobs(self) -> list[TensorJob]:
+        return [j for s in self.shards for j in s.jobs]
+
+    @property
+    def modules_merged(self) -> int:
+        return sum(1 for j in self.jobs for op in j.ops if op.kind == "lora")
+
+
+@dataclass
+class MergeResult:
+    out: str
+    device: str
+    tensors: int
+    tensors_merged: int
+    modules_merged: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_rss_bytes: int
+    warnings: list[str]
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# ---------------------------------------------------------------------------------------------- math
+
+def merged_weight(w: torch.Tensor, ops: list[Op], device: torch.device) -> torch.Tensor:
+    """Apply ``ops`` to the fp32 tensor ``w`` (on ``device``) and return the fp32 result."""
+    needs_ref = any(op.kind == "lora" and op.module.use_dora for op in ops)
+    ref = w.clone() if needs_ref else None
+    for op in ops:
+        if op.kind == "replace":
+            w = op.adapter.source.get(op.key).to(device=device, dtype=torch.float32, copy=True)
+            ref = w.clone() if needs_ref else None
+        elif op.kind == "lora":
+            m = op.module
+            delta = m.delta(device)
+            if op.weight != 1.0:
+                delta.mul_(op.weight)
+            if op.transposed:
+                delta = delta.T
+            if m.use_dora:
+                combined = ref + delta
+                canonical = combined.T if op.transposed else combined
+                norm = torch.linalg.vector_norm(canonical, dim=1)
+                factor = m.magnitude.to(device=device, dtype=torch.float32) / norm
+                w = (w + delta) * (factor[None, :] if op.transposed else factor[:, None])
+            else:
+                w += delta
+        elif op.kind == "bias":
+            m = op.module
+            w += m.lora_bias.to(device=device, dtype=torch.float32) * (m.scaling * op.weight)
+    return w
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+def parse_size(size: str | int | None) -> int | None:
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
+    if size is None or isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(I?B?)\s*", str(size).upper())
+    if not m:
+        raise AdaptkitError(f"cannot read size {size!r} (examples: 5GB, 500MB, 2GiB)")
+    base = 1024 if m[3].startswith("I") else 1000
+    return int(float(m[1]) * base ** "_KMGT".index(m[2] or "_"))
+
+
+def _out_shard_name(name: str) -> str:
+    if name.endswith(".bin"):
+        name = name[: -len(".bin")] + ".safetensors"
+        name = name.replace("pytorch_model", "model", 1)
+    return name
+
+
+def _input_embedding(base: Checkpoint) -> str | None:
+    for suffix in INPUT_EMBEDDING_SUFFIXES:
+        for name in base.tensors:
+            if name.endswith(suffix):
+                return name
+    return None
+
+
+def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] | None = None,
+               dtype: str | torch.dtype | None = "auto", max_shard_size: str | int | None = None) -> MergePlan:
+    """Check the adapters against the base and lay out every output tensor; raise before any write."""
+    weights = list(weights) if weights else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise AdaptkitError(f"{len(weights)} weights for {len(adapters)} adapters (give one --weight per adapter)")
+    out_dtype = _resolve_dtype(dtype)
+    warnings: list[str] = []
+    ops: dict[str, list[Op]] = {}
+    problems: list[str] = []
+    missing: dict[str, list[str]] = {}
+    tied = base.config.get("tie_word_embeddings", True) and OUTPUT_EMBEDDING not in base
+    input_emb = _input_embedding(base) if tied else None
+
+    def base_shape(name):
+        if name in base:
+            return base.info(name).shape
+        if tied and input_emb and name == OUTPUT_EMBEDDING:
+            return base.info(input_emb).shape
+        return None
+
+    for adapter, weight in zip(adapters, weights):
+        _warn_base_name(adapter, base, warnings)
+        label = adapter.path
+        for name, key in adapter.full_tensors.items():
+            shape = base_shape(name)
+            if shape is None:
+                problems.append(f"{label}: modules_to_save tensor {name} is not in the base")
+                continue
+            if tuple(adapter.source.shape(key)) != tuple(shape):
+                problems.append(f"{label}: {name} is {list(adapter.source.shape(key))} in the adapter "
+                                f"but {list(shape)} in the base")
+                continue
+            ops.setdefault(name, []).append(Op("replace", adapter, weight, key=key))
+        for m in adapter.modules.values():
+            if base_shape(m.weight_name) is None:
+                missing.setdefault(str(label), []).append(m.name)
+                continue
+            problem = _check_module(m, base_shape(m.weight_name))
+            if problem:
+                problems.append(f"{label}: {problem}")
+                continue
+            shape = base_shape(m.weight_name)
+            canonical = (m.out_features, m.in_features)
+            transposed = m.transposed
+            if m.kind == "linear" and not m.fan_in_fan_out and tuple(shape) != canonical:
+                transposed = True  # a Conv1D base whose adapter config lacks fan_in_fan_out
+            ops.setdefault(m.weight_name, []).append(Op("lora", adapter, weight, module=m, transposed=transposed))
+            if m.bias_key is not None:
+                bias_shape = base_shape(m.name + ".bias")
+                if bias_shape is None:
+                    problems.append(f"{label}: {m.name} has a LoRA bias but the base layer has no bias")
+                elif tuple(bias_shape) != (m.out_features,):
+                    problems.append(f"{label}: {m.name}.bias is {list(bias_shape)} in the base, LoRA bias is "
+                                    f"[{m.out_features}]")
+                else:
+                    ops.setdefault(m.name + ".bias", []).append(Op("bias", adapter, weight, module=m))
+        for w in adapter.notes:
+            warnings.append(f"{label}: {w}")
+        if adapter.unclaimed:
+            warnings.append(f"{label}: {len(adapter.unclaimed)} tensors belong to no LoRA module and are ignored "
+                            f"(first: {adapter.unclaimed[0]})")
+    if missing:
+        for label, names in missing.items():
+            total = len(adapters[[str(a.path) for a in adapters].index(label)].modules)
+            problems.insert(0, f"{label}: {len(names)} of its {total} modules are not in the base "
+                               f"(first: {', '.join(names[:3])}); was it trained on another model?")
+    if problems:
+        more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
+        raise AdaptkitError(f"adapter does not fit the base {base.path}: " + "; ".join(problems[:3]) + more)
+
+    config = json.loads(json.dumps(base.config))
+    materialize = None
+    if tied and input_emb and (OUTPUT_EMBEDDING in ops or input_emb in ops):
+        materialize = OUTPUT_EMBEDDING
+        config["tie_word_embeddings"] = False
+        warnings.append(f"the adapter changes one of the tied tensors {input_emb} / {OUTPUT_EMBEDDING}: both are "
+                        f"written and tie_word_embeddings is set to false, so the merged model computes what base + "
+                        f"adapter computes (peft's merge changes both through the tie)")
+
+    shards = []
+    for shard in base.shards:
+        jobs = []
+        for info in shard.tensors:
+            jobs.append(_job(info.name, info.name, info.shape, info.dtype, out_dtype, ops.get(info.name, [])))
+            if materialize and info.name == input_emb:
+                jobs.append(_job(OUTPUT_EMBEDDING, input_emb, info.shape, info.dtype, out_dtype,
+                                 ops.get(OUTPUT_EMBEDDING, [])))
+        shards.append(OutShard(_out_shard_name(shard.path.name), jobs, dict(shard.metadata) or {"format": "pt"}))
+    write_index = base.index_file is not None
+    limit = parse_size(max_shard_size)
+    if limit:
+        shards = _reshard([j for s in shards for j in s.jobs], limit)
+        write_index = len(shards) > 1
+    if out_dtype is not None:
+        name = next((k for k, v in DTYPES.items() if v == out_dtype and "float" in k), str(out_dtype))
+        for key in ("dtype", "torch_dtype"):
+            if key in config or key == "dtype":
+                config[key] = name
+    return MergePlan(base, adapters, weights, shards, config, write_index, warnings)
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise AdaptkitError(f"unknown dtype {dtype!r} (choose auto, float16, bfloat16 or float32)") from None
+
+
+def _job(name, source, shape, in_dtype, out_dtype, ops) -> TensorJob:
+    target = out_dtype if (out_dtype is not None and in_dtype in FLOAT_DTYPES) else in_dtype
+    return TensorJob(name, source, tuple(shape), in_dtype, target, list(ops))
+
+
+def _check_module(m: LoraModule, shape) -> str | None:
+    src = m.source
+    a_shape, b_shape = src.shape(m.a_key), src.shape(m.b_key)
+    if len(a_shape) != 2 or len(b_shape) != 2:
+        return f"{m.name}: only Linear, Conv1D and Embedding LoRA are supported (A is {list(a_shape)})"
+    if a_shape[0] != b_shape[1]:
+        return f"{m.name}: A {list(a_shape)} and B {list(b_shape)} do not fit together"
+    if shape is None:
+        return f"module {m.name} is not in the base (no tensor {m.weight_name})"
+    canonical = (m.out_features, m.in_features)
+    expected = {canonical[::-1]} if m.transposed else {canonical, canonical[::-1]} if m.kind == "linear" else {canonical}
+    if tuple(shape) not in expected:
+        return (f"{m.weight_name} is {list(shape)} in the base but the LoRA gives "
+                f"{list(canonical[::-1] if m.transposed else canonical)}")
+    if m.magnitude_key is not None and tuple(src.shape(m.magnitude_key)) != (m.out_features,):
+        return f"{m.name}: DoRA magnitude is {list(src.shape(m.magnitude_key))}, expected [{m.out_features}]"
+    return None
+
+
+def _warn_base_name(adapter: Adapter, base: Checkpoint, warnings: list[str]) -> None:
+    want = adapter.base_model
+    if not want:
+        return
+    names = {base.path.resolve().name, Path(str(base.config.get("_name_or_path", ""))).name}
+    if Path(want).name not in names:
+        warnings.append(f"{adapter.path} was trained on {want!r}, not {base.path.name!r}: merging anyway")
+
+
+def _reshard(jobs: list[TensorJob], limit: int) -> list[OutShard]:
+    groups: list[list[TensorJob]] = [[]]
+    size = 0
+    for j in jobs:
+        if groups[-1] and size + j.out_bytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(j)
+        size += j.out_bytes
+    n = len(groups)
+    if n == 1:
+        return [OutShard("model.safetensors", groups[0], {"format": "pt"})]
+    return [OutShard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g, {"format": "pt"}) for i, g in enumerate(groups)]
+
+
+# --------------------------------------------------------------------------------------------- stream
+
+class _Pool:
+    """Reusable byte buffers (pinned on CUDA): no allocation churn, bounded memory."""
+
+    def __init__(self, nbytes: int, count: int, pin: bool):
+        import queue
+
+        self._q: queue.Queue = queue.Queue()
+        for _ in range(count):
+            self._q.put(torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin))
+
+    def take(self) -> torch.Tensor:
+        return self._q.get()
+
+    def give(self, buf: torch.Tensor) -> None:
+        self._q.put(buf)
+
+
+def merge(base: str | Path | Checkpoint, adapters: list, out: str | Path, weights: list[float] | None = None,
+          device: str = "auto", dtype: str | torch.dtype | None = "auto", max_shard_size: str | int | None = None,
+          force: bool = False, progress: Callable[[int], None] | None = None,
+          warn: Callable[[str], None] | None = None, on_plan: Callable[[MergePlan], None] | None = None,
+          command: str | None = None) -> MergeResult:
+    """Merge ``adapters`` (paths or :class:`Adapter`) into ``base`` and write the model to ``out``.
+
+    Nothing is written until every adapter has been checked against the base; the output appears at
+    ``out`` only when complete. ``progress`` is called with the bytes of each tensor written.
+    """
+    t0 = time.perf_counter()
+    check_output(out, force)
+    ckpt = base if isinstance(base, Checkpoint) else Checkpoint.open(base)
+    loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
+    if not loaded:
+        raise AdaptkitError("no adapter given")
+    dev = resolve_device(device)
+    plan = plan_merge(ckpt, loaded, weights, dtype, max_shard_size)
+    for w in plan.warnings:
+        (warn or _default_warn)(w)
+    if on_plan:
+        on_plan(plan)
+    bytes_written = 0
+    with atomic_output_dir(out, force) as tmp:
+        bytes_written += _stream_tensors(plan, tmp, dev, progress)
+        _write_side_files(plan, tmp, command)
+    ckpt.close()
+    return MergeResult(out=str(out), device=str(dev), tensors=len(plan.jobs),
+                       tensors_merged=sum(1 for j in plan.jobs if j.ops), modules_merged=plan.modules_merged,
+                       bytes_read=sum(j.in_bytes for j in plan.jobs), bytes_written=bytes_written,
+                       seconds=time.perf_counter() - t0,
+                       peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                       warnings=plan.warnings)
+
+
+def _default_warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, stacklevel=3)
+
+
+def _stream_tensors(plan: MergePlan, tmp: Path, dev: torch.device, progress) -> int:
+    ckpt = plan.base
+    computed = [j for j in plan.jobs if j.computed]
+    cuda = dev.type == "cuda"
+    depth = 2
+    in_pool = _Pool(max((j.in_bytes for j in computed), default=1), depth + (2 if cuda else 1), pin=cuda)
+    out_pool = _Pool(max((j.out_bytes for j in computed), default=1), depth + 1, pin=cuda) if cuda else None
+    writers: dict[str, StreamingWriter] = {}
+    shard_of = {id(j): s for s in plan.shards for j in s.jobs}
+    remaining = {s.file: len(s.jobs) for s in plan.shards}
+    total = 0
+
+    def read(job: TensorJob):
+        buf = in_pool.take()
+        return buf, ckpt.read(job.source, out=buf)
+
+    def compute(job: TensorJob, data):
+        buf, tensor = data
+        try:
+            # A fresh fp32 tensor: ``buf`` goes back to the pool before this result is written.
+            w = tensor.to(dev, non_blocking=True).float() if cuda else tensor.to(torch.float32, copy=True)
+            if job.ops:
+                w = merged_weight(w, job.ops, dev)
+            result = w.to(job.out_dtype)
+            if job.ops and result.is_floating_point() and not torch.isfinite(result).all():
+                names = ", ".join(sorted({str(op.adapter.path) for op in job.ops}))
+                raise AdaptkitError(f"merging {names} into {job.name} gives NaN or Inf values "
+                                    f"(in {job.out_dtype}): the adapter seems broken or overflows this dtype")
+            if cuda:
+                host = out_pool.take()
+                view = host[: job.out_bytes].view(job.out_dtype).view(job.shape)
+                view.copy_(result, non_blocking=True)
+                torch.cuda.current_stream(dev).synchronize()
+                return host, view
+            return None, result.contiguous()
+        finally:
+            in_pool.give(buf)
+
+    def write(job: TensorJob, done):
+        nonlocal total
+        shard = shard_of[id(job)]
+        writer = writers.get(shard.file)
+        if writer is None:
+            entries = [(j.name, j.out_dtype, j.shape) for j in shard.jobs]
+            writer = writers[shard.file] = StreamingWriter(tmp / shard.file, entries, shard.metadata)
+        if done is None:
+            src_shard, info = ckpt.tensors[job.source]
+            if src_shard.kind == "safetensors":
+                writer.copy_from(job.name, src_shard.fd(), info.offset, info.nbytes)
+            else:
+                writer.write(job.name, ckpt.read(job.source))
+        else:
+            host, tensor = done
+            writer.write(job.name, tensor)
+            if host is not None:
+                out_pool.give(host)
+        remaining[shard.file] -= 1
+        if remaining[shard.file] == 0:
+            writer.close()
+            total += writer.bytes_written
+        if progress:
+            progress(job.out_bytes)
+
+    try:
+        run_stream(plan.jobs, lambda j: j.computed, read, compute, write, depth=depth)
+    finally:
+        for w in writers.values():
+            w.abort()
+    return total
+
+
+def _write_side_files(plan: MergePlan, tmp: Path, command: str | None) -> None:
+    base = plan.base
+    for p in sorted(base.path.iterdir()):
+        if p.is_file() and not is_weight_file(p.name) and p.name not in ("config.json", "README.md"):
+            shutil.copy2(p, tmp / p.name)
+    if plan.config:
+        (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+    if plan.write_index:
+        weight_map = {j.name: s.file for s in plan.shards for j in s.jobs}
+        total = sum(j.out_bytes for j in plan.jobs)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    lines = [
+        "# Merged model", "",
+        f"Produced by adaptkit {__version__} (`adaptkit merge`): the LoRA adapters below folded into the base,",
+        "ΔW computed in fp32 and rounded once to the output dtype.", "",
+        f"- base: `{base.path}`",
+    ]
+    for a, w in zip(plan.adapters, plan.weights):
+        lines.append(f"- adapter: `{a.path}` (weight {w:g}, trained on `{a.base_model or 'unknown'}`)")
+    if command:
+        lines += ["", "Command:", "", f"    {command}"]
+    for w in plan.warnings:
+        lines.append(f"\nNote: {w}")
+    (tmp / "README.md").write_text("\n".join(lines) + "\n")
