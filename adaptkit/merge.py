@@ -16,6 +16,7 @@ The math is peft's (``peft/tuners/lora/layer.py`` and ``variants.py``), see :fun
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import shutil
@@ -32,7 +33,7 @@ from .checkpoint import Checkpoint, is_weight_file
 from .device import resolve_device
 from .errors import AdaptkitError
 from .output import atomic_output_dir, check_output
-from .pipeline import run_stream
+from .pipeline import limit_heap_growth, run_stream
 from .safetensors_file import StreamingWriter, itemsize, numel
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -41,6 +42,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                             "tok_embeddings.weight")
 OUTPUT_EMBEDDING = "lm_head.weight"
+OUTPUT_BUFFER_BUDGET = 160 << 20  # bytes of merged tensors that may wait for the writer
 
 
 @dataclass
@@ -400,13 +402,43 @@ def _default_warn(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
+def _fast_lora(job: TensorJob) -> Op | None:
+    """The one plain-LoRA op of a job, when it can be fused into a single ``addmm_``."""
+    if len(job.ops) == 1 and job.ops[0].kind == "lora" and not job.ops[0].module.use_dora:
+        return job.ops[0]
+    return None
+
+
+def _check_finite(w32: torch.Tensor, job: TensorJob) -> None:
+    """NaN, Inf or overflow of the output dtype in a merged tensor fails the merge (peft's safe_merge).
+
+    ``aminmax`` is one cheap pass over the fp32 result and propagates NaN.
+    """
+    if not job.ops or not w32.is_floating_point() or w32.numel() == 0:
+        return
+    lo, hi = (float(x) for x in torch.aminmax(w32))
+    limit = torch.finfo(job.out_dtype).max if job.out_dtype.is_floating_point else float("inf")
+    if not (-limit <= lo and hi <= limit):  # also false for NaN
+        names = ", ".join(sorted({str(op.adapter.path) for op in job.ops}))
+        raise AdaptkitError(f"merging {names} into {job.name} gives NaN or Inf values (in {job.out_dtype}): "
+                            f"the adapter seems broken or overflows this dtype")
+
+
 def _stream_tensors(plan: MergePlan, tmp: Path, dev: torch.device, progress) -> int:
+    """Read → merge → write every tensor; memory: a few buffers of the largest merged tensor."""
+    limit_heap_growth()
     ckpt = plan.base
     computed = [j for j in plan.jobs if j.computed]
     cuda = dev.type == "cuda"
-    depth = 2
-    in_pool = _Pool(max((j.in_bytes for j in computed), default=1), depth + (2 if cuda else 1), pin=cuda)
-    out_pool = _Pool(max((j.out_bytes for j in computed), default=1), depth + 1, pin=cuda) if cuda else None
+    largest_in = max((j.in_bytes for j in computed), default=1)
+    largest_out = max((j.out_bytes for j in computed), default=1)
+    largest_numel = max((numel(j.shape) for j in computed), default=1)
+    # Results queue up while the writer is busy (copying untouched tensors, say): as many output
+    # buffers as fit OUTPUT_BUFFER_BUDGET, at least three; the reader stays at most two ahead.
+    n_out = max(3, min(8, OUTPUT_BUFFER_BUDGET // max(largest_out, 1)))
+    in_pool = _Pool(largest_in, 3, pin=cuda)
+    out_pool = _Pool(largest_out, n_out, pin=cuda)
+    work = torch.empty(largest_numel, dtype=torch.float32, device=dev)  # the fp32 accumulator, reused
     writers: dict[str, StreamingWriter] = {}
     shard_of = {id(j): s for s in plan.shards for j in s.jobs}
     remaining = {s.file: len(s.jobs) for s in plan.shards}
@@ -419,24 +451,31 @@ def _stream_tensors(plan: MergePlan, tmp: Path, dev: torch.device, progress) -> 
     def compute(job: TensorJob, data):
         buf, tensor = data
         try:
-            # A fresh fp32 tensor: ``buf`` goes back to the pool before this result is written.
-            w = tensor.to(dev, non_blocking=True).float() if cuda else tensor.to(torch.float32, copy=True)
-            if job.ops:
-                w = merged_weight(w, job.ops, dev)
-            result = w.to(job.out_dtype)
-            if job.ops and result.is_floating_point() and not torch.isfinite(result).all():
-                names = ", ".join(sorted({str(op.adapter.path) for op in job.ops}))
-                raise AdaptkitError(f"merging {names} into {job.name} gives NaN or Inf values "
-                                    f"(in {job.out_dtype}): the adapter seems broken or overflows this dtype")
-            if cuda:
-                host = out_pool.take()
-                view = host[: job.out_bytes].view(job.out_dtype).view(job.shape)
-                view.copy_(result, non_blocking=True)
-                torch.cuda.current_stream(dev).synchronize()
-                return host, view
-            return None, result.contiguous()
+            w32 = work[: numel(job.shape)].view(job.shape)
+            w32.copy_(tensor, non_blocking=cuda)
         finally:
+            if cuda:
+                torch.cuda.current_stream(dev).synchronize()
             in_pool.give(buf)
+        op = _fast_lora(job)
+        if op is not None:  # W += w·s·B@A in one BLAS call, no ΔW materialised
+            m = op.module
+            a = m.A.to(dev, torch.float32)
+            b = m.B.to(dev, torch.float32)
+            alpha = m.scaling * op.weight
+            if op.transposed:
+                w32.addmm_(a.T, b.T, alpha=alpha)
+            else:
+                w32.addmm_(b, a, alpha=alpha)
+        elif job.ops:
+            w32.copy_(merged_weight(w32.clone(), job.ops, dev))
+        _check_finite(w32, job)
+        host = out_pool.take()
+        view = host[: job.out_bytes].view(job.out_dtype).view(job.shape)
+        view.copy_(w32, non_blocking=cuda)
+        if cuda:
+            torch.cuda.current_stream(dev).synchronize()
+        return host, view
 
     def write(job: TensorJob, done):
         nonlocal total
@@ -453,8 +492,9 @@ def _stream_tensors(plan: MergePlan, tmp: Path, dev: torch.device, progress) -> 
                 writer.write(job.name, ckpt.read(job.source))
         else:
             host, tensor = done
-            writer.write(job.name, tensor)
-            if host is not None:
+            try:
+                writer.write(job.name, tensor)
+            finally:
                 out_pool.give(host)
         remaining[shard.file] -= 1
         if remaining[shard.file] == 0:
@@ -463,9 +503,14 @@ def _stream_tensors(plan: MergePlan, tmp: Path, dev: torch.device, progress) -> 
         if progress:
             progress(job.out_bytes)
 
+    # Reading and writing keep one core busy in the kernel: leave it to them (measured faster on 2 cores).
+    threads = torch.get_num_threads()
+    if not cuda:
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
     try:
-        run_stream(plan.jobs, lambda j: j.computed, read, compute, write, depth=depth)
+        run_stream(plan.jobs, lambda j: j.computed, read, compute, write, depth=n_out - 2)
     finally:
+        torch.set_num_threads(threads)
         for w in writers.values():
             w.abort()
     return total

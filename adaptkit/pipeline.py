@@ -18,6 +18,23 @@ T = TypeVar("T")
 _DONE = object()
 
 
+def limit_heap_growth(threshold: int = 1 << 20) -> None:
+    """Serve allocations above ``threshold`` from mmap, returned to the OS on free (glibc only).
+
+    glibc raises its mmap threshold as large blocks are freed (up to 32 MB), after which tensors of a
+    few tens of MB come from arenas that threads fragment and rarely trim: resident memory then
+    creeps towards the model's size. A fixed threshold keeps it at what is live.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also stops the dynamic adjustment
+    except (OSError, AttributeError):
+        pass
+
+
 class _Failure:
     def __init__(self, exc: BaseException):
         self.exc = exc
