@@ -20,7 +20,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 quiet = dict(warn=lambda m: None)
 
 
-def compare_with_peft(out, base_path, adapters, dtype, ulps=2.0):
+def compare_with_peft(out, base_path, adapters, dtype, ulps=None):
+    # 16-bit outputs: within 2 units of the output dtype. fp32 outputs: 4, because on CUDA the
+    # fp32 accumulation order of B·A differs from peft's CPU product (on the CPU they agree exactly).
+    ulps = ulps or (4.0 if dtype == torch.float32 else 2.0)
     ours = load_dir(out)
     base = build.load_model(base_path, dtype=dtype).state_dict()
     _, merged = peft_merged(base_path, adapters, dtype)
