@@ -289,8 +289,9 @@ def _natural_key(name: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def load_adapter(path: str | Path) -> Adapter:
-    """Open an adapter lazily: a PEFT folder, or a single ``.safetensors`` / ``.bin`` file."""
+def load_adapter(path: str | Path, base_names=None) -> Adapter:
+    """Open an adapter lazily: a PEFT folder, or a single ``.safetensors`` / ``.bin`` file (raw
+    PEFT names or kohya-style; ``base_names``, a base checkpoint's tensor names, resolve kohya names)."""
     from .formats import detect_and_load
 
-    return detect_and_load(Path(path))
+    return detect_and_load(Path(path), base_names)

@@ -173,6 +173,43 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, force, as
               f"peak memory {_human_bytes(result.peak_rss_bytes)})")
 
 
+@main.command()
+@click.argument("source")
+@click.option("--to", "to", required=True, type=click.Choice(["peft", "raw", "kohya"]),
+              help="peft: a folder peft loads; raw: one .safetensors with peft names and the config in its "
+                   "metadata; kohya: lora_down/lora_up/alpha names.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(),
+              help="A folder for --to peft, a .safetensors file otherwise.")
+@click.option("--base", default=None, help="The base model folder: maps kohya names (underscores) back to module names.")
+@click.option("--dtype", default=None, type=click.Choice(["float16", "bfloat16", "float32"]),
+              help="Cast the LoRA factors (default: keep their dtype).")
+@click.option("--prefix", default="lora_te_", show_default=True, help="Name prefix of a kohya file written.")
+@click.option("--force", is_flag=True, help="Replace the output if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def convert(source, to, out, base, dtype, prefix, force, as_json):
+    """Move an adapter between layouts without changing its ΔW.
+
+    SOURCE is detected: a PEFT folder (safetensors or legacy .bin), a raw .safetensors of PEFT names
+    (…q_proj.lora_A.weight), or a kohya file (lora_te_…/lora_unet_… prefixes, .lora_down/.lora_up,
+    .alpha). Each module keeps its exact scaling: kohya files get a per-module alpha (rsLoRA and
+    rank/alpha patterns included); PEFT folders get rank_pattern/alpha_pattern where modules differ.
+    Without a config or alphas, alpha = r is assumed, with a warning.
+
+    \b
+    Examples:
+      adaptkit convert fixtures/adapters/llama-lora --to kohya -o out/llama-lora.safetensors
+      adaptkit convert out/llama-lora.safetensors --to peft -o out/llama-lora-peft
+      adaptkit convert some-kohya.safetensors --to peft --base path/to/base -o out/adapter
+    """
+    from .convert import convert as convert_fn
+
+    result = convert_fn(source, to, out, base=base, dtype=dtype, force=force, prefix=prefix, warn=warn)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        stdout.print(f"converted {result.modules} modules ({result.source_format} → {result.to}) → {result.out}")
+
+
 def _progress(disable: bool):
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)

@@ -57,3 +57,15 @@ def load_peft_dir(path: Path) -> Adapter:
         raise AdaptkitError(f"no adapter weights ({' or '.join(WEIGHT_NAMES)})", path)
     source = open_source(weights)
     return build_adapter(path, weights, config, source, fmt="peft")
+
+
+def write_peft_dir(out: Path, tensors: dict, config: dict) -> None:
+    """``adapter_config.json`` + ``adapter_model.safetensors`` as peft's save_pretrained writes them."""
+    from safetensors.torch import save_file
+
+    from ..adapter import PEFT_PREFIX
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({PEFT_PREFIX + k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHT_NAMES[0]),
+              metadata={"format": "pt"})
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..adapter import Adapter, build_adapter
+from ..adapter import PEFT_PREFIX, Adapter, build_adapter
 from ..errors import AdaptkitError
 from .sources import open_source
 
@@ -22,15 +22,17 @@ LYCORIS_MARKERS = {
 }
 
 
-def load_raw_file(path: Path) -> Adapter:
-    source = open_source(path)
-    keys = source.keys()
+def refuse_lycoris(keys, path: Path) -> None:
     for key in keys:
         for marker, what in LYCORIS_MARKERS.items():
             if marker in key:
                 raise AdaptkitError(f"this is a LyCORIS {what} network (tensor {key!r}); only LoRA is supported", path)
-    if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys):
-        raise AdaptkitError("kohya-style LoRA file: convert it first with `adaptkit convert --to peft`", path)
+
+
+def load_raw_file(path: Path) -> Adapter:
+    source = open_source(path)
+    keys = source.keys()
+    refuse_lycoris(keys, path)
     if not any(".lora_" in k for k in keys):
         raise AdaptkitError("no LoRA tensors found (expected names like '…q_proj.lora_A.weight')", path)
     metadata = getattr(source, "metadata", {}) or {}
@@ -46,3 +48,11 @@ def load_raw_file(path: Path) -> Adapter:
         except ValueError:
             pass
     return build_adapter(path, path, config, source, fmt="raw")
+
+
+def write_raw_file(path: Path, tensors: dict, config: dict) -> None:
+    """One safetensors file, peft's tensor names, the adapter config in the metadata."""
+    from safetensors.torch import save_file
+
+    save_file({PEFT_PREFIX + k: v.contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"format": "pt", CONFIG_METADATA_KEY: json.dumps(config, sort_keys=True)})
