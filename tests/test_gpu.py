@@ -1,4 +1,4 @@
-"""The CUDA path gives the CPU path's results (run on a GPU machine; skipped elsewhere)."""
+"""The CUDA paths give the CPU paths' results (run on a GPU machine; skipped elsewhere)."""
 
 import pytest
 import torch
@@ -21,3 +21,17 @@ def test_cuda_equals_cpu(tmp_path, name, dtype):
         eps = torch.finfo(cpu[k].dtype).eps if cpu[k].is_floating_point() else 0
         # within one unit of the output dtype: only the fp32 accumulation order differs
         assert ((a - b).abs() <= eps * a.abs() + 1e-6).all(), k
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
+def test_combine_cuda_equals_cpu(tmp_path, method):
+    from adaptkit.adapter import load_adapter
+    from adaptkit.combine import combine
+
+    ads = [ADAPTERS["llama-lora"], ADAPTERS["llama-rslora-patterns"]]
+    kw = {} if method == "linear" else {"density": 0.5, "rank": 64}
+    combine(ads, method, tmp_path / "cpu", device="cpu", seed=5, **kw)
+    combine(ads, method, tmp_path / "cuda", device="cuda", seed=5, **kw)
+    a, b = load_adapter(tmp_path / "cpu"), load_adapter(tmp_path / "cuda")
+    for name in a.modules:  # the same ΔW (factors may differ in sign), DARE masks included
+        assert torch.allclose(a.modules[name].delta(), b.modules[name].delta(), atol=1e-5), name

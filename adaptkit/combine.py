@@ -1,0 +1,199 @@
+"""Combine several LoRA adapters into one, on exact per-module deltas, and factor back to a LoRA.
+
+For each module (the union over adapters; an adapter without it contributes a zero delta):
+ΔWᵢ = sᵢ·Bᵢ·Aᵢ in fp32 on the device → the method (:mod:`.combine_methods`) → the best rank-R
+factorisation (or, for ``linear`` without a rank, the exact concatenation A = [A₁; A₂; …],
+B = [w₁s₁B₁, w₂s₂B₂, …]). Each module's scaling is folded into its factors (alpha = r), so the
+written adapter computes exactly the factored ΔW. With ``base`` the result is merged into that base
+instead, through the streaming merge.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .adapter import Adapter, build_adapter, load_adapter
+from .combine_methods import METHODS, factor, factor_product
+from .convert import peft_config, peft_tensors
+from .device import resolve_device
+from .errors import AdaptkitError
+from .formats.peft import write_peft_dir
+from .formats.sources import DictSource
+from .output import atomic_output_dir, check_output
+
+
+@dataclass
+class ModuleResult:
+    name: str
+    rank: int
+    retained_energy: float
+
+
+@dataclass
+class CombineResult:
+    out: str
+    method: str
+    adapters: list[str]
+    weights: list[float]
+    parameters: dict
+    modules: list[ModuleResult]
+    seconds: float
+    device: str
+    merged_into: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["modules"] = [m.__dict__ for m in self.modules]
+        return d
+
+
+def module_seed(seed: int, name: str) -> int:
+    """Each module's DARE generator seed: from (seed, module name) only, so masks do not depend on
+    module order, device or threads."""
+    return (int(seed) * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _check(adapters: list[Adapter]) -> dict[str, list]:
+    """Per module name, the LoraModule of each adapter (or None); refuse what cannot be combined."""
+    for a in adapters:
+        if a.use_dora:
+            raise AdaptkitError("DoRA adapters cannot be combined by adding deltas (their magnitudes rescale "
+                                "whole rows); merge them into the base instead", a.path)
+        if a.full_tensors:
+            raise AdaptkitError(f"modules_to_save ({', '.join(sorted(a.full_tensors))}) cannot be combined; "
+                                "merge the adapters into the base instead", a.path)
+        if any(m.bias_key for m in a.modules.values()):
+            raise AdaptkitError("lora_bias adapters cannot be combined yet", a.path)
+    names = sorted({n for a in adapters for n in a.modules}, key=lambda n: [int(p) if p.isdigit() else p
+                                                                             for p in n.replace(".", " . ").split()])
+    table = {}
+    for n in names:
+        mods = [a.modules.get(n) for a in adapters]
+        present = [(a, m) for a, m in zip(adapters, mods) if m is not None]
+        shapes = {(m.kind, m.out_features, m.in_features, m.fan_in_fan_out) for _, m in present}
+        if len(shapes) > 1:
+            desc = "; ".join(f"{a.path}: {m.kind} {m.out_features}×{m.in_features}" for a, m in present)
+            raise AdaptkitError(f"adapters disagree on module {n} ({desc}): were they trained on the same base?")
+        table[n] = mods
+    return table
+
+
+def combine(adapters: list, method: str, out: str | Path, weights: list[float] | None = None,
+            density: float | None = None, majority_sign: str = "total", rank: int | None = None,
+            energy: float | None = None, seed: int = 0, device: str = "auto", base: str | Path | None = None,
+            force: bool = False, warn=None, progress=None, command: str | None = None) -> CombineResult:
+    t0 = time.perf_counter()
+    if method not in METHODS:
+        raise AdaptkitError(f"unknown method {method!r} (choose {', '.join(METHODS)})")
+    spec = METHODS[method]
+    if len(adapters) < 2:
+        raise AdaptkitError("combine needs at least two adapters")
+    weights = list(weights) if weights else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise AdaptkitError(f"{len(weights)} weights for {len(adapters)} adapters")
+    if spec.density:
+        density = 0.5 if density is None else density
+        if not 0 < density <= 1:
+            raise AdaptkitError(f"--density must be in (0, 1], got {density}")
+    elif density is not None:
+        raise AdaptkitError(f"--density does not apply to {method}")
+    if majority_sign not in ("total", "frequency"):
+        raise AdaptkitError("--majority-sign must be total or frequency")
+    if rank is not None and energy is not None:
+        raise AdaptkitError("give --rank or --energy, not both")
+    if energy is not None and not 0 < energy <= 1:
+        raise AdaptkitError(f"--energy must be in (0, 1], got {energy}")
+    if rank is not None and rank < 1:
+        raise AdaptkitError(f"--rank must be at least 1, got {rank}")
+    check_output(out, force)
+    loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
+    table = _check(loaded)
+    dev = resolve_device(device)
+    say = warn or (lambda m: None)
+
+    tensors: dict[str, torch.Tensor] = {}
+    alphas: dict[str, float] = {}
+    results: list[ModuleResult] = []
+    for name, mods in table.items():
+        present = [(m, w) for m, w in zip(mods, weights) if m is not None]
+        kind = present[0][0].kind
+        if method == "linear" and rank is None and energy is None:
+            a = torch.cat([m.A.to(dev, torch.float32) for m, _ in present], 0)
+            b = torch.cat([m.B.to(dev, torch.float32) * (m.scaling * w) for m, w in present], 1)
+            kept = 1.0
+        elif method == "linear":
+            a = torch.cat([m.A.to(dev, torch.float32) for m, _ in present], 0)
+            b = torch.cat([m.B.to(dev, torch.float32) * (m.scaling * w) for m, w in present], 1)
+            a, b, kept = factor_product(b, a, rank=rank, energy=energy)
+        else:
+            ref = present[0][0]
+            zeros = torch.zeros(ref.out_features, ref.in_features, device=dev)
+            deltas = [m.delta(dev) if m is not None else zeros for m in mods]
+            gen = torch.Generator().manual_seed(module_seed(seed, name)) if spec.random else None
+            full = spec.fn(deltas, weights, density=density, majority_sign=majority_sign, generator=gen)
+            r = rank if rank is not None else max(m.shape_rank for m, _ in present)
+            a, b, kept = factor(full, rank=None if energy is not None else r, energy=energy)
+        r_out = a.shape[0]
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+        tensors[f"{name}.{a_key}"] = a.cpu()
+        tensors[f"{name}.{b_key}"] = b.cpu()
+        alphas[name] = float(r_out)
+        results.append(ModuleResult(name, r_out, kept))
+        if progress:
+            progress(1)
+    low = [m for m in results if m.retained_energy < 0.9]
+    msgs = []
+    if low:
+        msgs.append(f"{len(low)} modules keep under 90 % of their energy after rank reduction (lowest: "
+                    f"{min(low, key=lambda m: m.retained_energy).name} at "
+                    f"{100 * min(m.retained_energy for m in low):.1f} %); raise --rank or use --energy")
+    for m in msgs:
+        say(m)
+
+    first = loaded[0].config
+    config = {"peft_type": "LORA", "fan_in_fan_out": any(m.fan_in_fan_out for a in loaded for m in a.modules.values()),
+              "base_model_name_or_path": first.get("base_model_name_or_path"), "task_type": first.get("task_type")}
+    combined = build_adapter(Path(out), Path(out), config, DictSource(Path(out), tensors), fmt="combined",
+                             infer_alpha=alphas)
+    params = {"density": density, "majority_sign": majority_sign if spec.sign else None,
+              "rank": rank, "energy": energy, "seed": seed if spec.random else None}
+    result = CombineResult(out=str(out), method=method, adapters=[str(a.path) for a in loaded], weights=weights,
+                           parameters=params, modules=results, seconds=0.0, device=str(dev), warnings=msgs)
+    if base is not None:
+        from .merge import merge
+
+        merge(base, [combined], out, device=device, force=force, warn=say, command=command)
+        result.merged_into = str(base)
+    else:
+        cfg = peft_config(combined)
+        with atomic_output_dir(out, force) as tmp:
+            write_peft_dir(tmp, peft_tensors(combined), cfg)
+            (tmp / "README.md").write_text(_readme(result, command))
+            (tmp / "adaptkit_combine.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _readme(result: CombineResult, command: str | None) -> str:
+    spec = METHODS[result.method]
+    lines = ["---", "library_name: peft", "tags: [lora, adaptkit, " + result.method + "]", "---", "",
+             "# Combined LoRA adapter", "",
+             f"Produced by adaptkit {__version__} (`adaptkit combine --method {result.method}`): {spec.summary}",
+             f"Paper: {spec.paper}" if spec.paper else "", "", "Inputs:", ""]
+    for a, w in zip(result.adapters, result.weights):
+        lines.append(f"- `{a}` (weight {w:g})")
+    lines += ["", "Parameters: " + ", ".join(f"{k}={v}" for k, v in result.parameters.items() if v is not None), ""]
+    worst = min(result.modules, key=lambda m: m.retained_energy)
+    lines.append(f"Rank reduction kept at least {100 * worst.retained_energy:.2f} % of each module's energy "
+                 f"(lowest: {worst.name}); per-module figures in adaptkit_combine.json.")
+    if command:
+        lines += ["", "Command:", "", f"    {command}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,153 @@
+"""Shared pieces of the benchmarks: model shapes, synthetic base and adapter builders, cold-cache
+runs with each process's own peak RSS, and the disk's bandwidth."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from adaptkit.safetensors_file import StreamingWriter  # noqa: E402
+
+SHAPES = {
+    # TinyLlama-1.1B: one 2.2 GB shard
+    "tinyllama": dict(vocab=32000, hidden=2048, inter=5632, layers=22, heads=32, kv=4, shard_gb=10),
+    # Llama-2-7B: 13.5 GB in three ~5 GB shards
+    "llama7b": dict(vocab=32000, hidden=4096, inter=11008, layers=32, heads=32, kv=32, shard_gb=5),
+    # a small shape to try the script itself
+    "small": dict(vocab=1000, hidden=256, inter=688, layers=2, heads=4, kv=2, shard_gb=10),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tensor_shapes(s):
+    h, i, kvd = s["hidden"], s["inter"], s["hidden"] // s["heads"] * s["kv"]
+    out = [("model.embed_tokens.weight", (s["vocab"], h))]
+    for l in range(s["layers"]):
+        p = f"model.layers.{l}."
+        out += [(p + "input_layernorm.weight", (h,)), (p + "mlp.down_proj.weight", (h, i)),
+                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                (p + "post_attention_layernorm.weight", (h,)), (p + "self_attn.k_proj.weight", (kvd, h)),
+                (p + "self_attn.o_proj.weight", (h, h)), (p + "self_attn.q_proj.weight", (h, h)),
+                (p + "self_attn.v_proj.weight", (kvd, h))]
+    out += [("model.norm.weight", (h,)), ("lm_head.weight", (s["vocab"], h))]
+    return out
+
+
+def build_base(path: Path, s: dict, device: str):
+    from transformers import LlamaConfig
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["inter"],
+                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
+                      tie_word_embeddings=False, dtype="float16")
+    cfg.save_pretrained(path)
+    shapes = tensor_shapes(s)
+    limit = s["shard_gb"] * 1e9
+    groups, size = [[]], 0
+    for name, shape in shapes:
+        n = 2 * torch.Size(shape).numel()
+        if groups[-1] and size + n > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape))
+        size += n
+    gen = torch.Generator(device=device).manual_seed(0)
+    weight_map = {}
+    for gi, group in enumerate(groups):
+        fname = "model.safetensors" if len(groups) == 1 else f"model-{gi + 1:05d}-of-{len(groups):05d}.safetensors"
+        w = StreamingWriter(path / fname, [(n, torch.float16, sh) for n, sh in group], {"format": "pt"})
+        for name, shape in group:
+            t = torch.randn(shape, generator=gen, device=device).mul_(0.02)
+            w.write(name, t.half().cpu())
+            weight_map[name] = fname
+        w.close()
+    if len(groups) > 1:
+        total = sum(2 * torch.Size(sh).numel() for _, sh in shapes)
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+
+
+def build_adapter(path: Path, s: dict, r: int = 16, seed: int = 1, layers=None):
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in tensor_shapes(s):
+        mod = name[: -len(".weight")]
+        if layers is not None and not any(f".layers.{l}." in mod for l in range(layers)):
+            continue
+        if mod.rsplit(".", 1)[-1] in TARGETS:
+            out_f, in_f = shape
+            tensors[f"base_model.model.{mod}.lora_A.weight"] = torch.randn(r, in_f, generator=gen) * 0.01
+            tensors[f"base_model.model.{mod}.lora_B.weight"] = torch.randn(out_f, r, generator=gen) * 0.01
+    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": TARGETS, "lora_dropout": 0.0,
+        "bias": "none", "task_type": "CAUSAL_LM", "base_model_name_or_path": "base"}))
+
+
+def evict(path: Path):
+    """Drop a folder's pages from the page cache (no root needed): every run starts cold."""
+    os.sync()
+    for p in path.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+_LAUNCHER = (
+    "import os, subprocess, sys, json\n"
+    "p = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "open(sys.argv[1], 'w').write(json.dumps([os.waitstatus_to_exitcode(status), usage.ru_maxrss]))\n")
+
+
+def run(cmd: list[str], env=None) -> dict:
+    """Run a command, then sync; wall time including the sync, and the command's own peak RSS.
+
+    A tiny launcher process starts the command, so its peak RSS is not inflated by the pages a
+    fork inherits from this (torch-importing) process.
+    """
+    rss_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-rss-{os.getpid()}.json"
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, str(rss_file), *cmd], env=env,
+                       capture_output=True, text=True)
+    os.sync()
+    wall = time.perf_counter() - t0
+    code, maxrss_kb = json.loads(rss_file.read_text())
+    rss_file.unlink()
+    if code != 0:
+        raise SystemExit(f"{cmd[:3]} failed ({code}):\n{p.stderr[-3000:]}")
+    return {"seconds": wall, "peak_rss_bytes": maxrss_kb * 1024, "stdout": p.stdout}
+
+
+def disk_bandwidth(workdir: Path, size=1 << 30) -> tuple[float, float]:
+    """Sequential write (with fsync) and cold read bandwidth of the work folder, bytes/s."""
+    probe = workdir / "bw.probe"
+    buf = os.urandom(64 << 20)
+    t0 = time.perf_counter()
+    with open(probe, "wb", buffering=0) as f:
+        for _ in range(size // len(buf)):
+            f.write(buf)
+        os.fsync(f.fileno())
+    write_bw = size / (time.perf_counter() - t0)
+    fd = os.open(probe, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    t0 = time.perf_counter()
+    while os.read(fd, 16 << 20):
+        pass
+    read_bw = size / (time.perf_counter() - t0)
+    os.close(fd)
+    probe.unlink()
+    return read_bw, write_bw
