@@ -1,0 +1,269 @@
+"""Prove that a merged model is base + adapters: layer by layer (any architecture, streamed) and,
+when transformers knows the architecture, on the model's logits.
+
+Layer level. For every adapted module, seeded random probes x are pushed through the merged
+weight and compared with what base + adapter computes, written from the factors and never from a
+materialised ΔW (an independent route from the merge's): y = W·x + w·s·B(A·x), and for DoRA
+y = m / ‖W + ΔW‖_row ⊙ (W·x + ΔW·x) with the row norms also taken from the factors. A correct merge
+differs from y only by rounding its weights into the output dtype; the expected size of that
+rounding noise, ε·sqrt((W'²)·(x²)/12) per output, is computed alongside, and a module passes when
+its error stays within ``ROUNDING_FACTOR`` times it (or within ``--tolerance``, a relative error,
+when given). Tensors the adapters do not touch must be bit-identical to the base.
+
+Model level. Base + adapters unmerged in peft against the merged model in transformers, both in
+fp32 on the same prompts: max |Δlogits|, mean KL(base+adapter ‖ merged), top-1 agreement.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapter import Adapter, load_adapter
+from .checkpoint import Checkpoint
+from .device import resolve_device
+from .errors import AdaptkitError
+from .merge import plan_merge
+
+ROUNDING_FACTOR = 3.0  # a correct merge's error is at most about 1x the expected rounding noise
+PROBES = 8
+
+
+@dataclass
+class ModuleCheck:
+    name: str  # tensor name in the merged model
+    kind: str  # "lora", "dora", "replace", "bias", "untouched"
+    rel_error: float
+    allowed: float
+    rounding_noise: float
+    ok: bool
+    note: str = ""
+
+
+@dataclass
+class ModelCheck:
+    prompts: int
+    tokens: int
+    max_abs_logit_diff: float
+    mean_kl: float
+    top1_agreement: float
+    ok: bool
+    source: str  # "tokenizer" or "random token ids"
+
+
+@dataclass
+class VerifyReport:
+    base: str
+    adapters: list[str]
+    merged: str
+    modules: list[ModuleCheck]
+    untouched_checked: int
+    untouched_mismatched: list[str]
+    model: ModelCheck | None
+    ok: bool
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def worst(self) -> ModuleCheck | None:
+        checked = [m for m in self.modules if m.kind != "untouched"]
+        return max(checked, key=lambda m: m.rel_error / max(m.allowed, 1e-30), default=None)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        errs = [m.rel_error for m in self.modules if m.kind in ("lora", "dora")]
+        d["summary"] = {"modules": len(errs), "worst_rel_error": max(errs, default=0.0),
+                        "median_rel_error": statistics.median(errs) if errs else 0.0,
+                        "failed": [m.name for m in self.modules if not m.ok] + self.untouched_mismatched}
+        return d
+
+
+def _canonical(t: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return t.T if transposed else t
+
+
+def _expected(w: torch.Tensor, ops, x: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, str]:
+    """Base + adapters applied to probes x (columns), fp64, canonical (out, in) orientation."""
+    kind = "lora"
+    cur = w
+    y = cur @ x
+    ref_w = w  # DoRA norms are taken on the weight before any adapter (as peft does)
+    for op in ops:
+        if op.kind == "replace":
+            cur = _canonical(op.adapter.source.get(op.key).double(), transposed)
+            ref_w, y = cur, cur @ x
+            kind = "replace"
+            continue
+        m = op.module
+        a, b = m.A.double(), m.B.double()
+        s = m.scaling * op.weight
+        dx = s * (b @ (a @ x))
+        if m.use_dora:
+            kind = "dora"
+            # ‖W + ΔW‖² per row = ‖W‖² + 2 s (W Aᵀ)·B + s² B (A Aᵀ) Bᵀ, from the factors
+            wr = _canonical(ref_w, op.transposed)
+            norm2 = (wr * wr).sum(1) + 2 * s * ((wr @ a.T) * b).sum(1) + s * s * ((b @ (a @ a.T)) * b).sum(1)
+            factor = m.magnitude.double() / norm2.clamp(min=0).sqrt()
+            y = factor[:, None] * (y + dx)
+        else:
+            y = y + dx
+    return y, kind
+
+
+def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, weights=None,
+                 tolerance: float | None = None, device="cpu", seed: int = 0):
+    plan = plan_merge(base, adapters, weights)
+    checks: list[ModuleCheck] = []
+    mismatched: list[str] = []
+    untouched = 0
+    gen = torch.Generator().manual_seed(seed)
+    for job in plan.jobs:
+        if job.name not in merged.tensors:
+            checks.append(ModuleCheck(job.name, "missing", float("inf"), 0.0, 0.0, False, "not in the merged model"))
+            continue
+        got = merged.read(job.name)
+        src = base.read(job.source)
+        if tuple(got.shape) != tuple(src.shape):
+            checks.append(ModuleCheck(job.name, "shape", float("inf"), 0.0, 0.0, False,
+                                      f"shape {list(got.shape)}, base {list(src.shape)}"))
+            continue
+        if not job.ops:
+            untouched += 1
+            same = torch.equal(got, src.to(got.dtype)) if got.dtype != src.dtype else torch.equal(got, src)
+            if not same:
+                mismatched.append(job.name)
+            continue
+        lora_ops = [op for op in job.ops if op.kind == "lora"]
+        if not lora_ops:  # modules_to_save replacement or a LoRA bias: exact up to one rounding
+            exp = src.double()
+            for op in job.ops:
+                if op.kind == "replace":
+                    exp = op.adapter.source.get(op.key).double()
+                elif op.kind == "bias":
+                    exp = exp + op.module.lora_bias.double() * (op.module.scaling * op.weight)
+            err = float((got.double() - exp).norm() / exp.norm().clamp(min=1e-30))
+            noise = _noise_vec(exp, got.dtype)
+            allowed = tolerance if tolerance is not None else max(ROUNDING_FACTOR * noise, 1e-12)
+            kind = "bias" if any(op.kind == "bias" for op in job.ops) else "replace"
+            checks.append(ModuleCheck(job.name, kind, err, allowed, noise, err <= allowed))
+            continue
+        transposed = lora_ops[0].transposed
+        w = _canonical(src.double(), transposed)
+        wm = _canonical(got.double(), transposed)
+        x = torch.randn(w.shape[1], PROBES, generator=gen, dtype=torch.float64)
+        y_exp, kind = _expected(w, job.ops, x, transposed)
+        y_got = wm @ x
+        norm = y_exp.norm().clamp(min=1e-30)
+        err = float((y_got - y_exp).norm() / norm)
+        eps = torch.finfo(got.dtype).eps if got.is_floating_point() else 0.0
+        noise = float(((wm * wm) @ (x * x)).sum().sqrt() * eps / (12 ** 0.5) / norm)
+        allowed = tolerance if tolerance is not None else max(ROUNDING_FACTOR * noise, 1e-6)
+        note = ""
+        effect = float((y_exp - w @ x).norm() / norm)
+        if effect < noise:
+            note = "the adapter's effect is below the output dtype's rounding noise"
+        checks.append(ModuleCheck(job.name, kind, err, allowed, noise, err <= allowed, note))
+    return checks, untouched, mismatched, plan.warnings
+
+
+def _noise_vec(exp: torch.Tensor, dtype: torch.dtype) -> float:
+    if not dtype.is_floating_point:
+        return 0.0
+    return float(torch.finfo(dtype).eps / (12 ** 0.5) * exp.norm() / exp.norm().clamp(min=1e-30))
+
+
+def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, weights, prompts: list[str] | None,
+                seed: int = 0, kl_tolerance: float = 1e-3) -> ModelCheck:
+    """Logits of base + adapters (peft, unmerged) against the merged model (transformers), fp32.
+
+    Passes when the mean KL divergence is within ``kl_tolerance``; top-1 agreement is reported but
+    not judged (on near-tied logits, rounding alone flips a few argmaxes)."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
+        names = []
+        pm = None
+        for i, a in enumerate(adapters):
+            name = f"adapter{i}"
+            if pm is None:
+                pm = PeftModel.from_pretrained(ref, a.path, adapter_name=name)
+            else:
+                pm.load_adapter(a.path, adapter_name=name)
+            names.append(name)
+        pm.base_model.set_adapter(names)
+        for mod in pm.modules():  # --weight scales each adapter's ΔW
+            if isinstance(mod, LoraLayer):
+                for name, w in zip(names, weights):
+                    if name in mod.scaling:
+                        mod.scaling[name] *= w
+        pm.eval()
+        merged = AutoModelForCausalLM.from_pretrained(merged_path, dtype=torch.float32).eval()
+    vocab = merged.config.get_text_config().vocab_size if hasattr(merged.config, "get_text_config") else merged.config.vocab_size
+    source = "random token ids"
+    batches = []
+    if prompts:
+        try:
+            tok = AutoTokenizer.from_pretrained(base_path)
+            batches = [tok(p, return_tensors="pt")["input_ids"] for p in prompts]
+            source = "tokenizer"
+        except Exception:  # noqa: BLE001 - no tokenizer: fall back to token ids
+            batches = []
+    if not batches:
+        gen = torch.Generator().manual_seed(seed)
+        batches = [torch.randint(0, vocab, (1, 32), generator=gen) for _ in range(4)]
+    diffs, kls, agree, total = [], [], 0, 0
+    with torch.no_grad():
+        for ids in batches:
+            a = pm(input_ids=ids).logits.double()
+            b = merged(input_ids=ids).logits.double()
+            diffs.append(float((a - b).abs().max()))
+            pa, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+            kls.append(float((pa.exp() * (pa - lb)).sum(-1).mean()))
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            total += ids.numel()
+    mean_kl = sum(kls) / len(kls)
+    top1 = agree / total
+    return ModelCheck(len(batches), total, max(diffs), mean_kl, top1, mean_kl <= kl_tolerance, source)
+
+
+def verify(base, adapters: list, merged, weights: list[float] | None = None, prompts: list[str] | None = None,
+           device: str = "auto", tolerance: float | None = None, model: bool = True, seed: int = 0) -> VerifyReport:
+    base_ck = Checkpoint.open(base)
+    merged_ck = Checkpoint.open(merged)
+    loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
+    weights = list(weights) if weights else [1.0] * len(loaded)
+    if tolerance is not None and not tolerance > 0:
+        raise AdaptkitError(f"--tolerance must be positive, got {tolerance}")
+    resolve_device(device)  # validates; the probes are cheap enough on the CPU
+    checks, untouched, mismatched, warnings = check_layers(base_ck, loaded, merged_ck, weights, tolerance, seed=seed)
+    extra = sorted(set(merged_ck.tensors) - {j.name for j in plan_merge(base_ck, loaded, weights).jobs})
+    if extra:
+        warnings.append(f"the merged model has {len(extra)} tensors the base lacks (first: {extra[0]})")
+    model_check = None
+    if model and _transformers_knows(base_ck):
+        model_check = check_model(base_ck.path, loaded, merged_ck.path, weights, prompts, seed=seed)
+    elif model:
+        warnings.append("model-level check skipped: transformers does not know this architecture")
+    ok = all(c.ok for c in checks) and not mismatched and (model_check is None or model_check.ok)
+    return VerifyReport(str(base), [str(a.path) for a in loaded], str(merged), checks, untouched, mismatched,
+                        model_check, ok, warnings)
+
+
+def _transformers_knows(ck: Checkpoint) -> bool:
+    try:
+        from transformers import CONFIG_MAPPING
+    except ImportError:
+        return False
+    return ck.config.get("model_type") in CONFIG_MAPPING

@@ -1,0 +1,125 @@
+"""`adaptkit verify`: correct merges pass; each kind of wrong merge fails with exit 1 and names the tensor."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from adaptkit.cli import main
+from adaptkit.merge import merge
+from adaptkit.verify import verify
+from conftest import ADAPTERS, BASE_OF, TINY_LLAMA
+
+quiet = dict(warn=lambda m: None)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_correct_merges_pass(tmp_path, name, dtype):
+    out = tmp_path / "m"
+    merge(BASE_OF[name], [ADAPTERS[name]], out, dtype=dtype, **quiet)
+    report = verify(BASE_OF[name], [ADAPTERS[name]], out, model=(dtype == "float16"))
+    assert report.ok, [(m.name, m.rel_error, m.allowed) for m in report.modules if not m.ok]
+    assert report.untouched_checked > 0 and not report.untouched_mismatched
+    lora = [m for m in report.modules if m.kind in ("lora", "dora")]
+    assert lora and all(m.rel_error <= 1.5 * m.rounding_noise + 1e-6 for m in lora)  # rounding is all there is
+    if dtype == "float16":
+        assert report.model is not None and report.model.ok and report.model.top1_agreement > 0.95
+
+
+def _tamper(merged, tensor, fn):
+    for f in merged.glob("*.safetensors"):
+        t = load_file(f)
+        if tensor in t:
+            t[tensor] = fn(t[tensor])
+            save_file(t, f, metadata={"format": "pt"})
+            return
+    raise KeyError(tensor)
+
+
+def _fails_naming(runner, base, adapter, merged, tensor, extra=()):
+    res = runner.invoke(main, ["verify", str(base), str(adapter), str(merged), "--json", *extra])
+    assert res.exit_code == 1, res.output
+    report = json.loads(res.stdout)
+    assert tensor in report["summary"]["failed"], report["summary"]
+    return report
+
+
+@pytest.fixture
+def good(tmp_path):
+    out = tmp_path / "good"
+    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, **quiet)
+    return out
+
+
+def test_perturbed_adapted_tensor_fails(runner, good):
+    name = "model.layers.1.mlp.up_proj.weight"
+    _tamper(good, name, lambda t: t.index_put((torch.tensor([3]),), t[3] + 0.05))
+    _fails_naming(runner, TINY_LLAMA, ADAPTERS["llama-lora"], good, name)
+
+
+def test_perturbed_untouched_tensor_fails(runner, good):
+    name = "model.layers.0.input_layernorm.weight"
+    _tamper(good, name, lambda t: t.index_put((torch.tensor([0]),), t[0] + 0.001))
+    report = _fails_naming(runner, TINY_LLAMA, ADAPTERS["llama-lora"], good, name, ["--no-model"])
+    assert report["untouched_mismatched"] == [name]
+
+
+def test_missing_module_fails(runner, good):
+    name = "model.layers.0.self_attn.v_proj.weight"
+    base = load_file(TINY_LLAMA / "model-00001-of-00002.safetensors") | load_file(TINY_LLAMA / "model-00002-of-00002.safetensors")
+    _tamper(good, name, lambda t: base[name].clone())  # as if the module had not been merged
+    _fails_naming(runner, TINY_LLAMA, ADAPTERS["llama-lora"], good, name, ["--no-model"])
+
+
+def test_transposed_delta_fails(runner, tmp_path):
+    from adaptkit.adapter import load_adapter
+
+    out = tmp_path / "m"
+    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, dtype="float32", **quiet)
+    name = "model.layers.0.self_attn.q_proj"
+    m = load_adapter(ADAPTERS["llama-lora"]).modules[name]
+    base = load_file(TINY_LLAMA / "model-00001-of-00002.safetensors")[name + ".weight"].float()
+    _tamper(out, name + ".weight", lambda t: base + m.delta().T)
+    _fails_naming(runner, TINY_LLAMA, ADAPTERS["llama-lora"], out, name + ".weight", ["--no-model"])
+
+
+def test_wrong_scaling_fails(runner, tmp_path):
+    """Merging with α/r where the adapter says rsLoRA (α/√r) is caught on every module."""
+    wrong_ad = tmp_path / "plain"
+    shutil.copytree(ADAPTERS["llama-rslora-patterns"], wrong_ad)
+    cfg = json.loads((wrong_ad / "adapter_config.json").read_text())
+    cfg["use_rslora"] = False
+    (wrong_ad / "adapter_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "m"
+    merge(TINY_LLAMA, [wrong_ad], out, **quiet)
+    res = runner.invoke(main, ["verify", str(TINY_LLAMA), str(ADAPTERS["llama-rslora-patterns"]), str(out), "--json"])
+    assert res.exit_code == 1
+    report = json.loads(res.stdout)
+    assert len(report["summary"]["failed"]) == 14
+    assert report["model"]["ok"] is False  # the logits show it too
+
+
+def test_tolerance_option_and_human_output(runner, good):
+    res = runner.invoke(main, ["verify", str(TINY_LLAMA), str(ADAPTERS["llama-lora"]), str(good), "--no-model"])
+    assert res.exit_code == 0 and "verified" in res.stdout and "bit-identical" in res.stdout
+    res = runner.invoke(main, ["verify", str(TINY_LLAMA), str(ADAPTERS["llama-lora"]), str(good), "--no-model",
+                               "--tolerance", "1e-9"])
+    assert res.exit_code == 1 and "not verified" in res.stdout
+
+
+def test_weights_are_verified(runner, tmp_path):
+    out = tmp_path / "m"
+    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, weights=[0.5], **quiet)
+    args = ["verify", str(TINY_LLAMA), str(ADAPTERS["llama-lora"]), str(out), "--no-model"]
+    assert runner.invoke(main, args + ["--weight", "0.5"]).exit_code == 0
+    assert runner.invoke(main, args).exit_code == 1
+
+
+def test_bad_input_exits_2(runner, tmp_path, good):
+    res = runner.invoke(main, ["verify", str(TINY_LLAMA), str(good)])
+    assert res.exit_code == 2 and "adapter" in res.stderr
+    res = runner.invoke(main, ["verify", str(TINY_LLAMA), str(ADAPTERS["llama-lora"]), str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "no such model folder" in res.stderr
