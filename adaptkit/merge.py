@@ -34,7 +34,8 @@ from .device import resolve_device
 from .errors import AdaptkitError
 from .output import atomic_output_dir, check_output
 from .pipeline import limit_heap_growth, run_stream
-from .safetensors_file import StreamingWriter, itemsize, numel
+from .quant import QuantizedWeight, check_quantization, dequantize, find_quantized, quantize, relative_error
+from .safetensors_file import ReservedHeaderWriter, StreamingWriter, header_reserve, itemsize, numel
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -65,17 +66,27 @@ class TensorJob:
     in_dtype: torch.dtype
     out_dtype: torch.dtype
     ops: list[Op] = field(default_factory=list)
+    quant: QuantizedWeight | None = None  # a 4-bit base weight: dequantized first
+    requantize: bool = False  # write it back 4-bit (with its components) instead of dense
 
     @property
     def computed(self) -> bool:
-        return bool(self.ops) or self.in_dtype != self.out_dtype
+        return bool(self.ops) or self.in_dtype != self.out_dtype or self.quant is not None
 
     @property
     def in_bytes(self) -> int:
+        if self.quant is not None:
+            return numel(self.shape) // 2 + 1
         return numel(self.shape) * itemsize(self.in_dtype)
 
     @property
+    def out_names(self) -> list[str]:
+        return [self.name, *self.quant.components] if self.requantize else [self.name]
+
+    @property
     def out_bytes(self) -> int:
+        if self.requantize:
+            return self.in_bytes
         return numel(self.shape) * itemsize(self.out_dtype)
 
 
@@ -95,6 +106,7 @@ class MergePlan:
     config: dict
     write_index: bool
     warnings: list[str]
+    variable_sizes: bool = False  # requantized layers: sizes known only once written
 
     @property
     def jobs(self) -> list[TensorJob]:
@@ -117,6 +129,7 @@ class MergeResult:
     seconds: float
     peak_rss_bytes: int
     warnings: list[str]
+    quantization: dict | None = None  # per-layer relative error of what was written vs the exact merge
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -182,12 +195,27 @@ def _input_embedding(base: Checkpoint) -> str | None:
 
 
 def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] | None = None,
-               dtype: str | torch.dtype | None = "auto", max_shard_size: str | int | None = None) -> MergePlan:
-    """Check the adapters against the base and lay out every output tensor; raise before any write."""
+               dtype: str | torch.dtype | None = "auto", max_shard_size: str | int | None = None,
+               quantize: str | None = None) -> MergePlan:
+    """Check the adapters against the base and lay out every output tensor; raise before any write.
+
+    A bitsandbytes 4-bit base is merged dense (in its compute dtype, or ``dtype``) unless
+    ``quantize="nf4"``, which keeps it 4-bit: merged layers requantized with the base's settings,
+    untouched ones copied byte for byte.
+    """
     weights = list(weights) if weights else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise AdaptkitError(f"{len(weights)} weights for {len(adapters)} adapters (give one --weight per adapter)")
+    if quantize not in (None, "nf4"):
+        raise AdaptkitError(f"unknown --quantize {quantize!r} (nf4)")
+    qconfig = check_quantization(base.config, base.path / "config.json")
+    qweights = find_quantized(base.tensors, base.read) if qconfig else {}
+    if quantize and not qweights:
+        raise AdaptkitError("--quantize nf4 needs a bitsandbytes 4-bit base for now (quantizing a dense base is "
+                            "not implemented yet)", base.path)
+    owner = {c: q for q in qweights.values() for c in q.components}
     out_dtype = _resolve_dtype(dtype)
+    dense_dtype = out_dtype or (_resolve_dtype(qconfig.get("bnb_4bit_compute_dtype")) if qconfig else None)
     warnings: list[str] = []
     ops: dict[str, list[Op]] = {}
     problems: list[str] = []
@@ -196,6 +224,8 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] |
     input_emb = _input_embedding(base) if tied else None
 
     def base_shape(name):
+        if name in qweights:
+            return qweights[name].shape
         if name in base:
             return base.info(name).shape
         if tied and input_emb and name == OUTPUT_EMBEDDING:
@@ -265,6 +295,20 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] |
     for shard in base.shards:
         jobs = []
         for info in shard.tensors:
+            if info.name in owner:  # a 4-bit component: dropped (dense), produced by its weight, or copied
+                if quantize and not ops.get(owner[info.name].name):
+                    jobs.append(_job(info.name, info.name, info.shape, info.dtype, None, []))
+                continue
+            if info.name in qweights:
+                q = qweights[info.name]
+                job_ops = ops.get(info.name, [])
+                if quantize and not job_ops:
+                    jobs.append(_job(info.name, info.name, info.shape, info.dtype, None, []))
+                else:
+                    target = info.dtype if quantize else (dense_dtype or q.dtype)
+                    jobs.append(TensorJob(info.name, info.name, q.shape, info.dtype, target, list(job_ops),
+                                          quant=q, requantize=bool(quantize)))
+                continue
             jobs.append(_job(info.name, info.name, info.shape, info.dtype, out_dtype, ops.get(info.name, [])))
             if materialize and info.name == input_emb:
                 jobs.append(_job(OUTPUT_EMBEDDING, input_emb, info.shape, info.dtype, out_dtype,
@@ -275,12 +319,18 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] |
     if limit:
         shards = _reshard([j for s in shards for j in s.jobs], limit)
         write_index = len(shards) > 1
-    if out_dtype is not None:
+    if qweights and not quantize:
+        config.pop("quantization_config", None)
+        out_dtype = out_dtype or dense_dtype
+    if out_dtype is not None and not quantize:
         name = next((k for k, v in DTYPES.items() if v == out_dtype and "float" in k), str(out_dtype))
         for key in ("dtype", "torch_dtype"):
             if key in config or key == "dtype":
                 config[key] = name
-    return MergePlan(base, adapters, weights, shards, config, write_index, warnings)
+    variable = any(j.requantize for s in shards for j in s.jobs)
+    if variable and limit:
+        raise AdaptkitError("--max-shard-size cannot be combined with --quantize nf4 yet")
+    return MergePlan(base, adapters, weights, shards, config, write_index, warnings, variable_sizes=variable)
 
 
 def _resolve_dtype(dtype) -> torch.dtype | None:
@@ -365,7 +415,7 @@ def merge(base: str | Path | Checkpoint, adapters: list, out: str | Path, weight
           device: str = "auto", dtype: str | torch.dtype | None = "auto", max_shard_size: str | int | None = None,
           force: bool = False, progress: Callable[[int], None] | None = None,
           warn: Callable[[str], None] | None = None, on_plan: Callable[[MergePlan], None] | None = None,
-          command: str | None = None) -> MergeResult:
+          command: str | None = None, quantize: str | None = None) -> MergeResult:
     """Merge ``adapters`` (paths or :class:`Adapter`) into ``base`` and write the model to ``out``.
 
     Nothing is written until every adapter has been checked against the base; the output appears at
@@ -378,14 +428,15 @@ def merge(base: str | Path | Checkpoint, adapters: list, out: str | Path, weight
     if not loaded:
         raise AdaptkitError("no adapter given")
     dev = resolve_device(device)
-    plan = plan_merge(ckpt, loaded, weights, dtype, max_shard_size)
+    plan = plan_merge(ckpt, loaded, weights, dtype, max_shard_size, quantize=quantize)
     for w in plan.warnings:
         (warn or _default_warn)(w)
     if on_plan:
         on_plan(plan)
     bytes_written = 0
+    quant_errors: dict[str, float] = {}
     with atomic_output_dir(out, force) as tmp:
-        bytes_written += _stream_tensors(plan, tmp, dev, progress)
+        bytes_written += _stream_tensors(plan, tmp, dev, progress, quant_errors)
         _write_side_files(plan, tmp, command)
     ckpt.close()
     return MergeResult(out=str(out), device=str(dev), tensors=len(plan.jobs),
@@ -393,7 +444,19 @@ def merge(base: str | Path | Checkpoint, adapters: list, out: str | Path, weight
                        bytes_read=sum(j.in_bytes for j in plan.jobs), bytes_written=bytes_written,
                        seconds=time.perf_counter() - t0,
                        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                       warnings=plan.warnings)
+                       warnings=plan.warnings, quantization=_summarise(quant_errors, plan))
+
+
+def _summarise(errors: dict[str, float], plan: MergePlan) -> dict | None:
+    """Relative error, per merged 4-bit layer, of what was written against the exact fp32 merge."""
+    if not errors:
+        return None
+    import statistics
+
+    vals = list(errors.values())
+    what = "requantized to 4-bit" if any(j.requantize for j in plan.jobs) else "rounded to the output dtype"
+    return {"what": what, "layers": len(vals), "worst": max(vals), "median": statistics.median(vals),
+            "per_layer": dict(sorted(errors.items()))}
 
 
 def _default_warn(message: str) -> None:
@@ -424,14 +487,14 @@ def _check_finite(w32: torch.Tensor, job: TensorJob) -> None:
                             f"the adapter seems broken or overflows this dtype")
 
 
-def _stream_tensors(plan: MergePlan, tmp: Path, dev: torch.device, progress) -> int:
+def _stream_tensors(plan: MergePlan, tmp: Path, dev: torch.device, progress, quant_errors: dict) -> int:
     """Read → merge → write every tensor; memory: a few buffers of the largest merged tensor."""
     limit_heap_growth()
     ckpt = plan.base
     computed = [j for j in plan.jobs if j.computed]
     cuda = dev.type == "cuda"
     largest_in = max((j.in_bytes for j in computed), default=1)
-    largest_out = max((j.out_bytes for j in computed), default=1)
+    largest_out = max((j.out_bytes for j in computed if not j.requantize), default=1)
     largest_numel = max((numel(j.shape) for j in computed), default=1)
     # Results queue up while the writer is busy (copying untouched tensors, say): as many output
     # buffers as fit OUTPUT_BUFFER_BUDGET, at least three; the reader stays at most two ahead.
@@ -439,20 +502,24 @@ def _stream_tensors(plan: MergePlan, tmp: Path, dev: torch.device, progress) -> 
     in_pool = _Pool(largest_in, 3, pin=cuda)
     out_pool = _Pool(largest_out, n_out, pin=cuda)
     work = torch.empty(largest_numel, dtype=torch.float32, device=dev)  # the fp32 accumulator, reused
-    writers: dict[str, StreamingWriter] = {}
+    writers: dict[str, object] = {}
     shard_of = {id(j): s for s in plan.shards for j in s.jobs}
     remaining = {s.file: len(s.jobs) for s in plan.shards}
     total = 0
 
     def read(job: TensorJob):
         buf = in_pool.take()
-        return buf, ckpt.read(job.source, out=buf)
+        comps = {c[len(job.name) + 1:]: ckpt.read(c).clone() for c in job.quant.components} if job.quant else None
+        return buf, ckpt.read(job.source, out=buf), comps
 
     def compute(job: TensorJob, data):
-        buf, tensor = data
+        buf, tensor, comps = data
         try:
             w32 = work[: numel(job.shape)].view(job.shape)
-            w32.copy_(tensor, non_blocking=cuda)
+            if job.quant is not None:
+                w32.copy_(dequantize(tensor, comps, dev))
+            else:
+                w32.copy_(tensor, non_blocking=cuda)
         finally:
             if cuda:
                 torch.cuda.current_stream(dev).synchronize()
@@ -470,32 +537,54 @@ def _stream_tensors(plan: MergePlan, tmp: Path, dev: torch.device, progress) -> 
         elif job.ops:
             w32.copy_(merged_weight(w32.clone(), job.ops, dev))
         _check_finite(w32, job)
+        if job.requantize:
+            packed, new = quantize(w32, job.quant, "nested_absmax" in comps, tensor.dtype)
+            if set(new) != set(comps):
+                raise AdaptkitError(f"{job.name}: requantizing gave components {sorted(new)}, the base has "
+                                    f"{sorted(comps)}")
+            quant_errors[job.name] = relative_error(dequantize(packed, new, dev), w32)
+            items = [(job.name, packed.cpu())] + [(c, new[c[len(job.name) + 1:]].cpu()) for c in job.quant.components]
+            return None, items
         host = out_pool.take()
         view = host[: job.out_bytes].view(job.out_dtype).view(job.shape)
         view.copy_(w32, non_blocking=cuda)
         if cuda:
             torch.cuda.current_stream(dev).synchronize()
-        return host, view
+        if job.quant is not None and job.ops:
+            quant_errors[job.name] = relative_error(view, w32)
+        return host, [(job.name, view)]
+
+    def writer_for(shard: OutShard):
+        writer = writers.get(shard.file)
+        if writer is None:
+            if plan.variable_sizes:
+                names = [n for j in shard.jobs for n in j.out_names]
+                writer = ReservedHeaderWriter(tmp / shard.file, names, header_reserve(names, shard.metadata),
+                                              shard.metadata)
+            else:
+                entries = [(j.name, j.out_dtype, j.shape) for j in shard.jobs]
+                writer = StreamingWriter(tmp / shard.file, entries, shard.metadata)
+            writers[shard.file] = writer
+        return writer
 
     def write(job: TensorJob, done):
         nonlocal total
         shard = shard_of[id(job)]
-        writer = writers.get(shard.file)
-        if writer is None:
-            entries = [(j.name, j.out_dtype, j.shape) for j in shard.jobs]
-            writer = writers[shard.file] = StreamingWriter(tmp / shard.file, entries, shard.metadata)
+        writer = writer_for(shard)
         if done is None:
             src_shard, info = ckpt.tensors[job.source]
             if src_shard.kind == "safetensors":
-                writer.copy_from(job.name, src_shard.fd(), info.offset, info.nbytes)
+                writer.copy_from(job.name, src_shard.fd(), info.offset, info.nbytes, info.dtype, info.shape)
             else:
                 writer.write(job.name, ckpt.read(job.source))
         else:
-            host, tensor = done
+            host, items = done
             try:
-                writer.write(job.name, tensor)
+                for name, tensor in items:
+                    writer.write(name, tensor)
             finally:
-                out_pool.give(host)
+                if host is not None:
+                    out_pool.give(host)
         remaining[shard.file] -= 1
         if remaining[shard.file] == 0:
             writer.close()
@@ -524,8 +613,10 @@ def _write_side_files(plan: MergePlan, tmp: Path, command: str | None) -> None:
     if plan.config:
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
     if plan.write_index:
-        weight_map = {j.name: s.file for s in plan.shards for j in s.jobs}
-        total = sum(j.out_bytes for j in plan.jobs)
+        from .safetensors_file import read_header
+
+        weight_map = {n: s.file for s in plan.shards for j in s.jobs for n in j.out_names}
+        total = sum(t.nbytes for s in plan.shards for t in read_header(tmp / s.file).tensors)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     lines = [

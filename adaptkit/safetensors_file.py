@@ -197,7 +197,7 @@ class StreamingWriter:
         self._advance(name, len(data))
         self._write_all(data)
 
-    def copy_from(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
+    def copy_from(self, name: str, src_fd: int, src_offset: int, nbytes: int, dtype=None, shape=None) -> None:
         """Copy ``nbytes`` from another file without passing them through user memory."""
         self._advance(name, nbytes)
         done = 0
@@ -230,3 +230,87 @@ class StreamingWriter:
     def abort(self) -> None:
         if not self._f.closed:
             self._f.close()
+
+
+class ReservedHeaderWriter:
+    """Write a safetensors file whose tensor sizes are only known as they are written.
+
+    A header region of ``reserve`` bytes is left blank at the start; tensors stream in after it;
+    ``close`` writes the real header there, padded with spaces to exactly the reserved length (the
+    format allows trailing spaces). Used where a tensor's size is not known up front, such as the
+    JSON blob of a requantized bitsandbytes layer.
+    """
+
+    def __init__(self, path: str | Path, names: list[str], reserve: int, metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self._names = list(names)
+        self._metadata = metadata
+        self._reserve = reserve + (-reserve % 8)
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        self._offset = 0
+        self._f = open(self.path, "wb", buffering=0)
+        self._fd = self._f.fileno()
+        os.pwrite(self._fd, b" " * (8 + self._reserve), 0)
+        self.bytes_written = 8 + self._reserve
+
+    def _next_name(self, name: str) -> None:
+        expected = self._names[len(self._entries)] if len(self._entries) < len(self._names) else None
+        if name != expected:
+            raise RuntimeError(f"{self.path}: expected {expected!r}, got {name!r}")
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._next_name(name)
+        data = tensor_bytes(tensor.detach().cpu())
+        done = 0
+        base = 8 + self._reserve + self._offset
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], base + done)
+        self._entries[name] = (tensor.dtype, tuple(tensor.shape), self._offset, self._offset + len(data))
+        self._offset += len(data)
+        self.bytes_written += len(data)
+
+    def copy_from(self, name: str, src_fd: int, src_offset: int, nbytes: int, dtype: torch.dtype, shape) -> None:
+        self._next_name(name)
+        os.lseek(self._fd, 8 + self._reserve + self._offset, os.SEEK_SET)
+        done = 0
+        while done < nbytes:
+            n = os.copy_file_range(src_fd, self._fd, nbytes - done, src_offset + done)
+            if n <= 0:
+                raise OSError(f"copy_file_range stopped at {done} of {nbytes} bytes")
+            done += n
+        self._entries[name] = (dtype, tuple(shape), self._offset, self._offset + nbytes)
+        self._offset += nbytes
+        self.bytes_written += nbytes
+
+    def close(self, sync: bool = True) -> None:
+        if self._f.closed:
+            return
+        try:
+            if len(self._entries) != len(self._names):
+                raise RuntimeError(f"{self.path}: {len(self._names) - len(self._entries)} tensors never written")
+            obj: dict = {}
+            if self._metadata:
+                obj["__metadata__"] = {str(k): str(v) for k, v in self._metadata.items()}
+            for name in self._names:
+                dtype, shape, begin, end = self._entries[name]
+                obj[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+            raw = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+            if len(raw) > self._reserve:
+                raise RuntimeError(f"{self.path}: header of {len(raw)} bytes exceeds the {self._reserve} reserved")
+            raw += b" " * (self._reserve - len(raw))
+            os.pwrite(self._fd, struct.pack("<Q", len(raw)) + raw, 0)
+            if sync:
+                os.fsync(self._fd)
+        finally:
+            self._f.close()
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
+def header_reserve(names: list[str], metadata: dict[str, str] | None, max_ndim: int = 4) -> int:
+    """A safe upper bound on the header size for ``names`` (dtype, shape and offsets at their widest)."""
+    per = len('"":{"dtype":"F8_E4M3","shape":[],"data_offsets":[,]},') + max_ndim * 21 + 2 * 21
+    meta = len(json.dumps(metadata or {})) + 32
+    return 64 + meta + sum(len(json.dumps(n)) + per for n in names)

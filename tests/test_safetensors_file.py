@@ -89,3 +89,27 @@ def test_header_errors_are_clear(tmp_path, damage):
     with pytest.raises(AdaptkitError) as e:
         read_header(path)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_reserved_header_writer_reads_back(tmp_path):
+    import os
+
+    from adaptkit.safetensors_file import ReservedHeaderWriter, header_reserve
+
+    src = tmp_path / "src.safetensors"
+    save_file({"copied": torch.arange(10, dtype=torch.int32)}, src)
+    info = read_header(src).tensors[0]
+    names = ["a", "blob", "copied"]
+    path = tmp_path / "r.safetensors"
+    w = ReservedHeaderWriter(path, names, header_reserve(names, {"format": "pt"}), {"format": "pt"})
+    w.write("a", torch.randn(3, 4).half())
+    w.write("blob", torch.tensor(list(b'{"json": 1}'), dtype=torch.uint8))  # size known only now
+    fd = os.open(src, os.O_RDONLY)
+    w.copy_from("copied", fd, info.offset, info.nbytes, info.dtype, info.shape)
+    os.close(fd)
+    w.close()
+    back = load_file(path)
+    assert list(back) == names or set(back) == set(names)
+    assert bytes(back["blob"].tolist()) == b'{"json": 1}'
+    assert torch.equal(back["copied"], torch.arange(10, dtype=torch.int32))
+    assert back["a"].shape == (3, 4) and back["a"].dtype == torch.float16

@@ -1,0 +1,97 @@
+"""bitsandbytes 4-bit (NF4/FP4) weights as transformers saves them, through bitsandbytes' own code.
+
+On disk a quantized ``X.weight`` is a packed uint8 tensor plus ``X.weight.absmax``,
+``X.weight.quant_map``, with double quantization ``X.weight.nested_absmax`` and
+``X.weight.nested_quant_map``, and ``X.weight.quant_state.bitsandbytes__nf4`` (or ``__fp4``): a
+JSON blob (shape, dtype, blocksize…) stored as uint8. :func:`dequantize` and :func:`quantize` hand
+these to ``bitsandbytes.functional`` (its CUDA kernels on the GPU, its CPU backend otherwise):
+NF4 is not re-implemented here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from .errors import AdaptkitError
+
+QUANT_STATE_KEYS = ("quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A 4-bit weight of a checkpoint: its packed tensor, its components and its dense shape/dtype."""
+
+    name: str  # e.g. model.layers.0.self_attn.q_proj.weight
+    components: tuple[str, ...]  # full tensor names, in checkpoint order
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    quant_type: str
+    blocksize: int
+
+
+def check_quantization(config: dict, path) -> dict | None:
+    """The bitsandbytes 4-bit quantization_config, None for a dense model; refuse anything else."""
+    q = config.get("quantization_config")
+    if not q:
+        return None
+    method = str(q.get("quant_method", "unknown"))
+    if method != "bitsandbytes":
+        raise AdaptkitError(f"quant_method {method!r} is not supported: adaptkit merges into dense and bitsandbytes "
+                            "4-bit bases (dequantize the model first)", path)
+    if q.get("load_in_8bit") or q.get("_load_in_8bit"):
+        raise AdaptkitError("8-bit (LLM.int8) bitsandbytes bases are not supported yet: load the base in 16-bit "
+                            "and save it, then merge", path)
+    if not (q.get("load_in_4bit") or q.get("_load_in_4bit")):
+        raise AdaptkitError("quantization_config is bitsandbytes but neither 4-bit nor 8-bit", path)
+    return q
+
+
+def find_quantized(tensor_names, read_blob) -> dict[str, QuantizedWeight]:
+    """Every 4-bit weight among ``tensor_names``; ``read_blob(name)`` returns a (small) tensor."""
+    names = list(tensor_names)
+    out = {}
+    for key in names:
+        for qs_key in QUANT_STATE_KEYS:
+            if key.endswith("." + qs_key):
+                weight = key[: -len(qs_key) - 1]
+                state = json.loads(bytes(read_blob(key).tolist()).decode("utf-8"))
+                comps = tuple(n for n in names if n.startswith(weight + "."))
+                out[weight] = QuantizedWeight(weight, comps, tuple(state["shape"]), getattr(torch, state["dtype"]),
+                                              state["quant_type"], int(state["blocksize"]))
+    return out
+
+
+def _functional():
+    try:
+        import bitsandbytes.functional as F
+    except ImportError as e:  # pragma: no cover - a dependency
+        raise AdaptkitError(f"bitsandbytes is needed for 4-bit models but cannot be imported: {e}") from None
+    return F
+
+
+def dequantize(packed: torch.Tensor, components: dict[str, torch.Tensor], device) -> torch.Tensor:
+    """Dense weight from a packed 4-bit tensor and its components (keys relative to the weight name)."""
+    F = _functional()
+    state = F.QuantState.from_dict(dict(components), device=torch.device(device))
+    return F.dequantize_4bit(packed.to(device), state)
+
+
+def quantize(dense: torch.Tensor, like: QuantizedWeight, double_quant: bool, storage: torch.dtype
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Quantize ``dense`` (fp32, on its device) with ``like``'s settings; the state records ``like``'s dtype.
+
+    Quantizing straight from fp32 keeps the merge's one rounding (peft casts to the 16-bit dtype first).
+    """
+    F = _functional()
+    packed, state = F.quantize_4bit(dense.contiguous(), blocksize=like.blocksize, compress_statistics=double_quant,
+                                    quant_type=like.quant_type, quant_storage=storage)
+    state.dtype = like.dtype  # what dequantize will return, as in the base
+    comps = state.as_dict(packed=True)
+    return packed, {k: v for k, v in comps.items()}
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((approx.double() - exact.double()).norm() / exact.double().norm().clamp(min=1e-30))

@@ -1,0 +1,147 @@
+"""Merging into bitsandbytes 4-bit bases, against peft's own 4-bit LoRA layers (CPU)."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from adaptkit.cli import main
+from adaptkit.merge import merge
+from conftest import ADAPTERS, TINY_LLAMA, assert_merge_close, load_dir
+
+quiet = dict(warn=lambda m: None)
+
+
+def load_4bit(path, double_quant=True):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                           bnb_4bit_compute_dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu",
+                                                    dtype=torch.float16).eval()
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["double-quant", "single-quant"])
+def nf4_base(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nf4") / "base"
+    load_4bit(TINY_LLAMA, double_quant=request.param).save_pretrained(out)
+    return out
+
+
+def peft_4bit(base, adapter):
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PeftModel.from_pretrained(load_4bit(base), adapter).eval()
+
+
+def lora_layers(pm):
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in pm.base_model.model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def test_dense_output_equals_dequant_plus_delta(tmp_path, nf4_base):
+    import bitsandbytes.functional as F
+
+    out = tmp_path / "dense"
+    res = merge(nf4_base, [ADAPTERS["llama-lora"]], out, **quiet)
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["dtype"] == "float16"
+    ours = load_dir(out)
+    assert not any(".absmax" in k or "quant_state" in k for k in ours)
+    pm = peft_4bit(nf4_base, ADAPTERS["llama-lora"])
+    for name, layer in lora_layers(pm).items():
+        w = layer.get_base_layer().weight
+        base = F.dequantize_4bit(w.data, w.quant_state).float()
+        exact = base + layer.get_delta_weight("default").float()
+        assert_merge_close(ours[name + ".weight"], exact.half(), base, name=name)
+    assert res.quantization["layers"] == 14 and res.quantization["worst"] < 1e-3  # fp16 rounding only
+    from fixtures.build import load_model
+
+    model = load_model(out, dtype=torch.float32)  # transformers loads it as a plain dense model
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = pm(input_ids=ids).logits.float()
+        got = model(input_ids=ids).logits
+    assert (ref - got).abs().max() < 2e-2  # the 4-bit reference computes in fp16
+
+
+def test_nf4_output_keeps_4bit_and_is_no_worse_than_peft(tmp_path, nf4_base, variants):
+    import bitsandbytes.functional as F
+
+    adapter = variants["llama-layers"]  # q_proj and v_proj of layer 1 only
+    out = tmp_path / "nf4"
+    res = merge(nf4_base, [adapter], out, quantize="nf4", **quiet)
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == \
+        json.loads((nf4_base / "config.json").read_text())["quantization_config"]
+    ours, base = load_dir(out), load_dir(nf4_base)
+    assert set(ours) == set(base)
+    touched = {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
+    for k in base:  # untouched 4-bit layers (and everything else) byte for byte
+        if not any(k.startswith(t + ".") for t in touched):
+            assert torch.equal(ours[k], base[k]), k
+    pm = peft_4bit(nf4_base, adapter)
+    layers = lora_layers(pm)
+    exact = {}
+    for name in touched:
+        layer = layers[name]
+        w = layer.get_base_layer().weight
+        exact[name] = F.dequantize_4bit(w.data, w.quant_state).float() + layer.get_delta_weight("default").float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = pm.merge_and_unload()
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()  # transformers loads it 4-bit
+    for name in touched:
+        peft_w = merged.get_submodule(name).weight
+        ours_w = loaded.get_submodule(name).weight
+        err_peft = ((F.dequantize_4bit(peft_w.data, peft_w.quant_state).float() - exact[name]).norm() / exact[name].norm())
+        err_ours = ((F.dequantize_4bit(ours_w.data, ours_w.quant_state).float() - exact[name]).norm() / exact[name].norm())
+        assert err_ours <= err_peft * 1.01, (name, float(err_ours), float(err_peft))
+        assert res.quantization["per_layer"][name + ".weight"] == pytest.approx(float(err_ours), rel=1e-2)
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        unmerged = peft_4bit(nf4_base, adapter)(input_ids=ids).logits.float()
+        got = loaded(input_ids=ids).logits.float()
+    assert torch.nn.functional.cosine_similarity(unmerged.flatten(), got.flatten(), dim=0) > 0.99
+
+
+def test_cli_reports_quantization_error(runner, tmp_path, nf4_base):
+    res = runner.invoke(main, ["merge", str(nf4_base), str(ADAPTERS["llama-lora"]), "-o", str(tmp_path / "o"),
+                               "--quantize", "nf4", "--json"])
+    assert res.exit_code == 0, res.output
+    q = json.loads(res.stdout)["quantization"]
+    assert q["layers"] == 14 and 0 < q["median"] <= q["worst"] < 0.5 and q["what"] == "requantized to 4-bit"
+    res = runner.invoke(main, ["merge", str(nf4_base), str(ADAPTERS["llama-lora"]), "-o", str(tmp_path / "h"),
+                               "--quantize", "nf4"])
+    assert "4-bit" in res.stdout and "worst" in res.stdout
+
+
+@pytest.mark.parametrize("qc,msg", [
+    ({"quant_method": "gptq", "bits": 4}, "'gptq' is not supported"),
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "8-bit"),
+])
+def test_unsupported_quantization_refused(runner, tmp_path, qc, msg):
+    import shutil
+
+    base = tmp_path / "q"
+    shutil.copytree(TINY_LLAMA, base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["quantization_config"] = qc
+    (base / "config.json").write_text(json.dumps(cfg))
+    res = runner.invoke(main, ["merge", str(base), str(ADAPTERS["llama-lora"]), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and msg in res.stderr and not (tmp_path / "o").exists()
+
+
+def test_quantize_on_dense_base_says_not_yet(runner, tmp_path):
+    res = runner.invoke(main, ["merge", str(TINY_LLAMA), str(ADAPTERS["llama-lora"]), "-o", str(tmp_path / "o"),
+                               "--quantize", "nf4"])
+    assert res.exit_code == 2 and "not implemented yet" in res.stderr
