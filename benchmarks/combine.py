@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -86,10 +87,7 @@ def main():
     for i, a in enumerate(adapters):
         if not (a / "adapter_config.json").exists():
             build_adapter(a, s, seed=10 + i, layers=args.layers)
-    env = {"PYTHONPATH": str(ROOT)}
-    import os
-
-    env = {**os.environ, **env}
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out_ak, out_peft = work / "combined-adaptkit", work / "combined-peft"
     for d in (out_ak, out_peft):
         shutil.rmtree(d, ignore_errors=True)
