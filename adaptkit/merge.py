@@ -545,13 +545,13 @@ def _stream_tensors(plan: MergePlan, tmp: Path, dev: torch.device, progress, qua
             quant_errors[job.name] = relative_error(dequantize(packed, new, dev), w32)
             items = [(job.name, packed.cpu())] + [(c, new[c[len(job.name) + 1:]].cpu()) for c in job.quant.components]
             return None, items
+        if job.quant is not None and job.ops:  # what rounding to the dense dtype costs, on the device
+            quant_errors[job.name] = relative_error(w32.to(job.out_dtype), w32)
         host = out_pool.take()
         view = host[: job.out_bytes].view(job.out_dtype).view(job.shape)
         view.copy_(w32, non_blocking=cuda)
         if cuda:
             torch.cuda.current_stream(dev).synchronize()
-        if job.quant is not None and job.ops:
-            quant_errors[job.name] = relative_error(view, w32)
         return host, [(job.name, view)]
 
     def writer_for(shard: OutShard):

@@ -35,7 +35,8 @@ def load_dir(path) -> dict[str, torch.Tensor]:
     return out
 
 
-def assert_merge_close(ours: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, ulps: float = 2.0, name=""):
+def assert_merge_close(ours: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, ulps: float = 2.0, name="",
+                       atol: float = 0.0):
     """|ours - ref| within ``ulps`` units of the output dtype, measured on the size of W and ΔW.
 
     peft rounds the base into the output dtype, rounds ΔW, then rounds the sum; adaptkit rounds once,
@@ -45,7 +46,7 @@ def assert_merge_close(ours: torch.Tensor, ref: torch.Tensor, base: torch.Tensor
     assert ours.shape == ref.shape, name
     eps = torch.finfo(ours.dtype).eps if ours.is_floating_point() else 0
     o, r, b = ours.double(), ref.double(), base.double()
-    bound = ulps * eps * (b.abs() + (r - b).abs() + r.abs()) + 1e-30
+    bound = ulps * eps * (b.abs() + (r - b).abs() + r.abs()) + atol + 1e-30
     excess = ((o - r).abs() - bound).max().item()
     assert excess <= 0, f"{name}: off by more than {ulps} ulps (worst excess {excess:.3g})"
 

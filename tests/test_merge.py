@@ -30,7 +30,9 @@ def compare_with_peft(out, base_path, adapters, dtype, ulps=None):
     ref = merged.state_dict()
     for name, t in ours.items():
         assert name in ref, name
-        assert_merge_close(t, ref[name].contiguous(), base[name], ulps=ulps, name=name)
+        # fp32: B·A's own cancellation shows at ~1e-9 when CUDA accumulates in another order
+        atol = 1e-8 if dtype == torch.float32 else 0.0
+        assert_merge_close(t, ref[name].contiguous(), base[name], ulps=ulps, name=name, atol=atol)
     return ours, ref
 
 
