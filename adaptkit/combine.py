@@ -27,6 +27,7 @@ from .errors import AdaptkitError
 from .formats.peft import write_peft_dir
 from .formats.sources import DictSource
 from .output import atomic_output_dir, check_output
+from .pipeline import limit_heap_growth
 
 
 @dataclass
@@ -117,6 +118,7 @@ def combine(adapters: list, method: str, out: str | Path, weights: list[float] |
     loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
     table = _check(loaded)
     dev = resolve_device(device)
+    limit_heap_growth()  # module-sized temporaries come and go: keep freed memory from piling up
     say = warn or (lambda m: None)
 
     tensors: dict[str, torch.Tensor] = {}

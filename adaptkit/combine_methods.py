@@ -72,18 +72,21 @@ def disjoint_mean(weighted: list[torch.Tensor], weights: list[float], method: st
     """TIES sign election and disjoint merge on weighted deltas wᵢ·dᵢ.
 
     Elected sign per entry: ``total`` = sign of Σ wᵢdᵢ, ``frequency`` = sign of Σ sign(wᵢdᵢ); zero
-    counts as +. Entries agreeing with it are summed and divided by the sum of the weights of the
-    agreeing adapters (mergekit's normalisation; with unit weights this is peft's count).
+    counts as +. Entries agreeing with it (a zero entry never agrees) are summed and divided by the
+    sum of the weights of the agreeing adapters (mergekit's normalisation; with unit weights this
+    is peft's count). One adapter at a time, so memory stays at a few module-sized tensors.
     """
-    stacked = torch.stack(weighted)
-    signs = stacked.sign()
-    votes = stacked.sum(0) if method == "total" else signs.sum(0)
-    elected = torch.where(votes >= 0, 1.0, -1.0)
-    agree = signs == elected
-    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
-    num = (stacked * agree).sum(0)
-    den = (w * agree).sum(0)
-    return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), torch.zeros_like(num))
+    votes = torch.zeros_like(weighted[0])
+    for t in weighted:
+        votes += t if method == "total" else t.sign()
+    positive = votes >= 0
+    num = torch.zeros_like(votes)
+    den = torch.zeros_like(votes)
+    for t, w in zip(weighted, weights):
+        agree = torch.where(positive, t > 0, t < 0)
+        num += t * agree
+        den += agree * w
+    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
 @register("linear", "Σ wᵢ·ΔWᵢ: exact (kept exactly as a LoRA of rank Σrᵢ unless --rank/--energy).")
