@@ -131,11 +131,20 @@ def _render_inspect(report, svd: bool) -> None:
 @click.option("--max-shard-size", default=None,
               help="Re-shard the output (e.g. 5GB, 500MB); by default the base's shard layout is kept.")
 @click.option("--quantize", type=click.Choice(["nf4"]), default=None,
-              help="Keep a bitsandbytes 4-bit base 4-bit: merged layers requantized with its settings, the rest "
-                   "copied byte for byte. Without it a 4-bit base is merged dense, in its compute dtype.")
+              help="Write a bitsandbytes 4-bit model. A 4-bit base stays 4-bit (merged layers requantized with its "
+                   "settings, the rest copied byte for byte); a dense base is quantized as transformers would. "
+                   "Without it a 4-bit base is merged dense, in its compute dtype.")
+@click.option("--qlora", is_flag=True,
+              help="Dense base: merge as QLoRA trained, onto each weight's 4-bit round trip (see docs/nf4.md).")
+@click.option("--quant-type", type=click.Choice(["nf4", "fp4"]), default="nf4", show_default=True,
+              help="For --qlora or --quantize on a dense base.")
+@click.option("--blocksize", type=int, default=64, show_default=True, help="For --qlora or --quantize on a dense base.")
+@click.option("--double-quant/--no-double-quant", default=True, show_default=True,
+              help="For --qlora or --quantize on a dense base.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
-def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize, force, as_json):
+def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize, qlora, quant_type, blocksize,
+          double_quant, force, as_json):
     """Fold LoRA adapters into a base model: W' = W + weight · (α/r) · B·A.
 
     BASE is a model folder in the Hugging Face layout (config.json with model.safetensors, sharded
@@ -156,7 +165,15 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
       adaptkit merge fixtures/tiny-llama fixtures/adapters/llama-lora -o out/merged
     """
     from .merge import merge as merge_fn
+    from .quant import QuantSettings
 
+    settings = None
+    if qlora or quantize:
+        import torch
+
+        compute = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype, torch.float16)
+        settings = QuantSettings(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+                                 compute_dtype=compute)
     command = "adaptkit merge " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["merge"] else None
     bar = _progress(disable=as_json)
     task = None
@@ -171,7 +188,8 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
     try:
         result = merge_fn(base, list(adapters), out, weights=list(weights) or None, device=device, dtype=dtype,
                           max_shard_size=max_shard_size, force=force, warn=warn, on_plan=on_plan,
-                          progress=lambda n: bar.advance(task, n), command=command, quantize=quantize)
+                          progress=lambda n: bar.advance(task, n), command=command, quantize=quantize,
+                          qlora=qlora, settings=settings)
     finally:
         if started:  # rich prints a newline when a bar that never started is stopped
             bar.stop()
@@ -183,8 +201,8 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
               f"peak memory {_human_bytes(result.peak_rss_bytes)})")
     q = result.quantization
     if q:
-        stdout.print(f"4-bit base: {q['layers']} merged layers {q['what']}; relative error against the exact merge "
-                     f"(dequantized W + ΔW): median {q['median']:.2e}, worst {q['worst']:.2e}")
+        stdout.print(f"quantization: {q['layers']} merged layers {q['what']}; relative error per layer: "
+                     f"median {q['median']:.2e}, worst {q['worst']:.2e}")
 
 
 @main.command()

@@ -34,7 +34,8 @@ from .device import resolve_device
 from .errors import AdaptkitError
 from .output import atomic_output_dir, check_output
 from .pipeline import limit_heap_growth, run_stream
-from .quant import QuantizedWeight, check_quantization, dequantize, find_quantized, quantize, relative_error
+from .quant import (QuantizedWeight, QuantSettings, check_quantization, dequantize, find_quantized, quantize,
+                    relative_error, weights_bnb_would_quantize)
 from .safetensors_file import ReservedHeaderWriter, StreamingWriter, header_reserve, itemsize, numel
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -66,8 +67,11 @@ class TensorJob:
     in_dtype: torch.dtype
     out_dtype: torch.dtype
     ops: list[Op] = field(default_factory=list)
-    quant: QuantizedWeight | None = None  # a 4-bit base weight: dequantized first
-    requantize: bool = False  # write it back 4-bit (with its components) instead of dense
+    quant: QuantizedWeight | None = None  # the 4-bit weight read (packed) or written (settings, names)
+    packed_source: bool = False  # the base stores this weight 4-bit: dequantize first
+    requantize: bool = False  # write it 4-bit (with its components) instead of dense
+    qlora: bool = False  # round-trip the dense base weight through 4-bit before adding ΔW
+    settings: QuantSettings | None = None  # for requantize/qlora of a dense weight
 
     @property
     def computed(self) -> bool:
@@ -75,7 +79,7 @@ class TensorJob:
 
     @property
     def in_bytes(self) -> int:
-        if self.quant is not None:
+        if self.packed_source:
             return numel(self.shape) // 2 + 1
         return numel(self.shape) * itemsize(self.in_dtype)
 
@@ -86,7 +90,7 @@ class TensorJob:
     @property
     def out_bytes(self) -> int:
         if self.requantize:
-            return self.in_bytes
+            return numel(self.shape) // 2 + 1
         return numel(self.shape) * itemsize(self.out_dtype)
 
 
@@ -196,12 +200,14 @@ def _input_embedding(base: Checkpoint) -> str | None:
 
 def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] | None = None,
                dtype: str | torch.dtype | None = "auto", max_shard_size: str | int | None = None,
-               quantize: str | None = None) -> MergePlan:
+               quantize: str | None = None, qlora: bool = False, settings: QuantSettings | None = None) -> MergePlan:
     """Check the adapters against the base and lay out every output tensor; raise before any write.
 
     A bitsandbytes 4-bit base is merged dense (in its compute dtype, or ``dtype``) unless
     ``quantize="nf4"``, which keeps it 4-bit: merged layers requantized with the base's settings,
-    untouched ones copied byte for byte.
+    untouched ones copied byte for byte. On a dense base, ``quantize="nf4"`` quantizes every weight
+    transformers would (with ``settings``), and ``qlora`` round-trips those weights through 4-bit
+    before adding ΔW, as the adapter saw them in QLoRA training, writing a dense model.
     """
     weights = list(weights) if weights else [1.0] * len(adapters)
     if len(weights) != len(adapters):
@@ -210,9 +216,16 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] |
         raise AdaptkitError(f"unknown --quantize {quantize!r} (nf4)")
     qconfig = check_quantization(base.config, base.path / "config.json")
     qweights = find_quantized(base.tensors, base.read) if qconfig else {}
-    if quantize and not qweights:
-        raise AdaptkitError("--quantize nf4 needs a bitsandbytes 4-bit base for now (quantizing a dense base is "
-                            "not implemented yet)", base.path)
+    if qlora and qweights:
+        raise AdaptkitError("--qlora is for dense bases (a 4-bit base already is what QLoRA trained on)", base.path)
+    if qlora and quantize:
+        raise AdaptkitError("give --qlora or --quantize, not both")
+    to_quantize: set[str] = set()
+    skip: list[str] = []
+    if (quantize or qlora) and not qweights:
+        settings = settings or QuantSettings()
+        to_quantize, skip = weights_bnb_would_quantize(base.config)
+        to_quantize &= set(base.tensors)
     owner = {c: q for q in qweights.values() for c in q.components}
     out_dtype = _resolve_dtype(dtype)
     dense_dtype = out_dtype or (_resolve_dtype(qconfig.get("bnb_4bit_compute_dtype")) if qconfig else None)
@@ -307,7 +320,18 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] |
                 else:
                     target = info.dtype if quantize else (dense_dtype or q.dtype)
                     jobs.append(TensorJob(info.name, info.name, q.shape, info.dtype, target, list(job_ops),
-                                          quant=q, requantize=bool(quantize)))
+                                          quant=q, packed_source=True, requantize=bool(quantize)))
+                continue
+            if info.name in to_quantize:
+                job = _job(info.name, info.name, info.shape, info.dtype, out_dtype, ops.get(info.name, []))
+                job.settings = settings
+                if quantize:  # dense → 4-bit
+                    job.quant = settings.target(info.name, info.shape, out_dtype or settings.compute_dtype)
+                    job.requantize = True
+                else:
+                    job.qlora = True
+                    job.quant = settings.target(info.name, info.shape, info.dtype)
+                jobs.append(job)
                 continue
             jobs.append(_job(info.name, info.name, info.shape, info.dtype, out_dtype, ops.get(info.name, [])))
             if materialize and info.name == input_emb:
@@ -322,7 +346,9 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] |
     if qweights and not quantize:
         config.pop("quantization_config", None)
         out_dtype = out_dtype or dense_dtype
-    if out_dtype is not None and not quantize:
+    if quantize and not qweights:
+        config["quantization_config"] = settings.quantization_config(skip)
+    if out_dtype is not None and not (quantize and qweights):
         name = next((k for k, v in DTYPES.items() if v == out_dtype and "float" in k), str(out_dtype))
         for key in ("dtype", "torch_dtype"):
             if key in config or key == "dtype":
@@ -415,7 +441,8 @@ def merge(base: str | Path | Checkpoint, adapters: list, out: str | Path, weight
           device: str = "auto", dtype: str | torch.dtype | None = "auto", max_shard_size: str | int | None = None,
           force: bool = False, progress: Callable[[int], None] | None = None,
           warn: Callable[[str], None] | None = None, on_plan: Callable[[MergePlan], None] | None = None,
-          command: str | None = None, quantize: str | None = None) -> MergeResult:
+          command: str | None = None, quantize: str | None = None, qlora: bool = False,
+          settings: QuantSettings | None = None) -> MergeResult:
     """Merge ``adapters`` (paths or :class:`Adapter`) into ``base`` and write the model to ``out``.
 
     Nothing is written until every adapter has been checked against the base; the output appears at
@@ -428,7 +455,7 @@ def merge(base: str | Path | Checkpoint, adapters: list, out: str | Path, weight
     if not loaded:
         raise AdaptkitError("no adapter given")
     dev = resolve_device(device)
-    plan = plan_merge(ckpt, loaded, weights, dtype, max_shard_size, quantize=quantize)
+    plan = plan_merge(ckpt, loaded, weights, dtype, max_shard_size, quantize=quantize, qlora=qlora, settings=settings)
     for w in plan.warnings:
         (warn or _default_warn)(w)
     if on_plan:
@@ -454,7 +481,12 @@ def _summarise(errors: dict[str, float], plan: MergePlan) -> dict | None:
     import statistics
 
     vals = list(errors.values())
-    what = "requantized to 4-bit" if any(j.requantize for j in plan.jobs) else "rounded to the output dtype"
+    if any(j.requantize for j in plan.jobs):
+        what = "requantized to 4-bit"
+    elif any(j.qlora for j in plan.jobs):
+        what = "merged on the 4-bit round trip of the base (vs a plain merge)"
+    else:
+        what = "rounded to the output dtype"
     return {"what": what, "layers": len(vals), "worst": max(vals), "median": statistics.median(vals),
             "per_layer": dict(sorted(errors.items()))}
 
@@ -509,14 +541,15 @@ def _stream_tensors(plan: MergePlan, tmp: Path, dev: torch.device, progress, qua
 
     def read(job: TensorJob):
         buf = in_pool.take()
-        comps = {c[len(job.name) + 1:]: ckpt.read(c).clone() for c in job.quant.components} if job.quant else None
+        comps = ({c[len(job.name) + 1:]: ckpt.read(c).clone() for c in job.quant.components}
+                 if job.packed_source else None)
         return buf, ckpt.read(job.source, out=buf), comps
 
     def compute(job: TensorJob, data):
         buf, tensor, comps = data
         try:
             w32 = work[: numel(job.shape)].view(job.shape)
-            if job.quant is not None:
+            if job.packed_source:
                 w32.copy_(dequantize(tensor, comps, dev))
             else:
                 w32.copy_(tensor, non_blocking=cuda)
@@ -524,6 +557,11 @@ def _stream_tensors(plan: MergePlan, tmp: Path, dev: torch.device, progress, qua
             if cuda:
                 torch.cuda.current_stream(dev).synchronize()
             in_pool.give(buf)
+        if job.qlora:  # the base weight as QLoRA training saw it: through 4-bit and back
+            st = job.settings
+            packed, comps_q = quantize(w32.to(job.in_dtype).float(), job.quant, st.double_quant, st.storage)
+            exact_plain = w32.clone() if job.ops else None
+            w32.copy_(dequantize(packed, comps_q, dev))
         op = _fast_lora(job)
         if op is not None:  # W += w·s·B@A in one BLAS call, no ΔW materialised
             m = op.module
@@ -538,14 +576,22 @@ def _stream_tensors(plan: MergePlan, tmp: Path, dev: torch.device, progress, qua
             w32.copy_(merged_weight(w32.clone(), job.ops, dev))
         _check_finite(w32, job)
         if job.requantize:
-            packed, new = quantize(w32, job.quant, "nested_absmax" in comps, tensor.dtype)
-            if set(new) != set(comps):
-                raise AdaptkitError(f"{job.name}: requantizing gave components {sorted(new)}, the base has "
-                                    f"{sorted(comps)}")
+            if job.packed_source:
+                double, storage = "nested_absmax" in comps, tensor.dtype
+            else:
+                double, storage = job.settings.double_quant, job.settings.storage
+            packed, new = quantize(w32, job.quant, double, storage)
+            expected = {c[len(job.name) + 1:] for c in job.quant.components}
+            if set(new) != expected:
+                raise AdaptkitError(f"{job.name}: requantizing gave components {sorted(new)}, expected "
+                                    f"{sorted(expected)}")
             quant_errors[job.name] = relative_error(dequantize(packed, new, dev), w32)
             items = [(job.name, packed.cpu())] + [(c, new[c[len(job.name) + 1:]].cpu()) for c in job.quant.components]
             return None, items
-        if job.quant is not None and job.ops:  # what rounding to the dense dtype costs, on the device
+        if job.qlora and job.ops:  # how far the QLoRA-faithful merge is from a plain one
+            exact_plain += w32 - dequantize(packed, comps_q, dev)  # plain W + ΔW, reconstructed
+            quant_errors[job.name] = relative_error(w32, exact_plain)
+        elif job.packed_source and job.ops:  # what rounding to the dense dtype costs, on the device
             quant_errors[job.name] = relative_error(w32.to(job.out_dtype), w32)
         host = out_pool.take()
         view = host[: job.out_bytes].view(job.out_dtype).view(job.shape)

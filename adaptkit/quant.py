@@ -95,3 +95,70 @@ def quantize(dense: torch.Tensor, like: QuantizedWeight, double_quant: bool, sto
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return float((approx.double() - exact.double()).norm() / exact.double().norm().clamp(min=1e-30))
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How to quantize a dense weight (bitsandbytes' BitsAndBytesConfig fields)."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: torch.dtype = torch.float16
+    storage: torch.dtype = torch.uint8
+
+    def component_suffixes(self) -> list[str]:
+        """The names bitsandbytes gives the components (found by quantizing a tiny tensor)."""
+        F = _functional()
+        _, state = F.quantize_4bit(torch.zeros(self.blocksize * 4, 1), blocksize=self.blocksize,
+                                   compress_statistics=self.double_quant, quant_type=self.quant_type,
+                                   quant_storage=self.storage)
+        return sorted(state.as_dict(packed=True))
+
+    def target(self, name: str, shape, dtype) -> QuantizedWeight:
+        comps = tuple(f"{name}.{s}" for s in self.component_suffixes())
+        return QuantizedWeight(name, comps, tuple(shape), dtype, self.quant_type, self.blocksize)
+
+    def quantization_config(self, skip: list[str]) -> dict:
+        """config.json's quantization_config, as transformers writes it."""
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
+                                  bnb_4bit_use_double_quant=self.double_quant,
+                                  bnb_4bit_compute_dtype=self.compute_dtype, bnb_4bit_quant_storage=self.storage,
+                                  llm_int8_skip_modules=skip).to_dict()
+
+
+def weights_bnb_would_quantize(config: dict, skip: list[str] | None = None) -> tuple[set[str], list[str]]:
+    """The weight names transformers would turn into bitsandbytes 4-bit layers, and the skipped modules.
+
+    Asks transformers itself: the model is built on the meta device (no memory) and filtered with
+    its own ``get_keys_to_not_convert`` / ``should_convert_module``.
+    """
+    import warnings
+
+    import transformers
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    cfg = {k: v for k, v in config.items() if k != "quantization_config"}
+    if "model_type" not in cfg:
+        raise AdaptkitError("config.json has no model_type: cannot tell which layers bitsandbytes would quantize")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_config = AutoConfig.for_model(**cfg)
+        arch = (cfg.get("architectures") or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        with torch.device("meta"):
+            model = cls._from_config(hf_config) if cls is not None else AutoModelForCausalLM.from_config(hf_config)
+    skip = list(skip) if skip is not None else get_keys_to_not_convert(model)
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, Conv1D) and should_convert_module(name, skip):
+            raise AdaptkitError("quantizing Conv1D models (GPT-2 family) is not supported yet")
+        if type(module) is nn.Linear and should_convert_module(name, skip):
+            names.add(name + ".weight")
+    return names, skip

@@ -8,7 +8,7 @@ import torch
 
 from adaptkit.cli import main
 from adaptkit.merge import merge
-from conftest import ADAPTERS, TINY_LLAMA, assert_merge_close, load_dir
+from conftest import ADAPTERS, TINY_GPT2 as BASE_OF_GPT2, TINY_LLAMA, assert_merge_close, load_dir
 
 quiet = dict(warn=lambda m: None)
 
@@ -122,7 +122,7 @@ def test_cli_reports_quantization_error(runner, tmp_path, nf4_base):
     assert q["layers"] == 14 and 0 < q["median"] <= q["worst"] < 0.5 and q["what"] == "requantized to 4-bit"
     res = runner.invoke(main, ["merge", str(nf4_base), str(ADAPTERS["llama-lora"]), "-o", str(tmp_path / "h"),
                                "--quantize", "nf4"])
-    assert "4-bit" in res.stdout and "worst" in res.stdout
+    assert "requantized to 4-bit" in res.stdout and "worst" in res.stdout
 
 
 @pytest.mark.parametrize("qc,msg", [
@@ -141,7 +141,57 @@ def test_unsupported_quantization_refused(runner, tmp_path, qc, msg):
     assert res.exit_code == 2 and msg in res.stderr and not (tmp_path / "o").exists()
 
 
-def test_quantize_on_dense_base_says_not_yet(runner, tmp_path):
-    res = runner.invoke(main, ["merge", str(TINY_LLAMA), str(ADAPTERS["llama-lora"]), "-o", str(tmp_path / "o"),
+def test_qlora_merge_equals_peft_on_the_4bit_model(tmp_path):
+    """--qlora on a dense base = what peft's 4-bit layer computes when transformers quantizes it."""
+    import bitsandbytes.functional as F
+
+    out = tmp_path / "qlora"
+    res = merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, qlora=True, **quiet)
+    ours, dense = load_dir(out), load_dir(TINY_LLAMA)
+    pm = peft_4bit(TINY_LLAMA, ADAPTERS["llama-lora"])  # transformers quantizes the dense base, as in training
+    for name, layer in lora_layers(pm).items():
+        w = layer.get_base_layer().weight
+        base = F.dequantize_4bit(w.data, w.quant_state).float()
+        exact = base + layer.get_delta_weight("default").float()
+        assert_merge_close(ours[name + ".weight"], exact.half(), base, name=name)
+    for k in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        assert torch.equal(ours[k], dense[k]), k  # transformers does not quantize these
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert res.quantization["layers"] == 14 and 0.01 < res.quantization["median"] < 0.5  # the gap is reported
+
+
+def test_quantize_dense_base_to_nf4_loads_in_transformers(tmp_path):
+    import bitsandbytes.functional as F
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    res = merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, quantize="nf4", **quiet)
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "bitsandbytes" and cfg["bnb_4bit_quant_type"] == "nf4"
+    dense_out = tmp_path / "dense"
+    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], dense_out, dtype="float32", **quiet)
+    exact = load_dir(dense_out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
+        theirs = load_4bit(dense_out)  # transformers quantizing the merged model itself
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        w = loaded.get_submodule(name).weight
+        t = theirs.get_submodule(name).weight
+        ref = exact[name + ".weight"]
+        e_ours = (F.dequantize_4bit(w.data, w.quant_state).float() - ref).norm() / ref.norm()
+        e_theirs = (F.dequantize_4bit(t.data, t.quant_state).float() - ref).norm() / ref.norm()
+        assert e_ours <= e_theirs * 1.01, (name, float(e_ours), float(e_theirs))
+        assert res.quantization["per_layer"][name + ".weight"] == pytest.approx(float(e_ours), rel=1e-2)
+    assert loaded.lm_head.weight.dtype == torch.float16  # skipped, as transformers skips it
+
+
+def test_quantize_conv1d_model_refused(runner, tmp_path):
+    res = runner.invoke(main, ["merge", str(BASE_OF_GPT2), str(ADAPTERS["gpt2-lora"]), "-o", str(tmp_path / "o"),
                                "--quantize", "nf4"])
-    assert res.exit_code == 2 and "not implemented yet" in res.stderr
+    assert res.exit_code == 2 and "Conv1D" in res.stderr
+
+
+def test_qlora_on_4bit_base_refused(runner, tmp_path, nf4_base):
+    res = runner.invoke(main, ["merge", str(nf4_base), str(ADAPTERS["llama-lora"]), "-o", str(tmp_path / "o"), "--qlora"])
+    assert res.exit_code == 2 and "dense bases" in res.stderr
