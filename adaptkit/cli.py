@@ -60,7 +60,11 @@ def main():
 @click.argument("source")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option("--svd", is_flag=True, help="Add each module's singular values of ΔW and the ranks holding 90/99 % of its energy.")
-def inspect(source, as_json, svd):
+@click.option("--check", "checks", multiple=True, type=click.Choice(["vllm", "llamacpp", "mlx"]),
+              help="Say whether the adapter loads in vLLM, llama.cpp or mlx-lm, and how to fix it if not "
+                   "(repeatable). Exit status 1 when a check fails.")
+@click.option("--max-lora-rank", type=int, default=16, show_default=True, help="vLLM's --max-lora-rank, for --check vllm.")
+def inspect(source, as_json, svd, checks, max_lora_rank):
     """Show what a LoRA adapter holds.
 
     SOURCE is a PEFT adapter folder (adapter_config.json + adapter_model.safetensors or .bin) or a
@@ -71,11 +75,28 @@ def inspect(source, as_json, svd):
     from .adapter import load_adapter
     from .inspection import inspect_adapter
 
-    report = inspect_adapter(load_adapter(source), svd=svd)
+    adapter = load_adapter(source)
+    report = inspect_adapter(adapter, svd=svd)
+    results = []
+    if checks:
+        from .readiness import check
+
+        results = [check(adapter, t, max_lora_rank) for t in checks]
     if as_json:
-        print_json(report.to_dict())
-        return
-    _render_inspect(report, svd)
+        d = report.to_dict()
+        if results:
+            d["checks"] = {r.target: r.to_dict() for r in results}
+        print_json(d)
+    else:
+        _render_inspect(report, svd)
+        for r in results:
+            stdout.print()
+            if r.ok:
+                stdout.print(f"[green]ok[/green] {r.target}: the adapter should load")
+            for p in r.problems:
+                stdout.print(f"[red]✗[/red] {r.target}: {p.rule}: {p.detail}\n    fix: {p.fix}")
+    if results and not all(r.ok for r in results):
+        sys.exit(1)
 
 
 def _render_inspect(report, svd: bool) -> None:
@@ -207,9 +228,12 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
 
 @main.command()
 @click.argument("source")
-@click.option("--to", "to", required=True, type=click.Choice(["peft", "raw", "kohya"]),
+@click.option("--to", "to", required=True, type=click.Choice(["peft", "raw", "kohya", "gguf", "mlx"]),
               help="peft: a folder peft loads; raw: one .safetensors with peft names and the config in its "
-                   "metadata; kohya: lora_down/lora_up/alpha names.")
+                   "metadata; kohya: lora_down/lora_up/alpha names; gguf: a llama.cpp adapter (needs --base); "
+                   "mlx: an mlx-lm adapter folder.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16"]), default="f32", show_default=True,
+              help="Tensor type of a GGUF adapter.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="A folder for --to peft, a .safetensors file otherwise.")
 @click.option("--base", default=None, help="The base model folder: maps kohya names (underscores) back to module names.")
@@ -218,12 +242,14 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
 @click.option("--prefix", default="lora_te_", show_default=True, help="Name prefix of a kohya file written.")
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def convert(source, to, out, base, dtype, prefix, force, as_json):
+def convert(source, to, out, outtype, base, dtype, prefix, force, as_json):
     """Move an adapter between layouts without changing its ΔW.
 
-    SOURCE is detected: a PEFT folder (safetensors or legacy .bin), a raw .safetensors of PEFT names
-    (…q_proj.lora_A.weight), or a kohya file (lora_te_…/lora_unet_… prefixes, .lora_down/.lora_up,
-    .alpha). Each module keeps its exact scaling: kohya files get a per-module alpha (rsLoRA and
+    SOURCE is detected: a PEFT folder (safetensors or legacy .bin), an mlx-lm folder, a raw
+    .safetensors of PEFT names (…q_proj.lora_A.weight), or a kohya file (lora_te_…/lora_unet_…
+    prefixes, .lora_down/.lora_up, .alpha). GGUF (llama.cpp) and MLX outputs hold one alpha or
+    scale, so each module's own scaling is folded into its lora_b: per-module ranks, alphas and
+    rsLoRA stay exact. Each module keeps its exact scaling: kohya files get a per-module alpha (rsLoRA and
     rank/alpha patterns included); PEFT folders get rank_pattern/alpha_pattern where modules differ.
     Without a config or alphas, alpha = r is assumed, with a warning.
 
@@ -235,7 +261,8 @@ def convert(source, to, out, base, dtype, prefix, force, as_json):
     """
     from .convert import convert as convert_fn
 
-    result = convert_fn(source, to, out, base=base, dtype=dtype, force=force, prefix=prefix, warn=warn)
+    result = convert_fn(source, to, out, base=base, dtype=dtype, force=force, prefix=prefix, warn=warn,
+                        outtype=outtype)
     if as_json:
         print_json(result.to_dict())
     else:
@@ -243,7 +270,7 @@ def convert(source, to, out, base, dtype, prefix, force, as_json):
 
 
 @main.command()
-@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER ADAPTER [...]")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER [ADAPTER ...]")
 @click.option("--method", required=True,
               type=click.Choice(["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]),
               help="How the per-module deltas ΔWᵢ = sᵢ·Bᵢ·Aᵢ are combined (see below).")
@@ -274,7 +301,8 @@ def combine(adapters, method, weights, density, majority_sign, rank, energy, see
     dare_linear      drop with prob. 1−density, rescale 1/density, Σ wᵢ·ΔWᵢ (Yu et al. 2023)
     dare_ties        DARE, then TIES sign election and disjoint mean
 
-    Without --rank/--energy, pruned methods keep the largest input rank. DARE masks are seeded per
+    One adapter with --method linear --rank R gives its best rank-R approximation (e.g. to fit
+    vLLM's max_lora_rank). Without --rank/--energy, pruned methods keep the largest input rank. DARE masks are seeded per
     (--seed, module name): the same seed gives identical files on any device.
 
     \b

@@ -95,8 +95,8 @@ def combine(adapters: list, method: str, out: str | Path, weights: list[float] |
     if method not in METHODS:
         raise AdaptkitError(f"unknown method {method!r} (choose {', '.join(METHODS)})")
     spec = METHODS[method]
-    if len(adapters) < 2:
-        raise AdaptkitError("combine needs at least two adapters")
+    if not adapters:
+        raise AdaptkitError("combine needs at least one adapter (one adapter with --rank reduces its rank)")
     weights = list(weights) if weights else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise AdaptkitError(f"{len(weights)} weights for {len(adapters)} adapters")

@@ -24,7 +24,7 @@ from .formats.peft import write_peft_dir
 from .formats.raw import write_raw_file
 from .output import atomic_output_dir, check_output
 
-TARGETS = ("peft", "raw", "kohya")
+TARGETS = ("peft", "raw", "kohya", "gguf", "mlx")
 
 
 @dataclass
@@ -115,20 +115,40 @@ def _config_reproduces(config: dict, adapter: Adapter) -> bool:
 
 def convert(source: str | Path, to: str, out: str | Path, base: str | Path | None = None,
             dtype: str | torch.dtype | None = None, force: bool = False, prefix: str = kohya.DEFAULT_PREFIX,
-            warn=None) -> ConvertResult:
-    """Write ``source``'s adapter in the ``to`` layout at ``out`` (a folder for peft, else a file)."""
+            warn=None, outtype: str = "f32") -> ConvertResult:
+    """Write ``source``'s adapter in the ``to`` layout at ``out`` (a folder for peft and mlx, else a file)."""
     if to not in TARGETS:
         raise AdaptkitError(f"unknown target {to!r} (choose {', '.join(TARGETS)})")
     from .merge import _resolve_dtype
 
     torch_dtype = _resolve_dtype(dtype)
-    base_names = list(Checkpoint.open(base).tensors) if base is not None else None
+    base_ck = Checkpoint.open(base) if base is not None else None
+    base_names = list(base_ck.tensors) if base_ck is not None else None
     adapter = load_adapter(source, base_names=base_names)
     warnings = list(adapter.notes)
+    out = Path(out)
+    if to in ("gguf", "mlx") and base_ck is None:
+        guess = Path(str(adapter.base_model or ""))
+        if adapter.base_model and (guess / "config.json").exists():
+            base_ck = Checkpoint.open(guess)
+        elif to == "gguf":
+            raise AdaptkitError("GGUF export needs the base model's config: pass --base", adapter.path)
+        else:
+            warnings.append("no --base: mlx-lm's num_layers set to the adapter's last layer + 1 (pass --base "
+                            "if the model has more layers)")
     for w in warnings:
         (warn or (lambda m: None))(w)
-    out = Path(out)
-    if to == "peft":
+    if to == "gguf":
+        from .formats.gguf import write_gguf
+
+        _atomic_file(out, force, lambda p: write_gguf(adapter, base_ck.config, p, outtype, base_ck.path), ".gguf")
+    elif to == "mlx":
+        from .formats.mlx import write_mlx
+
+        n = int(base_ck.config.get("num_hidden_layers", 0)) or None if base_ck is not None else None
+        with atomic_output_dir(out, force) as tmp:
+            write_mlx(adapter, tmp, num_layers=n)
+    elif to == "peft":
         tensors, config = peft_tensors(adapter, torch_dtype), peft_config(adapter)
         with atomic_output_dir(out, force) as tmp:
             write_peft_dir(tmp, tensors, config)
@@ -145,13 +165,13 @@ def convert(source: str | Path, to: str, out: str | Path, base: str | Path | Non
     return ConvertResult(str(source), adapter.format, to, str(out), len(adapter.modules), warnings)
 
 
-def _atomic_file(out: Path, force: bool, write) -> None:
-    if out.suffix != ".safetensors":
-        raise AdaptkitError("a raw or kohya adapter is one file: name it *.safetensors", out)
+def _atomic_file(out: Path, force: bool, write, suffix: str = ".safetensors") -> None:
+    if out.suffix != suffix:
+        raise AdaptkitError(f"this adapter is one file: name it *{suffix}", out)
     if out.exists() and not force:
         raise AdaptkitError("output already exists (pass --force to replace it)", out)
     if out.is_dir():
-        raise AdaptkitError("output is a folder; raw and kohya adapters are single files", out)
+        raise AdaptkitError("output is a folder; this format is a single file", out)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".adaptkit-tmp", dir=out.resolve().parent)
     os.close(fd)

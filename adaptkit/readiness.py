@@ -1,0 +1,78 @@
+"""Will this adapter load where people serve models? Rules of vLLM, llama.cpp and mlx-lm.
+
+Each check returns the problems found, each with the adaptkit command that fixes it.
+- vLLM rejects ``modules_to_save``, DoRA, ranks above ``max_lora_rank`` (16 by default), LoRA biases
+  and modules outside the linear projections it knows.
+- llama.cpp (GGUF) takes Linear LoRA; no DoRA, no ``modules_to_save``, no embedding LoRA, no
+  biases (the base's architecture is checked by ``convert --to gguf``, which needs the base).
+- mlx-lm takes Linear LoRA inside numbered layers; no DoRA (from PEFT), ``modules_to_save`` or
+  embedding LoRA.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from .adapter import Adapter
+
+TARGETS = ("vllm", "llamacpp", "mlx")
+VLLM_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
+                "gate_up_proj", "dense", "dense_h_to_4h", "dense_4h_to_h", "query_key_value", "c_attn", "c_proj",
+                "c_fc", "fc1", "fc2", "out_proj", "w1", "w2", "w3", "wqkv", "wo", "embed_tokens", "lm_head"}
+
+
+@dataclass
+class Problem:
+    rule: str
+    detail: str
+    fix: str
+
+
+@dataclass
+class Readiness:
+    target: str
+    ok: bool
+    problems: list[Problem] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
+    problems: list[Problem] = []
+    src = str(adapter.path)
+    mods = list(adapter.modules.values())
+    merge_fix = f"adaptkit merge BASE {src} -o MERGED  (serve the merged model)"
+    if adapter.full_tensors:
+        problems.append(Problem("modules_to_save", f"full tensors {', '.join(sorted(adapter.full_tensors))}", merge_fix))
+    if adapter.use_dora:
+        dora = [m.name for m in mods if m.use_dora]
+        problems.append(Problem("dora", f"{len(dora)} DoRA modules (first: {dora[0]})", merge_fix))
+    biased = [m.name for m in mods if m.bias_key]
+    if biased:
+        problems.append(Problem("lora_bias", f"{len(biased)} modules with a LoRA bias (first: {biased[0]})", merge_fix))
+    if target == "vllm":
+        high = [m for m in mods if m.shape_rank > max_lora_rank]
+        if high:
+            worst = max(high, key=lambda m: m.shape_rank)
+            problems.append(Problem(
+                "max_lora_rank", f"{len(high)} modules above rank {max_lora_rank} (up to {worst.shape_rank} in "
+                f"{worst.name})", f"adaptkit combine {src} --method linear --rank {max_lora_rank} -o REDUCED  "
+                f"(best rank-{max_lora_rank} approximation, energy kept is reported), or start vLLM with "
+                f"--max-lora-rank {max(m.shape_rank for m in high)}"))
+        odd = sorted({m.name.rsplit(".", 1)[-1] for m in mods} - VLLM_MODULES)
+        if odd:
+            problems.append(Problem("target_modules", f"modules vLLM does not adapt: {', '.join(odd)}", merge_fix))
+    else:
+        emb = [m.name for m in mods if m.kind == "embedding"]
+        if emb:
+            problems.append(Problem("embedding", f"embedding LoRA on {', '.join(emb)}", merge_fix))
+        if target == "mlx":
+            outside = [m.name for m in mods if not re.search(r"\.layers\.\d+\.", m.name)]
+            if outside:
+                problems.append(Problem("layers", f"modules outside numbered layers: {', '.join(outside[:3])}",
+                                        merge_fix))
+        if any(m.fan_in_fan_out for m in mods):
+            problems.append(Problem("conv1d", "Conv1D (GPT-2 family) modules", merge_fix))
+    return Readiness(target, not problems, problems)
