@@ -10,6 +10,11 @@ rounding noise, ε·sqrt((W'²)·(x²)/12) per output, is computed alongside, an
 its error stays within ``ROUNDING_FACTOR`` times it (or within ``--tolerance``, a relative error,
 when given). Tensors the adapters do not touch must be bit-identical to the base.
 
+4-bit (bitsandbytes) bases and outputs are dequantized with bitsandbytes. A 4-bit output module
+is judged against the error of quantizing the exact merged weight itself, and that error is
+reported; a dense merge checked against a 4-bit base that it was not made from (a merge into the
+16-bit original) fails with the quantization gap named.
+
 Model level. Base + adapters unmerged in peft against the merged model in transformers, both in
 fp32 on the same prompts: max |Δlogits|, mean KL(base+adapter ‖ merged), top-1 agreement.
 """
@@ -112,26 +117,60 @@ def _expected(w: torch.Tensor, ops, x: torch.Tensor, transposed: bool) -> tuple[
     return y, kind
 
 
+def _dense(ck: Checkpoint, name: str, quantized: dict) -> torch.Tensor:
+    """A weight as the model computes with it: 4-bit weights dequantized with bitsandbytes."""
+    q = quantized.get(name)
+    if q is None:
+        return ck.read(name)
+    from .quant import dequantize
+
+    comps = {c[len(name) + 1:]: ck.read(c).clone() for c in q.components}
+    return dequantize(ck.read(name).clone(), comps, "cpu")
+
+
+def _four_bit_noise(exact: torch.Tensor, like, x: torch.Tensor, double: bool, storage, transposed: bool) -> float:
+    """Error, on probes x, of quantizing the exact merged weight itself: the best a 4-bit merge can do.
+
+    ``exact`` is in the stored orientation (the merge's own formula gives it; only this noise
+    estimate uses it, the expectation the merged model is judged against does not)."""
+    from .quant import dequantize, quantize
+
+    packed, comps = quantize(exact.float(), like, double, storage)
+    diff = dequantize(packed, comps, "cpu").double() - exact.double()
+    return float((_canonical(diff, transposed) @ x).norm())
+
+
 def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, weights=None,
                  tolerance: float | None = None, device="cpu", seed: int = 0):
+    from .quant import check_quantization, find_quantized
+
     plan = plan_merge(base, adapters, weights)
+    base_q = find_quantized(base.tensors, base.read) if check_quantization(base.config, base.path) else {}
+    merged_q = find_quantized(merged.tensors, merged.read) if check_quantization(merged.config, merged.path) else {}
+    skip = {c for q in merged_q.values() for c in q.components}
     checks: list[ModuleCheck] = []
     mismatched: list[str] = []
     untouched = 0
+    warnings: list[str] = list(plan.warnings)
     gen = torch.Generator().manual_seed(seed)
     for job in plan.jobs:
+        if job.name in skip:
+            continue
         if job.name not in merged.tensors:
             checks.append(ModuleCheck(job.name, "missing", float("inf"), 0.0, 0.0, False, "not in the merged model"))
             continue
-        got = merged.read(job.name)
-        src = base.read(job.source)
+        got = _dense(merged, job.name, merged_q)
+        src = _dense(base, job.source, base_q)
         if tuple(got.shape) != tuple(src.shape):
             checks.append(ModuleCheck(job.name, "shape", float("inf"), 0.0, 0.0, False,
                                       f"shape {list(got.shape)}, base {list(src.shape)}"))
             continue
         if not job.ops:
             untouched += 1
-            same = torch.equal(got, src.to(got.dtype)) if got.dtype != src.dtype else torch.equal(got, src)
+            if job.name in merged_q and job.name in base_q:  # 4-bit in both: the packed bytes must match
+                same = all(torch.equal(merged.read(n), base.read(n)) for n in (job.name, *base_q[job.name].components))
+            else:
+                same = torch.equal(got, src.to(got.dtype))
             if not same:
                 mismatched.append(job.name)
             continue
@@ -157,15 +196,34 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
         y_got = wm @ x
         norm = y_exp.norm().clamp(min=1e-30)
         err = float((y_got - y_exp).norm() / norm)
-        eps = torch.finfo(got.dtype).eps if got.is_floating_point() else 0.0
-        noise = float(((wm * wm) @ (x * x)).sum().sqrt() * eps / (12 ** 0.5) / norm)
-        allowed = tolerance if tolerance is not None else max(ROUNDING_FACTOR * noise, 1e-6)
         note = ""
+        if job.name in merged_q:  # a 4-bit output: its noise is quantizing the exact merged weight
+            from .merge import merged_weight
+
+            q = merged_q[job.name]
+            exact_w = merged_weight(src.float().clone(), job.ops, torch.device("cpu"))
+            comps = {c[len(job.name) + 1:] for c in q.components}
+            noise = _four_bit_noise(exact_w, q, x, "nested_absmax" in comps, merged.read(job.name).dtype,
+                                    transposed) / float(norm)
+            note = "4-bit output: the error is its requantization"
+        else:
+            eps = torch.finfo(got.dtype).eps if got.is_floating_point() else 0.0
+            noise = float(((wm * wm) @ (x * x)).sum().sqrt() * eps / (12 ** 0.5) / norm)
+        allowed = tolerance if tolerance is not None else max(ROUNDING_FACTOR * noise, 1e-6)
+        if job.name in merged_q and tolerance is None:
+            allowed = max(1.05 * noise, 1e-6)  # the same quantizer on the same weight: at most a hair above
         effect = float((y_exp - w @ x).norm() / norm)
-        if effect < noise:
+        if effect < noise and not note:
             note = "the adapter's effect is below the output dtype's rounding noise"
+        if err > allowed and job.source in base_q and job.name not in merged_q:
+            note = "differs from the 4-bit base + adapter: was it merged into the 16-bit base? (quantization gap)"
         checks.append(ModuleCheck(job.name, kind, err, allowed, noise, err <= allowed, note))
-    return checks, untouched, mismatched, plan.warnings
+    if base_q and any(c.note.startswith("differs from the 4-bit base") for c in checks):
+        gaps = [c.rel_error for c in checks if c.note.startswith("differs from the 4-bit base")]
+        warnings.append(f"{len(gaps)} modules differ from the 4-bit base + adapter by {100 * min(gaps):.1f}–"
+                        f"{100 * max(gaps):.1f} %: the size of the base's quantization error. A merge into the "
+                        "16-bit original is not what the adapter computes on the 4-bit base (see --qlora)")
+    return checks, untouched, mismatched, warnings
 
 
 def _noise_vec(exp: torch.Tensor, dtype: torch.dtype) -> float:
@@ -248,7 +306,13 @@ def verify(base, adapters: list, merged, weights: list[float] | None = None, pro
         raise AdaptkitError(f"--tolerance must be positive, got {tolerance}")
     resolve_device(device)  # validates; the probes are cheap enough on the CPU
     checks, untouched, mismatched, warnings = check_layers(base_ck, loaded, merged_ck, weights, tolerance, seed=seed)
-    extra = sorted(set(merged_ck.tensors) - {j.name for j in plan_merge(base_ck, loaded, weights).jobs})
+    q = [c for c in checks if c.note.startswith("4-bit output")]
+    if q:
+        errs = sorted(c.rel_error for c in q)
+        warnings.append(f"{len(q)} modules are 4-bit in the merged model: their requantization error is "
+                        f"{errs[len(errs) // 2]:.2e} (median), {errs[-1]:.2e} (worst), as expected of 4-bit weights")
+    planned = {n for j in plan_merge(base_ck, loaded, weights).jobs for n in j.out_names}
+    extra = sorted(set(merged_ck.tensors) - planned - set(base_ck.tensors))
     if extra:
         warnings.append(f"the merged model has {len(extra)} tensors the base lacks (first: {extra[0]})")
     model_check = None

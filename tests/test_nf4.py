@@ -195,3 +195,27 @@ def test_quantize_conv1d_model_refused(runner, tmp_path):
 def test_qlora_on_4bit_base_refused(runner, tmp_path, nf4_base):
     res = runner.invoke(main, ["merge", str(nf4_base), str(ADAPTERS["llama-lora"]), "-o", str(tmp_path / "o"), "--qlora"])
     assert res.exit_code == 2 and "dense bases" in res.stderr
+
+
+def test_verify_nf4_merges(runner, tmp_path, nf4_base):
+    """verify: a dense merge of a 4-bit base passes; a kept-4-bit merge passes with its requantization
+    error shown; a merge into the 16-bit original, checked against the 4-bit base, fails and says why."""
+    from adaptkit.verify import verify
+
+    ad = ADAPTERS["llama-lora"]
+    merge(nf4_base, [ad], tmp_path / "dense", **quiet)
+    assert verify(nf4_base, [ad], tmp_path / "dense", model=False).ok
+    merge(nf4_base, [ad], tmp_path / "nf4", quantize="nf4", **quiet)
+    r = verify(nf4_base, [ad], tmp_path / "nf4", model=False)
+    assert r.ok and not r.untouched_mismatched
+    four = [m for m in r.modules if m.note.startswith("4-bit output")]
+    assert len(four) == 14 and all(0.01 < m.rel_error <= m.allowed for m in four)
+    assert any("requantization error" in w for w in r.warnings)
+    assert not any("lacks" in w for w in r.warnings)
+    merge(TINY_LLAMA, [ad], tmp_path / "sixteen", **quiet)
+    res = runner.invoke(main, ["verify", str(nf4_base), str(ad), str(tmp_path / "sixteen"), "--no-model", "--json"])
+    assert res.exit_code == 1
+    report = json.loads(res.stdout)
+    assert len(report["summary"]["failed"]) == 14
+    assert any("quantization gap" in m["note"] for m in report["modules"])
+    assert any("quantization error" in w for w in report["warnings"])
