@@ -32,6 +32,15 @@ class Group(click.Group):
             sys.exit(e.exit_code)
 
 
+def local(spec, adapter_only: bool = False):
+    """A path argument, or an ``org/name[@revision]`` Hub id pulled into the cache (a local path wins)."""
+    if spec is None:
+        return None
+    from .hub import resolve
+
+    return str(resolve(spec, adapter_only=adapter_only))
+
+
 def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/yellow] {message}", markup=True, soft_wrap=True)
 
@@ -75,7 +84,7 @@ def inspect(source, as_json, svd, checks, max_lora_rank):
     from .adapter import load_adapter
     from .inspection import inspect_adapter
 
-    adapter = load_adapter(source)
+    adapter = load_adapter(local(source, adapter_only=True))
     report = inspect_adapter(adapter, svd=svd)
     results = []
     if checks:
@@ -207,6 +216,7 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
         started.append(True)
 
     try:
+        base, adapters = local(base), [local(a, adapter_only=True) for a in adapters]
         result = merge_fn(base, list(adapters), out, weights=list(weights) or None, device=device, dtype=dtype,
                           max_shard_size=max_shard_size, force=force, warn=warn, on_plan=on_plan,
                           progress=lambda n: bar.advance(task, n), command=command, quantize=quantize,
@@ -261,8 +271,8 @@ def convert(source, to, out, outtype, base, dtype, prefix, force, as_json):
     """
     from .convert import convert as convert_fn
 
-    result = convert_fn(source, to, out, base=base, dtype=dtype, force=force, prefix=prefix, warn=warn,
-                        outtype=outtype)
+    result = convert_fn(local(source, adapter_only=True), to, out, base=local(base), dtype=dtype, force=force,
+                        prefix=prefix, warn=warn, outtype=outtype)
     if as_json:
         print_json(result.to_dict())
     else:
@@ -317,8 +327,9 @@ def combine(adapters, method, weights, density, majority_sign, rank, energy, see
     except ValueError:
         raise AdaptkitError(f"--weights must be comma-separated numbers, got {weights!r}") from None
     command = "adaptkit combine " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["combine"] else None
+    adapters = [local(a, adapter_only=True) for a in adapters]
     result = combine_fn(list(adapters), method, out, weights=w, density=density, majority_sign=majority_sign,
-                        rank=rank, energy=energy, seed=seed, device=device, base=base, force=force, warn=warn,
+                        rank=rank, energy=energy, seed=seed, device=device, base=local(base), force=force, warn=warn,
                         command=command)
     if as_json:
         print_json(result.to_dict())
@@ -366,7 +377,8 @@ def verify(base, paths, weights, prompts, device, tolerance, no_model, seed, as_
 
     if len(paths) < 2:
         raise AdaptkitError("give the adapter(s) and then the merged model folder")
-    adapters, merged = list(paths[:-1]), paths[-1]
+    adapters, merged = [local(a, adapter_only=True) for a in paths[:-1]], local(paths[-1])
+    base = local(base)
     lines = None
     if prompts:
         with open(prompts) as f:
@@ -409,6 +421,56 @@ def _render_verify(report) -> None:
         stdout.print(f"[bold red]not verified[/bold red]: {len(failed)} tensors fail"
                      + (f" (first: {failed[0]})" if failed else "") + ("" if report.model is None or report.model.ok
                                                                        else "; logits differ"))
+
+
+@main.command()
+@click.argument("repo")
+@click.option("-o", "--output", "out", type=click.Path(file_okay=False), default=None,
+              help="Download into this folder instead of the Hugging Face cache.")
+@click.option("--adapter-only", is_flag=True, help="Only the adapter files (config, weights, card).")
+@click.option("--repo-type", default="model", show_default=True, type=click.Choice(["model", "dataset", "space"]))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def pull(repo, out, adapter_only, repo_type, as_json):
+    """Download an adapter or a model from the Hub: REPO is org/name[@revision].
+
+    Only what matters comes down (adapter config and weights; for a model also config, tokenizer,
+    safetensors and index; never .bin when safetensors exist). Prints the local path. With
+    HF_HUB_OFFLINE=1 it answers from the cache. Every command also takes a Hub id where it takes a
+    path, through this same code.
+    """
+    from .hub import pull as pull_fn
+
+    result = pull_fn(repo, out=out, adapter_only=adapter_only, repo_type=repo_type, progress=not as_json)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        click.echo(result.path)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", default=None, help="Branch to commit to (created if needed).")
+@click.option("--message", default=None, help="Commit message.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def push(folder, repo, private, revision, message, create_pr, as_json):
+    """Upload FOLDER to the Hub repo REPO (org/name) in one commit, creating the repo if needed.
+
+    Large files take the Hub's normal large-file path. If FOLDER has no README.md, a model card is
+    added: base_model, library_name (peft for adapters, transformers for models), tags, and how the
+    folder was produced. The token comes from HF_TOKEN or `hf auth login`; it is never printed.
+    """
+    from .hub import push as push_fn
+
+    result = push_fn(folder, repo, private=private, revision=revision, message=message, create_pr=create_pr)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        where = result.pull_request or result.url
+        card = " (model card generated)" if result.card_generated else ""
+        stdout.print(f"pushed {len(result.files)} files to {result.repo_id} @ {result.commit[:10]}{card}: {where}")
 
 
 def _progress(disable: bool):

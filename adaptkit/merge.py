@@ -665,7 +665,10 @@ def _write_side_files(plan: MergePlan, tmp: Path, command: str | None) -> None:
         total = sum(t.nbytes for s in plan.shards for t in read_header(tmp / s.file).tensors)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    base_name = next((a.base_model for a in plan.adapters if a.base_model), None) or base.path.name
     lines = [
+        "---", f"base_model: {base_name}", "library_name: transformers",
+        "tags:", "- adaptkit", "- merge", "- lora", "---", "",
         "# Merged model", "",
         f"Produced by adaptkit {__version__} (`adaptkit merge`): the LoRA adapters below folded into the base,",
         "ΔW computed in fp32 and rounded once to the output dtype.", "",

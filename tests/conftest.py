@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import glob
 import os
+
+# huggingface_hub reads this at import: the local test Hub speaks the LFS protocol, not Xet.
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+import glob
 import warnings
 from pathlib import Path
 

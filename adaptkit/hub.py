@@ -1,0 +1,208 @@
+"""Adapters and models to and from the Hugging Face Hub, through huggingface_hub itself.
+
+``pull`` downloads only what matters (adapter config + weights; for a model: configs, tokenizer,
+safetensors and their index, never ``.bin`` when safetensors exist) with ``snapshot_download``,
+into the Hugging Face cache or a folder. ``resolve`` lets every command take ``org/name[@revision]``
+where it takes a path (a local path wins). ``push`` creates the repo if needed and uploads a folder
+in one commit (large files go the Hub's normal large-file way), adding a model card when the folder
+has none. The token is huggingface_hub's (``HF_TOKEN`` or the login); it is never printed or written.
+
+``HF_ENDPOINT``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` are read at each call (huggingface_hub reads
+them at import), so they can be set after import, as tests do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .errors import AdaptkitError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"]
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "tokenizer*", "*.txt", "*.tiktoken", "*.jinja", "README.md"]
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("HF_ENDPOINT") or None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _cache_dir() -> str | None:
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    return None
+
+
+def parse_id(spec: str) -> tuple[str, str | None]:
+    repo_id, _, revision = spec.partition("@")
+    return repo_id, revision or None
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    return bool(HUB_ID.match(spec)) and not spec.startswith((".", "/"))
+
+
+def _hub_error(e: Exception, repo_id: str, revision: str | None) -> AdaptkitError:
+    """huggingface_hub's exceptions as one line with the remedy."""
+    from huggingface_hub import errors as he
+
+    name = type(e).__name__
+    if isinstance(e, he.GatedRepoError):
+        return AdaptkitError(f"{repo_id} is gated: accept its terms on the Hub, then log in (hf auth login or HF_TOKEN)")
+    if isinstance(e, he.RevisionNotFoundError):
+        return AdaptkitError(f"{repo_id} has no revision {revision!r}: check the branch, tag or commit")
+    if isinstance(e, he.RepositoryNotFoundError):
+        return AdaptkitError(f"{repo_id} not found on the Hub, or private: check the id, or log in "
+                             "(hf auth login or HF_TOKEN)")
+    if isinstance(e, (he.LocalEntryNotFoundError, he.OfflineModeIsEnabled)):
+        return AdaptkitError(f"{repo_id} is not in the local cache and the Hub cannot be reached: connect, or pull "
+                             "it first and set HF_HUB_OFFLINE=1")
+    if isinstance(e, he.HfHubHTTPError):
+        status = getattr(getattr(e, "response", None), "status_code", "?")
+        if status in (401, 403):
+            return AdaptkitError(f"not allowed on {repo_id} (HTTP {status}): log in with a token that may write "
+                                 "there (hf auth login or HF_TOKEN)")
+        return AdaptkitError(f"the Hub answered HTTP {status} for {repo_id}: {str(e).splitlines()[0]}")
+    return AdaptkitError(f"cannot reach the Hub for {repo_id} ({name}): check the network, or pull it first and set "
+                         "HF_HUB_OFFLINE=1")
+
+
+@dataclass
+class PullResult:
+    repo_id: str
+    revision: str | None
+    path: str
+    files: list[str]
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def pull(spec: str, out: str | Path | None = None, adapter_only: bool = False, repo_type: str = "model",
+         progress: bool = True) -> PullResult:
+    """Download ``org/name[@revision]`` (only the files that matter); return where it is."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    repo_id, revision = parse_id(spec)
+    patterns = ADAPTER_FILES if adapter_only else ADAPTER_FILES + MODEL_FILES
+    ignore = []
+    offline = _offline()
+    try:
+        if not offline:
+            files = HfApi(endpoint=_endpoint()).list_repo_files(repo_id, revision=revision, repo_type=repo_type)
+            if any(f.endswith(".safetensors") for f in files):
+                ignore = ["*.bin", "*.pt", "*.pth"]
+            elif not adapter_only:
+                patterns = patterns + ["pytorch_model*.bin", "*.bin.index.json"]
+        if progress is False:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        path = snapshot_download(repo_id, revision=revision, repo_type=repo_type, allow_patterns=patterns,
+                                 ignore_patterns=ignore or None, local_dir=str(out) if out else None,
+                                 cache_dir=_cache_dir(), endpoint=_endpoint(), local_files_only=offline)
+    except Exception as e:  # noqa: BLE001 - every Hub failure becomes one line
+        if isinstance(e, AdaptkitError):
+            raise
+        raise _hub_error(e, repo_id, revision) from None
+    got = sorted(str(p.relative_to(path)) for p in Path(path).rglob("*") if p.is_file() and ".cache" not in p.parts)
+    return PullResult(repo_id, revision, str(path), got)
+
+
+def resolve(spec: str | Path, adapter_only: bool = False) -> Path:
+    """A local path as given, or a Hub id pulled into the cache (a local path wins when both exist)."""
+    p = Path(spec)
+    if p.exists() or not looks_like_hub_id(str(spec)):
+        return p
+    try:
+        return Path(pull(str(spec), adapter_only=adapter_only, progress=False).path)
+    except AdaptkitError as e:
+        raise AdaptkitError(f"{spec}: no such local file or folder, and as a Hub id: {e.message}") from None
+
+
+def model_card(folder: Path, repo_id: str) -> str:
+    """A model card for a folder adaptkit (or peft) produced: YAML front matter and how it was made."""
+    is_adapter = (folder / "adapter_config.json").exists()
+    base = None
+    if is_adapter:
+        try:
+            base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except ValueError:
+            pass
+    meta = {}
+    for name in ("adaptkit_combine.json",):
+        if (folder / name).exists():
+            meta = json.loads((folder / name).read_text())
+    tags = ["lora", "adaptkit"] + ([meta["method"]] if meta.get("method") else [])
+    lines = ["---"]
+    if base:
+        lines.append(f"base_model: {base}")
+    lines += [f"library_name: {'peft' if is_adapter else 'transformers'}", "tags:"] + [f"- {t}" for t in tags]
+    if base and is_adapter:
+        lines.append(f"- base_model:adapter:{base}")
+    lines += ["---", "", f"# {repo_id}", ""]
+    if is_adapter:
+        lines.append(f"A LoRA adapter{f' for `{base}`' if base else ''}, uploaded with adaptkit {__version__}.")
+    else:
+        lines.append(f"A model uploaded with adaptkit {__version__}.")
+    if meta:
+        lines += ["", f"Combined with `adaptkit combine --method {meta['method']}` from:", ""]
+        lines += [f"- `{a}` (weight {w:g})" for a, w in zip(meta["adapters"], meta["weights"])]
+        params = ", ".join(f"{k}={v}" for k, v in meta.get("parameters", {}).items() if v is not None)
+        if params:
+            lines += ["", f"Parameters: {params}."]
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    lines += ["", "Files: " + ", ".join(f"`{f}`" for f in files) + "."]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    url: str
+    commit: str
+    files: list[str]
+    card_generated: bool
+    pull_request: str | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def push(folder: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
+         message: str | None = None, create_pr: bool = False) -> PushResult:
+    """Create ``repo_id`` if needed and upload ``folder`` in one commit."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AdaptkitError("push takes a folder", folder)
+    api = HfApi(endpoint=_endpoint())
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.relative_to(folder).parts)
+    if not files:
+        raise AdaptkitError("nothing to push: the folder is empty", folder)
+    ops = [CommitOperationAdd(path_in_repo=str(p.relative_to(folder)), path_or_fileobj=str(p)) for p in files]
+    card = not (folder / "README.md").exists()
+    if card:
+        ops.append(CommitOperationAdd(path_in_repo="README.md",
+                                      path_or_fileobj=model_card(folder, repo_id).encode("utf-8")))
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.create_commit(repo_id, operations=ops, commit_message=message or f"Upload {folder.name} with adaptkit",
+                                 revision=revision, create_pr=create_pr)
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error(e, repo_id, revision) from None
+    return PushResult(repo_id, str(url), info.oid, [op.path_in_repo for op in ops], card,
+                      getattr(info, "pr_url", None))
