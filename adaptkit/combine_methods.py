@@ -124,10 +124,11 @@ def dare_ties(deltas, weights, density, generator, majority_sign="total", **_):
 # ------------------------------------------------------------------------------------ rank reduction
 
 def energy_rank(s: torch.Tensor, energy: float) -> int:
+    """Smallest k whose top-k singular values hold ``energy`` of the squared Frobenius norm (0 if all zero)."""
     e = s.double() ** 2
     total = e.sum()
     if total == 0:
-        return 1
+        return 0
     cum = torch.cumsum(e, 0) / total
     return int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype, device=cum.device) - 1e-12).item()) + 1
 
@@ -145,7 +146,7 @@ def factor(delta: torch.Tensor, rank: int | None = None, energy: float | None = 
         u, s, vh = u[:, :rank], s[:rank], v[:, :rank].T
     else:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        r = energy_rank(s, energy) if energy is not None else min(rank or n, n)
+        r = max(1, energy_rank(s, energy)) if energy is not None else min(rank or n, n)
         u, s, vh = u[:, :r], s[:r], vh[:r]
     root = s.sqrt()
     kept = float(s.double().pow(2).sum())
@@ -159,7 +160,7 @@ def factor_product(b: torch.Tensor, a: torch.Tensor, rank: int | None = None, en
     qa, ra = torch.linalg.qr(a.T)
     uc, s, vhc = torch.linalg.svd(rb @ ra.T)
     total = float(s.double().pow(2).sum())
-    r = energy_rank(s, energy) if energy is not None else min(rank or len(s), len(s))
+    r = max(1, energy_rank(s, energy)) if energy is not None else min(rank or len(s), len(s))
     u, s_r, vh = qb @ uc[:, :r], s[:r], vhc[:r] @ qa.T
     root = s_r.sqrt()
     kept = float(s_r.double().pow(2).sum())

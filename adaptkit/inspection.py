@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .adapter import Adapter, LoraModule
+from .combine_methods import energy_rank
 
 
 @dataclass
@@ -60,16 +61,6 @@ def singular_values(module: LoraModule) -> torch.Tensor:
     _, r_a = torch.linalg.qr(a.T)
     core = r_b @ r_a.T
     return torch.linalg.svdvals(core) * abs(module.scaling)
-
-
-def energy_rank(s: torch.Tensor, fraction: float) -> int:
-    """Smallest k whose top-k singular values hold ``fraction`` of the squared Frobenius norm."""
-    e = s.double() ** 2
-    total = e.sum()
-    if total == 0:
-        return 0
-    cum = torch.cumsum(e, 0) / total
-    return int(torch.searchsorted(cum, torch.tensor(fraction, dtype=cum.dtype) - 1e-12).item()) + 1
 
 
 def health(adapter: Adapter) -> list[str]:
