@@ -14,13 +14,20 @@ import sys
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .errors import AdaptkitError
 
-# Piped output keeps whole module names (rich would otherwise cut tables at 80 columns).
-stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+# Piped output keeps whole module names (rich would otherwise cut tables at 80 columns). Markup is
+# off: paths and tensor names may hold square brackets; colour comes from Text objects only.
+stdout = Console(highlight=False, markup=False, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, markup=False, width=None if sys.stderr.isatty() else 200)
+
+
+def styled(label: str, style: str, rest: str = "") -> Text:
+    """``label`` in ``style``, then ``rest`` as plain text."""
+    return Text(label, style=style) + Text(rest)
 
 
 class Group(click.Group):
@@ -42,7 +49,7 @@ def local(spec, adapter_only: bool = False):
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/yellow] {message}", markup=True, soft_wrap=True)
+    err.print(styled("warning:", "yellow", f" {message}"), soft_wrap=True)
 
 
 def print_json(obj) -> None:
@@ -101,9 +108,9 @@ def inspect(source, as_json, svd, checks, max_lora_rank):
         for r in results:
             stdout.print()
             if r.ok:
-                stdout.print(f"[green]ok[/green] {r.target}: the adapter should load")
+                stdout.print(styled("ok", "green", f" {r.target}: the adapter should load"))
             for p in r.problems:
-                stdout.print(f"[red]✗[/red] {r.target}: {p.rule}: {p.detail}\n    fix: {p.fix}")
+                stdout.print(styled("✗", "red", f" {r.target}: {p.rule}: {p.detail}\n    fix: {p.fix}"))
     if results and not all(r.ok for r in results):
         sys.exit(1)
 
@@ -397,30 +404,30 @@ def _render_verify(report) -> None:
     for col in ("tensor", "kind", "rel. error", "rounding noise", "allowed", ""):
         table.add_column(col, justify="left" if col in ("tensor", "kind", "") else "right", no_wrap=True)
     for m in report.modules:
-        status = "[green]ok[/green]" if m.ok else "[red]FAIL[/red]"
+        status = styled("ok", "green") if m.ok else styled("FAIL", "red")
         table.add_row(m.name, m.kind, f"{m.rel_error:.2e}", f"{m.rounding_noise:.2e}", f"{m.allowed:.2e}",
-                      status + (f" {m.note}" if m.note else ""))
+                      status + Text(f" {m.note}" if m.note else ""))
     stdout.print(table)
     n = report.untouched_checked
     if report.untouched_mismatched:
-        stdout.print(f"[red]FAIL[/red] {len(report.untouched_mismatched)} of {n} untouched tensors differ from the "
-                     f"base: {', '.join(report.untouched_mismatched[:5])}")
+        stdout.print(styled("FAIL", "red", f" {len(report.untouched_mismatched)} of {n} untouched tensors differ "
+                                          f"from the base: {', '.join(report.untouched_mismatched[:5])}"))
     else:
-        stdout.print(f"[green]ok[/green] {n} untouched tensors are bit-identical to the base")
+        stdout.print(styled("ok", "green", f" {n} untouched tensors are bit-identical to the base"))
     if report.model is not None:
         m = report.model
-        stdout.print(f"{'[green]ok[/green]' if m.ok else '[red]FAIL[/red]'} model level ({m.prompts} prompts, "
-                     f"{m.tokens} tokens, {m.source}): max |Δlogits| {m.max_abs_logit_diff:.3g}, mean KL "
-                     f"{m.mean_kl:.3g}, top-1 agreement {100 * m.top1_agreement:.2f} %")
+        stdout.print((styled("ok", "green") if m.ok else styled("FAIL", "red")) + Text(
+            f" model level ({m.prompts} prompts, {m.tokens} tokens, {m.source}): max |Δlogits| "
+            f"{m.max_abs_logit_diff:.3g}, mean KL {m.mean_kl:.3g}, top-1 agreement {100 * m.top1_agreement:.2f} %"))
     for w in report.warnings:
         warn(w)
     failed = [m.name for m in report.modules if not m.ok] + report.untouched_mismatched
     if report.ok:
-        stdout.print("[bold green]verified[/bold green]: the merged model computes base + adapters")
+        stdout.print(styled("verified", "bold green", ": the merged model computes base + adapters"))
     else:
-        stdout.print(f"[bold red]not verified[/bold red]: {len(failed)} tensors fail"
-                     + (f" (first: {failed[0]})" if failed else "") + ("" if report.model is None or report.model.ok
-                                                                       else "; logits differ"))
+        stdout.print(styled("not verified", "bold red", f": {len(failed)} tensors fail"
+                            + (f" (first: {failed[0]})" if failed else "")
+                            + ("" if report.model is None or report.model.ok else "; logits differ")))
 
 
 @main.command()

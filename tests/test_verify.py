@@ -123,3 +123,17 @@ def test_bad_input_exits_2(runner, tmp_path, good):
     assert res.exit_code == 2 and "adapter" in res.stderr
     res = runner.invoke(main, ["verify", str(TINY_LLAMA), str(ADAPTERS["llama-lora"]), str(tmp_path / "nope")])
     assert res.exit_code == 2 and "no such model folder" in res.stderr
+
+
+def test_paths_with_square_brackets_print_verbatim(runner, tmp_path):
+    """Paths go to the terminal as text, never as rich markup ('[bold]' stays, '[/x]' does not crash)."""
+    ad = tmp_path / "run[1]" / "ad[bold]"
+    shutil.copytree(ADAPTERS["llama-lora"], ad)
+    out = tmp_path / "run[1]" / "[/x]"
+    res = runner.invoke(main, ["merge", str(TINY_LLAMA), str(ad), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert str(out) in res.stdout
+    res = runner.invoke(main, ["inspect", str(ad), "--check", "vllm", "--max-lora-rank", "4"])
+    assert res.exit_code == 1 and str(ad) in res.stdout
+    res = runner.invoke(main, ["verify", str(TINY_LLAMA), str(ad), str(out), "--no-model"])
+    assert res.exit_code == 0 and "verified" in res.stdout
