@@ -358,7 +358,8 @@ def combine(adapters, method, weights, density, majority_sign, rank, energy, see
 @click.option("--weight", "weights", type=float, multiple=True, help="The --weight each adapter was merged with.")
 @click.option("--prompts", type=click.Path(exists=True, dir_okay=False),
               help="A text file, one prompt per line, for the model-level check (default: random token ids).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the model-level check runs: auto, cpu or cuda (the layer probes run on the CPU).")
 @click.option("--tolerance", type=float, default=None,
               help="Largest relative error a module may show (default: 3x the rounding noise of the output dtype).")
 @click.option("--no-model", is_flag=True, help="Skip the model-level check (it loads the model twice).")

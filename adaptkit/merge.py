@@ -451,21 +451,24 @@ def merge(base: str | Path | Checkpoint, adapters: list, out: str | Path, weight
     t0 = time.perf_counter()
     check_output(out, force)
     ckpt = base if isinstance(base, Checkpoint) else Checkpoint.open(base)
-    loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
-    if not loaded:
-        raise AdaptkitError("no adapter given")
-    dev = resolve_device(device)
-    plan = plan_merge(ckpt, loaded, weights, dtype, max_shard_size, quantize=quantize, qlora=qlora, settings=settings)
-    for w in plan.warnings:
-        (warn or _default_warn)(w)
-    if on_plan:
-        on_plan(plan)
-    bytes_written = 0
-    quant_errors: dict[str, float] = {}
-    with atomic_output_dir(out, force) as tmp:
-        bytes_written += _stream_tensors(plan, tmp, dev, progress, quant_errors)
-        _write_side_files(plan, tmp, command)
-    ckpt.close()
+    try:
+        loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
+        if not loaded:
+            raise AdaptkitError("no adapter given")
+        dev = resolve_device(device)
+        plan = plan_merge(ckpt, loaded, weights, dtype, max_shard_size, quantize=quantize, qlora=qlora,
+                          settings=settings)
+        for w in plan.warnings:
+            (warn or _default_warn)(w)
+        if on_plan:
+            on_plan(plan)
+        bytes_written = 0
+        quant_errors: dict[str, float] = {}
+        with atomic_output_dir(out, force) as tmp:
+            bytes_written += _stream_tensors(plan, tmp, dev, progress, quant_errors)
+            _write_side_files(plan, tmp, command)
+    finally:
+        ckpt.close()
     return MergeResult(out=str(out), device=str(dev), tensors=len(plan.jobs),
                        tensors_merged=sum(1 for j in plan.jobs if j.ops), modules_merged=plan.modules_merged,
                        bytes_read=sum(j.in_bytes for j in plan.jobs), bytes_written=bytes_written,

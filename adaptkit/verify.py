@@ -21,6 +21,7 @@ fp32 on the same prompts: max |Δlogits|, mean KL(base+adapter ‖ merged), top-
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -233,7 +234,7 @@ def _noise_vec(exp: torch.Tensor, dtype: torch.dtype) -> float:
 
 
 def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, weights, prompts: list[str] | None,
-                seed: int = 0, kl_tolerance: float = 1e-3) -> ModelCheck:
+                seed: int = 0, kl_tolerance: float = 1e-3, device: torch.device | str = "cpu") -> ModelCheck:
     """Logits of base + adapters (peft, unmerged) against the merged model (transformers), fp32.
 
     Passes when the mean KL divergence is within ``kl_tolerance``; top-1 agreement is reported but
@@ -248,9 +249,18 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    dev = torch.device(device)
+
+    def load(path):
+        # 4-bit checkpoints are placed by transformers (device_map); dense ones are moved after loading
+        quantized = "quantization_config" in json.loads((Path(path) / "config.json").read_text())
+        kwargs = {"device_map": str(dev)} if quantized else {}
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+        return m if quantized else m.to(dev)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
+        ref = load(base_path)
         names = []
         pm = None
         for i, a in enumerate(adapters):
@@ -267,7 +277,7 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
                     if name in mod.scaling:
                         mod.scaling[name] *= w
         pm.eval()
-        merged = AutoModelForCausalLM.from_pretrained(merged_path, dtype=torch.float32).eval()
+        merged = load(merged_path)
     vocab = merged.config.get_text_config().vocab_size if hasattr(merged.config, "get_text_config") else merged.config.vocab_size
     source = "random token ids"
     batches = []
@@ -284,6 +294,7 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
     diffs, kls, agree, total = [], [], 0, 0
     with torch.no_grad():
         for ids in batches:
+            ids = ids.to(dev)
             a = pm(input_ids=ids).logits.double()
             b = merged(input_ids=ids).logits.double()
             diffs.append(float((a - b).abs().max()))
@@ -304,7 +315,7 @@ def verify(base, adapters: list, merged, weights: list[float] | None = None, pro
     weights = list(weights) if weights else [1.0] * len(loaded)
     if tolerance is not None and not tolerance > 0:
         raise AdaptkitError(f"--tolerance must be positive, got {tolerance}")
-    resolve_device(device)  # validates; the probes are cheap enough on the CPU
+    dev = resolve_device(device)  # the model-level check runs there; the layer probes are cheap on the CPU
     checks, untouched, mismatched, warnings = check_layers(base_ck, loaded, merged_ck, weights, tolerance, seed=seed)
     q = [c for c in checks if c.note.startswith("4-bit output")]
     if q:
@@ -317,7 +328,7 @@ def verify(base, adapters: list, merged, weights: list[float] | None = None, pro
         warnings.append(f"the merged model has {len(extra)} tensors the base lacks (first: {extra[0]})")
     model_check = None
     if model and _transformers_knows(base_ck):
-        model_check = check_model(base_ck.path, loaded, merged_ck.path, weights, prompts, seed=seed)
+        model_check = check_model(base_ck.path, loaded, merged_ck.path, weights, prompts, seed=seed, device=dev)
     elif model:
         warnings.append("model-level check skipped: transformers does not know this architecture")
     ok = all(c.ok for c in checks) and not mismatched and (model_check is None or model_check.ok)

@@ -35,3 +35,11 @@ def test_combine_cuda_equals_cpu(tmp_path, method):
     a, b = load_adapter(tmp_path / "cpu"), load_adapter(tmp_path / "cuda")
     for name in a.modules:  # the same ΔW (factors may differ in sign), DARE masks included
         assert torch.allclose(a.modules[name].delta(), b.modules[name].delta(), atol=1e-5), name
+
+
+def test_verify_model_level_on_cuda(tmp_path):
+    from adaptkit.verify import verify
+
+    merge(BASE_OF["llama-dora"], [ADAPTERS["llama-dora"]], tmp_path / "m", device="cuda", warn=lambda m: None)
+    report = verify(BASE_OF["llama-dora"], [ADAPTERS["llama-dora"]], tmp_path / "m", device="cuda")
+    assert report.ok and report.model is not None and report.model.mean_kl < 1e-6
