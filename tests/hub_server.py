@@ -22,8 +22,9 @@ def git_blob_id(data: bytes) -> str:
 
 
 class Repo:
-    def __init__(self, private: bool):
+    def __init__(self, private: bool, gated: bool = False):
         self.private = private
+        self.gated = gated
         self.branches: dict[str, str] = {}
         self.commits: dict[str, dict[str, dict]] = {}  # sha -> path -> {"data", "lfs"}
         sha = uuid.uuid4().hex + uuid.uuid4().hex[:8]
@@ -89,6 +90,9 @@ def make_handler(state: HubState, base_url: str):
 
         def _repo(self, repo_id: str, head=False):
             repo = state.repos.get(repo_id)
+            if repo is not None and repo.gated and self.command in ("GET", "HEAD"):
+                self._error(403, "GatedRepo", f"Access to model {repo_id} is restricted", head)
+                return None
             if repo is None or not self._authorized(repo):
                 self._error(401 if repo is not None else 404, "RepoNotFound", f"Repository {repo_id} not found", head)
                 return None

@@ -135,3 +135,27 @@ def test_token_never_appears(runner, hub, tmp_path):
     for p in tmp_path.rglob("*"):
         if p.is_file():
             assert TOKEN.encode() not in p.read_bytes(), p
+
+
+def test_gated_repo_says_accept_terms(runner, hub):
+    assert invoke(runner, "push", ADAPTERS["llama-lora"], "me/gated").exit_code == 0
+    hub.state.repos["me/gated"].gated = True
+    res = invoke(runner, "pull", "me/gated")
+    assert res.exit_code == 2 and "gated" in res.stderr and "accept" in res.stderr
+
+
+def test_unreachable_hub_says_what_to_do(runner, monkeypatch, tmp_path):
+    import socket
+
+    import huggingface_hub.constants
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    res = invoke(runner, "pull", "me/anything")
+    assert res.exit_code == 2 and "HF_HUB_OFFLINE" in res.stderr and len(res.stderr.strip().splitlines()) == 1
