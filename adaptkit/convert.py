@@ -119,9 +119,9 @@ def convert(source: str | Path, to: str, out: str | Path, base: str | Path | Non
     """Write ``source``'s adapter in the ``to`` layout at ``out`` (a folder for peft and mlx, else a file)."""
     if to not in TARGETS:
         raise AdaptkitError(f"unknown target {to!r} (choose {', '.join(TARGETS)})")
-    from .merge import _resolve_dtype
+    from .plan import resolve_dtype
 
-    torch_dtype = _resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
     base_ck = Checkpoint.open(base) if base is not None else None
     base_names = list(base_ck.tensors) if base_ck is not None else None
     adapter = load_adapter(source, base_names=base_names)

@@ -32,7 +32,7 @@ from .adapter import Adapter, load_adapter
 from .checkpoint import Checkpoint
 from .device import resolve_device
 from .errors import AdaptkitError
-from .merge import plan_merge
+from .plan import plan_merge
 
 ROUNDING_FACTOR = 3.0  # a correct merge's error is at most about 1x the expected rounding noise
 PROBES = 8
