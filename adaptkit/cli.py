@@ -62,11 +62,16 @@ def main():
     """Inspect, merge, combine, convert and verify LoRA adapters.
 
     Exact (fp32 math, rounded once), streaming (peak memory follows the largest tensor, not the
-    model) and GPU-aware. Try it on the shipped fixtures:
+    model) and GPU-aware. Wherever a path is taken, a Hub id org/name[@revision] works too. Try it
+    on the shipped fixtures:
 
     \b
-      adaptkit inspect fixtures/adapters/llama-lora
+      adaptkit inspect fixtures/adapters/llama-lora --svd
       adaptkit merge fixtures/tiny-llama fixtures/adapters/llama-lora -o out/merged
+      adaptkit verify fixtures/tiny-llama fixtures/adapters/llama-lora out/merged
+      adaptkit combine fixtures/adapters/llama-lora fixtures/adapters/llama-rslora-patterns \\
+          --method ties --energy 0.95 -o out/combined
+      adaptkit convert fixtures/adapters/llama-lora --to kohya -o out/llama-lora.safetensors
     """
     # bitsandbytes (imported by peft) logs a warning about an optional CPU kernel package on import
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -83,8 +88,9 @@ def main():
 def inspect(source, as_json, svd, checks, max_lora_rank):
     """Show what a LoRA adapter holds.
 
-    SOURCE is a PEFT adapter folder (adapter_config.json + adapter_model.safetensors or .bin) or a
-    single .safetensors file of LoRA tensors. Prints a summary, one row per adapted module (named as
+    SOURCE is a PEFT adapter folder (adapter_config.json + adapter_model.safetensors or .bin), an
+    mlx-lm folder, a single .safetensors file of LoRA tensors (PEFT or kohya names), or a Hub id
+    org/name[@revision]. Prints a summary, one row per adapted module (named as
     in the base model) and health warnings: untrained B, NaN/Inf, shapes that do not fit, ranks
     that differ from the config, tensors that belong to no module.
     """
@@ -185,8 +191,9 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
     """Fold LoRA adapters into a base model: W' = W + weight · (α/r) · B·A.
 
     BASE is a model folder in the Hugging Face layout (config.json with model.safetensors, sharded
-    safetensors + index, or pytorch_model*.bin). Each ADAPTER is a PEFT folder or a raw
-    .safetensors file; several are folded in order. ΔW is computed in fp32 and rounded once into
+    safetensors + index, or pytorch_model*.bin), or a Hub id. Each ADAPTER is a PEFT folder, a
+    .safetensors file (raw PEFT names or kohya), an mlx-lm folder, or a Hub id; several are folded
+    in order. ΔW is computed in fp32 and rounded once into
     the output dtype; DoRA, rsLoRA, rank/alpha patterns, Conv1D (GPT-2), embedding LoRA,
     modules_to_save and lora_bias follow peft's formulas.
 
