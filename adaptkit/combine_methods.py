@@ -42,8 +42,12 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     if k == 0:
         return torch.zeros_like(delta, dtype=torch.bool)
     mag = delta.abs().reshape(-1)
-    # the k-th largest |x| as a threshold (kthvalue is several times faster than topk on the CPU)
-    threshold = torch.kthvalue(mag.cpu() if mag.device.type == "mps" else mag, mag.numel() - k + 1).values
+    if mag.device.type != "cpu":  # on CUDA topk is fast (~1 ms for 11 M entries; kthvalue ~80 ms)
+        mask = torch.zeros_like(mag, dtype=torch.bool)
+        mask[torch.topk(mag, k=k, largest=True).indices] = True
+        return mask.view_as(delta)
+    # on the CPU the k-th largest |x| as a threshold is several times faster than topk
+    threshold = torch.kthvalue(mag, mag.numel() - k + 1).values
     mask = mag >= threshold
     if int(mask.sum()) != k:  # ties at the threshold: pick exactly k, as topk does
         mask = torch.zeros_like(mag, dtype=torch.bool)
