@@ -342,9 +342,24 @@ def combine(adapters, method, weights, density, majority_sign, rank, energy, see
         raise AdaptkitError(f"--weights must be comma-separated numbers, got {weights!r}") from None
     command = "adaptkit combine " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["combine"] else None
     adapters = [local(a, adapter_only=True) for a in adapters]
-    result = combine_fn(list(adapters), method, out, weights=w, density=density, majority_sign=majority_sign,
-                        rank=rank, energy=energy, seed=seed, device=device, base=local(base), force=force, warn=warn,
-                        command=command)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("combining"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=err, disable=as_json, transient=True)
+    task = None
+
+    def on_start(n):
+        nonlocal task
+        task = bar.add_task("combining", total=n)
+        bar.start()
+
+    try:
+        result = combine_fn(list(adapters), method, out, weights=w, density=density, majority_sign=majority_sign,
+                            rank=rank, energy=energy, seed=seed, device=device, base=local(base), force=force,
+                            warn=warn, command=command, on_start=on_start, progress=lambda n: bar.advance(task, n))
+    finally:
+        if task is not None:
+            bar.stop()
     if as_json:
         print_json(result.to_dict())
         return

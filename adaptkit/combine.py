@@ -90,7 +90,12 @@ def _check(adapters: list[Adapter]) -> dict[str, list]:
 def combine(adapters: list, method: str, out: str | Path, weights: list[float] | None = None,
             density: float | None = None, majority_sign: str = "total", rank: int | None = None,
             energy: float | None = None, seed: int = 0, device: str = "auto", base: str | Path | None = None,
-            force: bool = False, warn=None, progress=None, command: str | None = None) -> CombineResult:
+            force: bool = False, warn=None, progress=None, command: str | None = None,
+            on_start=None) -> CombineResult:
+    """Combine ``adapters`` with ``method`` into one adapter (or, with ``base``, a merged model) at ``out``.
+
+    ``on_start(n)`` is called with the number of modules, then ``progress(1)`` after each.
+    """
     t0 = time.perf_counter()
     if method not in METHODS:
         raise AdaptkitError(f"unknown method {method!r} (choose {', '.join(METHODS)})")
@@ -124,6 +129,8 @@ def combine(adapters: list, method: str, out: str | Path, weights: list[float] |
     tensors: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     results: list[ModuleResult] = []
+    if on_start:
+        on_start(len(table))
     for name, mods in table.items():
         present = [(m, w) for m, w in zip(mods, weights) if m is not None]
         kind = present[0][0].kind
