@@ -142,10 +142,10 @@ def _four_bit_noise(exact: torch.Tensor, like, x: torch.Tensor, double: bool, st
 
 
 def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, weights=None,
-                 tolerance: float | None = None, device="cpu", seed: int = 0):
+                 tolerance: float | None = None, device="cpu", seed: int = 0, plan=None):
     from .quant import check_quantization, find_quantized
 
-    plan = plan_merge(base, adapters, weights)
+    plan = plan or plan_merge(base, adapters, weights)
     base_q = find_quantized(base.tensors, base.read) if check_quantization(base.config, base.path) else {}
     merged_q = find_quantized(merged.tensors, merged.read) if check_quantization(merged.config, merged.path) else {}
     skip = {c for q in merged_q.values() for c in q.components}
@@ -316,13 +316,15 @@ def verify(base, adapters: list, merged, weights: list[float] | None = None, pro
     if tolerance is not None and not tolerance > 0:
         raise AdaptkitError(f"--tolerance must be positive, got {tolerance}")
     dev = resolve_device(device)  # the model-level check runs there; the layer probes are cheap on the CPU
-    checks, untouched, mismatched, warnings = check_layers(base_ck, loaded, merged_ck, weights, tolerance, seed=seed)
+    plan = plan_merge(base_ck, loaded, weights)
+    checks, untouched, mismatched, warnings = check_layers(base_ck, loaded, merged_ck, weights, tolerance, seed=seed,
+                                                           plan=plan)
     q = [c for c in checks if c.note.startswith("4-bit output")]
     if q:
         errs = sorted(c.rel_error for c in q)
         warnings.append(f"{len(q)} modules are 4-bit in the merged model: their requantization error is "
                         f"{errs[len(errs) // 2]:.2e} (median), {errs[-1]:.2e} (worst), as expected of 4-bit weights")
-    planned = {n for j in plan_merge(base_ck, loaded, weights).jobs for n in j.out_names}
+    planned = {n for j in plan.jobs for n in j.out_names}
     extra = sorted(set(merged_ck.tensors) - planned - set(base_ck.tensors))
     if extra:
         warnings.append(f"the merged model has {len(extra)} tensors the base lacks (first: {extra[0]})")
