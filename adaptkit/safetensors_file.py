@@ -159,7 +159,24 @@ def build_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metada
     return struct.pack("<Q", len(raw)) + raw, sizes
 
 
-class StreamingWriter:
+class _OutputFile:
+    """An output file opened unbuffered; ``_finish`` syncs it to disk, ``abort`` closes it unfinished."""
+
+    def _open(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._f = open(self.path, "wb", buffering=0)
+        self._fd = self._f.fileno()
+
+    def _finish(self, sync: bool) -> None:
+        if sync:
+            os.fsync(self._fd)
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
+class StreamingWriter(_OutputFile):
     """Write a safetensors file tensor by tensor, in a fixed order declared up front.
 
     The header is written first (all names, dtypes and shapes are known before any data), then each
@@ -169,12 +186,10 @@ class StreamingWriter:
 
     def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None):
-        self.path = Path(path)
         header, sizes = build_header(entries, metadata)
         self._expected = [(name, size) for (name, _, _), size in zip(entries, sizes)]
         self._next = 0
-        self._f = open(self.path, "wb", buffering=0)
-        self._fd = self._f.fileno()
+        self._open(path)
         self._write_all(memoryview(header))
         self.bytes_written = len(header)
 
@@ -222,17 +237,12 @@ class StreamingWriter:
             if self._next != len(self._expected):
                 missing = [n for n, _ in self._expected[self._next:]]
                 raise RuntimeError(f"{self.path}: {len(missing)} declared tensors never written: {missing[:3]}")
-            if sync:
-                os.fsync(self._fd)
+            self._finish(sync)
         finally:
             self._f.close()
 
-    def abort(self) -> None:
-        if not self._f.closed:
-            self._f.close()
 
-
-class ReservedHeaderWriter:
+class ReservedHeaderWriter(_OutputFile):
     """Write a safetensors file whose tensor sizes are only known as they are written.
 
     A header region of ``reserve`` bytes is left blank at the start; tensors stream in after it;
@@ -242,14 +252,12 @@ class ReservedHeaderWriter:
     """
 
     def __init__(self, path: str | Path, names: list[str], reserve: int, metadata: dict[str, str] | None = None):
-        self.path = Path(path)
         self._names = list(names)
         self._metadata = metadata
         self._reserve = reserve + (-reserve % 8)
         self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         self._offset = 0
-        self._f = open(self.path, "wb", buffering=0)
-        self._fd = self._f.fileno()
+        self._open(path)
         os.pwrite(self._fd, b" " * (8 + self._reserve), 0)
         self.bytes_written = 8 + self._reserve
 
@@ -299,13 +307,8 @@ class ReservedHeaderWriter:
                 raise RuntimeError(f"{self.path}: header of {len(raw)} bytes exceeds the {self._reserve} reserved")
             raw += b" " * (self._reserve - len(raw))
             os.pwrite(self._fd, struct.pack("<Q", len(raw)) + raw, 0)
-            if sync:
-                os.fsync(self._fd)
+            self._finish(sync)
         finally:
-            self._f.close()
-
-    def abort(self) -> None:
-        if not self._f.closed:
             self._f.close()
 
 
