@@ -281,11 +281,12 @@ def build_adapter(path: Path, weights_path: Path, config: dict, source: TensorSo
     if any("trainable_tokens" in k for k in unclaimed):
         notes.append("trainable_token_indices (trainable tokens) are not supported and are ignored")
     return Adapter(path=path, weights_path=weights_path, config=config, source=source,
-                   modules=dict(sorted(modules.items(), key=lambda kv: _natural_key(kv[0]))),
+                   modules=dict(sorted(modules.items(), key=lambda kv: natural_key(kv[0]))),
                    full_tensors=full, unclaimed=unclaimed, notes=notes, format=fmt)
 
 
-def _natural_key(name: str):
+def natural_key(name: str):
+    """Sort key putting layers.2 before layers.10."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 

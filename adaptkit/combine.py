@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapter import Adapter, build_adapter, load_adapter
+from .adapter import Adapter, build_adapter, load_adapter, natural_key
 from .combine_methods import METHODS, factor, factor_product
 from .convert import peft_config, peft_tensors
 from .device import resolve_device
@@ -73,8 +73,7 @@ def _check(adapters: list[Adapter]) -> dict[str, list]:
                                 "merge the adapters into the base instead", a.path)
         if any(m.bias_key for m in a.modules.values()):
             raise AdaptkitError("lora_bias adapters cannot be combined yet", a.path)
-    names = sorted({n for a in adapters for n in a.modules}, key=lambda n: [int(p) if p.isdigit() else p
-                                                                             for p in n.replace(".", " . ").split()])
+    names = sorted({n for a in adapters for n in a.modules}, key=natural_key)
     table = {}
     for n in names:
         mods = [a.modules.get(n) for a in adapters]

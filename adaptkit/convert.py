@@ -22,7 +22,7 @@ from .errors import AdaptkitError
 from .formats import kohya
 from .formats.peft import write_peft_dir
 from .formats.raw import write_raw_file
-from .output import atomic_output_dir, check_output
+from .output import atomic_output_dir
 
 TARGETS = ("peft", "raw", "kohya", "gguf", "mlx")
 
@@ -182,6 +182,3 @@ def _atomic_file(out: Path, force: bool, write, suffix: str = ".safetensors") ->
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-__all__ = ["convert", "peft_config", "peft_tensors", "ConvertResult", "check_output"]
