@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -386,8 +387,11 @@ def combine(adapters, method, weights, density, majority_sign, rank, energy, see
               help="Largest relative error a module may show (default: 3x the rounding noise of the output dtype).")
 @click.option("--no-model", is_flag=True, help="Skip the model-level check (it loads the model twice).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probes and random prompts.")
+@click.option("--write-report", is_flag=True,
+              help="Save the report as adaptkit_verify.json in MERGED (a local folder); `adaptkit push` then puts "
+                   "its numbers in the model card.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
-def verify(base, paths, weights, prompts, device, tolerance, no_model, seed, as_json):
+def verify(base, paths, weights, prompts, device, tolerance, no_model, seed, write_report, as_json):
     """Prove that MERGED equals BASE + ADAPTERs. Exit 0 when it does, 1 when it does not.
 
     \b
@@ -413,8 +417,14 @@ def verify(base, paths, weights, prompts, device, tolerance, no_model, seed, as_
     if prompts:
         with open(prompts) as f:
             lines = [line.strip() for line in f if line.strip()]
+    if write_report and not Path(paths[-1]).is_dir():
+        raise AdaptkitError("--write-report needs MERGED to be a local folder", paths[-1])
     report = verify_fn(base, adapters, merged, weights=list(weights) or None, prompts=lines, device=device,
                        tolerance=tolerance, model=not no_model, seed=seed)
+    if write_report:
+        from .hub import VERIFY_REPORT
+
+        (Path(paths[-1]) / VERIFY_REPORT).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     if as_json:
         print_json(report.to_dict())
     else:

@@ -130,6 +130,32 @@ def resolve(spec: str | Path, adapter_only: bool = False) -> Path:
         raise AdaptkitError(f"{spec}: no such local file or folder, and as a Hub id: {e.message}") from None
 
 
+VERIFY_REPORT = "adaptkit_verify.json"
+
+
+def verify_section(folder: Path) -> str | None:
+    """A 'Verification' section from the report `adaptkit verify --write-report` left in the folder."""
+    path = folder / VERIFY_REPORT
+    if not path.exists():
+        return None
+    try:
+        r = json.loads(path.read_text())
+        s = r["summary"]
+    except (ValueError, KeyError):
+        return None
+    lines = ["## Verification", "",
+             f"`adaptkit verify` {'passed' if r.get('ok') else 'FAILED'}: {s['modules']} adapted modules checked "
+             f"layer by layer, relative error worst {s['worst_rel_error']:.2e}, median {s['median_rel_error']:.2e}; "
+             f"{r.get('untouched_checked', 0)} untouched tensors bit-identical to the base"
+             + ("" if not r.get("untouched_mismatched") else f" except {len(r['untouched_mismatched'])}") + "."]
+    m = r.get("model")
+    if m:
+        lines.append(f"Model level ({m['prompts']} prompts, {m['tokens']} tokens): max |Δlogits| "
+                     f"{m['max_abs_logit_diff']:.3g}, mean KL {m['mean_kl']:.3g}, top-1 agreement "
+                     f"{100 * m['top1_agreement']:.2f} %.")
+    return "\n".join(lines) + "\n"
+
+
 def model_card(folder: Path, repo_id: str) -> str:
     """A model card for a folder adaptkit (or peft) produced: YAML front matter and how it was made."""
     is_adapter = (folder / "adapter_config.json").exists()
@@ -163,7 +189,8 @@ def model_card(folder: Path, repo_id: str) -> str:
             lines += ["", f"Parameters: {params}."]
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
     lines += ["", "Files: " + ", ".join(f"`{f}`" for f in files) + "."]
-    return "\n".join(lines) + "\n"
+    section = verify_section(folder)
+    return "\n".join(lines) + "\n" + ("\n" + section if section else "")
 
 
 @dataclass
@@ -191,11 +218,16 @@ def push(folder: str | Path, repo_id: str, private: bool = False, revision: str 
     files = sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.relative_to(folder).parts)
     if not files:
         raise AdaptkitError("nothing to push: the folder is empty", folder)
-    ops = [CommitOperationAdd(path_in_repo=str(p.relative_to(folder)), path_or_fileobj=str(p)) for p in files]
     card = not (folder / "README.md").exists()
-    if card:
-        ops.append(CommitOperationAdd(path_in_repo="README.md",
-                                      path_or_fileobj=model_card(folder, repo_id).encode("utf-8")))
+    readme = model_card(folder, repo_id) if card else None
+    section = verify_section(folder)
+    if not card and section:  # adaptkit's own README, plus verify's numbers (the folder is not touched)
+        text = (folder / "README.md").read_text()
+        readme = text if "## Verification" in text else text.rstrip("\n") + "\n\n" + section
+    ops = [CommitOperationAdd(path_in_repo=str(p.relative_to(folder)), path_or_fileobj=str(p)) for p in files
+           if not (readme is not None and p.relative_to(folder) == Path("README.md"))]
+    if readme is not None:
+        ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme.encode("utf-8")))
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         if revision and revision != "main":

@@ -159,3 +159,17 @@ def test_unreachable_hub_says_what_to_do(runner, monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     res = invoke(runner, "pull", "me/anything")
     assert res.exit_code == 2 and "HF_HUB_OFFLINE" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_merged_model_card_carries_verify_numbers(runner, hub, tmp_path):
+    out = tmp_path / "merged"
+    assert invoke(runner, "merge", TINY_LLAMA, ADAPTERS["llama-lora"], "-o", out).exit_code == 0
+    res = invoke(runner, "verify", TINY_LLAMA, ADAPTERS["llama-lora"], out, "--write-report")
+    assert res.exit_code == 0, res.output
+    readme_before = (out / "README.md").read_text()
+    assert invoke(runner, "push", out, "me/merged").exit_code == 0
+    assert (out / "README.md").read_text() == readme_before  # the folder is not modified
+    path = json.loads(invoke(runner, "pull", "me/merged", "--json").stdout)["path"]
+    card = ModelCard.load(f"{path}/README.md")
+    assert card.data.library_name == "transformers" and "merge" in card.data.tags
+    assert "## Verification" in card.text and "passed" in card.text and "Model level" in card.text
