@@ -286,3 +286,22 @@ def test_peak_memory_follows_largest_tensor(tmp_path):
     model_bytes = n * dim * dim * 4
     assert after - before < 0.5 * model_bytes, (before, after)
     assert load_file(tmp_path / "out" / "model.safetensors")["model.layers.3.proj.weight"].shape == (dim, dim)
+
+
+def test_interrupted_merge_leaves_nothing(tmp_path):
+    """Ctrl-C mid-stream: no OUT, no temporary folder beside it, an existing OUT untouched."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("keep me")
+    calls = []
+
+    def interrupt(n):
+        calls.append(n)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, force=True, progress=interrupt, **quiet)
+    assert len(calls) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "old.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
