@@ -15,6 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from .adapter import Adapter
+from .errors import AdaptkitError
 
 TARGETS = ("vllm", "llamacpp", "mlx")
 VLLM_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
@@ -76,3 +77,15 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
         if any(m.fan_in_fan_out for m in mods):
             problems.append(Problem("conv1d", "Conv1D (GPT-2 family) modules", merge_fix))
     return Readiness(target, not problems, problems)
+
+
+NAMES = {"vllm": "vLLM", "llamacpp": "llama.cpp", "mlx": "mlx-lm"}
+
+
+def require(adapter: Adapter, target: str) -> None:
+    """Raise the first reason ``target`` cannot take the adapter, with its fix (the exports' guard)."""
+    result = check(adapter, target)
+    if not result.ok:
+        p = result.problems[0]
+        raise AdaptkitError(f"{NAMES[target]} cannot take this adapter: {p.rule}: {p.detail} (fix: {p.fix})",
+                            adapter.path)

@@ -51,25 +51,13 @@ def base_architecture(config: dict, path) -> tuple[str, bool]:
     return ARCHITECTURES[arch]
 
 
-def refuse_unsupported(adapter: Adapter, target: str) -> None:
-    if adapter.use_dora:
-        raise AdaptkitError(f"{target} adapters cannot hold DoRA: merge it into the base instead (adaptkit merge)",
-                            adapter.path)
-    if adapter.full_tensors:
-        raise AdaptkitError(f"{target} adapters cannot hold modules_to_save ({', '.join(sorted(adapter.full_tensors))})"
-                            ": merge it into the base instead (adaptkit merge)", adapter.path)
-    for m in adapter.modules.values():
-        if m.kind != "linear":
-            raise AdaptkitError(f"{target} adapters take Linear LoRA only ({m.name} is an embedding LoRA)", adapter.path)
-        if m.bias_key:
-            raise AdaptkitError(f"{target} adapters cannot hold lora_bias ({m.name})", adapter.path)
-
-
 def write_gguf(adapter: Adapter, base_config: dict, out: Path, outtype: str = "f32", base_path=None) -> dict:
     """Write ``adapter`` as a llama.cpp LoRA; return the metadata written."""
+    from ..readiness import require
+
     gguf = _gguf()
-    refuse_unsupported(adapter, "llama.cpp")
     arch_name, permute = base_architecture(base_config, base_path)
+    require(adapter, "llamacpp")
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
     n_layers = int(base_config.get("num_hidden_layers", 0))
     names = gguf.get_tensor_name_map(arch, n_layers)
@@ -85,9 +73,6 @@ def write_gguf(adapter: Adapter, base_config: dict, out: Path, outtype: str = "f
     writer.add_float32("adapter.lora.alpha", alpha)
     writer.add_string("general.name", Path(str(adapter.path)).name)
     for m in mods:
-        if m.fan_in_fan_out:
-            raise AdaptkitError(f"{m.name}: Conv1D (fan_in_fan_out) models are not supported by this GGUF export",
-                                adapter.path)
         gname = names.get_name(m.name)
         if gname is None:
             raise AdaptkitError(f"gguf has no name for module {m.name} in {arch_name}", adapter.path)

@@ -38,18 +38,14 @@ def is_mlx_dir(path: Path) -> bool:
 def write_mlx(adapter: Adapter, out: Path, num_layers: int | None = None) -> dict:
     from safetensors.torch import save_file
 
-    from .gguf import refuse_unsupported
+    from ..readiness import require
 
-    refuse_unsupported(adapter, "MLX")
+    require(adapter, "mlx")  # Linear LoRA inside numbered layers only
     mods = list(adapter.modules.values())
-    if any(m.fan_in_fan_out for m in mods):
-        raise AdaptkitError("MLX export of Conv1D (fan_in_fan_out) models is not supported", adapter.path)
     scale = Counter(m.scaling for m in mods).most_common(1)[0][0]
     tensors, keys, layers = {}, set(), []
     for m in mods:
         match = _LAYER.match(m.name)
-        if not match:
-            raise AdaptkitError(f"{m.name} is not inside a numbered layer; mlx-lm adapts layers only", adapter.path)
         keys.add(match["key"])
         layers.append(int(match["i"]))
         tensors[f"{m.name}.lora_a"] = m.A.to(torch.float32).T.contiguous()
