@@ -8,8 +8,6 @@ own kohya scripts, which write the global alpha).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,7 @@ from .errors import AdaptkitError
 from .formats import kohya
 from .formats.peft import write_peft_dir
 from .formats.raw import write_raw_file
-from .output import atomic_output_dir
+from .output import atomic_output_dir, atomic_output_file
 
 TARGETS = ("peft", "raw", "kohya", "gguf", "mlx")
 
@@ -141,7 +139,8 @@ def convert(source: str | Path, to: str, out: str | Path, base: str | Path | Non
     if to == "gguf":
         from .formats.gguf import write_gguf
 
-        _atomic_file(out, force, lambda p: write_gguf(adapter, base_ck.config, p, outtype, base_ck.path), ".gguf")
+        with atomic_output_file(out, force, ".gguf") as tmp:
+            write_gguf(adapter, base_ck.config, tmp, outtype, base_ck.path)
     elif to == "mlx":
         from .formats.mlx import write_mlx
 
@@ -161,24 +160,6 @@ def convert(source: str | Path, to: str, out: str | Path, base: str | Path | Non
 
             tensors, metadata = kohya.kohya_tensors(adapter, prefix, torch_dtype)
             writer = lambda p: save_file(tensors, str(p), metadata=metadata)  # noqa: E731
-        _atomic_file(out, force, writer)
+        with atomic_output_file(out, force, ".safetensors") as tmp:
+            writer(tmp)
     return ConvertResult(str(source), adapter.format, to, str(out), len(adapter.modules), warnings)
-
-
-def _atomic_file(out: Path, force: bool, write, suffix: str = ".safetensors") -> None:
-    if out.suffix != suffix:
-        raise AdaptkitError(f"this adapter is one file: name it *{suffix}", out)
-    if out.exists() and not force:
-        raise AdaptkitError("output already exists (pass --force to replace it)", out)
-    if out.is_dir():
-        raise AdaptkitError("output is a folder; this format is a single file", out)
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".adaptkit-tmp", dir=out.resolve().parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

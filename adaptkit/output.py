@@ -1,4 +1,4 @@
-"""All-or-nothing output folders: build beside the target, rename into place at the end."""
+"""All-or-nothing outputs (folders and single files): build beside the target, rename into place at the end."""
 
 from __future__ import annotations
 
@@ -47,4 +47,27 @@ def atomic_output_dir(out: str | Path, force: bool = False):
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_output_file(out: str | Path, force: bool = False, suffix: str | None = None):
+    """:func:`atomic_output_dir` for a single-file output: yields a temporary path beside ``out``."""
+    out = Path(out)
+    if suffix and out.suffix != suffix:
+        raise AdaptkitError(f"this adapter is one file: name it *{suffix}", out)
+    if out.exists() and not force:
+        raise AdaptkitError("output already exists (pass --force to replace it)", out)
+    if out.is_dir():
+        raise AdaptkitError("output is a folder; this format is a single file", out)
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".adaptkit-tmp", dir=parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
