@@ -98,6 +98,17 @@ def make_handler(state: HubState, base_url: str):
                 return None
             return repo
 
+        def _at(self, repo_id: str, rev: str, head=False):
+            """(repo, commit sha) for a repo and revision, or None after answering 401/404."""
+            repo = self._repo(repo_id, head)
+            if repo is None:
+                return None
+            sha = repo.resolve(rev)
+            if sha is None:
+                self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head)
+                return None
+            return repo, sha
+
         # ---------------------------------------------------------------- routes
         def do_HEAD(self):
             self._resolve(head=True)
@@ -170,12 +181,10 @@ def make_handler(state: HubState, base_url: str):
             self._json(200, {"url": f"{base_url}/{repo_id}", "name": repo_id})
 
         def _revision(self, repo_id, rev):
-            repo = self._repo(repo_id)
-            if repo is None:
+            found = self._at(repo_id, rev)
+            if found is None:
                 return
-            sha = repo.resolve(rev)
-            if sha is None:
-                return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            repo, sha = found
             files = repo.commits[sha]
             self._json(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
                              "siblings": [{"rfilename": p} for p in sorted(files)], "tags": [], "downloads": 0,
@@ -189,12 +198,10 @@ def make_handler(state: HubState, base_url: str):
             return e
 
         def _tree(self, repo_id, rev, sub):
-            repo = self._repo(repo_id)
-            if repo is None:
+            found = self._at(repo_id, rev)
+            if found is None:
                 return
-            sha = repo.resolve(rev)
-            if sha is None:
-                return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            repo, sha = found
             files = repo.commits[sha]
             entries = [self._entry(p, f) for p, f in sorted(files.items()) if p.startswith(sub)]
             self._json(200, entries)
@@ -221,12 +228,10 @@ def make_handler(state: HubState, base_url: str):
             self._json(200, {"transfer": "basic", "objects": objs}, {"Content-Type": "application/vnd.git-lfs+json"})
 
         def _commit(self, repo_id, rev, body, create_pr):
-            repo = self._repo(repo_id)
-            if repo is None:
+            found = self._at(repo_id, rev)
+            if found is None:
                 return
-            parent = repo.resolve(rev)
-            if parent is None:
-                return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            repo, parent = found
             files = dict(repo.commits[parent])
             for line in body.decode().splitlines():
                 if not line.strip():
@@ -253,17 +258,13 @@ def make_handler(state: HubState, base_url: str):
             self._json(200, result)
 
         def _resolve(self, head=False):
-            if not head:
-                pass
             m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", urlparse(self.path).path)
             if not m:
                 return self._error(404, "NotFound", "no route", head)
-            repo = self._repo(m[1], head)
-            if repo is None:
+            found = self._at(m[1], m[2], head)
+            if found is None:
                 return
-            sha = repo.resolve(m[2])
-            if sha is None:
-                return self._error(404, "RevisionNotFound", f"Invalid rev id: {m[2]}", head)
+            repo, sha = found
             f = repo.commits[sha].get(unquote(m[3]))
             if f is None:
                 return self._error(404, "EntryNotFound", f"{m[3]} does not exist", head)
