@@ -220,25 +220,12 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
         settings = QuantSettings(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                                  compute_dtype=compute)
     command = "adaptkit merge " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["merge"] else None
-    bar = _progress(disable=as_json)
-    task = None
-    started = []
-
-    def on_plan(plan):  # the bar starts once the plan holds, so errors print alone
-        nonlocal task
-        task = bar.add_task("merging", total=sum(j.out_bytes for j in plan.jobs))
-        bar.start()
-        started.append(True)
-
-    try:
+    with Bar("merging", in_bytes=True, disable=as_json) as bar:
         base, adapters = local(base), [local(a, adapter_only=True) for a in adapters]
         result = merge_fn(base, list(adapters), out, weights=list(weights) or None, device=device, dtype=dtype,
-                          max_shard_size=max_shard_size, force=force, warn=warn, on_plan=on_plan,
-                          progress=lambda n: bar.advance(task, n), command=command, quantize=quantize,
-                          qlora=qlora, settings=settings)
-    finally:
-        if started:  # rich prints a newline when a bar that never started is stopped
-            bar.stop()
+                          max_shard_size=max_shard_size, force=force, warn=warn,
+                          on_plan=lambda plan: bar.start(sum(j.out_bytes for j in plan.jobs)),
+                          progress=bar.advance, command=command, quantize=quantize, qlora=qlora, settings=settings)
     if as_json:
         print_json(result.to_dict())
         return
@@ -343,24 +330,10 @@ def combine(adapters, method, weights, density, majority_sign, rank, energy, see
         raise AdaptkitError(f"--weights must be comma-separated numbers, got {weights!r}") from None
     command = "adaptkit combine " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["combine"] else None
     adapters = [local(a, adapter_only=True) for a in adapters]
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("combining"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=err, disable=as_json, transient=True)
-    task = None
-
-    def on_start(n):
-        nonlocal task
-        task = bar.add_task("combining", total=n)
-        bar.start()
-
-    try:
+    with Bar("combining", in_bytes=False, disable=as_json) as bar:
         result = combine_fn(list(adapters), method, out, weights=w, density=density, majority_sign=majority_sign,
                             rank=rank, energy=energy, seed=seed, device=device, base=local(base), force=force,
-                            warn=warn, command=command, on_start=on_start, progress=lambda n: bar.advance(task, n))
-    finally:
-        if task is not None:
-            bar.stop()
+                            warn=warn, command=command, on_start=bar.start, progress=bar.advance)
     if as_json:
         print_json(result.to_dict())
         return
@@ -513,12 +486,34 @@ def push(folder, repo, private, revision, message, create_pr, as_json):
         stdout.print(f"pushed {len(result.files)} files to {result.repo_id} @ {result.commit[:10]}{card}: {where}")
 
 
-def _progress(disable: bool):
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
+class Bar:
+    """A rich progress bar on stderr that starts once its total is known, so that an error raised
+    before (a plan that does not hold, say) prints alone: rich prints a newline when a bar that
+    never started is stopped. Over bytes (with speed) or over a count of items."""
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=err, disable=disable, transient=True)
+    def __init__(self, label: str, in_bytes: bool, disable: bool):
+        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeRemainingColumn, TransferSpeedColumn)
+
+        amount = (DownloadColumn(), TransferSpeedColumn()) if in_bytes else (MofNCompleteColumn(),)
+        self.label = label
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), *amount, TimeRemainingColumn(),
+                                 console=err, disable=disable, transient=True)
+        self.task = None
+
+    def start(self, total: int) -> None:
+        self.task = self.progress.add_task(self.label, total=total)
+        self.progress.start()
+
+    def advance(self, n: int) -> None:
+        self.progress.advance(self.task, n)
+
+    def __enter__(self) -> "Bar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.task is not None:
+            self.progress.stop()
 
 
 def _human_bytes(n: float) -> str:
