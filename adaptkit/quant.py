@@ -52,15 +52,21 @@ def check_quantization(config: dict, path) -> dict | None:
 def find_quantized(tensor_names, read_blob) -> dict[str, QuantizedWeight]:
     """Every 4-bit weight among ``tensor_names``; ``read_blob(name)`` returns a (small) tensor."""
     names = list(tensor_names)
-    out = {}
+    states = {}  # weight name -> its quant_state tensor name
     for key in names:
         for qs_key in QUANT_STATE_KEYS:
             if key.endswith("." + qs_key):
-                weight = key[: -len(qs_key) - 1]
-                state = json.loads(bytes(read_blob(key).tolist()).decode("utf-8"))
-                comps = tuple(n for n in names if n.startswith(weight + "."))
-                out[weight] = QuantizedWeight(weight, comps, tuple(state["shape"]), getattr(torch, state["dtype"]),
-                                              state["quant_type"], int(state["blocksize"]))
+                states[key[: -len(qs_key) - 1]] = key
+    comps: dict[str, list[str]] = {w: [] for w in states}
+    for key in names:  # one pass: a component is "<weight>.<suffix>", the weight ending in ".weight"
+        cut = key.find(".weight.")
+        if cut >= 0 and key[: cut + len(".weight")] in comps:
+            comps[key[: cut + len(".weight")]].append(key)
+    out = {}
+    for weight, qs_key in states.items():
+        state = json.loads(bytes(read_blob(qs_key).tolist()).decode("utf-8"))
+        out[weight] = QuantizedWeight(weight, tuple(comps[weight]), tuple(state["shape"]),
+                                      getattr(torch, state["dtype"]), state["quant_type"], int(state["blocksize"]))
     return out
 
 
