@@ -146,7 +146,7 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
     from .quant import check_quantization, find_quantized
 
     plan = plan or plan_merge(base, adapters, weights)
-    base_q = find_quantized(base.tensors, base.read) if check_quantization(base.config, base.path) else {}
+    base_q = {j.source: j.quant for j in plan.jobs if j.packed_source}  # the plan read them already
     merged_q = find_quantized(merged.tensors, merged.read) if check_quantization(merged.config, merged.path) else {}
     skip = {c for q in merged_q.values() for c in q.components}
     checks: list[ModuleCheck] = []
