@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import AdaptkitError
+from .layout import find_weight_files
 from .safetensors_file import TensorInfo, itemsize, numel, read_header, read_into
 
 WEIGHT_FILE_RE = re.compile(
@@ -139,43 +140,17 @@ class Checkpoint:
 
 
 def _find_shards(path: Path) -> tuple[list[Shard], str | None]:
-    st_index = path / "model.safetensors.index.json"
-    bin_index = path / "pytorch_model.bin.index.json"
-    if st_index.exists():
-        return _from_index(path, st_index, "safetensors"), st_index.name
-    if (path / "model.safetensors").exists():
-        return [_safetensors_shard(path / "model.safetensors")], None
-    singles = sorted(path.glob("*.safetensors"))
-    singles = [p for p in singles if not p.name.startswith("adapter_model")]
-    if singles:
-        return [_safetensors_shard(p) for p in singles], None
-    if bin_index.exists():
-        return _from_index(path, bin_index, "bin"), bin_index.name
-    if (path / "pytorch_model.bin").exists():
-        return [_bin_shard(path / "pytorch_model.bin")], None
-    if (path / "adapter_config.json").exists():
-        raise AdaptkitError("this is a LoRA adapter, not a base model (pass it as ADAPTER)", path)
-    raise AdaptkitError("no model weights found (expected model.safetensors, sharded safetensors with "
-                        "model.safetensors.index.json, or pytorch_model.bin)", path)
-
-
-def _from_index(path: Path, index: Path, kind: str) -> list[Shard]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError, OSError) as e:
-        raise AdaptkitError(f"malformed shard index ({e})", index) from None
-    files = list(dict.fromkeys(weight_map.values()))
-    shards = []
-    for name in files:
-        p = path / name
-        if not p.exists():
-            raise AdaptkitError(f"shard {name} listed in the index is missing", index)
-        shards.append(_safetensors_shard(p) if kind == "safetensors" else _bin_shard(p))
-    listed = {n for s in shards for n in (t.name for t in s.tensors)}
-    missing = [n for n in weight_map if n not in listed]
-    if missing:
-        raise AdaptkitError(f"{len(missing)} tensors in the index are in no shard (first: {missing[0]})", index)
-    return shards
+    found = find_weight_files(path)
+    make = _safetensors_shard if found.kind == "safetensors" else _bin_shard
+    shards = [make(p) for p in found.files]
+    if found.index is not None:
+        weight_map = json.loads(found.index.read_text())["weight_map"]
+        listed = {t.name for s in shards for t in s.tensors}
+        missing = [n for n in weight_map if n not in listed]
+        if missing:
+            raise AdaptkitError(f"{len(missing)} tensors in the index are in no shard (first: {missing[0]})",
+                                found.index)
+    return shards, found.index.name if found.index is not None else None
 
 
 def _safetensors_shard(p: Path) -> Shard:

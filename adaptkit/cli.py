@@ -49,6 +49,19 @@ def local(spec, adapter_only: bool = False):
     return str(resolve(spec, adapter_only=adapter_only))
 
 
+def _read_ahead(folder):
+    """Start the kernel reading a local model folder's weights (see adaptkit/readahead.py); None otherwise."""
+    from .layout import find_weight_files
+    from .readahead import Readahead
+
+    if not Path(folder).is_dir():
+        return None
+    try:
+        return Readahead.of_files(find_weight_files(folder).files).start()
+    except AdaptkitError:
+        return None  # the merge itself reports what is wrong with the folder
+
+
 def warn(message: str) -> None:
     err.print(styled("warning:", "yellow", f" {message}"), soft_wrap=True)
 
@@ -209,6 +222,7 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
     Example:
       adaptkit merge fixtures/tiny-llama fixtures/adapters/llama-lora -o out/merged
     """
+    ahead = _read_ahead(base)  # before torch is imported: the disk works during the imports
     from .merge import merge as merge_fn
     from .quant import QuantSettings
 
@@ -226,6 +240,8 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
                           max_shard_size=max_shard_size, force=force, warn=warn,
                           on_plan=lambda plan: bar.start(sum(j.out_bytes for j in plan.jobs)),
                           progress=bar.advance, command=command, quantize=quantize, qlora=qlora, settings=settings)
+    if ahead is not None:
+        ahead.close()
     if as_json:
         print_json(result.to_dict())
         return

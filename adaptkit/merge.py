@@ -35,6 +35,7 @@ from .output import atomic_output_dir, check_output
 from .pipeline import limit_heap_growth, run_stream
 from .plan import MergePlan, Op, OutShard, TensorJob, plan_merge  # noqa: F401 - plan_merge re-exported
 from .quant import QuantSettings, dequantize, quantize, relative_error
+from .readahead import Readahead
 from .safetensors_file import ReservedHeaderWriter, StreamingWriter, header_reserve, numel
 
 OUTPUT_BUFFER_BUDGET = 160 << 20  # bytes of merged tensors that may wait for the writer
@@ -213,7 +214,21 @@ def _stream_tensors(plan: MergePlan, tmp: Path, dev: torch.device, progress, qua
     remaining = {s.file: len(s.jobs) for s in plan.shards}
     total = 0
 
+    # the disk keeps reading ahead of the reader: jobs' source bytes, in the order they are consumed
+    ranges, ends = [], {}
+    for j in plan.jobs:
+        for name in (j.source, *(j.quant.components if j.packed_source else ())):
+            src, info = ckpt.tensors[name]
+            if src.kind == "safetensors":
+                ranges.append((src.path, info.offset, info.nbytes))
+        ends[id(j)] = sum(n for _, _, n in ranges)
+    ahead = Readahead(ranges)
+    read_so_far = 0
+
     def read(job: TensorJob):
+        nonlocal read_so_far
+        ahead.consumed(ends[id(job)] - read_so_far)
+        read_so_far = ends[id(job)]
         buf = in_pool.take()
         comps = ({c[len(job.name) + 1:]: ckpt.read(c).clone() for c in job.quant.components}
                  if job.packed_source else None)
@@ -320,6 +335,7 @@ def _stream_tensors(plan: MergePlan, tmp: Path, dev: torch.device, progress, qua
         run_stream(plan.jobs, lambda j: j.computed, read, compute, write, depth=n_out - 2)
     finally:
         torch.set_num_threads(threads)
+        ahead.close()
         for w in writers.values():
             w.abort()
     return total
