@@ -22,6 +22,8 @@ SHAPES = {
     "tinyllama": dict(vocab=32000, hidden=2048, inter=5632, layers=22, heads=32, kv=4, shard_gb=10),
     # Llama-2-7B: 13.5 GB in three ~5 GB shards
     "llama7b": dict(vocab=32000, hidden=4096, inter=11008, layers=32, heads=32, kv=32, shard_gb=5),
+    # LLaMA-30B: 65 GB in fp16 (for NF4 runs: 17 GB, where fixed start-up costs weigh less)
+    "llama30b": dict(vocab=32000, hidden=6656, inter=17920, layers=60, heads=52, kv=52, shard_gb=5),
     # a small shape to try the script itself
     "small": dict(vocab=1000, hidden=256, inter=688, layers=2, heads=4, kv=2, shard_gb=10),
 }

@@ -10,7 +10,10 @@ all-linear adapter, then measures in one run:
       same checkpoint loaded in 4-bit by transformers;
   (b) the whole ``adaptkit merge --quantize nf4`` command, streaming from and to disk, against the
       disk floor (bytes read / read bandwidth + bytes written / write bandwidth, measured here) and
-      ``cp -r``.
+      ``cp -r``; and, beside it, the start-up any process using bitsandbytes pays before its first
+      byte of work (Python, torch, CUDA, bitsandbytes imported as adaptkit imports it).
+
+``--skip-peft`` leaves out peft's side of (a) (for shapes where loading the model takes minutes).
 """
 
 from __future__ import annotations
@@ -119,12 +122,21 @@ print(json.dumps({"load": t_load, "merge_and_unload": time.perf_counter() - t0})
 """
 
 
+STARTUP = r"""
+import sys, torch
+import adaptkit.quant as q
+q._functional()
+torch.zeros(1, device=sys.argv[1])
+"""
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=SHAPES, default="llama7b")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench-work")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--skip-peft", action="store_true", help="Measure adaptkit only.")
     args = ap.parse_args()
     s = SHAPES[args.shape]
     work = args.workdir / f"{args.shape}-nf4"
@@ -147,8 +159,10 @@ def main():
         res["gpu"] = torch.cuda.get_device_name(0)
     gw = run([sys.executable, "-c", GPU_WORK, str(base), str(adapter), args.device, str(ROOT)], env=env)
     res["gpu_work"] = json.loads(gw["stdout"].strip().splitlines()[-1])
-    pf = run([sys.executable, "-c", PEFT_MERGE, str(base), str(adapter), args.device], env=env)
-    res["peft"] = json.loads(pf["stdout"].strip().splitlines()[-1]) | {"peak_rss_bytes": pf["peak_rss_bytes"]}
+    if not args.skip_peft:
+        pf = run([sys.executable, "-c", PEFT_MERGE, str(base), str(adapter), args.device], env=env)
+        res["peft"] = json.loads(pf["stdout"].strip().splitlines()[-1]) | {"peak_rss_bytes": pf["peak_rss_bytes"]}
+    res["startup_s"] = min(run([sys.executable, "-c", STARTUP, args.device], env=env)["seconds"] for _ in range(2))
     for d in ("out-cp", "out-adaptkit"):
         shutil.rmtree(work / d, ignore_errors=True)
     evict(base)
@@ -161,13 +175,21 @@ def main():
     ak["summary"] = json.loads(ak.pop("stdout"))
     res["adaptkit"] = ak
     shutil.rmtree(work / "out-adaptkit")
-    g, p = res["gpu_work"]["seconds"], res["peft"]["merge_and_unload"]
+    g = res["gpu_work"]["seconds"]
     print(f"\nNF4 {args.shape}: {base_bytes / 1e9:.2f} GB, {res['gpu_work']['layers']} layers, {res.get('gpu', args.device)}")
-    print(f"(a) GPU work: adaptkit {g:.2f} s vs peft merge_and_unload {p:.2f} s -> {p / g:.1f}x")
+    if "peft" in res:
+        p = res["peft"]["merge_and_unload"]
+        print(f"(a) GPU work: adaptkit {g:.2f} s vs peft merge_and_unload {p:.2f} s -> {p / g:.1f}x")
+    else:
+        print(f"(a) GPU work: adaptkit {g:.2f} s (peft not run)")
     print(f"(b) whole command: adaptkit {ak['seconds']:.1f} s (peak RSS {ak['peak_rss_bytes'] / 1e9:.2f} GB), "
           f"cp -r {res['copy']['seconds']:.1f} s, physical floor {res['physical_floor_s']:.1f} s "
           f"(read {read_bw / 1e9:.2f} GB/s, write {write_bw / 1e9:.2f} GB/s) -> "
           f"{ak['seconds'] / res['physical_floor_s']:.2f}x floor, {ak['seconds'] / res['copy']['seconds']:.2f}x cp")
+    st = res["startup_s"]
+    print(f"    start-up of any bitsandbytes process here (python, torch, CUDA, bitsandbytes): {st:.1f} s "
+          f"= {st / res['physical_floor_s']:.2f}x floor; the command after it: {ak['seconds'] - st:.1f} s "
+          f"-> {(ak['seconds'] - st) / res['physical_floor_s']:.2f}x floor")
     q = ak["summary"].get("quantization") or {}
     if q:
         print(f"requantization error per layer: median {q['median']:.3e}, worst {q['worst']:.3e}")
