@@ -10,12 +10,12 @@ NF4 is not re-implemented here.
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 
 import torch
 
+from . import bnb_import
 from .errors import AdaptkitError
 
 QUANT_STATE_KEYS = ("quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")
@@ -72,50 +72,7 @@ def find_quantized(tensor_names, read_blob) -> dict[str, QuantizedWeight]:
 
 
 def _functional():
-    """``bitsandbytes.functional``, imported without building torch.compile's machinery up front.
-
-    At import, bitsandbytes wraps a few pure-PyTorch fallback kernels (used on devices without its
-    native library) in ``torch.compile``, and merely calling ``torch.compile`` imports
-    torch._dynamo, inductor and sympy: 1,500 modules, 13 s of a 19 s import on the H100 machine
-    (docs/benchmarks.md), for kernels a CUDA or CPU merge never calls. While bitsandbytes is
-    imported, ``torch.compile(fn, **kw)`` returns a wrapper that makes the same call on first use,
-    so the fallbacks still compile (and fall back) exactly as bitsandbytes intends, only later.
-    """
-    import sys
-
-    if "bitsandbytes.functional" in sys.modules:
-        return sys.modules["bitsandbytes.functional"]
-    defer = "torch._dynamo" not in sys.modules  # otherwise there is nothing left to save
-    real = torch.compile
-    if defer:
-        torch.compile = _compile_on_first_call(real)
-    try:
-        import bitsandbytes.functional as F
-    except ImportError as e:  # pragma: no cover - a dependency
-        raise AdaptkitError(f"bitsandbytes is needed for 4-bit models but cannot be imported: {e}") from None
-    finally:
-        torch.compile = real
-    return F
-
-
-def _compile_on_first_call(compile_fn):
-    """A stand-in for ``torch.compile`` that calls ``compile_fn`` with the same arguments on first use."""
-
-    def deferred(model=None, **kwargs):
-        if model is None:  # used as @torch.compile(**kwargs)
-            return lambda fn: deferred(fn, **kwargs)
-        compiled = None
-
-        @functools.wraps(model)
-        def call(*args, **kw):
-            nonlocal compiled
-            if compiled is None:
-                compiled = compile_fn(model, **kwargs)
-            return compiled(*args, **kw)
-
-        return call
-
-    return deferred
+    return bnb_import.functional()
 
 
 def dequantize(packed: torch.Tensor, components: dict[str, torch.Tensor], device) -> torch.Tensor:

@@ -10,8 +10,8 @@ all-linear adapter, then measures in one run:
       same checkpoint loaded in 4-bit by transformers;
   (b) the whole ``adaptkit merge --quantize nf4`` command, streaming from and to disk, against the
       disk floor (bytes read / read bandwidth + bytes written / write bandwidth, measured here) and
-      ``cp -r``; and, beside it, the start-up any process using bitsandbytes pays before its first
-      byte of work (Python, torch, CUDA, bitsandbytes imported as adaptkit imports it).
+      ``cp -r``; and, beside it, the start-up a process pays before its first byte of work (Python,
+      torch, CUDA, bitsandbytes imported and first called, as adaptkit does it and plainly).
 
 ``--skip-peft`` leaves out peft's side of (a) (for shapes where loading the model takes minutes).
 """
@@ -124,9 +124,14 @@ print(json.dumps({"load": t_load, "merge_and_unload": time.perf_counter() - t0})
 
 STARTUP = r"""
 import sys, torch
-import adaptkit.quant as q
-q._functional()
-torch.zeros(1, device=sys.argv[1])
+if sys.argv[2] == "adaptkit":
+    import adaptkit.quant as q
+    F = q._functional()
+else:
+    import bitsandbytes.functional as F
+packed, state = F.quantize_4bit(torch.ones(64, 64, device=sys.argv[1]), blocksize=64)
+F.dequantize_4bit(packed, state)
+torch.cuda.synchronize() if torch.cuda.is_available() else None
 """
 
 
@@ -162,7 +167,9 @@ def main():
     if not args.skip_peft:
         pf = run([sys.executable, "-c", PEFT_MERGE, str(base), str(adapter), args.device], env=env)
         res["peft"] = json.loads(pf["stdout"].strip().splitlines()[-1]) | {"peak_rss_bytes": pf["peak_rss_bytes"]}
-    res["startup_s"] = min(run([sys.executable, "-c", STARTUP, args.device], env=env)["seconds"] for _ in range(2))
+    for how in ("adaptkit", "plain"):  # bitsandbytes imported and first called as adaptkit does, and plainly
+        res[f"startup_{how}_s"] = min(run([sys.executable, "-c", STARTUP, args.device, how], env=env)["seconds"]
+                                      for _ in range(2))
     for d in ("out-cp", "out-adaptkit"):
         shutil.rmtree(work / d, ignore_errors=True)
     evict(base)
@@ -186,9 +193,10 @@ def main():
           f"cp -r {res['copy']['seconds']:.1f} s, physical floor {res['physical_floor_s']:.1f} s "
           f"(read {read_bw / 1e9:.2f} GB/s, write {write_bw / 1e9:.2f} GB/s) -> "
           f"{ak['seconds'] / res['physical_floor_s']:.2f}x floor, {ak['seconds'] / res['copy']['seconds']:.2f}x cp")
-    st = res["startup_s"]
-    print(f"    start-up of any bitsandbytes process here (python, torch, CUDA, bitsandbytes): {st:.1f} s "
-          f"= {st / res['physical_floor_s']:.2f}x floor; the command after it: {ak['seconds'] - st:.1f} s "
+    st = res["startup_adaptkit_s"]
+    print(f"    start-up before any work (python, torch, CUDA, bitsandbytes imported and first called as adaptkit "
+          f"does; {res['startup_plain_s']:.1f} s with a plain import): {st:.1f} s = "
+          f"{st / res['physical_floor_s']:.2f}x floor; the command after it: {ak['seconds'] - st:.1f} s "
           f"-> {(ak['seconds'] - st) / res['physical_floor_s']:.2f}x floor")
     q = ak["summary"].get("quantization") or {}
     if q:

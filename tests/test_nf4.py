@@ -219,38 +219,3 @@ def test_verify_nf4_merges(runner, tmp_path, nf4_base):
     assert len(report["summary"]["failed"]) == 14
     assert any("quantization gap" in m["note"] for m in report["modules"])
     assert any("quantization error" in w for w in report["warnings"])
-
-
-def test_bitsandbytes_import_defers_torch_compile():
-    """bitsandbytes' import-time torch.compile calls must not pull in torch._dynamo (13 s on the H100 machine)."""
-    import subprocess
-    import sys
-
-    code = ("import sys, torch; import adaptkit.quant as q; real = torch.compile; F = q._functional(); "
-            "assert torch.compile is real, 'torch.compile not restored'; "
-            "assert F is sys.modules['bitsandbytes.functional']; "
-            "print('torch._dynamo' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False", out.stderr
-
-
-def test_compile_on_first_call_compiles_once_with_the_same_arguments():
-    from adaptkit.quant import _compile_on_first_call
-
-    calls = []
-
-    def fake_compile(fn, **kw):
-        calls.append((fn.__name__, kw))
-        return lambda *a, **k: ("compiled", fn(*a, **k))
-
-    deferred = _compile_on_first_call(fake_compile)
-
-    @deferred(dynamic=False)
-    def double(x):
-        return 2 * x
-
-    plain = deferred(lambda x: x + 1)
-    assert calls == [] and double.__name__ == "double"
-    assert double(3) == ("compiled", 6) and double(4) == ("compiled", 8)
-    assert plain(1) == ("compiled", 2)
-    assert calls == [("double", {"dynamic": False}), ("<lambda>", {})]
