@@ -50,7 +50,7 @@ def local(spec, adapter_only: bool = False):
 
 
 def _read_ahead(folder):
-    """Start the kernel reading a local model folder's weights (see adaptkit/readahead.py); None otherwise."""
+    """Start reading a local model folder's weights into the page cache (adaptkit/readahead.py); None otherwise."""
     from .layout import find_weight_files
     from .readahead import Readahead
 
@@ -234,14 +234,17 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
         settings = QuantSettings(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                                  compute_dtype=compute)
     command = "adaptkit merge " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["merge"] else None
-    with Bar("merging", in_bytes=True, disable=as_json) as bar:
-        base, adapters = local(base), [local(a, adapter_only=True) for a in adapters]
-        result = merge_fn(base, list(adapters), out, weights=list(weights) or None, device=device, dtype=dtype,
-                          max_shard_size=max_shard_size, force=force, warn=warn,
-                          on_plan=lambda plan: bar.start(sum(j.out_bytes for j in plan.jobs)),
-                          progress=bar.advance, command=command, quantize=quantize, qlora=qlora, settings=settings)
-    if ahead is not None:
-        ahead.close()
+    try:
+        with Bar("merging", in_bytes=True, disable=as_json) as bar:
+            base, adapters = local(base), [local(a, adapter_only=True) for a in adapters]
+            result = merge_fn(base, list(adapters), out, weights=list(weights) or None, device=device, dtype=dtype,
+                              max_shard_size=max_shard_size, force=force, warn=warn,
+                              on_plan=lambda plan: bar.start(sum(j.out_bytes for j in plan.jobs)),
+                              progress=bar.advance, command=command, quantize=quantize, qlora=qlora,
+                              settings=settings)
+    finally:
+        if ahead is not None:
+            ahead.close()
     if as_json:
         print_json(result.to_dict())
         return

@@ -35,7 +35,7 @@ from .output import atomic_output_dir, check_output
 from .pipeline import limit_heap_growth, run_stream
 from .plan import MergePlan, Op, OutShard, TensorJob, plan_merge  # noqa: F401 - plan_merge re-exported
 from .quant import QuantSettings, dequantize, quantize, relative_error
-from .readahead import Readahead
+from . import readahead
 from .safetensors_file import ReservedHeaderWriter, StreamingWriter, header_reserve, numel
 
 OUTPUT_BUFFER_BUDGET = 160 << 20  # bytes of merged tensors that may wait for the writer
@@ -222,7 +222,7 @@ def _stream_tensors(plan: MergePlan, tmp: Path, dev: torch.device, progress, qua
             if src.kind == "safetensors":
                 ranges.append((src.path, info.offset, info.nbytes))
         ends[id(j)] = sum(n for _, _, n in ranges)
-    ahead = Readahead(ranges)
+    ahead = readahead.for_stream(ranges)
     read_so_far = 0
 
     def read(job: TensorJob):

@@ -2,13 +2,15 @@
 
 A merge reads each byte of the base once, in order. Left alone, the disk idles while Python imports
 torch and bitsandbytes (seconds, before the first read) and whenever the stream waits on the GPU or
-the writer. :class:`Readahead` asks the kernel (``posix_fadvise(WILLNEED)``, asynchronous) to fetch
-the next ``window`` bytes of a list of file ranges; the CLI starts one on the base's weight files
-before anything heavy is imported, and the merge's reader moves one along as it goes.
+the writer. :class:`Readahead` is a thread that reads the next ``window`` bytes of a list of file
+ranges into the page cache (through one small scratch buffer), paced by what the stream reports
+as consumed. The CLI starts one on the base's weight files before anything heavy is imported; the
+merge's stream takes it over (:func:`for_stream`) or starts its own.
 
-The pages land in the page cache, not in this process: the window is bounded by a quarter of the
-memory available (at most 8 GiB), so a 70B base on a 24 GB machine is still streamed, never cached
-whole. Without ``posix_fadvise`` (macOS, Windows) this does nothing. This module imports no torch.
+Real reads, not ``posix_fadvise(WILLNEED)``: Linux caps that hint at the device's readahead size
+(a few hundred KB per call), far short of a window. The pages land in the page cache, not in this
+process: the window is bounded by a quarter of the memory available (at most 8 GiB), so a 70B base
+on a 24 GB machine is still streamed, never cached whole. This module imports no torch.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import threading
 from pathlib import Path
 
 MAX_WINDOW = 8 << 30
-_CHUNK = 64 << 20  # one fadvise call: large enough to be cheap, small enough to stop early
+CHUNK = 8 << 20  # one read into the scratch buffer
+
+_active: dict[Path, "Readahead"] = {}  # whole-file prefetchers by file, for :func:`for_stream`
+_active_lock = threading.Lock()
 
 
 def window_bytes() -> int:
@@ -34,65 +39,113 @@ def window_bytes() -> int:
 
 
 class Readahead:
-    """Advise the kernel to read ``ranges`` ((path, offset, length), in reading order) ``window`` bytes ahead.
+    """Read ``ranges`` ((path, offset, length), in the order the stream reads them) up to ``window``
+    bytes past what the stream has consumed (:meth:`consumed`).
 
-    :meth:`consumed` tells it how far the stream has read; advice never runs more than ``window``
-    bytes past that. Every failure is ignored: this is a hint, the reads themselves stay correct.
+    :meth:`fill` does the reading (the thread of :meth:`start` calls it whenever the stream moves
+    on). Every failure is ignored: this only warms the cache, the stream's own reads stay correct.
     """
 
     def __init__(self, ranges, window: int | None = None):
         self._ranges = [(Path(p), int(o), int(n)) for p, o, n in ranges if n > 0]
+        self.total = sum(n for _, _, n in self._ranges)
         self.window = window_bytes() if window is None else window
-        self._next = 0  # index of the first range not fully advised
-        self._done_in_next = 0  # bytes of that range already advised
-        self.advised = 0  # bytes advised so far
-        self._read = 0
-        self._fds: dict[Path, int] = {}
-        self._lock = threading.Lock()
+        self.fetched = 0  # bytes of the sequence read (or skipped because the stream was already past)
+        self.read_from_disk = 0  # bytes this prefetcher actually read
+        self._consumed = 0
+        self._next = 0  # index of the first range not fully fetched
+        self._done_in_next = 0
+        self._cv = threading.Condition()
         self._closed = False
+        self._thread: threading.Thread | None = None
+        self._files: list[Path] = []
 
     @classmethod
     def of_files(cls, paths, window: int | None = None) -> "Readahead":
-        """Whole files, in the given order."""
+        """Whole files, in the given order; the stream of a merge of them takes this one over."""
         ranges = []
         for p in paths:
             try:
-                ranges.append((p, 0, os.path.getsize(p)))
+                ranges.append((Path(p), 0, os.path.getsize(p)))
             except OSError:
                 continue
-        return cls(ranges, window)
+        ra = cls(ranges, window)
+        ra._files = [r[0] for r in ranges]
+        return ra
 
-    def consumed(self, nbytes: int = 0) -> None:
-        """The stream has read ``nbytes`` more; advise up to ``window`` bytes past what it has read."""
-        if not hasattr(os, "posix_fadvise"):
-            return
-        with self._lock:
-            self._read += nbytes
-            while not self._closed and self._next < len(self._ranges) and self.advised < self._read + self.window:
+    def consumed(self, nbytes: int) -> None:
+        """The stream has read ``nbytes`` more."""
+        with self._cv:
+            self._consumed += nbytes
+            self._cv.notify_all()
+
+    def fill(self) -> bool:
+        """Read until ``window`` bytes past the consumed point, or the end; False once there is no more."""
+        buf = memoryview(bytearray(CHUNK))
+        while True:
+            with self._cv:
+                if self._closed or self._next >= len(self._ranges):
+                    return False
+                if self.fetched >= self._consumed + self.window:
+                    return True
                 path, offset, length = self._ranges[self._next]
-                n = min(_CHUNK, length - self._done_in_next, self._read + self.window - self.advised)
-                try:
-                    fd = self._fds.get(path)
-                    if fd is None:
-                        fd = self._fds[path] = os.open(path, os.O_RDONLY)
-                    os.posix_fadvise(fd, offset + self._done_in_next, n, os.POSIX_FADV_WILLNEED)
-                except OSError:
-                    pass
-                self.advised += n
+                n = min(CHUNK, length - self._done_in_next, self._consumed + self.window - self.fetched)
+                start = offset + self._done_in_next
+                skip = self.fetched + n <= self._consumed  # the stream is already past these bytes
+            if not skip:
+                self.read_from_disk += _read_into(path, start, buf[:n])
+            with self._cv:
+                self.fetched += n
                 self._done_in_next += n
                 if self._done_in_next >= length:
                     self._next += 1
                     self._done_in_next = 0
 
     def start(self) -> "Readahead":
-        """Advise the first window from a background thread (the caller goes on importing)."""
-        threading.Thread(target=self.consumed, name="adaptkit-readahead", daemon=True).start()
+        """Keep reading from a background thread (the caller goes on, importing torch say)."""
+        if self._files:
+            with _active_lock:
+                for p in self._files:
+                    _active[p] = self
+        self._thread = threading.Thread(target=self._run, name="adaptkit-readahead", daemon=True)
+        self._thread.start()
         return self
 
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+    def _run(self) -> None:
+        while self.fill():
+            with self._cv:
+                while not self._closed and self.fetched >= self._consumed + self.window:
+                    self._cv.wait()
 
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        with _active_lock:
+            for p in self._files:
+                if _active.get(p) is self:
+                    del _active[p]
+
+
+def _read_into(path: Path, offset: int, buf: memoryview) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return 0
+    try:
+        return os.preadv(fd, [buf], offset) if hasattr(os, "preadv") else len(os.pread(fd, len(buf), offset))
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+
+
+def for_stream(ranges) -> Readahead:
+    """A running prefetcher for a stream reading ``ranges``: the one already reading all their files
+    whole (the CLI's, started before torch was imported), else a new one."""
+    ranges = list(ranges)
+    with _active_lock:
+        owners = {_active.get(Path(p)) for p, _, _ in ranges}
+    if len(owners) == 1 and None not in owners:
+        return owners.pop()
+    return Readahead(ranges).start()

@@ -1,21 +1,19 @@
-"""The disk is kept busy: inputs read ahead (WILLNEED) within a window, outputs handed to the disk as written."""
+"""The disk is kept busy: inputs read ahead within a window, outputs handed to the disk as written."""
 
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import adaptkit.safetensors_file as stf
-from adaptkit.checkpoint import Checkpoint
 from adaptkit.merge import merge
+from adaptkit import readahead
 from adaptkit.readahead import Readahead
 from conftest import ADAPTERS, TINY_LLAMA
-
-pytestmark = pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this OS")
-
 
 @pytest.fixture
 def fadvise_calls(monkeypatch):
@@ -30,35 +28,53 @@ def fadvise_calls(monkeypatch):
     return calls
 
 
-def test_readahead_stays_within_its_window(tmp_path, fadvise_calls):
+def wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_readahead_reads_within_its_window_and_skips_what_the_stream_passed(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.write_bytes(b"x" * 300)
     b.write_bytes(b"y" * 500)
     ra = Readahead([(a, 100, 200), (b, 0, 500)], window=250)
-    ra.consumed()
-    assert ra.advised == 250
-    assert [(os.path.basename(p), o, n) for p, o, n, _ in fadvise_calls] == [("a", 100, 200), ("b", 0, 50)]
+    assert ra.fill() and ra.fetched == 250 and ra.read_from_disk == 250
     ra.consumed(100)
-    assert ra.advised == 350 and fadvise_calls[-1][1:3] == (50, 100)
-    ra.consumed(1000)
-    assert ra.advised == 700 and sum(c[2] for c in fadvise_calls) == 700
-    assert {c[3] for c in fadvise_calls} == {os.POSIX_FADV_WILLNEED}
+    assert ra.fill() and ra.fetched == 350 and ra.read_from_disk == 350
+    ra.consumed(1000)  # the stream ran past everything: nothing more is read
+    assert not ra.fill() and ra.fetched == 700 and ra.read_from_disk == 350
+
+
+def test_readahead_thread_is_paced_by_the_stream(tmp_path):
+    f = tmp_path / "big"
+    f.write_bytes(os.urandom(3 * readahead.CHUNK))
+    ra = Readahead.of_files([f], window=readahead.CHUNK).start()
+    wait_for(lambda: ra.fetched == readahead.CHUNK)
+    time.sleep(0.05)
+    assert ra.fetched == readahead.CHUNK  # waits for the stream
+    ra.consumed(readahead.CHUNK)
+    wait_for(lambda: ra.fetched == 2 * readahead.CHUNK)
     ra.close()
-    ra.consumed(10)  # closed: no more advice, no error
-    assert ra.advised == 700
+    ra._thread.join(timeout=5)
+    assert not ra._thread.is_alive()
 
 
-def test_merge_reads_ahead_every_byte_of_the_base(tmp_path, fadvise_calls):
+def test_merge_takes_over_the_prefetcher_the_cli_started(tmp_path, monkeypatch):
+    import adaptkit.cli as cli
+
+    used = []
+    real = readahead.for_stream
+    monkeypatch.setattr(readahead, "for_stream", lambda ranges: used.append(real(ranges)) or used[-1])
+    early = cli._read_ahead(TINY_LLAMA)
     merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], tmp_path / "out", warn=lambda m: None)
-    advised = {}
-    for path, offset, length, advice in fadvise_calls:
-        if advice == os.POSIX_FADV_WILLNEED:
-            advised.setdefault(os.path.basename(path), set()).update(range(offset, offset + length))
-    ck = Checkpoint.open(TINY_LLAMA)
-    for shard, info in ck.tensors.values():
-        assert set(range(info.offset, info.offset + info.nbytes)) <= advised[shard.path.name], info.name
+    assert used == [early]
+    assert early.total == sum(p.stat().st_size for p in TINY_LLAMA.glob("model-*.safetensors"))
+    assert early not in readahead._active.values()  # closed by the stream, unregistered
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this OS")
 def test_writers_hand_written_bytes_to_the_disk_as_they_go(tmp_path, fadvise_calls, monkeypatch):
     monkeypatch.setattr(stf, "WRITEBACK_EVERY", 1000)
     tensors = {f"t{i}": torch.randn(100, 7) for i in range(5)}  # 2800 bytes each
