@@ -62,6 +62,27 @@ def _read_ahead(folder):
         return None  # the merge itself reports what is wrong with the folder
 
 
+def _quant_settings(ctx, settings_cls, config, quant_type, blocksize, double_quant, dtype):
+    """QuantSettings from --quant-config, with the flags given on the command line (or, without a
+    config, their defaults) taking precedence; --dtype, when a float type, is the compute dtype."""
+    import dataclasses
+
+    import torch
+
+    from click.core import ParameterSource
+
+    def given(name):
+        return not config or ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+    settings = settings_cls.from_config(config) if config else settings_cls()
+    changes = {name: value for name, value in (("quant_type", quant_type), ("blocksize", blocksize),
+                                               ("double_quant", double_quant)) if given(name)}
+    compute = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
+    if compute is not None or not config:
+        changes["compute_dtype"] = compute or torch.float16
+    return dataclasses.replace(settings, **changes)
+
+
 def warn(message: str) -> None:
     err.print(styled("warning:", "yellow", f" {message}"), soft_wrap=True)
 
@@ -198,10 +219,14 @@ def _render_inspect(report, svd: bool) -> None:
 @click.option("--blocksize", type=int, default=64, show_default=True, help="For --qlora or --quantize on a dense base.")
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True,
               help="For --qlora or --quantize on a dense base.")
+@click.option("--quant-config", type=click.Path(exists=True), default=None,
+              help="For --qlora or --quantize on a dense base: the settings from a JSON file, as "
+                   "BitsAndBytesConfig.to_json_file writes it, or a 4-bit model's config.json (or its folder). "
+                   "The flags above, when given, override it.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize, qlora, quant_type, blocksize,
-          double_quant, force, as_json):
+          double_quant, quant_config, force, as_json):
     """Fold LoRA adapters into a base model: W' = W + weight · (α/r) · B·A.
 
     BASE is a model folder in the Hugging Face layout (config.json with model.safetensors, sharded
@@ -228,11 +253,10 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
 
     settings = None
     if qlora or quantize:
-        import torch
-
-        compute = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype, torch.float16)
-        settings = QuantSettings(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
-                                 compute_dtype=compute)
+        settings = _quant_settings(click.get_current_context(), QuantSettings, quant_config, quant_type, blocksize,
+                                   double_quant, dtype)
+    elif quant_config:
+        raise AdaptkitError("--quant-config is for --qlora or --quantize", quant_config)
     command = "adaptkit merge " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["merge"] else None
     try:
         with Bar("merging", in_bytes=True, disable=as_json) as bar:

@@ -155,7 +155,7 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] |
     skip: list[str] = []
     if (quantize or qlora) and not qweights:
         settings = settings or QuantSettings()
-        to_quantize, skip = weights_bnb_would_quantize(base.config)
+        to_quantize, skip = weights_bnb_would_quantize(base.config, settings.skip_modules)
         to_quantize &= set(base.tensors)
     owner = {c: q for q in qweights.values() for c in q.components}
     out_dtype = resolve_dtype(dtype)

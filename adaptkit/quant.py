@@ -109,6 +109,47 @@ class QuantSettings:
     double_quant: bool = True
     compute_dtype: torch.dtype = torch.float16
     storage: torch.dtype = torch.uint8
+    skip_modules: tuple[str, ...] | None = None  # llm_int8_skip_modules; None: transformers' own choice
+
+    @classmethod
+    def from_config(cls, path) -> "QuantSettings":
+        """Settings from a JSON file: a BitsAndBytesConfig (``to_json_file``), a 4-bit model's
+        config.json (its ``quantization_config``), or a folder holding that config.json.
+
+        BitsAndBytesConfig has no blocksize (transformers quantizes with 64); a ``blocksize`` or
+        ``bnb_4bit_blocksize`` key, when present, is used.
+        """
+        from pathlib import Path
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise AdaptkitError(f"cannot read quantization settings: {e}", path) from None
+        q = cfg.get("quantization_config", cfg) if isinstance(cfg, dict) else None
+        if not isinstance(q, dict) or str(q.get("quant_method", "bitsandbytes")) != "bitsandbytes" \
+                or not (q.get("load_in_4bit") or q.get("_load_in_4bit")):
+            raise AdaptkitError("not a bitsandbytes 4-bit configuration (expected load_in_4bit and bnb_4bit_* "
+                                "fields, as BitsAndBytesConfig.to_json_file writes them)", path)
+        dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                  "uint8": torch.uint8, "int8": torch.int8}
+
+        def dtype(key, default):
+            name = str(q.get(key) or default).removeprefix("torch.")
+            if name not in dtypes:
+                raise AdaptkitError(f"{key} {name!r} is not one of {', '.join(dtypes)}", path)
+            return dtypes[name]
+
+        quant_type = str(q.get("bnb_4bit_quant_type", "fp4"))  # BitsAndBytesConfig's own default
+        if quant_type not in ("nf4", "fp4"):
+            raise AdaptkitError(f"bnb_4bit_quant_type {quant_type!r} is not nf4 or fp4", path)
+        return cls(quant_type=quant_type, blocksize=int(q.get("bnb_4bit_blocksize", q.get("blocksize", 64))),
+                   double_quant=bool(q.get("bnb_4bit_use_double_quant", False)),
+                   compute_dtype=dtype("bnb_4bit_compute_dtype", "float32"),
+                   storage=dtype("bnb_4bit_quant_storage", "uint8"),
+                   skip_modules=tuple(q["llm_int8_skip_modules"]) if q.get("llm_int8_skip_modules") else None)
 
     def component_suffixes(self) -> list[str]:
         """The names bitsandbytes gives the components (found by quantizing a tiny tensor)."""
@@ -136,7 +177,7 @@ def weights_bnb_would_quantize(config: dict, skip: list[str] | None = None) -> t
     """The weight names transformers would turn into bitsandbytes 4-bit layers, and the skipped modules.
 
     Asks transformers itself: the model is built on the meta device (no memory) and filtered with
-    its own ``get_keys_to_not_convert`` / ``should_convert_module``.
+    its own ``get_modules_to_not_convert`` / ``should_convert_module``.
     """
     import warnings
 
@@ -144,7 +185,7 @@ def weights_bnb_would_quantize(config: dict, skip: list[str] | None = None) -> t
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     cfg = {k: v for k, v in config.items() if k != "quantization_config"}
@@ -157,7 +198,9 @@ def weights_bnb_would_quantize(config: dict, skip: list[str] | None = None) -> t
         cls = getattr(transformers, arch, None) if arch else None
         with torch.device("meta"):
             model = cls._from_config(hf_config) if cls is not None else AutoModelForCausalLM.from_config(hf_config)
-    skip = list(skip) if skip is not None else get_keys_to_not_convert(model)
+    # transformers' own rule: the given skip list replaces its defaults; fp32-kept modules are always skipped
+    skip = HfQuantizer.get_modules_to_not_convert(model, list(skip) if skip is not None else None,
+                                                  getattr(model, "_keep_in_fp32_modules", None))
     names = set()
     for name, module in model.named_modules():
         if isinstance(module, Conv1D) and should_convert_module(name, skip):

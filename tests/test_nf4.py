@@ -219,3 +219,63 @@ def test_verify_nf4_merges(runner, tmp_path, nf4_base):
     assert len(report["summary"]["failed"]) == 14
     assert any("quantization gap" in m["note"] for m in report["modules"])
     assert any("quantization error" in w for w in report["warnings"])
+
+
+def test_quant_config_reads_bitsandbytes_configs(tmp_path, nf4_base):
+    from transformers import BitsAndBytesConfig
+
+    from adaptkit.errors import AdaptkitError
+    from adaptkit.quant import QuantSettings
+
+    bnb = tmp_path / "bnb.json"
+    BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.bfloat16,
+                       llm_int8_skip_modules=["q_proj"]).to_json_file(bnb)
+    assert QuantSettings.from_config(bnb) == QuantSettings(quant_type="fp4", blocksize=64, double_quant=False,
+                                                           compute_dtype=torch.bfloat16, storage=torch.uint8,
+                                                           skip_modules=("q_proj",))
+    saved = json.loads((nf4_base / "config.json").read_text())["quantization_config"]
+    from_model = QuantSettings.from_config(nf4_base)  # the folder of a 4-bit model: its config.json
+    assert (from_model.quant_type, from_model.double_quant, from_model.compute_dtype) == \
+        ("nf4", saved["bnb_4bit_use_double_quant"], torch.float16)
+    with pytest.raises(AdaptkitError, match="not a bitsandbytes 4-bit"):
+        QuantSettings.from_config(TINY_LLAMA / "config.json")
+
+
+def test_quant_config_sets_qlora_settings_and_flags_override_it(runner, tmp_path):
+    from transformers import BitsAndBytesConfig
+
+    bnb = tmp_path / "bnb.json"
+    BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False).to_json_file(bnb)
+    args = ["merge", str(TINY_LLAMA), str(ADAPTERS["llama-lora"]), "--qlora", "-o"]
+    outs = {}
+    for key, extra in {"config": ["--quant-config", str(bnb)],
+                       "flags": ["--quant-type", "fp4", "--no-double-quant"],
+                       "config+flag": ["--quant-config", str(bnb), "--quant-type", "nf4"],
+                       "nf4-flags": ["--quant-type", "nf4", "--no-double-quant"]}.items():
+        res = runner.invoke(main, args + [str(tmp_path / key)] + extra)
+        assert res.exit_code == 0, res.output
+        outs[key] = load_dir(tmp_path / key)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(outs["config"][name], outs["flags"][name])
+    assert torch.equal(outs["config+flag"][name], outs["nf4-flags"][name])
+    assert not torch.equal(outs["config"][name], outs["nf4-flags"][name])  # fp4 and nf4 do differ
+    res = runner.invoke(main, ["merge", str(TINY_LLAMA), str(ADAPTERS["llama-lora"]), "-o", str(tmp_path / "x"),
+                               "--quant-config", str(bnb)])
+    assert res.exit_code == 2 and "--quant-config is for --qlora or --quantize" in res.stderr
+
+
+def test_quant_config_skip_modules_stay_dense(tmp_path):
+    from transformers import BitsAndBytesConfig
+
+    from adaptkit.quant import QuantSettings
+
+    bnb = tmp_path / "bnb.json"
+    BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["q_proj", "lm_head"]
+                       ).to_json_file(bnb)
+    out = tmp_path / "q"
+    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, quantize="nf4", settings=QuantSettings.from_config(bnb), **quiet)
+    names = set(load_dir(out))
+    assert "model.layers.0.self_attn.q_proj.weight.absmax" not in names  # skipped: dense
+    assert "model.layers.0.self_attn.v_proj.weight.absmax" in names
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert set(cfg["llm_int8_skip_modules"]) >= {"q_proj", "lm_head"}
