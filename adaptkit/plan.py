@@ -151,6 +151,12 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] |
         raise AdaptkitError("--qlora is for dense bases (a 4-bit base already is what QLoRA trained on)", base.path)
     if qlora and quantize:
         raise AdaptkitError("give --qlora or --quantize, not both")
+    if qweights and (base.config.get("model_type") in CONV1D_MODEL_TYPES or any(
+            m.transposed and m.weight_name in qweights for a in adapters for m in a.modules.values())):
+        # transformers quantizes a Conv1D weight transposed, (out, in): merging into it and writing
+        # it back in the Conv1D layout is not implemented, and a square weight would merge wrongly
+        raise AdaptkitError("4-bit bases of Conv1D models (GPT-2 family) are not supported yet: merge into the "
+                            "16-bit base instead", base.path)
     to_quantize: set[str] = set()
     skip: list[str] = []
     if (quantize or qlora) and not qweights:
@@ -300,6 +306,10 @@ def resolve_dtype(dtype) -> torch.dtype | None:
         return DTYPES[str(dtype).lower()]
     except KeyError:
         raise AdaptkitError(f"unknown dtype {dtype!r} (choose auto, float16, bfloat16 or float32)") from None
+
+
+# models whose linear layers are transformers' Conv1D, weight stored (in, out)
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 
 
 def _job(name, source, shape, in_dtype, out_dtype, ops) -> TensorJob:

@@ -279,3 +279,17 @@ def test_quant_config_skip_modules_stay_dense(tmp_path):
     assert "model.layers.0.self_attn.v_proj.weight.absmax" in names
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert set(cfg["llm_int8_skip_modules"]) >= {"q_proj", "lm_head"}
+
+
+def test_4bit_conv1d_base_refused_not_merged_transposed(runner, tmp_path):
+    """transformers stores a 4-bit Conv1D weight transposed; a square one would silently merge wrong."""
+    q = tmp_path / "gpt2-4bit"
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        AutoModelForCausalLM.from_pretrained(BASE_OF_GPT2, device_map="cpu", dtype=torch.float16,
+                                             quantization_config=BitsAndBytesConfig(load_in_4bit=True)
+                                             ).save_pretrained(q)
+    res = runner.invoke(main, ["merge", str(q), str(ADAPTERS["gpt2-lora"]), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "Conv1D" in res.stderr and not (tmp_path / "o").exists()
