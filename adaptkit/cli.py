@@ -62,7 +62,7 @@ def _read_ahead(folder):
         return None  # the merge itself reports what is wrong with the folder
 
 
-def _quant_settings(ctx, settings_cls, config, quant_type, blocksize, double_quant, dtype):
+def _quant_settings(ctx, config, quant_type, blocksize, double_quant, dtype):
     """QuantSettings from --quant-config, with the flags given on the command line (or, without a
     config, their defaults) taking precedence; --dtype, when a float type, is the compute dtype."""
     import dataclasses
@@ -71,10 +71,12 @@ def _quant_settings(ctx, settings_cls, config, quant_type, blocksize, double_qua
 
     from click.core import ParameterSource
 
+    from .quant import QuantSettings
+
     def given(name):
         return not config or ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
 
-    settings = settings_cls.from_config(config) if config else settings_cls()
+    settings = QuantSettings.from_config(config) if config else QuantSettings()
     changes = {name: value for name, value in (("quant_type", quant_type), ("blocksize", blocksize),
                                                ("double_quant", double_quant)) if given(name)}
     compute = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
@@ -249,12 +251,11 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
     """
     ahead = _read_ahead(base)  # before torch is imported: the disk works during the imports
     from .merge import merge as merge_fn
-    from .quant import QuantSettings
 
     settings = None
     if qlora or quantize:
-        settings = _quant_settings(click.get_current_context(), QuantSettings, quant_config, quant_type, blocksize,
-                                   double_quant, dtype)
+        settings = _quant_settings(click.get_current_context(), quant_config, quant_type, blocksize, double_quant,
+                                   dtype)
     elif quant_config:
         raise AdaptkitError("--quant-config is for --qlora or --quantize", quant_config)
     command = "adaptkit merge " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["merge"] else None

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__
+from . import __version__, readahead
 from .adapter import Adapter, load_adapter
 from .checkpoint import Checkpoint, is_weight_file
 from .device import resolve_device
@@ -35,7 +35,6 @@ from .output import atomic_output_dir, check_output
 from .pipeline import limit_heap_growth, run_stream
 from .plan import MergePlan, Op, OutShard, TensorJob, plan_merge  # noqa: F401 - plan_merge re-exported
 from .quant import QuantSettings, dequantize, quantize, relative_error
-from . import readahead
 from .safetensors_file import ReservedHeaderWriter, StreamingWriter, header_reserve, numel
 
 OUTPUT_BUFFER_BUDGET = 160 << 20  # bytes of merged tensors that may wait for the writer
@@ -215,13 +214,14 @@ def _stream_tensors(plan: MergePlan, tmp: Path, dev: torch.device, progress, qua
     total = 0
 
     # the disk keeps reading ahead of the reader: jobs' source bytes, in the order they are consumed
-    ranges, ends = [], {}
+    ranges, ends, upto = [], {}, 0
     for j in plan.jobs:
         for name in (j.source, *(j.quant.components if j.packed_source else ())):
             src, info = ckpt.tensors[name]
             if src.kind == "safetensors":
                 ranges.append((src.path, info.offset, info.nbytes))
-        ends[id(j)] = sum(n for _, _, n in ranges)
+                upto += info.nbytes
+        ends[id(j)] = upto
     ahead = readahead.for_stream(ranges)
     read_so_far = 0
 
