@@ -145,7 +145,11 @@ class QuantSettings:
         quant_type = str(q.get("bnb_4bit_quant_type", "fp4"))  # BitsAndBytesConfig's own default
         if quant_type not in ("nf4", "fp4"):
             raise AdaptkitError(f"bnb_4bit_quant_type {quant_type!r} is not nf4 or fp4", path)
-        return cls(quant_type=quant_type, blocksize=int(q.get("bnb_4bit_blocksize", q.get("blocksize", 64))),
+        try:
+            blocksize = int(q.get("bnb_4bit_blocksize", q.get("blocksize", 64)))
+        except (TypeError, ValueError):
+            raise AdaptkitError("blocksize is not an integer", path) from None
+        return cls(quant_type=quant_type, blocksize=blocksize,
                    double_quant=bool(q.get("bnb_4bit_use_double_quant", False)),
                    compute_dtype=dtype("bnb_4bit_compute_dtype", "float32"),
                    storage=dtype("bnb_4bit_quant_storage", "uint8"),

@@ -239,6 +239,10 @@ def test_quant_config_reads_bitsandbytes_configs(tmp_path, nf4_base):
         ("nf4", saved["bnb_4bit_use_double_quant"], torch.float16)
     with pytest.raises(AdaptkitError, match="not a bitsandbytes 4-bit"):
         QuantSettings.from_config(TINY_LLAMA / "config.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"load_in_4bit": True, "blocksize": "big"}))
+    with pytest.raises(AdaptkitError, match="blocksize is not an integer"):
+        QuantSettings.from_config(bad)
 
 
 def test_quant_config_sets_qlora_settings_and_flags_override_it(runner, tmp_path):
