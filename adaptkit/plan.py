@@ -59,11 +59,13 @@ class TensorJob:
     def computed(self) -> bool:
         return bool(self.ops) or self.in_dtype != self.out_dtype or self.quant is not None
 
+    def _nbytes(self, packed: bool, dtype: torch.dtype) -> int:
+        """Bytes of this tensor: packed 4-bit (two values a byte; an estimate, components aside) or dense."""
+        return numel(self.shape) // 2 + 1 if packed else numel(self.shape) * itemsize(dtype)
+
     @property
     def in_bytes(self) -> int:
-        if self.packed_source:
-            return numel(self.shape) // 2 + 1
-        return numel(self.shape) * itemsize(self.in_dtype)
+        return self._nbytes(self.packed_source, self.in_dtype)
 
     @property
     def out_names(self) -> list[str]:
@@ -71,9 +73,7 @@ class TensorJob:
 
     @property
     def out_bytes(self) -> int:
-        if self.requantize:
-            return numel(self.shape) // 2 + 1
-        return numel(self.shape) * itemsize(self.out_dtype)
+        return self._nbytes(self.requantize, self.out_dtype)
 
 
 @dataclass
