@@ -144,9 +144,8 @@ def _find_shards(path: Path) -> tuple[list[Shard], str | None]:
     make = _safetensors_shard if found.kind == "safetensors" else _bin_shard
     shards = [make(p) for p in found.files]
     if found.index is not None:
-        weight_map = json.loads(found.index.read_text())["weight_map"]
         listed = {t.name for s in shards for t in s.tensors}
-        missing = [n for n in weight_map if n not in listed]
+        missing = [n for n in found.weight_map if n not in listed]
         if missing:
             raise AdaptkitError(f"{len(missing)} tensors in the index are in no shard (first: {missing[0]})",
                                 found.index)

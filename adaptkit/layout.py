@@ -19,6 +19,7 @@ class WeightFiles:
     kind: str  # "safetensors" or "bin"
     files: list[Path]  # in the order the index first names them (or name order)
     index: Path | None  # the shard index, when there is one
+    weight_map: dict[str, str] | None = None  # the index's tensor name -> file
 
 
 def find_weight_files(path: str | Path) -> WeightFiles:
@@ -27,14 +28,14 @@ def find_weight_files(path: str | Path) -> WeightFiles:
     st_index = path / "model.safetensors.index.json"
     bin_index = path / "pytorch_model.bin.index.json"
     if st_index.exists():
-        return WeightFiles("safetensors", _from_index(path, st_index), st_index)
+        return WeightFiles("safetensors", *_from_index(path, st_index))
     if (path / "model.safetensors").exists():
         return WeightFiles("safetensors", [path / "model.safetensors"], None)
     singles = [p for p in sorted(path.glob("*.safetensors")) if not p.name.startswith("adapter_model")]
     if singles:
         return WeightFiles("safetensors", singles, None)
     if bin_index.exists():
-        return WeightFiles("bin", _from_index(path, bin_index), bin_index)
+        return WeightFiles("bin", *_from_index(path, bin_index))
     if (path / "pytorch_model.bin").exists():
         return WeightFiles("bin", [path / "pytorch_model.bin"], None)
     if (path / "adapter_config.json").exists():
@@ -43,7 +44,7 @@ def find_weight_files(path: str | Path) -> WeightFiles:
                         "model.safetensors.index.json, or pytorch_model.bin)", path)
 
 
-def _from_index(path: Path, index: Path) -> list[Path]:
+def _from_index(path: Path, index: Path) -> tuple[list[Path], Path, dict[str, str]]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (ValueError, KeyError, OSError, TypeError) as e:
@@ -54,4 +55,4 @@ def _from_index(path: Path, index: Path) -> list[Path]:
         if not p.exists():
             raise AdaptkitError(f"shard {name} listed in the index is missing", index)
         files.append(p)
-    return files
+    return files, index, weight_map
