@@ -68,9 +68,9 @@ def _quant_settings(ctx, config, quant_type, blocksize, double_quant, dtype):
     import dataclasses
 
     import torch
-
     from click.core import ParameterSource
 
+    from .plan import resolve_dtype
     from .quant import QuantSettings
 
     def given(name):
@@ -79,7 +79,7 @@ def _quant_settings(ctx, config, quant_type, blocksize, double_quant, dtype):
     settings = QuantSettings.from_config(config) if config else QuantSettings()
     changes = {name: value for name, value in (("quant_type", quant_type), ("blocksize", blocksize),
                                                ("double_quant", double_quant)) if given(name)}
-    compute = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
+    compute = resolve_dtype(dtype)  # None for auto
     if compute is not None or not config:
         changes["compute_dtype"] = compute or torch.float16
     return dataclasses.replace(settings, **changes)
