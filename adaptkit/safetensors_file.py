@@ -198,6 +198,28 @@ class _OutputFile:
         if not self._f.closed:
             self._f.close()
 
+    def _write_all(self, mv: memoryview) -> None:
+        done = 0
+        while done < len(mv):
+            done += os.write(self._fd, mv[done:])
+
+    def _copy_in(self, src_fd: int, src_offset: int, nbytes: int) -> None:
+        """Copy ``nbytes`` of another file to this file's position, by the kernel where it can."""
+        done = 0
+        while done < nbytes:
+            n = 0
+            try:
+                n = os.copy_file_range(src_fd, self._fd, nbytes - done, src_offset + done)
+            except (OSError, AttributeError):
+                n = 0
+            if n <= 0:  # no kernel copy here (other OS, cross-device on old kernels): read and write
+                chunk = min(nbytes - done, 64 << 20)
+                buf = bytearray(chunk)
+                read_into(src_fd, src_offset + done, memoryview(buf))
+                self._write_all(memoryview(buf))
+                n = chunk
+            done += n
+
 
 class StreamingWriter(_OutputFile):
     """Write a safetensors file tensor by tensor, in a fixed order declared up front.
@@ -215,11 +237,6 @@ class StreamingWriter(_OutputFile):
         self._open(path)
         self._write_all(memoryview(header))
         self.bytes_written = len(header)
-
-    def _write_all(self, mv: memoryview) -> None:
-        done = 0
-        while done < len(mv):
-            done += os.write(self._fd, mv[done:])
 
     def _advance(self, name: str, nbytes: int) -> None:
         if self._next >= len(self._expected):
@@ -239,20 +256,7 @@ class StreamingWriter(_OutputFile):
     def copy_from(self, name: str, src_fd: int, src_offset: int, nbytes: int, dtype=None, shape=None) -> None:
         """Copy ``nbytes`` from another file without passing them through user memory."""
         self._advance(name, nbytes)
-        done = 0
-        while done < nbytes:
-            n = 0
-            try:
-                n = os.copy_file_range(src_fd, self._fd, nbytes - done, src_offset + done)
-            except (OSError, AttributeError):
-                n = 0
-            if n <= 0:  # no kernel copy here (other OS, cross-device on old kernels): read and write
-                chunk = min(nbytes - done, 64 << 20)
-                buf = bytearray(chunk)
-                read_into(src_fd, src_offset + done, memoryview(buf))
-                self._write_all(memoryview(buf))
-                n = chunk
-            done += n
+        self._copy_in(src_fd, src_offset, nbytes)
         self._written()
 
     def close(self, sync: bool = True) -> None:
@@ -306,12 +310,7 @@ class ReservedHeaderWriter(_OutputFile):
     def copy_from(self, name: str, src_fd: int, src_offset: int, nbytes: int, dtype: torch.dtype, shape) -> None:
         self._next_name(name)
         os.lseek(self._fd, 8 + self._reserve + self._offset, os.SEEK_SET)
-        done = 0
-        while done < nbytes:
-            n = os.copy_file_range(src_fd, self._fd, nbytes - done, src_offset + done)
-            if n <= 0:
-                raise OSError(f"copy_file_range stopped at {done} of {nbytes} bytes")
-            done += n
+        self._copy_in(src_fd, src_offset, nbytes)
         self._entries[name] = (dtype, tuple(shape), self._offset, self._offset + nbytes)
         self._offset += nbytes
         self.bytes_written += nbytes
