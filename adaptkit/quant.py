@@ -71,13 +71,9 @@ def find_quantized(tensor_names, read_blob) -> dict[str, QuantizedWeight]:
     return out
 
 
-def _functional():
-    return bnb_import.functional()
-
-
 def dequantize(packed: torch.Tensor, components: dict[str, torch.Tensor], device) -> torch.Tensor:
     """Dense weight from a packed 4-bit tensor and its components (keys relative to the weight name)."""
-    F = _functional()
+    F = bnb_import.functional()
     state = F.QuantState.from_dict(dict(components), device=torch.device(device))
     return F.dequantize_4bit(packed.to(device), state)
 
@@ -88,7 +84,7 @@ def quantize(dense: torch.Tensor, like: QuantizedWeight, double_quant: bool, sto
 
     Quantizing straight from fp32 keeps the merge's one rounding (peft casts to the 16-bit dtype first).
     """
-    F = _functional()
+    F = bnb_import.functional()
     packed, state = F.quantize_4bit(dense.contiguous(), blocksize=like.blocksize, compress_statistics=double_quant,
                                     quant_type=like.quant_type, quant_storage=storage)
     state.dtype = like.dtype  # what dequantize will return, as in the base
@@ -157,7 +153,7 @@ class QuantSettings:
 
     def component_suffixes(self) -> list[str]:
         """The names bitsandbytes gives the components (found by quantizing a tiny tensor)."""
-        F = _functional()
+        F = bnb_import.functional()
         _, state = F.quantize_4bit(torch.zeros(self.blocksize * 4, 1), blocksize=self.blocksize,
                                    compress_statistics=self.double_quant, quant_type=self.quant_type,
                                    quant_storage=self.storage)

@@ -44,14 +44,18 @@ def tensor_shapes(s):
     return out
 
 
-def build_base(path: Path, s: dict, device: str):
+def llama_config(s: dict):
+    """transformers' LlamaConfig of a shape (fp16, untied embeddings)."""
     from transformers import LlamaConfig
 
+    return LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["inter"],
+                       num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
+                       tie_word_embeddings=False, dtype="float16")
+
+
+def build_base(path: Path, s: dict, device: str):
     path.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["inter"],
-                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
-                      tie_word_embeddings=False, dtype="float16")
-    cfg.save_pretrained(path)
+    llama_config(s).save_pretrained(path)
     shapes = tensor_shapes(s)
     limit = s["shard_gb"] * 1e9
     groups, size = [[]], 0

@@ -28,19 +28,15 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, SHAPES, TARGETS, build_adapter, disk_bandwidth, evict, run, tensor_shapes
+from common import ROOT, SHAPES, TARGETS, build_adapter, disk_bandwidth, evict, llama_config, run, tensor_shapes
 
 
 def build_nf4_base(path: Path, s: dict, device: str, shard_gb: float = 2.0):
     import bitsandbytes.functional as F
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
 
     path.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["inter"],
-                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
-                      tie_word_embeddings=False, dtype="float16")
-    cfg = cfg.to_dict()
+    cfg = llama_config(s).to_dict()
     cfg["quantization_config"] = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "_load_in_4bit": True,
         "_load_in_8bit": False, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
@@ -125,8 +121,8 @@ print(json.dumps({"load": t_load, "merge_and_unload": time.perf_counter() - t0})
 STARTUP = r"""
 import sys, torch
 if sys.argv[2] == "adaptkit":
-    import adaptkit.quant as q
-    F = q._functional()
+    from adaptkit.bnb_import import functional
+    F = functional()
 else:
     import bitsandbytes.functional as F
 packed, state = F.quantize_4bit(torch.ones(64, 64, device=sys.argv[1]), blocksize=64)
