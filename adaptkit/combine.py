@@ -133,14 +133,12 @@ def combine(adapters: list, method: str, out: str | Path, weights: list[float] |
     for name, mods in table.items():
         present = [(m, w) for m, w in zip(mods, weights) if m is not None]
         kind = present[0][0].kind
-        if method == "linear" and rank is None and energy is None:
+        if method == "linear":  # exact by concatenation; reduced from the product when a rank is asked for
             a = torch.cat([m.A.to(dev, torch.float32) for m, _ in present], 0)
             b = torch.cat([m.B.to(dev, torch.float32) * (m.scaling * w) for m, w in present], 1)
             kept = 1.0
-        elif method == "linear":
-            a = torch.cat([m.A.to(dev, torch.float32) for m, _ in present], 0)
-            b = torch.cat([m.B.to(dev, torch.float32) * (m.scaling * w) for m, w in present], 1)
-            a, b, kept = factor_product(b, a, rank=rank, energy=energy)
+            if rank is not None or energy is not None:
+                a, b, kept = factor_product(b, a, rank=rank, energy=energy)
         else:
             ref = present[0][0]
             zeros = torch.zeros(ref.out_features, ref.in_features, device=dev)
