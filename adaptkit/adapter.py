@@ -14,6 +14,7 @@ transpose. ``rank_pattern`` / ``alpha_pattern`` keys match a module name with th
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import torch
 from .errors import AdaptkitError
 
 PEFT_PREFIX = "base_model.model."
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}  # LoraConfig's defaults, for keys an adapter_config.json leaves out
 
 UNSUPPORTED_PEFT_TYPES = {
     "IA3": "IA3", "LOHA": "LoHa", "LOKR": "LoKr", "PREFIX_TUNING": "prefix tuning",
@@ -149,6 +151,13 @@ class Adapter:
     unclaimed: list[str] = field(default_factory=list)  # keys that belong to no module
     notes: list[str] = field(default_factory=list)  # facts worth a warning (assumed alpha, ...)
     format: str = "peft"
+    problems: list[str] = field(default_factory=list)  # what makes an exact merge impossible (inspect shows them)
+
+    def require_exact(self) -> None:
+        """Raise the first reason this adapter cannot be merged, combined or converted exactly."""
+        if self.problems:
+            more = f" (and {len(self.problems) - 1} more problems)" if len(self.problems) > 1 else ""
+            raise AdaptkitError(self.problems[0] + more, self.path)
 
     @property
     def peft_type(self) -> str:
@@ -194,6 +203,50 @@ def strip_prefix(key: str) -> str:
     return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_config(config: dict, path: Path) -> None:
+    """Refuse, in one line, any config value the math uses that peft would not accept or that would
+    silently change ΔW: r and pattern ranks positive integers, alphas finite numbers, pattern keys
+    valid regexes, switches true or false, module lists lists of names."""
+    def bad(key, why):
+        raise AdaptkitError(f"malformed adapter config: {key} {why}, got {json.dumps(config.get(key))[:60]}", path)
+
+    if "r" in config and not (_is_int(config["r"]) and config["r"] > 0):
+        bad("r", "must be a positive integer")
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        bad("lora_alpha", "must be a finite number")
+    for key, ok, what in (("rank_pattern", lambda v: _is_int(v) and v > 0, "positive integers"),
+                          ("alpha_pattern", _is_number, "finite numbers")):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            bad(key, "must be an object")
+        for k, v in patterns.items():
+            if not ok(v):
+                raise AdaptkitError(f"malformed adapter config: {key}[{k!r}] must be one of {what}, got "
+                                    f"{json.dumps(v)[:60]}", path)
+            try:
+                re.compile(rf"(.*\.)?({k})$")
+            except re.error as e:
+                raise AdaptkitError(f"malformed adapter config: {key} key {k!r} is not a valid regular expression "
+                                    f"({e})", path) from None
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            bad(key, "must be true or false")
+    for key in ("modules_to_save",):
+        v = config.get(key)
+        if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            bad(key, "must be a list of module names")
+
+
 def check_peft_type(config: dict, path: Path) -> None:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
@@ -209,9 +262,11 @@ def build_adapter(path: Path, weights_path: Path, config: dict, source: TensorSo
     ``infer_alpha`` (per module) or default to the rank, with a note saying so.
     """
     check_peft_type(config, path)
+    validate_config(config, path)
     has_config = bool(config)
-    r_default = int(config.get("r", 0) or 0)
-    alpha_default = config.get("lora_alpha")
+    defaults = PEFT_DEFAULTS if fmt == "peft" else {}  # what peft's LoraConfig assumes when a key is absent
+    r_default = config.get("r", defaults.get("r", 0))
+    alpha_default = config.get("lora_alpha", defaults.get("lora_alpha"))
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora", False))
@@ -248,6 +303,7 @@ def build_adapter(path: Path, weights_path: Path, config: dict, source: TensorSo
             unclaimed.append(key)
 
     notes: list[str] = []
+    problems: list[str] = []
     modules: dict[str, LoraModule] = {}
     assumed_alpha = []
     for mod, roles in parts.items():
@@ -257,11 +313,23 @@ def build_adapter(path: Path, weights_path: Path, config: dict, source: TensorSo
             kind, a_key, b_key = "embedding", roles.get("lora_embedding_A"), roles.get("lora_embedding_B")
         if a_key is None or b_key is None:
             unclaimed.extend(roles.values())
-            notes.append(f"module {mod} has only one of its two LoRA factors")
+            problems.append(f"module {mod} has only one of its two LoRA factors (peft would fill the other with "
+                            "its initialisation)")
             continue
-        shape_rank = source.shape(a_key)[0]
+        a_shape, b_shape = source.shape(a_key), source.shape(b_key)
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            unclaimed.extend(roles.values())
+            problems.append(f"{mod}: only Linear, Conv1D and Embedding LoRA are supported (A is {list(a_shape)}, "
+                            f"B is {list(b_shape)})")
+            continue
+        shape_rank = a_shape[0]
+        if shape_rank == 0:
+            raise AdaptkitError(f"{mod}: lora_A has rank 0 ({list(a_shape)})", path)
         key = pattern_key(rank_pattern, mod)
         rank = int(rank_pattern[key]) if key is not None else (r_default or shape_rank)
+        if has_config and rank != shape_rank:
+            problems.append(f"{mod}: its tensors have rank {shape_rank} but the config gives r={rank} (peft could "
+                            "not load this adapter; fix r or rank_pattern)")
         key = pattern_key(alpha_pattern, mod)
         if key is not None:
             alpha = alpha_pattern[key]
@@ -272,17 +340,44 @@ def build_adapter(path: Path, weights_path: Path, config: dict, source: TensorSo
         else:
             alpha = rank
             assumed_alpha.append(mod)
+        scaling = lora_scaling(alpha, rank, use_rslora)
+        if not math.isfinite(scaling):
+            raise AdaptkitError(f"{mod}: its scaling is not a finite number (alpha {alpha}, r {rank})", path)
         modules[mod] = LoraModule(
-            name=mod, kind=kind, rank=rank, alpha=alpha, scaling=lora_scaling(alpha, rank, use_rslora),
+            name=mod, kind=kind, rank=rank, alpha=alpha, scaling=scaling,
             fan_in_fan_out=fan_in_fan_out and kind == "linear", source=source, a_key=a_key, b_key=b_key,
             magnitude_key=roles.get("lora_magnitude_vector"), bias_key=roles.get("lora_B.bias"))
     if assumed_alpha:
         notes.append(f"no alpha recorded for {len(assumed_alpha)} modules: assumed alpha = r (scaling 1)")
     if any("trainable_tokens" in k for k in unclaimed):
         notes.append("trainable_token_indices (trainable tokens) are not supported and are ignored")
+    if "use_dora" in config:
+        with_magnitude = sorted(m.name for m in modules.values() if m.magnitude_key)
+        without = sorted(m.name for m in modules.values() if not m.magnitude_key and m.kind == "linear")
+        if config["use_dora"] and without:
+            problems.append(f"use_dora is true but {len(without)} modules have no lora_magnitude_vector (first: "
+                            f"{without[0]}): merged without it, DoRA would silently become plain LoRA")
+        if not config["use_dora"] and with_magnitude:
+            problems.append(f"use_dora is false but {len(with_magnitude)} modules hold DoRA magnitudes (first: "
+                            f"{with_magnitude[0]}): peft would ignore them; fix use_dora")
     return Adapter(path=path, weights_path=weights_path, config=config, source=source,
                    modules=dict(sorted(modules.items(), key=lambda kv: natural_key(kv[0]))),
-                   full_tensors=full, unclaimed=unclaimed, notes=notes, format=fmt)
+                   full_tensors=full, unclaimed=unclaimed, notes=notes, format=fmt, problems=problems)
+
+
+def adapter_weights(weights, n: int) -> list[float]:
+    """The per-adapter weights (default all 1): one finite number per adapter, or a one-line error."""
+    if weights is None or (not isinstance(weights, str) and len(weights) == 0):
+        return [1.0] * n
+    try:
+        out = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise AdaptkitError(f"weights must be numbers, got {weights!r}") from None
+    if any(isinstance(w, bool) for w in weights) or not all(math.isfinite(w) for w in out):
+        raise AdaptkitError(f"weights must be finite numbers, got {', '.join(map(str, weights))}")
+    if len(out) != n:
+        raise AdaptkitError(f"{len(out)} weights for {n} adapters: give one weight per adapter")
+    return out
 
 
 def natural_key(name: str):

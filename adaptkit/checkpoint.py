@@ -9,7 +9,6 @@ tensor, optionally into a caller's (pinned) buffer.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import torch
 
 from .errors import AdaptkitError
 from .layout import find_weight_files
+from .files import open_regular, read_json, require_regular
 from .safetensors_file import TensorInfo, itemsize, numel, read_header, read_into
 
 WEIGHT_FILE_RE = re.compile(
@@ -39,7 +39,7 @@ class Shard:
 
     def fd(self) -> int:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            self._fd = open_regular(self.path, "weights file")
         return self._fd
 
     def state_dict(self) -> dict:
@@ -56,6 +56,7 @@ class Shard:
 
 def load_bin(path: Path) -> dict:
     """Load a PyTorch ``.bin`` state dict safely (``weights_only=True``; memory-mapped where possible)."""
+    require_regular(path, "weights file")
     try:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -95,11 +96,8 @@ class Checkpoint:
             raise AdaptkitError("a base model must be a folder (config.json and weights)", path)
         config = {}
         cfg_path = path / "config.json"
-        if cfg_path.exists():
-            try:
-                config = json.loads(cfg_path.read_text())
-            except (ValueError, OSError) as e:
-                raise AdaptkitError(f"malformed config.json: {e}", cfg_path) from None
+        if os.path.lexists(cfg_path):
+            config = read_json(cfg_path, "config.json")
         shards, index_file = _find_shards(path)
         return cls(path, config, shards, index_file)
 
@@ -131,7 +129,7 @@ class Checkpoint:
             out = torch.empty(info.nbytes, dtype=torch.uint8)
         buf = out[: info.nbytes]
         if info.nbytes:
-            read_into(shard.fd(), info.offset, memoryview(buf.numpy()))
+            read_into(shard.fd(), info.offset, memoryview(buf.numpy()), shard.path)
         return buf.view(info.dtype).view(info.shape) if info.shape else buf.view(info.dtype).reshape(())
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapter import Adapter, build_adapter, load_adapter, natural_key
+from .adapter import Adapter, adapter_weights, build_adapter, load_adapter, natural_key
 from .combine_methods import METHODS, factor, factor_product
 from .convert import peft_config, peft_tensors
 from .device import resolve_device
@@ -65,6 +65,7 @@ def module_seed(seed: int, name: str) -> int:
 def _check(adapters: list[Adapter]) -> dict[str, list]:
     """Per module name, the LoraModule of each adapter (or None); refuse what cannot be combined."""
     for a in adapters:
+        a.require_exact()
         if a.use_dora:
             raise AdaptkitError("DoRA adapters cannot be combined by adding deltas (their magnitudes rescale "
                                 "whole rows); merge them into the base instead", a.path)
@@ -73,6 +74,16 @@ def _check(adapters: list[Adapter]) -> dict[str, list]:
                                 "merge the adapters into the base instead", a.path)
         if any(m.bias_key for m in a.modules.values()):
             raise AdaptkitError("lora_bias adapters cannot be combined yet", a.path)
+    layouts = {a.path: {m.fan_in_fan_out for m in a.modules.values()} for a in adapters}
+    if len(set().union(*layouts.values())) > 1:
+        conv = [str(p) for p, v in layouts.items() if True in v]
+        raise AdaptkitError(f"these adapters are for different model layouts: {', '.join(conv)} adapt Conv1D "
+                            "(fan_in_fan_out) layers and the others do not; combine adapters of one base model")
+    roots = {a.path: {_container(n) for n in a.modules} for a in adapters}
+    if len(adapters) > 1 and not set.intersection(*roots.values()):
+        desc = "; ".join(f"{p}: {', '.join(sorted(r))}" for p, r in roots.items())
+        raise AdaptkitError(f"these adapters share no layer container ({desc}): were they trained on different "
+                            "base models? combine adapters of one base model")
     names = sorted({n for a in adapters for n in a.modules}, key=natural_key)
     table = {}
     for n in names:
@@ -84,6 +95,15 @@ def _check(adapters: list[Adapter]) -> dict[str, list]:
             raise AdaptkitError(f"adapters disagree on module {n} ({desc}): were they trained on the same base?")
         table[n] = mods
     return table
+
+
+def _container(module: str) -> str:
+    """The part of a module name before its first layer index ("model.layers" of "model.layers.3.mlp")."""
+    parts = module.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[:i])
+    return module.rsplit(".", 1)[0] if "." in module else module
 
 
 def combine(adapters: list, method: str, out: str | Path, weights: list[float] | None = None,
@@ -101,9 +121,11 @@ def combine(adapters: list, method: str, out: str | Path, weights: list[float] |
     spec = METHODS[method]
     if not adapters:
         raise AdaptkitError("combine needs at least one adapter (one adapter with --rank reduces its rank)")
-    weights = list(weights) if weights else [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise AdaptkitError(f"{len(weights)} weights for {len(adapters)} adapters")
+    weights = adapter_weights(weights, len(adapters))
+    if spec.sign and len(adapters) == 1:
+        alone = "magnitude_prune" if method == "ties" else "dare_linear"
+        raise AdaptkitError(f"{method} of a single adapter has no signs to elect: it would only prune it. Use "
+                            f"method {alone} for that, or give two or more adapters")
     if spec.density:
         density = 0.5 if density is None else density
         if not 0 < density <= 1:
@@ -116,7 +138,7 @@ def combine(adapters: list, method: str, out: str | Path, weights: list[float] |
         raise AdaptkitError("give --rank or --energy, not both")
     if energy is not None and not 0 < energy <= 1:
         raise AdaptkitError(f"--energy must be in (0, 1], got {energy}")
-    if rank is not None and rank < 1:
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise AdaptkitError(f"--rank must be at least 1, got {rank}")
     check_output(out, force)
     loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]

@@ -123,6 +123,7 @@ def convert(source: str | Path, to: str, out: str | Path, base: str | Path | Non
     base_ck = Checkpoint.open(base) if base is not None else None
     base_names = list(base_ck.tensors) if base_ck is not None else None
     adapter = load_adapter(source, base_names=base_names)
+    adapter.require_exact()
     warnings = list(adapter.notes)
     out = Path(out)
     if to in ("gguf", "mlx") and base_ck is None:

@@ -69,7 +69,7 @@ def health(adapter: Adapter) -> list[str]:
     zero_b, nonfinite, mismatched, rank_diff = [], [], [], []
     for m in adapter.modules.values():
         a_shape, b_shape = src.shape(m.a_key), src.shape(m.b_key)
-        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+        if a_shape[0] != b_shape[1]:
             mismatched.append(f"{m.name} (A {list(a_shape)}, B {list(b_shape)})")
             continue
         if m.shape_rank != m.rank:
@@ -90,7 +90,9 @@ def health(adapter: Adapter) -> list[str]:
     if mismatched:
         warnings.append(f"A/B shapes do not fit in {_few(mismatched)}")
     if rank_diff:
-        warnings.append(f"rank differs from the config in {_few(rank_diff)}")
+        warnings.append(f"rank differs from the config in {_few(rank_diff)}: peft cannot load it, adaptkit will not "
+                        "merge it")
+    warnings += [p for p in adapter.problems if "but the config gives r=" not in p]
     if adapter.unclaimed:
         warnings.append(f"{len(adapter.unclaimed)} tensors belong to no LoRA module: {_few(adapter.unclaimed)}")
     if not adapter.modules and not adapter.full_tensors:

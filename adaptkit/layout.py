@@ -7,11 +7,11 @@ other single ``*.safetensors`` files; ``pytorch_model.bin`` or its shards with
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AdaptkitError
+from .files import read_json
 
 
 @dataclass
@@ -45,13 +45,15 @@ def find_weight_files(path: str | Path) -> WeightFiles:
 
 
 def _from_index(path: Path, index: Path) -> tuple[list[Path], Path, dict[str, str]]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError, OSError, TypeError) as e:
-        raise AdaptkitError(f"malformed shard index ({e})", index) from None
+    weight_map = read_json(index, "shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise AdaptkitError("malformed shard index: weight_map must map tensor names to file names", index)
     files = []
     for name in dict.fromkeys(weight_map.values()):
         p = path / name
+        if Path(name).name != name or name in (".", ".."):
+            raise AdaptkitError(f"malformed shard index: {name!r} is not a file name in the model folder", index)
         if not p.exists():
             raise AdaptkitError(f"shard {name} listed in the index is missing", index)
         files.append(p)

@@ -16,6 +16,7 @@ The math is peft's (``peft/tuners/lora/layer.py`` and ``variants.py``), see :fun
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shutil
@@ -257,6 +258,8 @@ def _stream_tensors(plan: MergePlan, tmp: Path, dev: torch.device, progress, qua
             a = m.A.to(dev, torch.float32)
             b = m.B.to(dev, torch.float32)
             alpha = m.scaling * op.weight
+            if not math.isfinite(alpha):  # addmm_ on the CPU ignores a NaN alpha: never let it through
+                raise AdaptkitError(f"{job.name}: the scale of {m.name} is not finite ({m.scaling} × {op.weight})")
             if op.transposed:
                 w32.addmm_(a.T, b.T, alpha=alpha)
             else:

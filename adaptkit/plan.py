@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter, LoraModule
+from .adapter import Adapter, LoraModule, adapter_weights
 from .checkpoint import Checkpoint
 from .errors import AdaptkitError
 from .quant import QuantizedWeight, QuantSettings, check_quantization, find_quantized, weights_bnb_would_quantize
@@ -104,14 +104,22 @@ class MergePlan:
 
 
 def parse_size(size: str | int | None) -> int | None:
-    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
-    if size is None or isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(I?B?)\s*", str(size).upper())
-    if not m:
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes (positive), None for None."""
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
         raise AdaptkitError(f"cannot read size {size!r} (examples: 5GB, 500MB, 2GiB)")
-    base = 1024 if m[3].startswith("I") else 1000
-    return int(float(m[1]) * base ** "_KMGT".index(m[2] or "_"))
+    if isinstance(size, int):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(I?B?)\s*", size.upper())
+        if not m or (m[3] == "I" or (m[3].startswith("I") and not m[2])):
+            raise AdaptkitError(f"cannot read size {size!r} (examples: 5GB, 500MB, 2GiB)")
+        base = 1024 if m[3].startswith("I") else 1000
+        n = int(float(m[1]) * base ** "_KMGT".index(m[2] or "_"))
+    if n <= 0:
+        raise AdaptkitError(f"a shard size must be positive, got {size!r}")
+    return n
 
 
 def _out_shard_name(name: str) -> str:
@@ -140,9 +148,9 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] |
     transformers would (with ``settings``), and ``qlora`` round-trips those weights through 4-bit
     before adding ΔW, as the adapter saw them in QLoRA training, writing a dense model.
     """
-    weights = list(weights) if weights else [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise AdaptkitError(f"{len(weights)} weights for {len(adapters)} adapters (give one --weight per adapter)")
+    weights = adapter_weights(weights, len(adapters))
+    for adapter in adapters:
+        adapter.require_exact()
     if quantize not in (None, "nf4"):
         raise AdaptkitError(f"unknown --quantize {quantize!r} (nf4)")
     qconfig = check_quantization(base.config, base.path / "config.json")

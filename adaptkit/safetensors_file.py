@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import AdaptkitError
+from .files import open_regular, os_error
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -37,7 +38,8 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"),
+                     ("U16", "uint16"),
                      ("U32", "uint32"), ("U64", "uint64")):
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
@@ -80,59 +82,102 @@ class Header:
     data_start: int
 
 
+def _unique_keys(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _uint(x) -> bool:
+    return type(x) is int and x >= 0  # not bool, not float: what the format's usize fields accept
+
+
 def read_header(path: str | Path) -> Header:
-    """Parse and validate a safetensors header; raise AdaptkitError on anything malformed."""
+    """Parse and validate a safetensors header; raise AdaptkitError on anything malformed.
+
+    As strict as the safetensors library itself: a regular file, a header of at most 100 MB that is a
+    UTF-8 JSON object without duplicate keys, ``__metadata__`` a map of strings, every tensor a known
+    dtype, a shape of non-negative integers and two offsets, and the tensors' byte ranges, sorted,
+    covering the data section exactly (no gap, no overlap, nothing after the last one).
+    """
     path = Path(path)
+    fd = open_regular(path, "safetensors file")
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise AdaptkitError("not a safetensors file (shorter than 8 bytes)", path)
-            (n,) = struct.unpack("<Q", head)
-            if n == 0 or n > _MAX_HEADER or n > size - 8:
-                raise AdaptkitError(f"not a valid safetensors file (header length {n} for a {size}-byte file)", path)
-            raw = f.read(n)
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise AdaptkitError("not a safetensors file (shorter than 8 bytes)", path)
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > _MAX_HEADER or n > size - 8:
+            raise AdaptkitError(f"not a valid safetensors file (header length {n} for a {size}-byte file)", path)
+        raw = bytearray(n)
+        read_into(fd, 8, memoryview(raw), path)
     except OSError as e:
-        raise AdaptkitError(f"cannot read: {e.strerror or e}", path) from None
+        raise os_error(e, path) from None
+    finally:
+        os.close(fd)
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
         if not isinstance(obj, dict):
             raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise AdaptkitError(f"not a valid safetensors file (corrupt header: {e})", path) from None
     data_start = 8 + n
     data_size = size - data_start
-    metadata = obj.pop("__metadata__", None) or {}
+    metadata = obj.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdaptkitError("not a valid safetensors file (__metadata__ must map names to strings)", path)
     tensors = []
     for name, entry in obj.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except KeyError as e:
-            raise AdaptkitError(f"tensor {name!r} has an unsupported or missing field {e}", path) from None
-        except (TypeError, ValueError):
-            raise AdaptkitError(f"tensor {name!r} has a malformed header entry", path) from None
+        if not isinstance(entry, dict):
+            raise AdaptkitError(f"tensor {name!r} has a malformed header entry", path)
+        dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+            raise AdaptkitError(f"tensor {name!r} has an unsupported or missing dtype {dtype_name!r}", path)
+        if not isinstance(shape, list) or not all(_uint(s) for s in shape):
+            raise AdaptkitError(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}",
+                                path)
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_uint(x) for x in offsets):
+            raise AdaptkitError(f"tensor {name!r}: data_offsets must be two non-negative integers, got {offsets!r}",
+                                path)
+        dtype, (begin, end) = DTYPES[dtype_name], offsets
         nbytes = numel(shape) * itemsize(dtype)
-        if end - begin != nbytes or begin < 0:
+        if end < begin or end - begin != nbytes:
             raise AdaptkitError(f"tensor {name!r}: offsets do not match its shape and dtype", path)
-        if end > data_size:
-            raise AdaptkitError(
-                f"truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size}", path)
-        tensors.append(TensorInfo(name, dtype, shape, data_start + begin, nbytes))
-    tensors.sort(key=lambda t: t.offset)
-    return Header(path, tensors, {str(k): str(v) for k, v in metadata.items()}, data_start)
+        tensors.append(TensorInfo(name, dtype, tuple(shape), data_start + begin, nbytes))
+    tensors.sort(key=lambda t: (t.offset, t.nbytes))
+    at = data_start
+    for t in tensors:
+        if t.offset != at:
+            what = "overlaps the tensor before it" if t.offset < at else "leaves a gap before it"
+            raise AdaptkitError(f"not a valid safetensors file (tensor {t.name!r} {what})", path)
+        at += t.nbytes
+    if at != size:
+        if at > size:
+            last = tensors[-1].name
+            raise AdaptkitError(f"truncated: tensor {last!r} ends at byte {at} but the file has {size}", path)
+        raise AdaptkitError(f"not a valid safetensors file ({size - at} bytes after the last tensor)", path)
+    return Header(path, tensors, dict(metadata), data_start)
 
 
-def read_into(fd: int, offset: int, buf: memoryview) -> None:
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_into(fd: int, offset: int, buf: memoryview, path: str | Path | None = None) -> None:
     """Fill ``buf`` from file descriptor ``fd`` at ``offset`` (no seek, thread-safe)."""
     done = 0
     total = len(buf)
     while done < total:
         got = os.preadv(fd, [buf[done:]], offset + done)
         if got <= 0:
-            raise AdaptkitError(f"unexpected end of file at byte {offset + done}")
+            raise AdaptkitError(f"unexpected end of file at byte {offset + done} (was it changed while being read?)",
+                                path)
         done += got
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..adapter import Adapter, build_adapter, check_peft_type
 from ..errors import AdaptkitError
+from ..files import read_json
 from .sources import open_source
 
 CONFIG_NAME = "adapter_config.json"
@@ -15,18 +17,11 @@ WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 
 def read_config(path: Path) -> dict:
     cfg_path = path / CONFIG_NAME
-    if not cfg_path.exists():
+    if not os.path.lexists(cfg_path):
         subdirs = [p.name for p in path.iterdir() if (p / CONFIG_NAME).exists()] if path.is_dir() else []
         hint = f" (adapters found in subfolders: {', '.join(sorted(subdirs))})" if subdirs else ""
         raise AdaptkitError(f"no {CONFIG_NAME} here: not a PEFT adapter folder{hint}", path)
-    try:
-        config = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise AdaptkitError(f"malformed JSON: {e}", cfg_path) from None
-    except OSError as e:
-        raise AdaptkitError(f"cannot read: {e.strerror or e}", cfg_path) from None
-    if not isinstance(config, dict):
-        raise AdaptkitError("malformed adapter config: not a JSON object", cfg_path)
+    config = read_json(cfg_path, "adapter config")
     if "peft_type" not in config:
         raise AdaptkitError("malformed adapter config: no peft_type", cfg_path)
     check_peft_type(config, cfg_path)
