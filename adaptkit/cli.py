@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -32,12 +33,42 @@ def styled(label: str, style: str, rest: str = "") -> Text:
 
 
 class Group(click.Group):
+    """Runs a command so that every way it can fail ends in one line and a documented exit status:
+    a user mistake or an OS error (disk full, read-only…) exits 2; Ctrl-C, SIGTERM and SIGHUP stop the
+    command like an exception (outputs in progress are removed) and exit 128 + the signal number."""
+
     def invoke(self, ctx):
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            try:
+                previous[sig] = signal.signal(sig, _stop)
+            except (ValueError, OSError):  # not the main thread: leave signals alone
+                pass
         try:
             return super().invoke(ctx)
         except AdaptkitError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except BrokenPipeError:  # `adaptkit … | head`: the reader is gone, nothing more to say
+            sys.stderr.close()
+            sys.exit(1)
+        except OSError as e:  # what the library did not name itself
+            from .files import os_error
+
+            click.echo(f"error: {os_error(e)}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt as e:
+            signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+            click.echo(f"error: interrupted ({signal.Signals(signum).name}); nothing was written", err=True)
+            sys.exit(128 + signum)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _stop(signum, frame):
+    """SIGTERM and SIGHUP as Ctrl-C: unwinds the command, so temporary outputs are removed."""
+    raise KeyboardInterrupt(signum)
 
 
 def local(spec, adapter_only: bool = False):
@@ -95,7 +126,9 @@ def print_json(obj) -> None:
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="adaptkit")
-def main():
+@click.option("-v", "--verbose", is_flag=True, help="Show the log lines of huggingface_hub, transformers and "
+                                                    "bitsandbytes (quiet by default).")
+def main(verbose):
     """Inspect, merge, combine, convert and verify LoRA adapters.
 
     Exact (fp32 math, rounded once), streaming (peak memory follows the largest tensor, not the
@@ -110,8 +143,11 @@ def main():
           --method ties --energy 0.95 -o out/combined
       adaptkit convert fixtures/adapters/llama-lora --to kohya -o out/llama-lora.safetensors
     """
-    # bitsandbytes (imported by peft) logs a warning about an optional CPU kernel package on import
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # bitsandbytes (imported by peft) logs a warning about an optional CPU kernel package on import;
+    # huggingface_hub logs each retry and fallback. The command says what matters in one line.
+    level = logging.INFO if verbose else logging.ERROR
+    for name in ("bitsandbytes", "huggingface_hub", "transformers", "peft"):
+        logging.getLogger(name).setLevel(level)
 
 
 @main.command()
@@ -432,16 +468,22 @@ def verify(base, paths, weights, prompts, device, tolerance, no_model, seed, wri
     base = local(base)
     lines = None
     if prompts:
-        with open(prompts) as f:
-            lines = [line.strip() for line in f if line.strip()]
+        from .files import read_bytes
+
+        text = read_bytes(prompts, 16 << 20, "prompts file").decode("utf-8", errors="replace")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
     if write_report and not Path(paths[-1]).is_dir():
         raise AdaptkitError("--write-report needs MERGED to be a local folder", paths[-1])
-    report = verify_fn(base, adapters, merged, weights=list(weights) or None, prompts=lines, device=device,
-                       tolerance=tolerance, model=not no_model, seed=seed)
+    with Bar("checking layers", in_bytes=False, disable=as_json) as bar:
+        report = verify_fn(base, adapters, merged, weights=list(weights) or None, prompts=lines, device=device,
+                           tolerance=tolerance, model=not no_model, seed=seed, on_start=bar.start,
+                           progress=bar.advance, on_stage=bar.stage)
     if write_report:
         from .hub import VERIFY_REPORT
+        from .output import atomic_output_file
 
-        (Path(paths[-1]) / VERIFY_REPORT).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+        with atomic_output_file(Path(paths[-1]) / VERIFY_REPORT, force=True, inputs=[base, *adapters]) as tmp:
+            tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     if as_json:
         print_json(report.to_dict())
     else:
@@ -551,6 +593,14 @@ class Bar:
 
     def advance(self, n: int) -> None:
         self.progress.advance(self.task, n)
+
+    def stage(self, text: str) -> None:
+        """A step of unknown length: the bar pulses with ``text`` beside it."""
+        if self.task is None:
+            self.task = self.progress.add_task(text, total=None)
+            self.progress.start()
+        else:
+            self.progress.update(self.task, description=text, total=None, completed=0)
 
     def __enter__(self) -> "Bar":
         return self

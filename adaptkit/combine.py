@@ -140,10 +140,12 @@ def combine(adapters: list, method: str, out: str | Path, weights: list[float] |
         raise AdaptkitError(f"--energy must be in (0, 1], got {energy}")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise AdaptkitError(f"--rank must be at least 1, got {rank}")
-    check_output(out, force)
-    loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
-    table = _check(loaded)
+    given = [a.path if isinstance(a, Adapter) else a for a in adapters] + [base]
+    check_output(out, force, inputs=given)
     dev = resolve_device(device)
+    loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
+    inputs = [p for a in loaded for p in (a.path, a.weights_path)] + [base]
+    table = _check(loaded)
     limit_heap_growth()  # module-sized temporaries come and go: keep freed memory from piling up
     say = warn or (lambda m: None)
 
@@ -189,8 +191,8 @@ def combine(adapters: list, method: str, out: str | Path, weights: list[float] |
     first = loaded[0].config
     config = {"peft_type": "LORA", "fan_in_fan_out": any(m.fan_in_fan_out for a in loaded for m in a.modules.values()),
               "base_model_name_or_path": first.get("base_model_name_or_path"), "task_type": first.get("task_type")}
-    combined = build_adapter(Path(out), Path(out), config, DictSource(Path(out), tensors), fmt="combined",
-                             infer_alpha=alphas)
+    here = Path(f"(combined with {method})")  # in memory: no path on disk
+    combined = build_adapter(here, here, config, DictSource(here, tensors), fmt="combined", infer_alpha=alphas)
     params = {"density": density, "majority_sign": majority_sign if spec.sign else None,
               "rank": rank, "energy": energy, "seed": seed if spec.random else None}
     result = CombineResult(out=str(out), method=method, adapters=[str(a.path) for a in loaded], weights=weights,
@@ -202,7 +204,7 @@ def combine(adapters: list, method: str, out: str | Path, weights: list[float] |
         result.merged_into = str(base)
     else:
         cfg = peft_config(combined)
-        with atomic_output_dir(out, force) as tmp:
+        with atomic_output_dir(out, force, inputs=inputs) as tmp:
             write_peft_dir(tmp, peft_tensors(combined), cfg)
             (tmp / "README.md").write_text(_readme(result, command))
             (tmp / "adaptkit_combine.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")

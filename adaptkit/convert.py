@@ -20,7 +20,7 @@ from .errors import AdaptkitError
 from .formats import kohya
 from .formats.peft import write_peft_dir
 from .formats.raw import write_raw_file
-from .output import atomic_output_dir, atomic_output_file
+from .output import atomic_output_dir, atomic_output_file, check_output
 
 TARGETS = ("peft", "raw", "kohya", "gguf", "mlx")
 
@@ -120,12 +120,14 @@ def convert(source: str | Path, to: str, out: str | Path, base: str | Path | Non
     from .plan import resolve_dtype
 
     torch_dtype = resolve_dtype(dtype)
+    check_output(out, force, inputs=[source, base], folder=to in ("peft", "mlx"))
     base_ck = Checkpoint.open(base) if base is not None else None
     base_names = list(base_ck.tensors) if base_ck is not None else None
     adapter = load_adapter(source, base_names=base_names)
     adapter.require_exact()
     warnings = list(adapter.notes)
     out = Path(out)
+    inputs = [source, adapter.path, adapter.weights_path, base]
     if to in ("gguf", "mlx") and base_ck is None:
         guess = Path(str(adapter.base_model or ""))
         if adapter.base_model and (guess / "config.json").exists():
@@ -140,17 +142,17 @@ def convert(source: str | Path, to: str, out: str | Path, base: str | Path | Non
     if to == "gguf":
         from .formats.gguf import write_gguf
 
-        with atomic_output_file(out, force, ".gguf") as tmp:
+        with atomic_output_file(out, force, ".gguf", inputs=inputs) as tmp:
             write_gguf(adapter, base_ck.config, tmp, outtype, base_ck.path)
     elif to == "mlx":
         from .formats.mlx import write_mlx
 
         n = int(base_ck.config.get("num_hidden_layers", 0)) or None if base_ck is not None else None
-        with atomic_output_dir(out, force) as tmp:
+        with atomic_output_dir(out, force, inputs=inputs) as tmp:
             write_mlx(adapter, tmp, num_layers=n)
     elif to == "peft":
         tensors, config = peft_tensors(adapter, torch_dtype), peft_config(adapter)
-        with atomic_output_dir(out, force) as tmp:
+        with atomic_output_dir(out, force, inputs=inputs) as tmp:
             write_peft_dir(tmp, tensors, config)
     else:
         if to == "raw":
@@ -161,6 +163,6 @@ def convert(source: str | Path, to: str, out: str | Path, base: str | Path | Non
 
             tensors, metadata = kohya.kohya_tensors(adapter, prefix, torch_dtype)
             writer = lambda p: save_file(tensors, str(p), metadata=metadata)  # noqa: E731
-        with atomic_output_file(out, force, ".safetensors") as tmp:
+        with atomic_output_file(out, force, ".safetensors", inputs=inputs) as tmp:
             writer(tmp)
     return ConvertResult(str(source), adapter.format, to, str(out), len(adapter.modules), warnings)

@@ -13,7 +13,7 @@ them at import), so they can be set after import, as tests do.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -21,7 +21,9 @@ from pathlib import Path
 
 from . import __version__
 from .errors import AdaptkitError
+from .files import os_error, read_bytes, read_json
 
+HUB_TIMEOUT = 8.0  # seconds for the one question asked of the Hub before downloading
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"]
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "tokenizer*", "*.txt", "*.tiktoken", "*.jinja", "README.md"]
@@ -73,8 +75,9 @@ def _hub_error(e: Exception, repo_id: str, revision: str | None) -> AdaptkitErro
             return AdaptkitError(f"not allowed on {repo_id} (HTTP {status}): log in with a token that may write "
                                  "there (hf auth login or HF_TOKEN)")
         return AdaptkitError(f"the Hub answered HTTP {status} for {repo_id}: {str(e).splitlines()[0]}")
-    return AdaptkitError(f"cannot reach the Hub for {repo_id} ({name}): check the network, or pull it first and set "
-                         "HF_HUB_OFFLINE=1")
+    detail = str(e).splitlines()[0][:120] if str(e).strip() else name
+    return AdaptkitError(f"cannot reach the Hub for {repo_id} ({detail}): check the network or HF_ENDPOINT, or pull "
+                         "it first and set HF_HUB_OFFLINE=1")
 
 
 @dataclass
@@ -90,8 +93,15 @@ class PullResult:
 
 def pull(spec: str, out: str | Path | None = None, adapter_only: bool = False, repo_type: str = "model",
          progress: bool = True) -> PullResult:
-    """Download ``org/name[@revision]`` (only the files that matter); return where it is."""
+    """Download ``org/name[@revision]`` (only the files that matter); return where it is.
+
+    The Hub is asked once, with a short timeout and no retries (a typo or a closed endpoint fails in
+    seconds, not after a minute of back-off); when it cannot be reached, the local cache answers.
+    """
     from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import errors as he
+
+    transport = _transport_errors()
 
     repo_id, revision = parse_id(spec)
     patterns = ADAPTER_FILES if adapter_only else ADAPTER_FILES + MODEL_FILES
@@ -99,35 +109,95 @@ def pull(spec: str, out: str | Path | None = None, adapter_only: bool = False, r
     offline = _offline()
     try:
         if not offline:
-            files = HfApi(endpoint=_endpoint()).list_repo_files(repo_id, revision=revision, repo_type=repo_type)
-            if any(f.endswith(".safetensors") for f in files):
-                ignore = ["*.bin", "*.pt", "*.pth"]
-            elif not adapter_only:
-                patterns = patterns + ["pytorch_model*.bin", "*.bin.index.json"]
-        if progress is False:
-            from huggingface_hub.utils import disable_progress_bars
-
-            disable_progress_bars()
-        path = snapshot_download(repo_id, revision=revision, repo_type=repo_type, allow_patterns=patterns,
-                                 ignore_patterns=ignore or None, local_dir=str(out) if out else None,
-                                 cache_dir=_cache_dir(), endpoint=_endpoint(), local_files_only=offline)
-    except Exception as e:  # noqa: BLE001 - every Hub failure becomes one line
-        if isinstance(e, AdaptkitError):
-            raise
+            try:
+                info = HfApi(endpoint=_endpoint()).repo_info(repo_id, revision=revision, repo_type=repo_type,
+                                                             timeout=HUB_TIMEOUT)
+            except (*transport, he.OfflineModeIsEnabled) as e:  # unreachable: the cache may hold it
+                offline, unreachable = True, e
+            else:
+                files = [s.rfilename for s in (info.siblings or [])]
+                if any(f.endswith(".safetensors") for f in files):
+                    ignore = ["*.bin", "*.pt", "*.pth"]
+                elif not adapter_only:
+                    patterns = patterns + ["pytorch_model*.bin", "*.bin.index.json"]
+        with _quiet_progress(not progress):
+            path = snapshot_download(repo_id, revision=revision, repo_type=repo_type, allow_patterns=patterns,
+                                     ignore_patterns=ignore or None, local_dir=str(out) if out else None,
+                                     cache_dir=_cache_dir(), endpoint=_endpoint(), local_files_only=offline)
+    except (he.HfHubHTTPError, he.LocalEntryNotFoundError, he.OfflineModeIsEnabled, *transport, ValueError) as e:  # every Hub failure becomes one line; anything else is a bug
+        if isinstance(e, he.LocalEntryNotFoundError) and "unreachable" in locals():
+            e = unreachable
         raise _hub_error(e, repo_id, revision) from None
+    except OSError as e:
+        raise os_error(e, out, "cannot store the download") from None
     got = sorted(str(p.relative_to(path)) for p in Path(path).rglob("*") if p.is_file() and ".cache" not in p.parts)
     return PullResult(repo_id, revision, str(path), got)
+
+
+def _local_typo(spec: str) -> str | None:
+    """Why ``spec`` is a local path that does not exist rather than a Hub id, or None.
+
+    ``org/name`` is read as a Hub id unless its first part is a local folder: ``fixtures/tiny-lama``
+    is then a typo of a path in ``fixtures/`` (with a suggestion), never a question to the Hub.
+    """
+    import difflib
+
+    first, _, rest = spec.partition("/")
+    if not os.path.isdir(first):
+        return None
+    try:
+        names = os.listdir(first)
+    except OSError:
+        names = []
+    close = difflib.get_close_matches(rest.partition("@")[0], names, n=1)
+    hint = f" (did you mean {first}/{close[0]}?)" if close else ""
+    return f"no such file or folder in {first}/{hint}"
 
 
 def resolve(spec: str | Path, adapter_only: bool = False) -> Path:
     """A local path as given, or a Hub id pulled into the cache (a local path wins when both exist)."""
     p = Path(spec)
-    if p.exists() or not looks_like_hub_id(str(spec)):
+    if os.path.lexists(p) or not looks_like_hub_id(str(spec)):
         return p
+    typo = _local_typo(str(spec))
+    if typo:
+        raise AdaptkitError(typo, spec)
     try:
         return Path(pull(str(spec), adapter_only=adapter_only, progress=False).path)
     except AdaptkitError as e:
         raise AdaptkitError(f"{spec}: no such local file or folder, and as a Hub id: {e.message}") from None
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The HTTP client's connection and timeout errors (httpx2, httpx or requests, by hub version)."""
+    import importlib
+
+    found = []
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                          ("requests", ("ConnectionError", "Timeout"))):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        found += [getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type)]
+    return tuple(found)
+
+
+@contextlib.contextmanager
+def _quiet_progress(quiet: bool):
+    """huggingface_hub's progress bars off for one call, then back as they were."""
+    if not quiet:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was:
+            enable_progress_bars()
 
 
 VERIFY_REPORT = "adaptkit_verify.json"
@@ -139,9 +209,10 @@ def verify_section(folder: Path) -> str | None:
     if not path.exists():
         return None
     try:
-        r = json.loads(path.read_text())
+        r = read_json(path, "verify report")
         s = r["summary"]
-    except (ValueError, KeyError):
+        float(s["worst_rel_error"]), float(s["median_rel_error"]), int(s["modules"])
+    except (AdaptkitError, KeyError, TypeError, ValueError):
         return None
     lines = ["## Verification", "",
              f"`adaptkit verify` {'passed' if r.get('ok') else 'FAILED'}: {s['modules']} adapted modules checked "
@@ -162,13 +233,16 @@ def model_card(folder: Path, repo_id: str) -> str:
     base = None
     if is_adapter:
         try:
-            base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        except ValueError:
+            base = read_json(folder / "adapter_config.json", "adapter config").get("base_model_name_or_path")
+        except AdaptkitError:
             pass
     meta = {}
     for name in ("adaptkit_combine.json",):
         if (folder / name).exists():
-            meta = json.loads((folder / name).read_text())
+            try:
+                meta = read_json(folder / name, "combine report")
+            except AdaptkitError:
+                meta = {}
     tags = ["lora", "adaptkit"] + ([meta["method"]] if meta.get("method") else [])
     lines = ["---"]
     if base:
@@ -222,7 +296,7 @@ def push(folder: str | Path, repo_id: str, private: bool = False, revision: str 
     readme = model_card(folder, repo_id) if card else None
     section = verify_section(folder)
     if not card and section:  # adaptkit's own README, plus verify's numbers (the folder is not touched)
-        text = (folder / "README.md").read_text()
+        text = read_bytes(folder / "README.md", 16 << 20, "README.md").decode("utf-8", errors="replace")
         readme = text if "## Verification" in text else text.rstrip("\n") + "\n\n" + section
     ops = [CommitOperationAdd(path_in_repo=str(p.relative_to(folder)), path_or_fileobj=str(p)) for p in files
            if not (readme is not None and p.relative_to(folder) == Path("README.md"))]

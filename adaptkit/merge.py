@@ -121,13 +121,15 @@ def merge(base: str | Path | Checkpoint, adapters: list, out: str | Path, weight
     ``out`` only when complete. ``progress`` is called with the bytes of each tensor written.
     """
     t0 = time.perf_counter()
-    check_output(out, force)
+    given = [base.path if isinstance(base, Checkpoint) else base] + [a.path if isinstance(a, Adapter) else a
+                                                                      for a in adapters]
+    check_output(out, force, inputs=given)
+    dev = resolve_device(device)
     ckpt = base if isinstance(base, Checkpoint) else Checkpoint.open(base)
     try:
         loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
         if not loaded:
             raise AdaptkitError("no adapter given")
-        dev = resolve_device(device)
         plan = plan_merge(ckpt, loaded, weights, dtype, max_shard_size, quantize=quantize, qlora=qlora,
                           settings=settings)
         for w in plan.warnings:
@@ -136,7 +138,7 @@ def merge(base: str | Path | Checkpoint, adapters: list, out: str | Path, weight
             on_plan(plan)
         bytes_written = 0
         quant_errors: dict[str, float] = {}
-        with atomic_output_dir(out, force) as tmp:
+        with atomic_output_dir(out, force, inputs=read_paths(ckpt, loaded)) as tmp:
             bytes_written += _stream_tensors(plan, tmp, dev, progress, quant_errors)
             _write_side_files(plan, tmp, command)
     finally:
@@ -147,6 +149,11 @@ def merge(base: str | Path | Checkpoint, adapters: list, out: str | Path, weight
                        seconds=time.perf_counter() - t0,
                        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                        warnings=plan.warnings, quantization=_summarise(quant_errors, plan))
+
+
+def read_paths(ckpt: Checkpoint, adapters: list[Adapter]) -> list[Path]:
+    """Every file and folder a merge reads (an output may be none of them, nor hold or lie in one)."""
+    return [ckpt.path, *(s.path for s in ckpt.shards), *(p for a in adapters for p in (a.path, a.weights_path))]
 
 
 def _summarise(errors: dict[str, float], plan: MergePlan) -> dict | None:

@@ -17,7 +17,9 @@ import torch
 
 from . import bnb_import
 from .errors import AdaptkitError
+from .files import read_json
 
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes.functional.quantize_4bit takes
 QUANT_STATE_KEYS = ("quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")
 
 
@@ -38,6 +40,8 @@ def check_quantization(config: dict, path) -> dict | None:
     q = config.get("quantization_config")
     if not q:
         return None
+    if not isinstance(q, dict):
+        raise AdaptkitError("malformed config.json: quantization_config must be an object", path)
     method = str(q.get("quant_method", "unknown"))
     if method != "bitsandbytes":
         raise AdaptkitError(f"quant_method {method!r} is not supported: adaptkit merges into dense and bitsandbytes "
@@ -65,9 +69,17 @@ def find_quantized(tensor_names, read_blob) -> dict[str, QuantizedWeight]:
             comps[key[: cut + len(".weight")]].append(key)
     out = {}
     for weight, qs_key in states.items():
-        state = json.loads(bytes(read_blob(qs_key).tolist()).decode("utf-8"))
-        out[weight] = QuantizedWeight(weight, tuple(comps[weight]), tuple(state["shape"]),
-                                      getattr(torch, state["dtype"]), state["quant_type"], int(state["blocksize"]))
+        try:
+            state = json.loads(bytes(read_blob(qs_key).reshape(-1).tolist()).decode("utf-8"))
+            shape = tuple(int(x) for x in state["shape"])
+            dtype = getattr(torch, str(state["dtype"]).removeprefix("torch."))
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ValueError(f"dtype {state['dtype']!r}")
+            qw = QuantizedWeight(weight, tuple(comps[weight]), shape, dtype, str(state["quant_type"]),
+                                 int(state["blocksize"]))
+        except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
+            raise AdaptkitError(f"malformed 4-bit quantization state {qs_key}: {e}") from None
+        out[weight] = qw
     return out
 
 
@@ -107,6 +119,13 @@ class QuantSettings:
     storage: torch.dtype = torch.uint8
     skip_modules: tuple[str, ...] | None = None  # llm_int8_skip_modules; None: transformers' own choice
 
+    def __post_init__(self):
+        if self.quant_type not in ("nf4", "fp4"):
+            raise AdaptkitError(f"quant_type must be nf4 or fp4, got {self.quant_type!r}")
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize not in BLOCKSIZES:
+            raise AdaptkitError(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))} (what bitsandbytes "
+                                f"quantizes with), got {self.blocksize!r}")
+
     @classmethod
     def from_config(cls, path) -> "QuantSettings":
         """Settings from a JSON file: a BitsAndBytesConfig (``to_json_file``), a 4-bit model's
@@ -120,10 +139,7 @@ class QuantSettings:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            cfg = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise AdaptkitError(f"cannot read quantization settings: {e}", path) from None
+        cfg = read_json(path, "quantization settings")
         q = cfg.get("quantization_config", cfg) if isinstance(cfg, dict) else None
         if not isinstance(q, dict) or str(q.get("quant_method", "bitsandbytes")) != "bitsandbytes" \
                 or not (q.get("load_in_4bit") or q.get("_load_in_4bit")):

@@ -126,7 +126,6 @@ def read_header(path: str | Path) -> Header:
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise AdaptkitError(f"not a valid safetensors file (corrupt header: {e})", path) from None
     data_start = 8 + n
-    data_size = size - data_start
     metadata = obj.pop("__metadata__", None)
     if metadata is None:
         metadata = {}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter, load_adapter
+from .adapter import Adapter, adapter_weights, load_adapter
 from .checkpoint import Checkpoint
 from .device import resolve_device
 from .errors import AdaptkitError
@@ -142,7 +142,7 @@ def _four_bit_noise(exact: torch.Tensor, like, x: torch.Tensor, double: bool, st
 
 
 def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, weights=None,
-                 tolerance: float | None = None, device="cpu", seed: int = 0, plan=None):
+                 tolerance: float | None = None, device="cpu", seed: int = 0, plan=None, progress=None):
     from .quant import check_quantization, find_quantized
 
     plan = plan or plan_merge(base, adapters, weights)
@@ -155,6 +155,8 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
     warnings: list[str] = list(plan.warnings)
     gen = torch.Generator().manual_seed(seed)
     for job in plan.jobs:
+        if progress:
+            progress(1)
         if job.name in skip:
             continue
         if job.name not in merged.tensors:
@@ -307,18 +309,39 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
     return ModelCheck(len(batches), total, max(diffs), mean_kl, top1, mean_kl <= kl_tolerance, source)
 
 
+def same_architecture(base: Checkpoint, merged: Checkpoint) -> None:
+    """Refuse a MERGED of another architecture than BASE: comparing them would mean nothing."""
+    for key in ("model_type", "architectures"):
+        a, b = base.config.get(key), merged.config.get(key)
+        if a and b and a != b:
+            raise AdaptkitError(f"the merged model is {key} {b!r} but the base is {a!r}: verify compares a merge "
+                                "with the base it was made from", merged.path)
+    if base.tensors and not set(base.tensors) & set(merged.tensors):
+        raise AdaptkitError("the merged model shares no tensor name with the base: it was not made from it",
+                            merged.path)
+
+
 def verify(base, adapters: list, merged, weights: list[float] | None = None, prompts: list[str] | None = None,
-           device: str = "auto", tolerance: float | None = None, model: bool = True, seed: int = 0) -> VerifyReport:
+           device: str = "auto", tolerance: float | None = None, model: bool = True, seed: int = 0,
+           on_start=None, progress=None, on_stage=None) -> VerifyReport:
+    """Check that ``merged`` equals ``base`` + ``adapters`` (see the module's docstring).
+
+    ``on_start(n)`` is called with the number of tensors to check, ``progress(1)`` after each, and
+    ``on_stage(text)`` when the model-level check starts.
+    """
+    dev = resolve_device(device)  # the model-level check runs there; the layer probes are cheap on the CPU
     base_ck = Checkpoint.open(base)
     merged_ck = Checkpoint.open(merged)
+    same_architecture(base_ck, merged_ck)
     loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
-    weights = list(weights) if weights else [1.0] * len(loaded)
+    weights = adapter_weights(weights, len(loaded))
     if tolerance is not None and not tolerance > 0:
         raise AdaptkitError(f"--tolerance must be positive, got {tolerance}")
-    dev = resolve_device(device)  # the model-level check runs there; the layer probes are cheap on the CPU
     plan = plan_merge(base_ck, loaded, weights)
+    if on_start:
+        on_start(len(plan.jobs))
     checks, untouched, mismatched, warnings = check_layers(base_ck, loaded, merged_ck, weights, tolerance, seed=seed,
-                                                           plan=plan)
+                                                           plan=plan, progress=progress)
     q = [c for c in checks if c.note.startswith("4-bit output")]
     if q:
         errs = sorted(c.rel_error for c in q)
@@ -330,6 +353,8 @@ def verify(base, adapters: list, merged, weights: list[float] | None = None, pro
         warnings.append(f"the merged model has {len(extra)} tensors the base lacks (first: {extra[0]})")
     model_check = None
     if model and _transformers_knows(base_ck):
+        if on_stage:
+            on_stage("model-level check: loading base + adapters and the merged model")
         model_check = check_model(base_ck.path, loaded, merged_ck.path, weights, prompts, seed=seed, device=dev)
     elif model:
         warnings.append("model-level check skipped: transformers does not know this architecture")

@@ -77,13 +77,26 @@ def base_name_map(base_names) -> dict[str, str]:
     return out
 
 
+def _metadata_json(metadata: dict, key: str, path: Path) -> dict:
+    """A JSON object adaptkit keeps in the file's metadata (empty when absent)."""
+    if key not in metadata:
+        return {}
+    try:
+        value = json.loads(metadata[key])
+    except ValueError as e:
+        raise AdaptkitError(f"malformed {key} in the file's metadata: {e}", path) from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise AdaptkitError(f"malformed {key} in the file's metadata: not a JSON object", path)
+    return value
+
+
 def load_kohya_file(path: Path, base_names=None) -> Adapter:
     source = open_source(path)
     keys = source.keys()
     metadata = getattr(source, "metadata", {}) or {}
     if any(k.endswith(".dora_scale") for k in keys):
         raise AdaptkitError("kohya file with DoRA (dora_scale): not supported; only plain LoRA converts exactly", path)
-    exact = json.loads(metadata[MODULES_KEY]) if MODULES_KEY in metadata else {}
+    exact = _metadata_json(metadata, MODULES_KEY, path)
     by_base = base_name_map(base_names) if base_names is not None else None
     groups: dict[str, dict[str, str]] = {}
     for key in keys:
@@ -114,15 +127,18 @@ def load_kohya_file(path: Path, base_names=None) -> Adapter:
         tensors[f"{name}.lora_A.weight"] = a
         tensors[f"{name}.lora_B.weight"] = b
         rank = a.shape[0]
-        alpha = float(source.get(roles["alpha"]).item()) if "alpha" in roles else 0.0
+        alpha = 0.0
+        if "alpha" in roles:
+            alpha_t = source.get(roles["alpha"])
+            if alpha_t.numel() != 1:
+                raise AdaptkitError(f"{stem}: alpha must be a single number, got shape {list(alpha_t.shape)}", path)
+            alpha = float(alpha_t.reshape(()).item())
         alphas[name] = alpha if alpha else float(rank)
     if unresolved:
         hint = "pass --base with the model it was trained on" if by_base is None else "these are not in --base"
         raise AdaptkitError(f"cannot map {len(unresolved)} kohya names back to module names (first: "
                             f"{unresolved[0]}): {hint}", path)
-    config = {}
-    if "adapter_config" in metadata:
-        config = json.loads(metadata["adapter_config"])
+    config = _metadata_json(metadata, "adapter_config", path)
     adapter = build_adapter(path, path, {}, DictSource(path, tensors), fmt="kohya", infer_alpha=alphas)
     adapter.config = {k: v for k, v in config.items()
                       if k in ("base_model_name_or_path", "task_type", "fan_in_fan_out", "bias")}

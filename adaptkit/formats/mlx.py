@@ -10,6 +10,7 @@ listed (module paths inside a layer); weights it finds no tensor for start at ze
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 
 from ..adapter import Adapter, build_adapter
 from ..errors import AdaptkitError
+from ..files import read_json
 from .sources import DictSource, open_source
 
 WEIGHTS = "adapters.safetensors"
@@ -30,8 +32,8 @@ def is_mlx_dir(path: Path) -> bool:
     if not (path / WEIGHTS).exists() or not cfg.exists():
         return False
     try:
-        return "lora_parameters" in json.loads(cfg.read_text())
-    except ValueError:
+        return "lora_parameters" in read_json(cfg, "adapter config")
+    except AdaptkitError:
         return False
 
 
@@ -63,15 +65,15 @@ def write_mlx(adapter: Adapter, out: Path, num_layers: int | None = None) -> dic
 
 
 def load_mlx_dir(path: Path) -> Adapter:
-    try:
-        config = json.loads((path / CONFIG).read_text())
-    except ValueError as e:
-        raise AdaptkitError(f"malformed JSON: {e}", path / CONFIG) from None
+    config = read_json(path / CONFIG, "adapter config")
     ftype = config.get("fine_tune_type", "lora")
     if ftype != "lora":
         raise AdaptkitError(f"mlx-lm fine_tune_type {ftype!r} is not supported (LoRA only)", path / CONFIG)
     params = config.get("lora_parameters") or {}
-    scale = float(params.get("scale", 20.0))  # mlx-lm's default scale
+    scale = params.get("scale", 20.0) if isinstance(params, dict) else None  # 20: mlx-lm's default scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise AdaptkitError(f"malformed mlx-lm config: lora_parameters.scale must be a finite number, got {scale!r}",
+                            path / CONFIG)
     source = open_source(path / WEIGHTS)
     tensors, alphas = {}, {}
     for key in source.keys():

@@ -42,6 +42,8 @@ def load_raw_file(path: Path) -> Adapter:
             config = json.loads(metadata[CONFIG_METADATA_KEY])
         except ValueError as e:
             raise AdaptkitError(f"malformed adapter_config in the file's metadata: {e}", path) from None
+        if not isinstance(config, dict):
+            raise AdaptkitError("malformed adapter_config in the file's metadata: not a JSON object", path)
     elif "lora_alpha" in metadata:
         try:
             config = {"peft_type": "LORA", "lora_alpha": float(metadata["lora_alpha"])}
