@@ -33,11 +33,31 @@ def styled(label: str, style: str, rest: str = "") -> Text:
 
 
 class Group(click.Group):
-    """Runs a command so that every way it can fail ends in one line and a documented exit status:
-    a user mistake or an OS error (disk full, read-only…) exits 2; Ctrl-C, SIGTERM and SIGHUP stop the
-    command like an exception (outputs in progress are removed) and exit 128 + the signal number."""
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Click's main, with usage errors (a bad option value, a missing argument) as one line too."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError" and e.ctx is not None:  # `adaptkit` alone: the help
+                click.echo(e.ctx.get_help())
+                sys.exit(0)
+            hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            click.echo(f"error: {' '.join(e.format_message().split())}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx):
+        """Runs a command so that every way it can fail ends in one line and a documented exit status:
+        a user mistake or an OS error (disk full, read-only…) exits 2; Ctrl-C, SIGTERM and SIGHUP stop the
+        command like an exception (outputs in progress are removed) and exit 128 + the signal number."""
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGHUP):
             try:
@@ -235,7 +255,7 @@ def _render_inspect(report, svd: bool) -> None:
 @main.command()
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER [ADAPTER ...]")
-@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False),
+@click.option("-o", "--output", "out", required=True,
               help="Folder to write the merged model to (created; refused if it exists, unless --force).")
 @click.option("--weight", "weights", type=float, multiple=True,
               help="Scale of each adapter's ΔW, once per adapter, in order (default 1).")
@@ -375,7 +395,7 @@ def convert(source, to, out, outtype, base, dtype, prefix, force, as_json):
               help="Per module, the smallest rank keeping this fraction of ‖ΔW‖² (e.g. 0.99).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DARE masks (per module).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("-o", "--output", "out", required=True, help="Output folder.")
 @click.option("--base", default=None, help="Merge the combination into this base model instead of writing an adapter.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")

@@ -194,6 +194,14 @@ def _publish(tmp: Path, target: Path) -> None:
             old.unlink(missing_ok=True)
 
 
+def _output_error(e: OSError, out: Path, tmp: Path | None, doing: str = "") -> AdaptkitError:
+    """An OSError while writing, named by the output (not by the temporary file it happened in)."""
+    inside = e.filename is None or (tmp is not None and str(e.filename).startswith(str(tmp)))
+    if inside or str(e.filename).startswith(str(out.parent / f".{out.name}.")):
+        e = OSError(e.errno, e.strerror)
+    return os_error(e, out, doing)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -214,14 +222,14 @@ def atomic_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=target.parent))
     except OSError as e:
-        raise os_error(e, out, "cannot create the output") from None
+        raise _output_error(e, target, None, "cannot create the output") from None
     try:
         yield tmp
         _ordinary_modes(tmp)
         _publish(tmp, target)
     except OSError as e:
         _remove(tmp)
-        raise os_error(e, out) from None
+        raise _output_error(e, target, tmp) from None
     except BaseException:
         _remove(tmp)
         raise
@@ -239,7 +247,7 @@ def atomic_output_file(out: str | Path, force: bool = False, suffix: str | None 
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=target.parent)
         os.close(fd)
     except OSError as e:
-        raise os_error(e, out, "cannot create the output") from None
+        raise _output_error(e, target, None, "cannot create the output") from None
     tmp = Path(tmp)
     try:
         yield tmp
@@ -247,7 +255,7 @@ def atomic_output_file(out: str | Path, force: bool = False, suffix: str | None 
         _publish(tmp, target)
     except OSError as e:
         _remove(tmp)
-        raise os_error(e, out) from None
+        raise _output_error(e, target, tmp) from None
     except BaseException:
         _remove(tmp)
         raise

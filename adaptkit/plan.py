@@ -18,6 +18,7 @@ import torch
 from .adapter import Adapter, LoraModule, adapter_weights
 from .checkpoint import Checkpoint
 from .errors import AdaptkitError
+from .files import is_regular, read_json
 from .quant import QuantizedWeight, QuantSettings, check_quantization, find_quantized, weights_bnb_would_quantize
 from .safetensors_file import itemsize, numel
 
@@ -344,11 +345,42 @@ def _check_module(m: LoraModule, shape) -> str | None:
     return None
 
 
+# config.json keys that differ between copies of one model (a re-save, another dtype, a 4-bit copy)
+VOLATILE_CONFIG_KEYS = {"transformers_version", "torch_dtype", "dtype", "use_cache", "quantization_config"}
+
+
+def same_model_config(a: dict, b: dict) -> bool:
+    """Whether two config.json describe the same model, whatever its folder name, dtype or quantization."""
+    def core(c):
+        return {k: v for k, v in c.items() if not k.startswith("_") and k not in VOLATILE_CONFIG_KEYS}
+
+    return core(a) == core(b)
+
+
 def _warn_base_name(adapter: Adapter, base: Checkpoint, warnings: list[str]) -> None:
+    """Warn when the adapter says it was trained on another model than ``base``.
+
+    When the adapter's base model is a local folder, its config is compared with the base's (the same
+    model under another folder name is the same model); otherwise names are compared: the folder's,
+    config's ``_name_or_path`` and, for a Hub cache folder, the repository's.
+    """
     want = adapter.base_model
-    if not want:
+    if not want or not isinstance(want, str):
         return
-    names = {base.path.resolve().name, Path(str(base.config.get("_name_or_path", ""))).name}
+    theirs = Path(want) / "config.json"
+    if is_regular(theirs):
+        try:
+            other = read_json(theirs, "config.json")
+        except AdaptkitError:
+            other = None
+        if other is not None:
+            if not same_model_config(other, base.config):
+                warnings.append(f"{adapter.path} was trained on {want!r}, whose config.json differs from the base's "
+                                f"({base.path}): merging anyway")
+            return
+    real = base.path.resolve()
+    names = {real.name, Path(str(base.config.get("_name_or_path", ""))).name}
+    names |= {part.split("--")[-1] for part in real.parts if part.startswith("models--")}
     if Path(want).name not in names:
         warnings.append(f"{adapter.path} was trained on {want!r}, not {base.path.name!r}: merging anyway")
 

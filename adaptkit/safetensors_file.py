@@ -279,7 +279,11 @@ class StreamingWriter(_OutputFile):
         self._expected = [(name, size) for (name, _, _), size in zip(entries, sizes)]
         self._next = 0
         self._open(path)
-        self._write_all(memoryview(header))
+        try:
+            self._write_all(memoryview(header))
+        except BaseException:
+            self.abort()
+            raise
         self.bytes_written = len(header)
 
     def _advance(self, name: str, nbytes: int) -> None:
@@ -331,7 +335,11 @@ class ReservedHeaderWriter(_OutputFile):
         self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         self._offset = 0
         self._open(path)
-        os.pwrite(self._fd, b" " * (8 + self._reserve), 0)
+        try:
+            os.pwrite(self._fd, b" " * (8 + self._reserve), 0)
+        except BaseException:
+            self.abort()
+            raise
         self.bytes_written = 8 + self._reserve
 
     def _next_name(self, name: str) -> None:

@@ -249,9 +249,17 @@ def test_cli_json_summary(runner, tmp_path):
 
 
 def test_base_name_mismatch_only_warns(tmp_path, variants):
+    """Another folder name, dtype or seed of the same model is the same model (configs compared); a
+    config that differs is worth a warning, not a refusal."""
     seen = []
     merge(variants["llama-fp32"], [ADAPTERS["llama-lora"]], tmp_path / "o", warn=seen.append)
-    assert any("trained on" in w for w in seen)
+    assert not any("trained on" in w for w in seen), seen
+    other = tmp_path / "other-llama"
+    shutil.copytree(TINY_LLAMA, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "rope_theta": 1234.0}))
+    merge(other, [ADAPTERS["llama-lora"]], tmp_path / "o2", warn=seen.append)
+    assert any("whose config.json differs" in w for w in seen), seen
 
 
 def test_peak_memory_follows_largest_tensor(tmp_path):

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from ..adapter import Adapter, build_adapter, check_peft_type
+from ..adapter import Adapter, build_adapter, check_peft_type, validate_config
 from ..errors import AdaptkitError
 from ..files import read_json
 from .sources import open_source
@@ -25,12 +25,7 @@ def read_config(path: Path) -> dict:
     if "peft_type" not in config:
         raise AdaptkitError("malformed adapter config: no peft_type", cfg_path)
     check_peft_type(config, cfg_path)
-    for key in ("r", "lora_alpha"):
-        if key in config and not isinstance(config[key], (int, float)):
-            raise AdaptkitError(f"malformed adapter config: {key} must be a number", cfg_path)
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key) is not None and not isinstance(config[key], dict):
-            raise AdaptkitError(f"malformed adapter config: {key} must be an object", cfg_path)
+    validate_config(config, cfg_path)
     _refuse_unsupported(config, cfg_path)
     return config
 
