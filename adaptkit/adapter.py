@@ -26,6 +26,7 @@ import torch
 from .errors import AdaptkitError
 
 PEFT_PREFIX = "base_model.model."
+FP32_MAX = 3.4028234663852886e38  # the merge computes in fp32: a scale beyond it cannot be applied
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}  # LoraConfig's defaults, for keys an adapter_config.json leaves out
 
 UNSUPPORTED_PEFT_TYPES = {
@@ -341,8 +342,9 @@ def build_adapter(path: Path, weights_path: Path, config: dict, source: TensorSo
             alpha = rank
             assumed_alpha.append(mod)
         scaling = lora_scaling(alpha, rank, use_rslora)
-        if not math.isfinite(scaling):
-            raise AdaptkitError(f"{mod}: its scaling is not a finite number (alpha {alpha}, r {rank})", path)
+        if not (math.isfinite(scaling) and abs(scaling) <= FP32_MAX):
+            raise AdaptkitError(f"{mod}: its scaling {scaling:g} (alpha {alpha}, r {rank}) is not a finite fp32 number",
+                                path)
         modules[mod] = LoraModule(
             name=mod, kind=kind, rank=rank, alpha=alpha, scaling=scaling,
             fan_in_fan_out=fan_in_fan_out and kind == "linear", source=source, a_key=a_key, b_key=b_key,
@@ -373,7 +375,7 @@ def adapter_weights(weights, n: int) -> list[float]:
         out = [float(w) for w in weights]
     except (TypeError, ValueError):
         raise AdaptkitError(f"weights must be numbers, got {weights!r}") from None
-    if any(isinstance(w, bool) for w in weights) or not all(math.isfinite(w) for w in out):
+    if any(isinstance(w, bool) for w in weights) or not all(math.isfinite(w) and abs(w) <= FP32_MAX for w in out):
         raise AdaptkitError(f"weights must be finite numbers, got {', '.join(map(str, weights))}")
     if len(out) != n:
         raise AdaptkitError(f"{len(out)} weights for {n} adapters: give one weight per adapter")

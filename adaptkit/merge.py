@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from . import __version__, readahead
-from .adapter import Adapter, load_adapter
+from .adapter import FP32_MAX, Adapter, load_adapter
 from .checkpoint import Checkpoint, is_weight_file
 from .device import resolve_device
 from .errors import AdaptkitError
@@ -265,7 +265,7 @@ def _stream_tensors(plan: MergePlan, tmp: Path, dev: torch.device, progress, qua
             a = m.A.to(dev, torch.float32)
             b = m.B.to(dev, torch.float32)
             alpha = m.scaling * op.weight
-            if not math.isfinite(alpha):  # addmm_ on the CPU ignores a NaN alpha: never let it through
+            if not (math.isfinite(alpha) and abs(alpha) <= FP32_MAX):  # addmm_ on the CPU ignores a NaN alpha
                 raise AdaptkitError(f"{job.name}: the scale of {m.name} is not finite ({m.scaling} × {op.weight})")
             if op.transposed:
                 w32.addmm_(a.T, b.T, alpha=alpha)

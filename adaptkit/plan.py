@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter, LoraModule, adapter_weights
+from .architecture import conv1d_modules
 from .checkpoint import Checkpoint
 from .errors import AdaptkitError
 from .files import is_regular, read_json
@@ -191,6 +192,11 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] |
             return base.info(input_emb).shape
         return None
 
+    # peft decides a linear LoRA's orientation by the layer's class (Conv1D stores (in, out)), whatever
+    # the adapter's fan_in_fan_out says: ask transformers which layers are Conv1D when it can matter
+    flagged = any(m.fan_in_fan_out for a in adapters for m in a.modules.values())
+    conv1d = conv1d_modules(base.config) if flagged or base.config.get("model_type") in CONV1D_MODEL_TYPES else None
+    overridden: dict[str, list[str]] = {}
     for adapter, weight in zip(adapters, weights):
         _warn_base_name(adapter, base, warnings)
         label = adapter.path
@@ -208,15 +214,13 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] |
             if base_shape(m.weight_name) is None:
                 missing.setdefault(str(label), []).append(m.name)
                 continue
-            problem = _check_module(m, base_shape(m.weight_name))
+            transposed = _orientation(m, base_shape(m.weight_name), conv1d)
+            problem = _check_module(m, base_shape(m.weight_name), transposed)
             if problem:
                 problems.append(f"{label}: {problem}")
                 continue
-            shape = base_shape(m.weight_name)
-            canonical = (m.out_features, m.in_features)
-            transposed = m.transposed
-            if m.kind == "linear" and not m.fan_in_fan_out and tuple(shape) != canonical:
-                transposed = True  # a Conv1D base whose adapter config lacks fan_in_fan_out
+            if m.kind == "linear" and conv1d is not None and transposed != m.fan_in_fan_out:
+                overridden.setdefault(str(label), []).append(m.name)
             ops.setdefault(m.weight_name, []).append(Op("lora", adapter, weight, module=m, transposed=transposed))
             if m.bias_key is not None:
                 bias_shape = base_shape(m.name + ".bias")
@@ -229,6 +233,12 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] |
                     ops.setdefault(m.name + ".bias", []).append(Op("bias", adapter, weight, module=m))
         for w in adapter.notes:
             warnings.append(f"{label}: {w}")
+        if str(label) in overridden:
+            names = overridden[str(label)]
+            flag = any(m.fan_in_fan_out for m in adapter.modules.values())
+            warnings.append(f"{label}: fan_in_fan_out is {str(flag).lower()} in its config but {len(names)} modules "
+                            f"(first: {names[0]}) are {'nn.Linear' if flag else 'Conv1D'} layers in the base: merged "
+                            "as their layer type says, as peft does")
         if adapter.unclaimed:
             warnings.append(f"{label}: {len(adapter.unclaimed)} tensors belong to no LoRA module and are ignored "
                             f"(first: {adapter.unclaimed[0]})")
@@ -326,7 +336,22 @@ def _job(name, source, shape, in_dtype, out_dtype, ops) -> TensorJob:
     return TensorJob(name, source, tuple(shape), in_dtype, target, list(ops))
 
 
-def _check_module(m: LoraModule, shape) -> str | None:
+def _orientation(m: LoraModule, shape, conv1d: set[str] | None) -> bool:
+    """Whether ΔW (out, in) lands transposed on the base weight: embeddings and Conv1D layers store (in, out).
+
+    ``conv1d``: the base's Conv1D layers, when transformers could tell; otherwise the adapter's
+    fan_in_fan_out, or the shape (a Conv1D base whose adapter config lacks the flag).
+    """
+    if m.kind == "embedding":
+        return True
+    if conv1d is not None:
+        return m.name in conv1d
+    if m.fan_in_fan_out:
+        return True
+    return shape is not None and tuple(shape) == (m.in_features, m.out_features) != (m.out_features, m.in_features)
+
+
+def _check_module(m: LoraModule, shape, transposed: bool) -> str | None:
     src = m.source
     a_shape, b_shape = src.shape(m.a_key), src.shape(m.b_key)
     if len(a_shape) != 2 or len(b_shape) != 2:
@@ -336,10 +361,9 @@ def _check_module(m: LoraModule, shape) -> str | None:
     if shape is None:
         return f"module {m.name} is not in the base (no tensor {m.weight_name})"
     canonical = (m.out_features, m.in_features)
-    expected = {canonical[::-1]} if m.transposed else {canonical, canonical[::-1]} if m.kind == "linear" else {canonical}
-    if tuple(shape) not in expected:
-        return (f"{m.weight_name} is {list(shape)} in the base but the LoRA gives "
-                f"{list(canonical[::-1] if m.transposed else canonical)}")
+    expected = canonical[::-1] if transposed else canonical
+    if tuple(shape) != expected:
+        return f"{m.weight_name} is {list(shape)} in the base but the LoRA gives {list(expected)}"
     if m.magnitude_key is not None and tuple(src.shape(m.magnitude_key)) != (m.out_features,):
         return f"{m.name}: DoRA magnitude is {list(src.shape(m.magnitude_key))}, expected [{m.out_features}]"
     return None

@@ -195,25 +195,16 @@ def weights_bnb_would_quantize(config: dict, skip: list[str] | None = None) -> t
     Asks transformers itself: the model is built on the meta device (no memory) and filtered with
     its own ``get_modules_to_not_convert`` / ``should_convert_module``.
     """
-    import warnings
-
-    import transformers
     from torch import nn
-    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    cfg = {k: v for k, v in config.items() if k != "quantization_config"}
-    if "model_type" not in cfg:
+    from .architecture import meta_model
+
+    if "model_type" not in config:
         raise AdaptkitError("config.json has no model_type: cannot tell which layers bitsandbytes would quantize")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf_config = AutoConfig.for_model(**cfg)
-        arch = (cfg.get("architectures") or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
-        with torch.device("meta"):
-            model = cls._from_config(hf_config) if cls is not None else AutoModelForCausalLM.from_config(hf_config)
+    model = meta_model(config)
     # transformers' own rule: the given skip list replaces its defaults; fp32-kept modules are always skipped
     skip = HfQuantizer.get_modules_to_not_convert(model, list(skip) if skip is not None else None,
                                                   getattr(model, "_keep_in_fp32_modules", None))

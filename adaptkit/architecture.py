@@ -1,0 +1,59 @@
+"""What transformers builds from a config.json, asked of transformers itself (no weights, no memory).
+
+The model is instantiated on the meta device: every module exists with its class and name, no
+parameter has storage. Callers ask which layers are ``Conv1D`` (GPT-2's transposed linear layers:
+peft decides ``fan_in_fan_out`` by that class, whatever the adapter config says) or which would be
+quantized by bitsandbytes (:mod:`.quant`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import torch
+
+from .errors import AdaptkitError
+
+
+def meta_model(config: dict, required: bool = True):
+    """The transformers model of ``config`` on the meta device; None (or a one-line error when
+    ``required``) when transformers cannot build it from this config."""
+    model = _meta_model(json.dumps({k: v for k, v in config.items() if k != "quantization_config"}, sort_keys=True))
+    if model is None and required:
+        raise AdaptkitError(f"transformers cannot build a {config.get('model_type', 'model without model_type')!r} "
+                            "from this config.json")
+    return model
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model(config_json: str):
+    import warnings
+
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = json.loads(config_json)
+    if "model_type" not in cfg:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf_config = AutoConfig.for_model(**cfg)
+            arch = (cfg.get("architectures") or [None])[0]
+            cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+            with torch.device("meta"):
+                return cls._from_config(hf_config) if cls is not None else AutoModelForCausalLM.from_config(hf_config)
+    except Exception:  # noqa: BLE001 - an unknown or custom-code architecture, a config it rejects
+        return None
+
+
+def conv1d_modules(config: dict) -> set[str] | None:
+    """Names of the modules that are transformers' ``Conv1D`` (weight stored (in, out)), or None when
+    transformers cannot build the model."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = meta_model(config, required=False)
+    if model is None:
+        return None
+    return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
