@@ -154,6 +154,20 @@ class Adapter:
     format: str = "peft"
     problems: list[str] = field(default_factory=list)  # what makes an exact merge impossible (inspect shows them)
 
+    def require_finite(self) -> None:
+        """Raise when a factor, magnitude, bias or saved tensor holds NaN or Inf (reads the tensors)."""
+        for m in self.modules.values():
+            for key in (m.a_key, m.b_key, m.magnitude_key, m.bias_key):
+                if key is not None:
+                    t = self.source.get(key)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        raise AdaptkitError(f"NaN or Inf in {key}: the adapter is broken (adaptkit inspect shows "
+                                            "where)", self.path)
+        for name, key in self.full_tensors.items():
+            t = self.source.get(key)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise AdaptkitError(f"NaN or Inf in {key}: the adapter is broken", self.path)
+
     def require_exact(self) -> None:
         """Raise the first reason this adapter cannot be merged, combined or converted exactly."""
         if self.problems:

@@ -66,6 +66,7 @@ def _check(adapters: list[Adapter]) -> dict[str, list]:
     """Per module name, the LoraModule of each adapter (or None); refuse what cannot be combined."""
     for a in adapters:
         a.require_exact()
+        a.require_finite()
         if a.use_dora:
             raise AdaptkitError("DoRA adapters cannot be combined by adding deltas (their magnitudes rescale "
                                 "whole rows); merge them into the base instead", a.path)
@@ -161,6 +162,8 @@ def combine(adapters: list, method: str, out: str | Path, weights: list[float] |
             a = torch.cat([m.A.to(dev, torch.float32) for m, _ in present], 0)
             b = torch.cat([m.B.to(dev, torch.float32) * (m.scaling * w) for m, w in present], 1)
             kept = 1.0
+            if not bool(torch.isfinite(b).all()):
+                raise AdaptkitError(f"{name}: the weighted factors are not finite (the weights overflow fp32)")
             if rank is not None or energy is not None:
                 a, b, kept = factor_product(b, a, rank=rank, energy=energy)
         else:
@@ -169,8 +172,12 @@ def combine(adapters: list, method: str, out: str | Path, weights: list[float] |
             deltas = [m.delta(dev) if m is not None else zeros for m in mods]
             gen = torch.Generator().manual_seed(module_seed(seed, name)) if spec.random else None
             full = spec.fn(deltas, weights, density=density, majority_sign=majority_sign, generator=gen)
+            if not bool(torch.isfinite(full).all()):
+                raise AdaptkitError(f"{name}: the combined delta is not finite (the adapters' values overflow fp32)")
             r = rank if rank is not None else max(m.shape_rank for m, _ in present)
             a, b, kept = factor(full, rank=None if energy is not None else r, energy=energy)
+        if not bool(torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdaptkitError(f"{name}: the combined delta is not finite (the adapters' values overflow fp32)")
         r_out = a.shape[0]
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A.weight", "lora_B.weight")
         tensors[f"{name}.{a_key}"] = a.cpu()

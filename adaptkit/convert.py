@@ -125,6 +125,7 @@ def convert(source: str | Path, to: str, out: str | Path, base: str | Path | Non
     base_names = list(base_ck.tensors) if base_ck is not None else None
     adapter = load_adapter(source, base_names=base_names)
     adapter.require_exact()
+    adapter.require_finite()
     warnings = list(adapter.notes)
     out = Path(out)
     inputs = [source, adapter.path, adapter.weights_path, base]

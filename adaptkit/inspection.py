@@ -111,7 +111,7 @@ def inspect_adapter(adapter: Adapter, svd: bool = False) -> AdapterReport:
         rep = ModuleReport(name=m.name, kind=m.kind, rank=m.rank, alpha=m.alpha, scaling=m.scaling,
                            in_features=m.in_features, out_features=m.out_features, dora=m.use_dora,
                            lora_bias=m.bias_key is not None)
-        if svd:
+        if svd and bool(torch.isfinite(m.A).all() and torch.isfinite(m.B).all()):  # health names the others
             s = singular_values(m)
             rep.singular_values = [float(x) for x in s]
             rep.rank_90, rep.rank_99 = energy_rank(s, 0.90), energy_rank(s, 0.99)

@@ -553,3 +553,28 @@ def test_after_sigkill_the_next_run_cleans_up(big_pair, tmp_path):
     assert listing(tmp_path) == ["out"]
     merged = load_file(out / "model-00001-of-00002.safetensors")
     assert merged["model.layers.0.proj.weight"].shape == (2048, 2048)
+
+
+@pytest.mark.parametrize("command", ["combine-linear", "combine-ties", "convert", "inspect-svd"])
+def test_non_finite_factors_never_reach_the_svd(runner, w, command):
+    p = w["lora"] / "adapter_model.safetensors"
+    t = load_file(p)
+    t["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"][0, 0] = float("nan")
+    save_file(t, p)
+    out = w["root"] / "out"
+    if command == "inspect-svd":
+        res = invoke(runner, "inspect", w["lora"], "--svd", "--json")
+        assert res.exit_code == 0, res.output
+        assert any("NaN or Inf in model.layers.0.mlp.down_proj" in x for x in json.loads(res.stdout)["warnings"])
+        return
+    args = {"combine-linear": ["combine", w["lora"], w["dora"].parent / "lora", "--method", "linear", "--rank", "4"],
+            "combine-ties": ["combine", w["lora"], w["dora"].parent / "lora", "--method", "ties"],
+            "convert": ["convert", w["lora"], "--to", "kohya"]}[command]
+    res = invoke(runner, *args, "-o", out if command != "convert" else w["root"] / "k.safetensors")
+    assert_one_line_error(res, "NaN or Inf in", "mlp.down_proj.lora_B")
+
+
+def test_a_base_config_that_is_not_an_object(runner, w):
+    (w["base"] / "config.json").write_text("[1, 2]")
+    assert_one_line_error(invoke(runner, "merge", w["base"], w["lora"], "-o", w["root"] / "o"),
+                          "config.json", "must be an object")
