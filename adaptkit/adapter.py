@@ -170,6 +170,8 @@ class Adapter:
 
     def require_exact(self) -> None:
         """Raise the first reason this adapter cannot be merged, combined or converted exactly."""
+        if not self.modules and not self.full_tensors:
+            raise AdaptkitError("the adapter holds no LoRA modules (nothing to apply)", self.path)
         if self.problems:
             more = f" (and {len(self.problems) - 1} more problems)" if len(self.problems) > 1 else ""
             raise AdaptkitError(self.problems[0] + more, self.path)

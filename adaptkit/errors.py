@@ -18,4 +18,9 @@ class AdaptkitError(Exception):
     def __init__(self, message: str, path: str | Path | None = None):
         self.path = Path(path) if path is not None else None
         self.message = " ".join(str(message).split())  # always one line
-        super().__init__(f"{self.path}: {self.message}" if self.path is not None else self.message)
+        super().__init__(f"{printable(self.path)}: {self.message}" if self.path is not None else self.message)
+
+
+def printable(value) -> str:
+    """``value`` as text on one line: control characters (a newline in a file name, say) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))

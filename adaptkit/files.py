@@ -121,5 +121,5 @@ def is_regular(path: str | Path) -> bool:
     """Whether ``path`` is a regular file (symlinks followed); never blocks."""
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the name
         return False

@@ -139,6 +139,8 @@ def check_output(out: str | Path, force: bool, inputs: Iterable[str | Path | Non
     ``force``; an existing output of the other kind (file for folder); a parent that is not a folder.
     Creates missing parent folders and removes what dead runs left beside the output.
     """
+    if str(out).strip() == "":
+        raise AdaptkitError("the output path is empty")
     out = Path(out)
     target = _real(out)
     _refuse_inputs(out, target, inputs)

@@ -578,3 +578,16 @@ def test_a_base_config_that_is_not_an_object(runner, w):
     (w["base"] / "config.json").write_text("[1, 2]")
     assert_one_line_error(invoke(runner, "merge", w["base"], w["lora"], "-o", w["root"] / "o"),
                           "config.json", "must be an object")
+
+
+def test_an_empty_output_path_and_control_characters_stay_one_line(runner, w, monkeypatch):
+    monkeypatch.chdir(w["root"])
+    assert_one_line_error(invoke(runner, "merge", w["base"], w["lora"], "-o", ""), "output path is empty")
+    res = invoke(runner, "merge", w["base"], w["lora"], "-o", w["base"] / "x\ny")
+    assert_one_line_error(res, "x\\ny", "input")
+
+
+def test_an_adapter_with_no_modules_is_refused(runner, w):
+    p = w["lora"] / "adapter_model.safetensors"
+    save_file({"base_model.model.stray": torch.zeros(2)}, p)
+    assert_one_line_error(invoke(runner, "merge", w["base"], w["lora"], "-o", w["root"] / "o"), "no LoRA modules")
