@@ -73,7 +73,7 @@ class Group(click.Group):
             sys.stderr.close()
             sys.exit(1)
         except OSError as e:  # what the library did not name itself
-            from .files import os_error
+            from .io.files import os_error
 
             click.echo(f"error: {os_error(e)}", err=True)
             sys.exit(2)
@@ -102,8 +102,8 @@ def local(spec, adapter_only: bool = False):
 
 def _read_ahead(folder):
     """Start reading a local model folder's weights into the page cache (adaptkit/readahead.py); None otherwise."""
-    from .layout import find_weight_files
-    from .readahead import Readahead
+    from .io.layout import find_weight_files
+    from .io.readahead import Readahead
 
     if not Path(folder).is_dir():
         return None
@@ -488,7 +488,7 @@ def verify(base, paths, weights, prompts, device, tolerance, no_model, seed, wri
     base = local(base)
     lines = None
     if prompts:
-        from .files import read_bytes
+        from .io.files import read_bytes
 
         text = read_bytes(prompts, 16 << 20, "prompts file").decode("utf-8", errors="replace")
         lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -500,7 +500,7 @@ def verify(base, paths, weights, prompts, device, tolerance, no_model, seed, wri
                            progress=bar.advance, on_stage=bar.stage)
     if write_report:
         from .hub import VERIFY_REPORT
-        from .output import atomic_output_file
+        from .io.output import atomic_output_file
 
         with atomic_output_file(Path(paths[-1]) / VERIFY_REPORT, force=True, inputs=[base, *adapters]) as tmp:
             tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")

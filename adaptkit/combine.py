@@ -26,8 +26,8 @@ from .device import resolve_device
 from .errors import AdaptkitError
 from .formats.peft import write_peft_dir
 from .formats.sources import DictSource
-from .output import atomic_output_dir, check_output
-from .pipeline import limit_heap_growth
+from .io.output import atomic_output_dir, check_output
+from .io.pipeline import limit_heap_growth
 
 
 @dataclass

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter, LoraModule, load_adapter
-from .checkpoint import Checkpoint
+from .io.checkpoint import Checkpoint
 from .errors import AdaptkitError
 from .formats import kohya
 from .formats.peft import write_peft_dir
 from .formats.raw import write_raw_file
-from .output import atomic_output_dir, atomic_output_file, check_output
+from .io.output import atomic_output_dir, atomic_output_file, check_output
 
 TARGETS = ("peft", "raw", "kohya", "gguf", "mlx")
 

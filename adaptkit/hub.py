@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import AdaptkitError
-from .files import os_error, read_bytes, read_json
+from .io.files import os_error, read_bytes, read_json
 
 HUB_TIMEOUT = 8.0  # seconds for the one question asked of the Hub before downloading
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")

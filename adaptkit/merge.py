@@ -27,16 +27,17 @@ from typing import Callable
 
 import torch
 
-from . import __version__, readahead
+from . import __version__
+from .io import readahead
 from .adapter import FP32_MAX, Adapter, load_adapter
-from .checkpoint import Checkpoint, is_weight_file
+from .io.checkpoint import Checkpoint, is_weight_file
 from .device import resolve_device
 from .errors import AdaptkitError
-from .output import atomic_output_dir, check_output
-from .pipeline import limit_heap_growth, run_stream
+from .io.output import atomic_output_dir, check_output
+from .io.pipeline import limit_heap_growth, run_stream
 from .plan import MergePlan, Op, OutShard, TensorJob, plan_merge  # noqa: F401 - plan_merge re-exported
 from .quant import QuantSettings, dequantize, quantize, relative_error
-from .safetensors_file import ReservedHeaderWriter, StreamingWriter, header_reserve, numel
+from .io.safetensors_file import ReservedHeaderWriter, StreamingWriter, header_reserve, numel
 
 OUTPUT_BUFFER_BUDGET = 160 << 20  # bytes of merged tensors that may wait for the writer
 
@@ -359,7 +360,7 @@ def _write_side_files(plan: MergePlan, tmp: Path, command: str | None) -> None:
     if plan.config:
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
     if plan.write_index:
-        from .safetensors_file import read_header
+        from .io.safetensors_file import read_header
 
         weight_map = {n: s.file for s in plan.shards for j in s.jobs for n in j.out_names}
         total = sum(t.nbytes for s in plan.shards for t in read_header(tmp / s.file).tensors)

@@ -17,11 +17,11 @@ import torch
 
 from .adapter import Adapter, LoraModule, adapter_weights
 from .architecture import conv1d_modules
-from .checkpoint import Checkpoint
+from .io.checkpoint import Checkpoint
 from .errors import AdaptkitError
-from .files import is_regular, read_json
+from .io.files import is_regular, read_json
 from .quant import QuantizedWeight, QuantSettings, check_quantization, find_quantized, weights_bnb_would_quantize
-from .safetensors_file import itemsize, numel
+from .io.safetensors_file import itemsize, numel
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float32": torch.float32, "fp32": torch.float32}

@@ -17,7 +17,7 @@ import torch
 
 from . import bnb_import
 from .errors import AdaptkitError
-from .files import read_json
+from .io.files import read_json
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes.functional.quantize_4bit takes
 QUANT_STATE_KEYS = ("quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter, adapter_weights, load_adapter
-from .checkpoint import Checkpoint
+from .io.checkpoint import Checkpoint
 from .device import resolve_device
 from .errors import AdaptkitError
 from .plan import plan_merge

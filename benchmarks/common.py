@@ -15,7 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from adaptkit.safetensors_file import StreamingWriter  # noqa: E402
+from adaptkit.io.safetensors_file import StreamingWriter  # noqa: E402
 
 SHAPES = {
     # TinyLlama-1.1B: one 2.2 GB shard

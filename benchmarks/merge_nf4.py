@@ -74,7 +74,7 @@ def build_nf4_base(path: Path, s: dict, device: str, shard_gb: float = 2.0):
 GPU_WORK = r"""
 import sys, time, json, torch
 sys.path.insert(0, sys.argv[4])
-from adaptkit.checkpoint import Checkpoint
+from adaptkit.io.checkpoint import Checkpoint
 from adaptkit.adapter import load_adapter
 from adaptkit.quant import find_quantized, dequantize, quantize
 base, adapter, device = sys.argv[1:4]

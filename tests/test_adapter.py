@@ -42,7 +42,7 @@ def test_modules_ranks_and_scalings_match_peft(name):
 
 
 def test_names_match_the_base_checkpoint():
-    from adaptkit.checkpoint import Checkpoint
+    from adaptkit.io.checkpoint import Checkpoint
 
     for name, path in ADAPTERS.items():
         base = Checkpoint.open(BASE_OF[name])

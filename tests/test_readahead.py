@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import adaptkit.safetensors_file as stf
+import adaptkit.io.safetensors_file as stf
 from adaptkit.merge import merge
-from adaptkit import readahead
-from adaptkit.readahead import Readahead
+from adaptkit.io import readahead
+from adaptkit.io.readahead import Readahead
 from conftest import ADAPTERS, TINY_LLAMA
 
 @pytest.fixture

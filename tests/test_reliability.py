@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from adaptkit.errors import AdaptkitError
 from adaptkit.merge import merge
-from adaptkit.output import atomic_output_dir
+from adaptkit.io.output import atomic_output_dir
 from conftest import ADAPTERS, TINY_GPT2, TINY_LLAMA, load_dir
 from reliability import assert_one_line_error, copy_inputs, invoke, listing, snapshot
 
@@ -219,7 +219,7 @@ def test_special_files_are_refused_without_hanging(runner, w, where, what):
 
 
 def test_an_oversized_config_is_refused(tmp_path):
-    from adaptkit.files import read_json
+    from adaptkit.io.files import read_json
 
     p = tmp_path / "c.json"
     p.write_text(json.dumps({"pad": "x" * 5000}))
@@ -326,7 +326,7 @@ def test_read_only_output_is_one_line(runner, w, small_fs):
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.EIO, errno.EDQUOT])
 def test_write_errors_are_one_line(runner, w, monkeypatch, code):
     """The same path without a real file system: the writer's OSError, whatever it is."""
-    from adaptkit import safetensors_file
+    from adaptkit.io import safetensors_file
 
     def fail(self, *a, **k):
         raise OSError(code, os.strerror(code))

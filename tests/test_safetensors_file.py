@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from adaptkit.errors import AdaptkitError
-from adaptkit.safetensors_file import StreamingWriter, read_header
+from adaptkit.io.safetensors_file import StreamingWriter, read_header
 
 
 def test_streaming_writer_reads_back_with_safetensors(tmp_path):
@@ -94,7 +94,7 @@ def test_header_errors_are_clear(tmp_path, damage):
 def test_reserved_header_writer_reads_back(tmp_path):
     import os
 
-    from adaptkit.safetensors_file import ReservedHeaderWriter, header_reserve
+    from adaptkit.io.safetensors_file import ReservedHeaderWriter, header_reserve
 
     src = tmp_path / "src.safetensors"
     save_file({"copied": torch.arange(10, dtype=torch.int32)}, src)

@@ -24,7 +24,7 @@ def detect_and_load(path: Path, base_names=None):
         return peft.load_peft_dir(path)
     if path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
         if path.suffix == ".safetensors":
-            from ..safetensors_file import read_header
+            from ..io.safetensors_file import read_header
 
             names = [t.name for t in read_header(path).tensors]
             if kohya.is_kohya(names):

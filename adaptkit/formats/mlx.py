@@ -19,7 +19,7 @@ import torch
 
 from ..adapter import Adapter, build_adapter
 from ..errors import AdaptkitError
-from ..files import read_json
+from ..io.files import read_json
 from .sources import DictSource, open_source
 
 WEIGHTS = "adapters.safetensors"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..adapter import Adapter, build_adapter, check_peft_type, validate_config
 from ..errors import AdaptkitError
-from ..files import read_json
+from ..io.files import read_json
 from .sources import open_source
 
 CONFIG_NAME = "adapter_config.json"

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..checkpoint import load_bin
+from ..io.checkpoint import load_bin
 from ..errors import AdaptkitError
-from ..safetensors_file import read_header
+from ..io.safetensors_file import read_header
 
 
 class SafetensorsSource:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdaptkitError
+from ..errors import AdaptkitError
 from .layout import find_weight_files
 from .files import open_regular, read_json, require_regular
 from .safetensors_file import TensorInfo, itemsize, numel, read_header, read_into

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdaptkitError
+from ..errors import AdaptkitError
 from .files import open_regular, os_error
 
 DTYPES: dict[str, torch.dtype] = {

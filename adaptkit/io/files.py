@@ -16,7 +16,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import AdaptkitError
+from ..errors import AdaptkitError
 
 MAX_JSON_BYTES = 64 << 20  # configs are kilobytes; a shard index of a very large model a few MB
 

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from .errors import AdaptkitError
+from ..errors import AdaptkitError
 from .files import os_error
 
 TMP_SUFFIX = ".adaptkit-tmp"
