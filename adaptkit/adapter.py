@@ -23,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from . import lora
 from .errors import AdaptkitError
 
 PEFT_PREFIX = "base_model.model."
@@ -60,10 +61,6 @@ def pattern_key(patterns, name: str):
         if re.match(rf"(.*\.)?({key})$", name):
             return key
     return None
-
-
-def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 @dataclass
@@ -125,10 +122,8 @@ class LoraModule:
         return self.kind == "embedding" or self.fan_in_fan_out
 
     def delta(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """ΔW = scaling · B @ A in fp32, canonical (out, in) orientation."""
-        a = self.A.to(device=device, dtype=torch.float32)
-        b = self.B.to(device=device, dtype=torch.float32)
-        return (b @ a).mul_(self.scaling)
+        """ΔW = scaling · B @ A in fp32, canonical (out, in) orientation (:func:`adaptkit.lora.delta`)."""
+        return lora.delta(self.A, self.B, self.scaling, device)
 
     @property
     def parameters(self) -> int:
@@ -357,7 +352,7 @@ def build_adapter(path: Path, weights_path: Path, config: dict, source: TensorSo
         else:
             alpha = rank
             assumed_alpha.append(mod)
-        scaling = lora_scaling(alpha, rank, use_rslora)
+        scaling = lora.scaling(alpha, rank, use_rslora)
         if not (math.isfinite(scaling) and abs(scaling) <= FP32_MAX):
             raise AdaptkitError(f"{mod}: its scaling {scaling:g} (alpha {alpha}, r {rank}) is not a finite fp32 number",
                                 path)
@@ -390,22 +385,14 @@ def adapter_weights(weights, n: int) -> list[float]:
     try:
         out = [float(w) for w in weights]
     except (TypeError, ValueError):
-        raise AdaptkitError(f"weights must be numbers, got {weights!r}") from None
+        raise AdaptkitError(f"must be numbers, got {weights!r}", param="weights") from None
     if any(isinstance(w, bool) for w in weights) or not all(math.isfinite(w) and abs(w) <= FP32_MAX for w in out):
-        raise AdaptkitError(f"weights must be finite numbers, got {', '.join(map(str, weights))}")
+        raise AdaptkitError(f"must be finite numbers, got {', '.join(map(str, weights))}", param="weights")
     if len(out) != n:
-        raise AdaptkitError(f"{len(out)} weights for {n} adapters: give one weight per adapter")
+        raise AdaptkitError(f"{len(out)} given for {n} adapters: give one weight per adapter", param="weights")
     return out
 
 
 def natural_key(name: str):
     """Sort key putting layers.2 before layers.10."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
-def load_adapter(path: str | Path, base_names=None) -> Adapter:
-    """Open an adapter lazily: a PEFT folder, or a single ``.safetensors`` / ``.bin`` file (raw
-    PEFT names or kohya-style; ``base_names``, a base checkpoint's tensor names, resolve kohya names)."""
-    from .formats import detect_and_load
-
-    return detect_and_load(Path(path), base_names)

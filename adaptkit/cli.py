@@ -1,8 +1,9 @@
 """The ``adaptkit`` command line: a thin shell over the library.
 
-Every command parses its flags, calls one library function and renders the result (a rich table,
-or one JSON object with ``--json``). User mistakes arrive as :class:`AdaptkitError` and leave as one
-line on stderr with exit status 2.
+Every command parses its flags, calls one library function (``adaptkit.merge`` and friends) and
+renders the result (rich tables, or one JSON object with ``--json``). Progress bars and warnings
+come through a :class:`~adaptkit.reporting.Reporter`. Failures leave as one line on stderr
+(:class:`Group`), naming the flag where the library names a parameter.
 """
 
 from __future__ import annotations
@@ -20,11 +21,24 @@ from rich.text import Text
 
 from . import __version__
 from .errors import AdaptkitError
+from .reporting import Reporter
 
 # Piped output keeps whole module names (rich would otherwise cut tables at 80 columns). Markup is
 # off: paths and tensor names may hold square brackets; colour comes from Text objects only.
 stdout = Console(highlight=False, markup=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, markup=False, width=None if sys.stderr.isatty() else 200)
+
+EXIT_STATUS = "Exit status: 0 done, 2 bad input or OS error (one line on stderr), 130/143 interrupted."
+CHECK_STATUS = ("Exit status: 0 {what}, 1 {fail}, 2 bad input or OS error (one line on stderr), "
+                "130/143 interrupted.")
+
+# the library's parameter names as this CLI spells them (any other: --name-with-dashes)
+FLAGS = {"weights": "--weight", "out": "--output", "checks": "--check", "adapters": "ADAPTER",
+         "quant_settings": "--quant-config", "model": "--no-model", "to": "--to"}
+
+
+def flag(param: str) -> str:
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
 
 
 def styled(label: str, style: str, rest: str = "") -> Text:
@@ -67,7 +81,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except AdaptkitError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {e.render(flag(e.param) if e.param else None)}", err=True)
             sys.exit(e.exit_code)
         except BrokenPipeError:  # `adaptkit … | head`: the reader is gone, nothing more to say
             sys.stderr.close()
@@ -91,17 +105,140 @@ def _stop(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
-def local(spec, adapter_only: bool = False):
-    """A path argument, or an ``org/name[@revision]`` Hub id pulled into the cache (a local path wins)."""
-    if spec is None:
-        return None
-    from .hub import resolve
+class LazyChoice(click.Choice):
+    """A choice among the names of a library registry, read when first needed (so ``adaptkit --help``
+    does not import torch to list them)."""
 
-    return str(resolve(spec, adapter_only=adapter_only))
+    def __init__(self, load):
+        self._load = load
+        super().__init__([])
+
+    @property
+    def choices(self):
+        return tuple(self._load())
+
+    @choices.setter
+    def choices(self, value):
+        pass
+
+
+def _methods():
+    from .methods import METHODS
+
+    return METHODS
+
+
+def _runtimes():
+    from .readiness import TARGETS
+
+    return TARGETS
+
+
+def _targets():
+    from .formats import TARGETS
+
+    return TARGETS
+
+
+class Command(click.Command):
+    """A command whose help ends with a list read from a library registry (``registry``: returns
+    (name, text) pairs), so the CLI never retypes what the library declares."""
+
+    def __init__(self, *args, registry=None, registry_title="", **kwargs):
+        self.registry, self.registry_title = registry, registry_title
+        super().__init__(*args, **kwargs)
+
+    def format_epilog(self, ctx, formatter):
+        if self.registry is not None:
+            with formatter.section(self.registry_title):
+                formatter.write_dl(list(self.registry()))
+        super().format_epilog(ctx, formatter)
+
+
+def device_option(help_text="Where the arithmetic runs: auto (CUDA when present), cpu, cuda or cuda:N."):
+    return click.option("--device", default="auto", show_default=True, help=help_text)
+
+
+def weight_option(help_text="Scale of each adapter's ΔW, once per adapter, in order (default 1)."):
+    return click.option("--weight", "weights", type=float, multiple=True, help=help_text)
+
+
+def dtype_option(help_text="Output dtype of floating tensors; auto keeps each tensor's own."):
+    return click.option("--dtype", default="auto", show_default=True,
+                        type=click.Choice(["auto", "float16", "bfloat16", "float32"]), help=help_text)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")(f)
+
+
+def force_option(f):
+    return click.option("--force", is_flag=True, help="Replace OUT if it exists, once the new one is complete "
+                                                      "(never an input).")(f)
+
+
+class RichReporter(Reporter):
+    """Progress bars (rich, on stderr, gone when done) and warnings for the CLI. A bar starts only once
+    its total is known, so an error raised before prints alone."""
+
+    def __init__(self, bars: bool = True, warnings: bool = True):
+        self.bars, self.warnings = bars, warnings
+        self.progress = None
+        self.task = None
+
+    def start(self, label: str, total: int | None, unit: str = "items") -> None:
+        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeRemainingColumn, TransferSpeedColumn)
+
+        self.close()
+        if not self.bars:
+            return
+        amount = (DownloadColumn(), TransferSpeedColumn()) if unit == "bytes" else (MofNCompleteColumn(),)
+        columns = (TextColumn("{task.description}"), BarColumn(), *(amount if total is not None else ()),
+                   TimeRemainingColumn())
+        self.progress = Progress(*columns, console=err, transient=True)
+        self.task = self.progress.add_task(label, total=total)
+        self.progress.start()
+
+    def advance(self, n: int = 1) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, n)
+
+    def warn(self, message: str) -> None:
+        if self.warnings:
+            warn(message)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def __enter__(self) -> "RichReporter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def warn(message: str) -> None:
+    err.print(styled("warning:", "yellow", f" {message}"), soft_wrap=True)
+
+
+def print_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
 
 
 def _read_ahead(folder):
-    """Start reading a local model folder's weights into the page cache (adaptkit/readahead.py); None otherwise."""
+    """Start reading a local model folder's weights into the page cache (adaptkit/io/readahead.py);
+    None otherwise. Called before torch is imported: the disk works during the imports."""
     from .io.layout import find_weight_files
     from .io.readahead import Readahead
 
@@ -113,35 +250,12 @@ def _read_ahead(folder):
         return None  # the merge itself reports what is wrong with the folder
 
 
-def _quant_settings(ctx, config, quant_type, blocksize, double_quant, dtype):
-    """QuantSettings from --quant-config, with the flags given on the command line (or, without a
-    config, their defaults) taking precedence; --dtype, when a float type, is the compute dtype."""
-    import dataclasses
+def _tune_process() -> None:
+    """Process-wide tuning a library call leaves alone: allocations above 1 MB straight from mmap, so
+    module-sized temporaries do not pile up in glibc's arenas (adaptkit/io/pipeline.py)."""
+    from .io.pipeline import limit_heap_growth
 
-    import torch
-    from click.core import ParameterSource
-
-    from .plan import resolve_dtype
-    from .quant import QuantSettings
-
-    def given(name):
-        return not config or ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
-
-    settings = QuantSettings.from_config(config) if config else QuantSettings()
-    changes = {name: value for name, value in (("quant_type", quant_type), ("blocksize", blocksize),
-                                               ("double_quant", double_quant)) if given(name)}
-    compute = resolve_dtype(dtype)  # None for auto
-    if compute is not None or not config:
-        changes["compute_dtype"] = compute or torch.float16
-    return dataclasses.replace(settings, **changes)
-
-
-def warn(message: str) -> None:
-    err.print(styled("warning:", "yellow", f" {message}"), soft_wrap=True)
-
-
-def print_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+    limit_heap_growth()
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -152,8 +266,9 @@ def main(verbose):
     """Inspect, merge, combine, convert and verify LoRA adapters.
 
     Exact (fp32 math, rounded once), streaming (peak memory follows the largest tensor, not the
-    model) and GPU-aware. Wherever a path is taken, a Hub id org/name[@revision] works too. Try it
-    on the shipped fixtures:
+    model) and GPU-aware. Wherever a path is taken, a Hub id org/name[@revision] works too. Every
+    command is also a Python function: adaptkit.merge(...), adaptkit.verify(...) (docs/python.md).
+    Try it on the shipped fixtures:
 
     \b
       adaptkit inspect fixtures/adapters/llama-lora --svd
@@ -170,48 +285,331 @@ def main(verbose):
         logging.getLogger(name).setLevel(level)
 
 
-@main.command()
+@main.command(cls=Command, short_help="Show what a LoRA adapter holds, and where it will load.",
+              registry=lambda: _runtimes().items(), registry_title="Runtimes (--check)",
+              epilog=CHECK_STATUS.format(what="(every --check passes)", fail="a --check fails"))
 @click.argument("source")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-@click.option("--svd", is_flag=True, help="Add each module's singular values of ΔW and the ranks holding 90/99 % of its energy.")
-@click.option("--check", "checks", multiple=True, type=click.Choice(["vllm", "llamacpp", "mlx"]),
-              help="Say whether the adapter loads in vLLM, llama.cpp or mlx-lm, and how to fix it if not "
-                   "(repeatable). Exit status 1 when a check fails.")
+@click.option("--svd", is_flag=True, help="Add each module's singular values of ΔW and the ranks holding 90/99 % of "
+                                          "its energy.")
+@click.option("--check", "checks", multiple=True, type=LazyChoice(_runtimes),
+              help="Say whether the adapter loads in this runtime, and how to fix it if not (repeatable).")
 @click.option("--max-lora-rank", type=int, default=16, show_default=True, help="vLLM's --max-lora-rank, for --check vllm.")
-def inspect(source, as_json, svd, checks, max_lora_rank):
+@json_option
+def inspect(source, svd, checks, max_lora_rank, as_json):
     """Show what a LoRA adapter holds.
 
     SOURCE is a PEFT adapter folder (adapter_config.json + adapter_model.safetensors or .bin), an
     mlx-lm folder, a single .safetensors file of LoRA tensors (PEFT or kohya names), or a Hub id
-    org/name[@revision]. Prints a summary, one row per adapted module (named as
-    in the base model) and health warnings: untrained B, NaN/Inf, shapes that do not fit, ranks
-    that differ from the config, tensors that belong to no module.
+    org/name[@revision]. Prints a summary, one row per adapted module (named as in the base model)
+    and health warnings: untrained B, NaN/Inf, shapes that do not fit, ranks that differ from the
+    config, tensors that belong to no module.
     """
-    from .adapter import load_adapter
-    from .inspection import inspect_adapter
+    import adaptkit
 
-    adapter = load_adapter(local(source, adapter_only=True))
-    report = inspect_adapter(adapter, svd=svd)
-    results = []
-    if checks:
-        from .readiness import check
-
-        results = [check(adapter, t, max_lora_rank) for t in checks]
+    report = adaptkit.inspect(source, svd=svd, checks=checks, max_lora_rank=max_lora_rank)
     if as_json:
-        d = report.to_dict()
-        if results:
-            d["checks"] = {r.target: r.to_dict() for r in results}
-        print_json(d)
+        print_json(report.to_dict())
     else:
         _render_inspect(report, svd)
-        for r in results:
+        for r in report.checks:
             stdout.print()
             if r.ok:
                 stdout.print(styled("ok", "green", f" {r.target}: the adapter should load"))
             for p in r.problems:
                 stdout.print(styled("✗", "red", f" {r.target}: {p.rule}: {p.detail}\n    fix: {p.fix}"))
-    if results and not all(r.ok for r in results):
+    if not all(r.ok for r in report.checks):
         sys.exit(1)
+
+
+@main.command(short_help="Fold LoRA adapters into a base model.", epilog=EXIT_STATUS)
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER [ADAPTER ...]")
+@click.option("-o", "--output", "out", required=True,
+              help="Folder to write the merged model to (created; refused if it exists, unless --force).")
+@weight_option()
+@device_option()
+@dtype_option()
+@click.option("--max-shard-size", default=None,
+              help="Re-shard the output (e.g. 5GB, 500MB); by default the base's shard layout is kept.")
+@click.option("--quantize", type=click.Choice(["nf4"]), default=None,
+              help="Write a bitsandbytes 4-bit model. A 4-bit base stays 4-bit (merged layers requantized with its "
+                   "settings, the rest copied byte for byte); a dense base is quantized as transformers would. "
+                   "Without it a 4-bit base is merged dense, in its compute dtype.")
+@click.option("--qlora", is_flag=True,
+              help="Dense base: merge as QLoRA trained, onto each weight's 4-bit round trip (see docs/nf4.md).")
+@click.option("--quant-type", type=click.Choice(["nf4", "fp4"]), default=None,
+              help="For --qlora or --quantize on a dense base [default: nf4, or the --quant-config's].")
+@click.option("--blocksize", type=int, default=None,
+              help="For --qlora or --quantize on a dense base [default: 64, or the --quant-config's].")
+@click.option("--double-quant/--no-double-quant", default=None,
+              help="For --qlora or --quantize on a dense base [default: on, or the --quant-config's].")
+@click.option("--quant-config", default=None,
+              help="For --qlora or --quantize on a dense base: the settings from a JSON file, as "
+                   "BitsAndBytesConfig.to_json_file writes it, or a 4-bit model's config.json (or its folder). "
+                   "The flags above, when given, override it.")
+@force_option
+@json_option
+def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize, qlora, quant_type, blocksize,
+          double_quant, quant_config, force, as_json):
+    """Fold LoRA adapters into a base model: W' = W + weight · (α/r) · B·A.
+
+    BASE is a model folder in the Hugging Face layout (config.json with model.safetensors, sharded
+    safetensors + index, or pytorch_model*.bin), or a Hub id. Each ADAPTER is a PEFT folder, a
+    .safetensors file (raw PEFT names or kohya), an mlx-lm folder, or a Hub id; several are folded
+    in order. ΔW is computed in fp32 and rounded once into the output dtype; DoRA, rsLoRA,
+    rank/alpha patterns, Conv1D (GPT-2), embedding LoRA, modules_to_save and lora_bias follow
+    peft's formulas.
+
+    Streaming: one tensor at a time is read, merged and written; untouched tensors are copied
+    file-to-file. Output goes to a temporary folder beside OUT, renamed into place at the end.
+
+    A bitsandbytes 4-bit (NF4/FP4) base is dequantized with bitsandbytes and merged into a dense
+    model in its compute dtype; --quantize nf4 keeps it 4-bit. The relative error each merged layer
+    carries against the exact merge is reported.
+
+    \b
+    Example:
+      adaptkit merge fixtures/tiny-llama fixtures/adapters/llama-lora -o out/merged
+    """
+    ahead = _read_ahead(base)  # before torch is imported: the disk works during the imports
+    try:
+        import adaptkit
+
+        settings = None
+        if qlora or quantize:
+            settings = adaptkit.QuantSettings.load(quant_config, quant_type=quant_type, blocksize=blocksize,
+                                                   double_quant=double_quant,
+                                                   compute_dtype=None if dtype == "auto" else dtype)
+        elif quant_config or quant_type or blocksize is not None or double_quant is not None:
+            raise AdaptkitError("is for --qlora or --quantize", param="quant_settings")
+        _tune_process()
+        with RichReporter(bars=not as_json) as reporter:
+            result = adaptkit.merge(base, list(adapters), out, weights=list(weights) or None, device=device,
+                                    dtype=dtype, max_shard_size=max_shard_size, quantize=quantize, qlora=qlora,
+                                    quant_settings=settings, force=force, reporter=reporter)
+    finally:
+        if ahead is not None:
+            ahead.close()
+    if as_json:
+        print_json(result.to_dict())
+        return
+    stdout.print(f"merged {result.modules_merged} modules into {result.tensors_merged} of {result.tensors} tensors "
+                 f"→ {result.out} ({_human_bytes(result.bytes_written)} in {result.seconds:.1f} s on {result.device}, "
+                 f"peak memory {_human_bytes(result.peak_rss_bytes)})")
+    q = result.quantization
+    if q:
+        stdout.print(f"quantization: {q['layers']} merged layers {q['what']}; relative error per layer: "
+                     f"median {q['median']:.2e}, worst {q['worst']:.2e}")
+
+
+@main.command(cls=Command, short_help="Move an adapter between layouts without changing its ΔW.",
+              registry=lambda: [(name, t.summary) for name, t in _targets().items()], registry_title="Formats (--to)",
+              epilog=EXIT_STATUS)
+@click.argument("source")
+@click.option("--to", "to", required=True, type=LazyChoice(_targets), help="The format to write (below).")
+@click.option("-o", "--output", "out", required=True, help="A folder for --to peft and mlx, a file otherwise.")
+@click.option("--base", default=None, help="The base model: maps kohya names (underscores) back to module names, and "
+                                           "gives gguf (required) and mlx their model config.")
+@dtype_option("Tensor dtype of a peft, raw or kohya output; auto keeps the adapter's own.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16"]), default="f32", show_default=True,
+              help="Tensor type of a GGUF adapter.")
+@click.option("--prefix", default="lora_te_", show_default=True, help="Name prefix of a kohya output.")
+@force_option
+@json_option
+def convert(source, to, out, base, dtype, outtype, prefix, force, as_json):
+    """Move an adapter between layouts without changing its ΔW.
+
+    SOURCE is a PEFT folder (safetensors or legacy .bin), a raw .safetensors file with PEFT names,
+    a kohya file (lora_te_/lora_unet_ names, .lora_down/.lora_up/.alpha), an mlx-lm folder, or a Hub
+    id. Each module keeps its exact scaling: kohya files get a per-module alpha (rsLoRA and
+    rank/alpha patterns included); PEFT folders get rank_pattern/alpha_pattern where modules
+    differ; GGUF (llama.cpp) and MLX outputs hold one alpha or scale, so each module's own scaling
+    is folded into its lora_b. Without a config or alphas, alpha = r is assumed, with a warning.
+
+    \b
+    Examples:
+      adaptkit convert fixtures/adapters/llama-lora --to kohya -o out/llama-lora.safetensors
+      adaptkit convert out/llama-lora.safetensors --to peft -o out/llama-lora-peft
+      adaptkit convert some-kohya.safetensors --to peft --base path/to/base -o out/adapter
+    """
+    import adaptkit
+
+    result = adaptkit.convert(source, out, to=to, base=base, dtype=dtype, outtype=outtype, prefix=prefix,
+                              force=force, reporter=RichReporter(bars=False))
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        stdout.print(f"converted {result.modules} modules ({result.source_format} → {result.to}) → {result.out}")
+
+
+@main.command(cls=Command, short_help="Fuse several LoRA adapters into one, on exact deltas.",
+              registry=lambda: [(n, m.summary + (f" {m.paper}" if m.paper else "")) for n, m in _methods().items()],
+              registry_title="Methods (--method)", epilog=EXIT_STATUS)
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER [ADAPTER ...]")
+@click.option("--method", required=True, type=LazyChoice(_methods),
+              help="How the per-module deltas ΔWᵢ = sᵢ·Bᵢ·Aᵢ are combined (below).")
+@weight_option("Weight of each adapter, once per adapter, in order (default 1).")
+@click.option("--weights", "weights_csv", default=None, hidden=True, help="Comma-separated weights (old spelling).")
+@click.option("--density", type=float, default=None,
+              help="Fraction of entries kept, for the pruning methods [default: the method's, 0.5].")
+@click.option("--majority-sign", default="total", show_default=True, type=click.Choice(["total", "frequency"]),
+              help="TIES sign election: sign of the weighted sum, or the most frequent sign.")
+@click.option("--rank", type=int, default=None, help="Rank of the output (best rank-R approximation, per module).")
+@click.option("--energy", type=float, default=None,
+              help="Per module, the smallest rank keeping this fraction of ‖ΔW‖² (e.g. 0.99).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DARE masks (per module).")
+@device_option()
+@click.option("-o", "--output", "out", required=True, help="Output folder.")
+@click.option("--base", default=None, help="Merge the combination into this base model instead of writing an adapter.")
+@dtype_option("With --base: output dtype of floating tensors; auto keeps each tensor's own.")
+@click.option("--max-shard-size", default=None, help="With --base: re-shard the merged model (e.g. 5GB).")
+@force_option
+@json_option
+def combine(adapters, method, weights, weights_csv, density, majority_sign, rank, energy, seed, device, out, base,
+            dtype, max_shard_size, force, as_json):
+    """Fuse several LoRA adapters into one, on exact deltas.
+
+    Every method works on each module's full ΔWᵢ = sᵢ·Bᵢ·Aᵢ (peft's add_weighted_adapter works on
+    A and B separately for linear/TIES/DARE, which adds cross terms Bᵢ·Aⱼ), then factors the result
+    back into a LoRA with a truncated SVD (the best rank-R approximation), reporting the energy kept.
+
+    One adapter with --method linear --rank R gives its best rank-R approximation (e.g. to fit
+    vLLM's max_lora_rank). Without --rank/--energy, pruned methods keep the largest input rank. DARE
+    masks are seeded per (--seed, module name): the same seed gives identical files on any device.
+
+    \b
+    Example:
+      adaptkit combine fixtures/adapters/llama-lora fixtures/adapters/llama-rslora-patterns \\
+          --method ties --density 0.5 --rank 8 -o out/combined
+    """
+    import adaptkit
+
+    if weights_csv is not None:
+        try:
+            weights = [float(x) for x in weights_csv.split(",")]
+        except ValueError:
+            raise AdaptkitError(f"must be comma-separated numbers, got {weights_csv!r}", param="weights") from None
+    _tune_process()
+    with RichReporter(bars=not as_json) as reporter:
+        result = adaptkit.combine(list(adapters), out, method=method, weights=list(weights) or None, density=density,
+                                  majority_sign=majority_sign, rank=rank, energy=energy, seed=seed, device=device,
+                                  base=base, dtype=dtype, max_shard_size=max_shard_size, force=force,
+                                  reporter=reporter)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("module", "rank", "energy kept"):
+        table.add_column(col, justify="left" if col == "module" else "right", no_wrap=True)
+    for m in result.modules:
+        table.add_row(m.name, str(m.rank), f"{100 * m.retained_energy:.2f} %")
+    stdout.print(table)
+    what = f"merged into {result.merged_into}" if result.merged_into else "adapter"
+    stdout.print(f"{result.method} of {len(result.adapters)} adapters → {result.out} ({what}, "
+                 f"{result.seconds:.1f} s on {result.device})")
+
+
+@main.command(short_help="Prove that a merged model equals base + adapters.",
+              epilog=CHECK_STATUS.format(what="verified", fail="not verified"))
+@click.argument("base")
+@click.argument("paths", nargs=-1, required=True, metavar="ADAPTER [ADAPTER ...] MERGED")
+@weight_option("The --weight each adapter was merged with, once per adapter, in order (default 1).")
+@click.option("--prompts", default=None,
+              help="A text file, one prompt per line, for the model-level check (default: random token ids).")
+@device_option("Where the model-level check runs: auto (CUDA when present), cpu, cuda or cuda:N (the layer probes "
+               "run on the CPU).")
+@click.option("--tolerance", type=float, default=None,
+              help="Largest relative error a module may show (default: 3x the rounding noise of the output dtype).")
+@click.option("--no-model", is_flag=True, help="Skip the model-level check (it loads the model twice).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probes and random prompts.")
+@click.option("--write-report", is_flag=True,
+              help="Save the report as adaptkit_verify.json in MERGED (a local folder); `adaptkit push` then puts "
+                   "its numbers in the model card.")
+@json_option
+def verify(base, paths, weights, prompts, device, tolerance, no_model, seed, write_report, as_json):
+    """Prove that MERGED equals BASE + ADAPTERs.
+
+    \b
+    Layer level (any architecture, streamed): for each adapted module, seeded random probes x go
+    through the merged weight and are compared with W·x + scaling·B(A·x) (the DoRA formula for
+    DoRA), computed from the factors. The error is reported next to the rounding noise the output
+    dtype alone must cause; tensors no adapter touches must be bit-identical to the base.
+    Model level (when transformers knows the architecture): logits of base + adapters unmerged
+    (peft) against MERGED: max |Δlogits|, mean KL, top-1 agreement.
+
+    \b
+    Example:
+      adaptkit merge fixtures/tiny-llama fixtures/adapters/llama-lora -o out/merged
+      adaptkit verify fixtures/tiny-llama fixtures/adapters/llama-lora out/merged
+    """
+    import adaptkit
+
+    if len(paths) < 2:
+        raise AdaptkitError("give the adapter(s) and then the merged model folder", param="adapters")
+    lines = None
+    if prompts:
+        from .io.files import read_bytes
+
+        text = read_bytes(prompts, 16 << 20, "prompts file").decode("utf-8", errors="replace")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+    with RichReporter(bars=not as_json, warnings=False) as reporter:  # warnings come after the table
+        report = adaptkit.verify(base, list(paths[:-1]), paths[-1], weights=list(weights) or None, prompts=lines,
+                                 device=device, tolerance=tolerance, model=not no_model, seed=seed,
+                                 write_report=write_report, reporter=reporter)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        _render_verify(report)
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command(short_help="Download an adapter or a model from the Hub.", epilog=EXIT_STATUS)
+@click.argument("repo")
+@click.option("-o", "--output", "out", default=None, help="Download into this folder instead of the Hugging Face cache.")
+@click.option("--adapter-only", is_flag=True, help="Only the adapter files (config, weights, card).")
+@click.option("--repo-type", default="model", show_default=True, type=click.Choice(["model", "dataset", "space"]))
+@json_option
+def pull(repo, out, adapter_only, repo_type, as_json):
+    """Download an adapter or a model from the Hub: REPO is org/name[@revision].
+
+    Only what matters comes down (adapter config and weights; for a model also config, tokenizer,
+    safetensors and index; never .bin when safetensors exist). Prints the local path. With
+    HF_HUB_OFFLINE=1 it answers from the cache. Every command also takes a Hub id where it takes a
+    path, through this same code.
+    """
+    import adaptkit
+
+    result = adaptkit.pull(repo, out=out, adapter_only=adapter_only, repo_type=repo_type, progress=not as_json)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        click.echo(result.path)
+
+
+@main.command(short_help="Upload a folder to the Hub, with a model card.", epilog=EXIT_STATUS)
+@click.argument("folder")
+@click.argument("repo")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", default=None, help="Branch to commit to (created if needed).")
+@click.option("--message", default=None, help="Commit message.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@json_option
+def push(folder, repo, private, revision, message, create_pr, as_json):
+    """Upload FOLDER to the Hub repo REPO (org/name) in one commit, creating the repo if needed.
+
+    Large files take the Hub's normal large-file path. If FOLDER has no README.md, a model card is
+    added: base_model, library_name (peft for adapters, transformers for models), tags, and how the
+    folder was produced. The token comes from HF_TOKEN or `hf auth login`; it is never printed.
+    """
+    import adaptkit
+
+    result = adaptkit.push(folder, repo, private=private, revision=revision, message=message, create_pr=create_pr)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        where = result.pull_request or result.url
+        card = " (model card generated)" if result.card_generated else ""
+        stdout.print(f"pushed {len(result.files)} files to {result.repo_id} @ {result.commit[:10]}{card}: {where}")
 
 
 def _render_inspect(report, svd: bool) -> None:
@@ -252,265 +650,6 @@ def _render_inspect(report, svd: bool) -> None:
         warn(w)
 
 
-@main.command()
-@click.argument("base")
-@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER [ADAPTER ...]")
-@click.option("-o", "--output", "out", required=True,
-              help="Folder to write the merged model to (created; refused if it exists, unless --force).")
-@click.option("--weight", "weights", type=float, multiple=True,
-              help="Scale of each adapter's ΔW, once per adapter, in order (default 1).")
-@click.option("--device", default="auto", show_default=True,
-              help="auto (CUDA when present), cpu, cuda or cuda:N. Results match across devices within rounding.")
-@click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
-              help="Output dtype of floating tensors; auto keeps each tensor's own.")
-@click.option("--max-shard-size", default=None,
-              help="Re-shard the output (e.g. 5GB, 500MB); by default the base's shard layout is kept.")
-@click.option("--quantize", type=click.Choice(["nf4"]), default=None,
-              help="Write a bitsandbytes 4-bit model. A 4-bit base stays 4-bit (merged layers requantized with its "
-                   "settings, the rest copied byte for byte); a dense base is quantized as transformers would. "
-                   "Without it a 4-bit base is merged dense, in its compute dtype.")
-@click.option("--qlora", is_flag=True,
-              help="Dense base: merge as QLoRA trained, onto each weight's 4-bit round trip (see docs/nf4.md).")
-@click.option("--quant-type", type=click.Choice(["nf4", "fp4"]), default="nf4", show_default=True,
-              help="For --qlora or --quantize on a dense base.")
-@click.option("--blocksize", type=int, default=64, show_default=True, help="For --qlora or --quantize on a dense base.")
-@click.option("--double-quant/--no-double-quant", default=True, show_default=True,
-              help="For --qlora or --quantize on a dense base.")
-@click.option("--quant-config", type=click.Path(exists=True), default=None,
-              help="For --qlora or --quantize on a dense base: the settings from a JSON file, as "
-                   "BitsAndBytesConfig.to_json_file writes it, or a 4-bit model's config.json (or its folder). "
-                   "The flags above, when given, override it.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
-def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize, qlora, quant_type, blocksize,
-          double_quant, quant_config, force, as_json):
-    """Fold LoRA adapters into a base model: W' = W + weight · (α/r) · B·A.
-
-    BASE is a model folder in the Hugging Face layout (config.json with model.safetensors, sharded
-    safetensors + index, or pytorch_model*.bin), or a Hub id. Each ADAPTER is a PEFT folder, a
-    .safetensors file (raw PEFT names or kohya), an mlx-lm folder, or a Hub id; several are folded
-    in order. ΔW is computed in fp32 and rounded once into
-    the output dtype; DoRA, rsLoRA, rank/alpha patterns, Conv1D (GPT-2), embedding LoRA,
-    modules_to_save and lora_bias follow peft's formulas.
-
-    Streaming: one tensor at a time is read, merged and written; untouched tensors are copied
-    file-to-file. Output goes to a temporary folder beside OUT, renamed into place at the end.
-
-    A bitsandbytes 4-bit (NF4/FP4) base is dequantized with bitsandbytes and merged into a dense
-    model in its compute dtype; --quantize nf4 keeps it 4-bit. The relative error each merged layer
-    carries against the exact merge is reported.
-
-    \b
-    Example:
-      adaptkit merge fixtures/tiny-llama fixtures/adapters/llama-lora -o out/merged
-    """
-    ahead = _read_ahead(base)  # before torch is imported: the disk works during the imports
-    from .merge import merge as merge_fn
-
-    settings = None
-    if qlora or quantize:
-        settings = _quant_settings(click.get_current_context(), quant_config, quant_type, blocksize, double_quant,
-                                   dtype)
-    elif quant_config:
-        raise AdaptkitError("--quant-config is for --qlora or --quantize", quant_config)
-    command = "adaptkit merge " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["merge"] else None
-    try:
-        with Bar("merging", in_bytes=True, disable=as_json) as bar:
-            base, adapters = local(base), [local(a, adapter_only=True) for a in adapters]
-            result = merge_fn(base, list(adapters), out, weights=list(weights) or None, device=device, dtype=dtype,
-                              max_shard_size=max_shard_size, force=force, warn=warn,
-                              on_plan=lambda plan: bar.start(sum(j.out_bytes for j in plan.jobs)),
-                              progress=bar.advance, command=command, quantize=quantize, qlora=qlora,
-                              settings=settings)
-    finally:
-        if ahead is not None:
-            ahead.close()
-    if as_json:
-        print_json(result.to_dict())
-        return
-    stdout.print(f"merged {result.modules_merged} modules into {result.tensors_merged} of {result.tensors} tensors "
-              f"→ {result.out} ({_human_bytes(result.bytes_written)} in {result.seconds:.1f} s on {result.device}, "
-              f"peak memory {_human_bytes(result.peak_rss_bytes)})")
-    q = result.quantization
-    if q:
-        stdout.print(f"quantization: {q['layers']} merged layers {q['what']}; relative error per layer: "
-                     f"median {q['median']:.2e}, worst {q['worst']:.2e}")
-
-
-@main.command()
-@click.argument("source")
-@click.option("--to", "to", required=True, type=click.Choice(["peft", "raw", "kohya", "gguf", "mlx"]),
-              help="peft: a folder peft loads; raw: one .safetensors with peft names and the config in its "
-                   "metadata; kohya: lora_down/lora_up/alpha names; gguf: a llama.cpp adapter (needs --base); "
-                   "mlx: an mlx-lm adapter folder.")
-@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16"]), default="f32", show_default=True,
-              help="Tensor type of a GGUF adapter.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(),
-              help="A folder for --to peft, a .safetensors file otherwise.")
-@click.option("--base", default=None, help="The base model folder: maps kohya names (underscores) back to module names.")
-@click.option("--dtype", default=None, type=click.Choice(["float16", "bfloat16", "float32"]),
-              help="Cast the LoRA factors (default: keep their dtype).")
-@click.option("--prefix", default="lora_te_", show_default=True, help="Name prefix of a kohya file written.")
-@click.option("--force", is_flag=True, help="Replace the output if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def convert(source, to, out, outtype, base, dtype, prefix, force, as_json):
-    """Move an adapter between layouts without changing its ΔW.
-
-    SOURCE is detected: a PEFT folder (safetensors or legacy .bin), an mlx-lm folder, a raw
-    .safetensors of PEFT names (…q_proj.lora_A.weight), or a kohya file (lora_te_…/lora_unet_…
-    prefixes, .lora_down/.lora_up, .alpha). GGUF (llama.cpp) and MLX outputs hold one alpha or
-    scale, so each module's own scaling is folded into its lora_b: per-module ranks, alphas and
-    rsLoRA stay exact. Each module keeps its exact scaling: kohya files get a per-module alpha (rsLoRA and
-    rank/alpha patterns included); PEFT folders get rank_pattern/alpha_pattern where modules differ.
-    Without a config or alphas, alpha = r is assumed, with a warning.
-
-    \b
-    Examples:
-      adaptkit convert fixtures/adapters/llama-lora --to kohya -o out/llama-lora.safetensors
-      adaptkit convert out/llama-lora.safetensors --to peft -o out/llama-lora-peft
-      adaptkit convert some-kohya.safetensors --to peft --base path/to/base -o out/adapter
-    """
-    from .convert import convert as convert_fn
-
-    result = convert_fn(local(source, adapter_only=True), to, out, base=local(base), dtype=dtype, force=force,
-                        prefix=prefix, warn=warn, outtype=outtype)
-    if as_json:
-        print_json(result.to_dict())
-    else:
-        stdout.print(f"converted {result.modules} modules ({result.source_format} → {result.to}) → {result.out}")
-
-
-@main.command()
-@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER [ADAPTER ...]")
-@click.option("--method", required=True,
-              type=click.Choice(["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]),
-              help="How the per-module deltas ΔWᵢ = sᵢ·Bᵢ·Aᵢ are combined (see below).")
-@click.option("--weights", default=None, help="Comma-separated weight per adapter, e.g. 1,0.5 (default all 1).")
-@click.option("--density", type=float, default=None, help="Fraction of entries kept (ties, dare_*, magnitude_prune; default 0.5).")
-@click.option("--majority-sign", default="total", show_default=True, type=click.Choice(["total", "frequency"]),
-              help="TIES sign election: sign of the weighted sum, or the most frequent sign.")
-@click.option("--rank", type=int, default=None, help="Rank of the output (best rank-R approximation, per module).")
-@click.option("--energy", type=float, default=None,
-              help="Per module, the smallest rank keeping this fraction of ‖ΔW‖² (e.g. 0.99).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the DARE masks (per module).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("-o", "--output", "out", required=True, help="Output folder.")
-@click.option("--base", default=None, help="Merge the combination into this base model instead of writing an adapter.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def combine(adapters, method, weights, density, majority_sign, rank, energy, seed, device, out, base, force, as_json):
-    """Fuse several LoRA adapters into one, on exact deltas.
-
-    Every method works on each module's full ΔWᵢ = sᵢ·Bᵢ·Aᵢ (peft's add_weighted_adapter works on
-    A and B separately for linear/TIES/DARE, which adds cross terms Bᵢ·Aⱼ), then factors the result
-    back into a LoRA with a truncated SVD (the best rank-R approximation), reporting the energy kept.
-
-    \b
-    linear           Σ wᵢ·ΔWᵢ; exact as a LoRA of rank Σrᵢ unless --rank/--energy
-    magnitude_prune  keep the top --density of each ΔWᵢ by |x|, then Σ wᵢ·ΔWᵢ
-    ties             prune, elect a sign per entry, average agreeing entries (Yadav et al. 2023)
-    dare_linear      drop with prob. 1−density, rescale 1/density, Σ wᵢ·ΔWᵢ (Yu et al. 2023)
-    dare_ties        DARE, then TIES sign election and disjoint mean
-
-    One adapter with --method linear --rank R gives its best rank-R approximation (e.g. to fit
-    vLLM's max_lora_rank). Without --rank/--energy, pruned methods keep the largest input rank. DARE masks are seeded per
-    (--seed, module name): the same seed gives identical files on any device.
-
-    \b
-    Example:
-      adaptkit combine fixtures/adapters/llama-lora fixtures/adapters/llama-rslora-patterns \\
-          --method ties --density 0.5 --rank 8 -o out/combined
-    """
-    from .combine import combine as combine_fn
-
-    try:
-        w = [float(x) for x in weights.split(",")] if weights else None
-    except ValueError:
-        raise AdaptkitError(f"--weights must be comma-separated numbers, got {weights!r}") from None
-    command = "adaptkit combine " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["combine"] else None
-    adapters = [local(a, adapter_only=True) for a in adapters]
-    with Bar("combining", in_bytes=False, disable=as_json) as bar:
-        result = combine_fn(list(adapters), method, out, weights=w, density=density, majority_sign=majority_sign,
-                            rank=rank, energy=energy, seed=seed, device=device, base=local(base), force=force,
-                            warn=warn, command=command, on_start=bar.start, progress=bar.advance)
-    if as_json:
-        print_json(result.to_dict())
-        return
-    table = Table(show_edge=False, pad_edge=False)
-    for col in ("module", "rank", "energy kept"):
-        table.add_column(col, justify="left" if col == "module" else "right", no_wrap=True)
-    for m in result.modules:
-        table.add_row(m.name, str(m.rank), f"{100 * m.retained_energy:.2f} %")
-    stdout.print(table)
-    what = f"merged into {result.merged_into}" if result.merged_into else "adapter"
-    stdout.print(f"{result.method} of {len(result.adapters)} adapters → {result.out} ({what}, "
-                 f"{result.seconds:.1f} s on {result.device})")
-
-
-@main.command()
-@click.argument("base")
-@click.argument("paths", nargs=-1, required=True, metavar="ADAPTER [ADAPTER ...] MERGED")
-@click.option("--weight", "weights", type=float, multiple=True, help="The --weight each adapter was merged with.")
-@click.option("--prompts", type=click.Path(exists=True, dir_okay=False),
-              help="A text file, one prompt per line, for the model-level check (default: random token ids).")
-@click.option("--device", default="auto", show_default=True,
-              help="Where the model-level check runs: auto, cpu or cuda (the layer probes run on the CPU).")
-@click.option("--tolerance", type=float, default=None,
-              help="Largest relative error a module may show (default: 3x the rounding noise of the output dtype).")
-@click.option("--no-model", is_flag=True, help="Skip the model-level check (it loads the model twice).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probes and random prompts.")
-@click.option("--write-report", is_flag=True,
-              help="Save the report as adaptkit_verify.json in MERGED (a local folder); `adaptkit push` then puts "
-                   "its numbers in the model card.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
-def verify(base, paths, weights, prompts, device, tolerance, no_model, seed, write_report, as_json):
-    """Prove that MERGED equals BASE + ADAPTERs. Exit 0 when it does, 1 when it does not.
-
-    \b
-    Layer level (any architecture, streamed): for each adapted module, seeded random probes x go
-    through the merged weight and are compared with W·x + scaling·B(A·x) (the DoRA formula for
-    DoRA), computed from the factors. The error is reported next to the rounding noise the output
-    dtype alone must cause; tensors no adapter touches must be bit-identical to the base.
-    Model level (when transformers knows the architecture): logits of base + adapters unmerged
-    (peft) against MERGED: max |Δlogits|, mean KL, top-1 agreement.
-
-    \b
-    Example:
-      adaptkit merge fixtures/tiny-llama fixtures/adapters/llama-lora -o out/merged
-      adaptkit verify fixtures/tiny-llama fixtures/adapters/llama-lora out/merged
-    """
-    from .verify import verify as verify_fn
-
-    if len(paths) < 2:
-        raise AdaptkitError("give the adapter(s) and then the merged model folder")
-    adapters, merged = [local(a, adapter_only=True) for a in paths[:-1]], local(paths[-1])
-    base = local(base)
-    lines = None
-    if prompts:
-        from .io.files import read_bytes
-
-        text = read_bytes(prompts, 16 << 20, "prompts file").decode("utf-8", errors="replace")
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if write_report and not Path(paths[-1]).is_dir():
-        raise AdaptkitError("--write-report needs MERGED to be a local folder", paths[-1])
-    with Bar("checking layers", in_bytes=False, disable=as_json) as bar:
-        report = verify_fn(base, adapters, merged, weights=list(weights) or None, prompts=lines, device=device,
-                           tolerance=tolerance, model=not no_model, seed=seed, on_start=bar.start,
-                           progress=bar.advance, on_stage=bar.stage)
-    if write_report:
-        from .hub import VERIFY_REPORT
-        from .io.output import atomic_output_file
-
-        with atomic_output_file(Path(paths[-1]) / VERIFY_REPORT, force=True, inputs=[base, *adapters]) as tmp:
-            tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
-    if as_json:
-        print_json(report.to_dict())
-    else:
-        _render_verify(report)
-    sys.exit(0 if report.ok else 1)
-
-
 def _render_verify(report) -> None:
     table = Table(show_edge=False, pad_edge=False, title="layer level")
     for col in ("tensor", "kind", "rel. error", "rounding noise", "allowed", ""):
@@ -540,102 +679,6 @@ def _render_verify(report) -> None:
         stdout.print(styled("not verified", "bold red", f": {len(failed)} tensors fail"
                             + (f" (first: {failed[0]})" if failed else "")
                             + ("" if report.model is None or report.model.ok else "; logits differ")))
-
-
-@main.command()
-@click.argument("repo")
-@click.option("-o", "--output", "out", type=click.Path(file_okay=False), default=None,
-              help="Download into this folder instead of the Hugging Face cache.")
-@click.option("--adapter-only", is_flag=True, help="Only the adapter files (config, weights, card).")
-@click.option("--repo-type", default="model", show_default=True, type=click.Choice(["model", "dataset", "space"]))
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def pull(repo, out, adapter_only, repo_type, as_json):
-    """Download an adapter or a model from the Hub: REPO is org/name[@revision].
-
-    Only what matters comes down (adapter config and weights; for a model also config, tokenizer,
-    safetensors and index; never .bin when safetensors exist). Prints the local path. With
-    HF_HUB_OFFLINE=1 it answers from the cache. Every command also takes a Hub id where it takes a
-    path, through this same code.
-    """
-    from .hub import pull as pull_fn
-
-    result = pull_fn(repo, out=out, adapter_only=adapter_only, repo_type=repo_type, progress=not as_json)
-    if as_json:
-        print_json(result.to_dict())
-    else:
-        click.echo(result.path)
-
-
-@main.command()
-@click.argument("folder", type=click.Path(exists=True, file_okay=False))
-@click.argument("repo")
-@click.option("--private", is_flag=True, help="Create the repo private.")
-@click.option("--revision", default=None, help="Branch to commit to (created if needed).")
-@click.option("--message", default=None, help="Commit message.")
-@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def push(folder, repo, private, revision, message, create_pr, as_json):
-    """Upload FOLDER to the Hub repo REPO (org/name) in one commit, creating the repo if needed.
-
-    Large files take the Hub's normal large-file path. If FOLDER has no README.md, a model card is
-    added: base_model, library_name (peft for adapters, transformers for models), tags, and how the
-    folder was produced. The token comes from HF_TOKEN or `hf auth login`; it is never printed.
-    """
-    from .hub import push as push_fn
-
-    result = push_fn(folder, repo, private=private, revision=revision, message=message, create_pr=create_pr)
-    if as_json:
-        print_json(result.to_dict())
-    else:
-        where = result.pull_request or result.url
-        card = " (model card generated)" if result.card_generated else ""
-        stdout.print(f"pushed {len(result.files)} files to {result.repo_id} @ {result.commit[:10]}{card}: {where}")
-
-
-class Bar:
-    """A rich progress bar on stderr that starts once its total is known, so that an error raised
-    before (a plan that does not hold, say) prints alone: rich prints a newline when a bar that
-    never started is stopped. Over bytes (with speed) or over a count of items."""
-
-    def __init__(self, label: str, in_bytes: bool, disable: bool):
-        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
-
-        amount = (DownloadColumn(), TransferSpeedColumn()) if in_bytes else (MofNCompleteColumn(),)
-        self.label = label
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), *amount, TimeRemainingColumn(),
-                                 console=err, disable=disable, transient=True)
-        self.task = None
-
-    def start(self, total: int) -> None:
-        self.task = self.progress.add_task(self.label, total=total)
-        self.progress.start()
-
-    def advance(self, n: int) -> None:
-        self.progress.advance(self.task, n)
-
-    def stage(self, text: str) -> None:
-        """A step of unknown length: the bar pulses with ``text`` beside it."""
-        if self.task is None:
-            self.task = self.progress.add_task(text, total=None)
-            self.progress.start()
-        else:
-            self.progress.update(self.task, description=text, total=None, completed=0)
-
-    def __enter__(self) -> "Bar":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.task is not None:
-            self.progress.stop()
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 if __name__ == "__main__":

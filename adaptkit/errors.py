@@ -11,14 +11,26 @@ from pathlib import Path
 
 
 class AdaptkitError(Exception):
-    """A user-facing error: one line, naming the file (when there is one) and the problem."""
+    """A user-facing error: one line, naming the file (when there is one) or the parameter, and the problem.
+
+    ``param`` names the argument of the library call that is wrong (``weights``, ``density``…); the
+    CLI shows the flag that sets it instead.
+    """
 
     exit_code = 2
 
-    def __init__(self, message: str, path: str | Path | None = None):
+    def __init__(self, message: str, path: str | Path | None = None, *, param: str | None = None):
         self.path = Path(path) if path is not None else None
+        self.param = param
         self.message = " ".join(str(message).split())  # always one line
-        super().__init__(f"{printable(self.path)}: {self.message}" if self.path is not None else self.message)
+        super().__init__(self.render())
+
+    def render(self, param_name: str | None = None) -> str:
+        """The one line, with the parameter called ``param_name`` (a CLI flag, say) when given."""
+        where = [printable(self.path)] if self.path is not None else []
+        if self.param is not None:
+            where.append(param_name or self.param)
+        return ": ".join([*where, self.message])
 
 
 def printable(value) -> str:

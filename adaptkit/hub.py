@@ -91,19 +91,31 @@ class PullResult:
         return dict(self.__dict__)
 
 
-def pull(spec: str, out: str | Path | None = None, adapter_only: bool = False, repo_type: str = "model",
-         progress: bool = True) -> PullResult:
-    """Download ``org/name[@revision]`` (only the files that matter); return where it is.
+def pull(repo: str, *, out: str | Path | None = None, adapter_only: bool = False, repo_type: str = "model",
+         progress: bool = False) -> PullResult:
+    """Download an adapter or a model from the Hugging Face Hub; return where it is.
 
-    The Hub is asked once, with a short timeout and no retries (a typo or a closed endpoint fails in
-    seconds, not after a minute of back-off); when it cannot be reached, the local cache answers.
+    Only what matters comes down: adapter config and weights; for a model also its configs,
+    tokenizer, safetensors and index (never ``.bin`` when safetensors exist). The Hub is asked once,
+    with a short timeout and no retries (a typo or a closed endpoint fails in seconds); when it
+    cannot be reached, or with ``HF_HUB_OFFLINE=1``, the local cache answers.
+
+    Args:
+        repo: ``org/name`` or ``org/name@revision`` (a branch, tag or commit).
+        out: download into this folder instead of the Hugging Face cache.
+        adapter_only: only the adapter files (config, weights, card).
+        repo_type: ``model``, ``dataset`` or ``space``.
+        progress: let huggingface_hub draw its download bars (on stderr).
+
+    Returns:
+        A :class:`PullResult` with the local ``path`` and the ``files`` there.
     """
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub import errors as he
 
     transport = _transport_errors()
 
-    repo_id, revision = parse_id(spec)
+    repo_id, revision = parse_id(repo)
     patterns = ADAPTER_FILES if adapter_only else ADAPTER_FILES + MODEL_FILES
     ignore = []
     offline = _offline()
@@ -163,7 +175,7 @@ def resolve(spec: str | Path, adapter_only: bool = False) -> Path:
     if typo:
         raise AdaptkitError(typo, spec)
     try:
-        return Path(pull(str(spec), adapter_only=adapter_only, progress=False).path)
+        return Path(pull(str(spec), adapter_only=adapter_only).path)
     except AdaptkitError as e:
         raise AdaptkitError(f"{spec}: no such local file or folder, and as a Hub id: {e.message}") from None
 
@@ -280,9 +292,27 @@ class PushResult:
         return dict(self.__dict__)
 
 
-def push(folder: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
+def push(folder: str | Path, repo: str, *, private: bool = False, revision: str | None = None,
          message: str | None = None, create_pr: bool = False) -> PushResult:
-    """Create ``repo_id`` if needed and upload ``folder`` in one commit."""
+    """Upload ``folder`` to the Hub repository ``repo`` (``org/name``) in one commit, creating it if needed.
+
+    Large files take the Hub's large-file path. A folder without README.md gets a model card
+    (base_model, library_name peft or transformers, tags, how it was made, and the numbers of
+    ``adaptkit_verify.json`` when :func:`adaptkit.verify` left one). The token is huggingface_hub's
+    (``HF_TOKEN`` or ``hf auth login``); it is never printed or written.
+
+    Args:
+        folder: the local folder to upload (it is not modified).
+        repo: ``org/name``.
+        private: create the repository private.
+        revision: the branch to commit to (created if needed).
+        message: the commit message.
+        create_pr: open a pull request instead of committing to the branch.
+
+    Returns:
+        A :class:`PushResult` with the commit and the files uploaded.
+    """
+    repo_id = repo
     from huggingface_hub import CommitOperationAdd, HfApi
 
     folder = Path(folder)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import bnb_import
+from .dtypes import FLOATS, parse_dtype
 from .errors import AdaptkitError
 from .io.files import read_json
 
@@ -121,10 +122,10 @@ class QuantSettings:
 
     def __post_init__(self):
         if self.quant_type not in ("nf4", "fp4"):
-            raise AdaptkitError(f"quant_type must be nf4 or fp4, got {self.quant_type!r}")
+            raise AdaptkitError(f"must be nf4 or fp4, got {self.quant_type!r}", param="quant_type")
         if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize not in BLOCKSIZES:
-            raise AdaptkitError(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))} (what bitsandbytes "
-                                f"quantizes with), got {self.blocksize!r}")
+            raise AdaptkitError(f"must be one of {', '.join(map(str, BLOCKSIZES))} (what bitsandbytes "
+                                f"quantizes with), got {self.blocksize!r}", param="blocksize")
 
     @classmethod
     def from_config(cls, path) -> "QuantSettings":
@@ -145,14 +146,8 @@ class QuantSettings:
                 or not (q.get("load_in_4bit") or q.get("_load_in_4bit")):
             raise AdaptkitError("not a bitsandbytes 4-bit configuration (expected load_in_4bit and bnb_4bit_* "
                                 "fields, as BitsAndBytesConfig.to_json_file writes them)", path)
-        dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-                  "uint8": torch.uint8, "int8": torch.int8}
-
         def dtype(key, default):
-            name = str(q.get(key) or default).removeprefix("torch.")
-            if name not in dtypes:
-                raise AdaptkitError(f"{key} {name!r} is not one of {', '.join(dtypes)}", path)
-            return dtypes[name]
+            return parse_dtype(q.get(key) or default, FLOATS + ("uint8", "int8"), param=key, path=path)
 
         quant_type = str(q.get("bnb_4bit_quant_type", "fp4"))  # BitsAndBytesConfig's own default
         if quant_type not in ("nf4", "fp4"):
@@ -166,6 +161,24 @@ class QuantSettings:
                    compute_dtype=dtype("bnb_4bit_compute_dtype", "float32"),
                    storage=dtype("bnb_4bit_quant_storage", "uint8"),
                    skip_modules=tuple(q["llm_int8_skip_modules"]) if q.get("llm_int8_skip_modules") else None)
+
+    @classmethod
+    def load(cls, config=None, *, quant_type: str | None = None, blocksize: int | None = None,
+             double_quant: bool | None = None, compute_dtype=None) -> "QuantSettings":
+        """Settings for quantizing a dense base: those of ``config`` (a BitsAndBytesConfig JSON, a 4-bit
+        model's config.json, or its folder) or the defaults, each field given here overriding.
+
+        Example:
+            >>> from adaptkit import QuantSettings
+            >>> QuantSettings.load(blocksize=128).blocksize
+            128
+        """
+        import dataclasses
+
+        settings = cls.from_config(config) if config else cls()
+        changes = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+                       compute_dtype=parse_dtype(compute_dtype, param="compute_dtype") if compute_dtype else None)
+        return dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
 
     def component_suffixes(self) -> list[str]:
         """The names bitsandbytes gives the components (found by quantizing a tiny tensor)."""

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from .adapter import Adapter
 from .errors import AdaptkitError
 
-TARGETS = ("vllm", "llamacpp", "mlx")
+TARGETS = {"vllm": "vLLM", "llamacpp": "llama.cpp", "mlx": "mlx-lm"}  # name -> the runtime, for messages
 VLLM_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
                 "gate_up_proj", "dense", "dense_h_to_4h", "dense_4h_to_h", "query_key_value", "c_attn", "c_proj",
                 "c_fc", "fc1", "fc2", "out_proj", "w1", "w2", "w3", "wqkv", "wo", "embed_tokens", "lm_head"}
@@ -41,6 +41,9 @@ class Readiness:
 
 
 def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
+    """Whether ``adapter`` loads in the runtime ``target`` (one of :data:`TARGETS`), with each rule it breaks."""
+    if target not in TARGETS:
+        raise AdaptkitError(f"unknown runtime {target!r} (choose {', '.join(TARGETS)})", param="checks")
     problems: list[Problem] = []
     src = str(adapter.path)
     mods = list(adapter.modules.values())
@@ -79,13 +82,10 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
     return Readiness(target, not problems, problems)
 
 
-NAMES = {"vllm": "vLLM", "llamacpp": "llama.cpp", "mlx": "mlx-lm"}
-
-
 def require(adapter: Adapter, target: str) -> None:
     """Raise the first reason ``target`` cannot take the adapter, with its fix (the exports' guard)."""
     result = check(adapter, target)
     if not result.ok:
         p = result.problems[0]
-        raise AdaptkitError(f"{NAMES[target]} cannot take this adapter: {p.rule}: {p.detail} (fix: {p.fix})",
+        raise AdaptkitError(f"{TARGETS[target]} cannot take this adapter: {p.rule}: {p.detail} (fix: {p.fix})",
                             adapter.path)

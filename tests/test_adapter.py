@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adaptkit.adapter import load_adapter, pattern_key
+from adaptkit import load_adapter
+from adaptkit.adapter import pattern_key
 from conftest import ADAPTERS, BASE_OF
 from fixtures import build
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 from peft.utils import merge_utils
 
-from adaptkit.adapter import load_adapter
+from adaptkit import load_adapter
 from adaptkit.cli import main
-from adaptkit.combine import combine, module_seed
-from adaptkit.combine_methods import METHODS, factor
+from adaptkit import combine
+from adaptkit.commands.combine import module_seed
+from adaptkit.methods import METHODS, factor
 from conftest import ADAPTERS, TINY_LLAMA, load_dir
 from test_convert import peft_deltas
 
@@ -39,7 +40,7 @@ def combined_deltas(out):
 
 def test_linear_is_exact_and_loads_in_peft(tmp_path, third):
     out = tmp_path / "lin"
-    combine([A1, A2, third], "linear", out, weights=[1.0, 0.5, -2.0], warn=print)
+    combine([A1, A2, third], out, method="linear", weights=[1.0, 0.5, -2.0])
     got = combined_deltas(out)
     for name, d in got.items():
         ds = full_deltas([A1, A2, third], name)
@@ -55,7 +56,7 @@ def test_ties_equal_weights_equals_peft_merge_utils(tmp_path, third):
     paths = [A1, A2, third]
     for sign in ("total", "frequency"):
         out = tmp_path / sign
-        combine(paths, "ties", out, density=0.4, majority_sign=sign, rank=64)  # full rank: no truncation
+        combine(paths, out, method="ties", density=0.4, majority_sign=sign, rank=64)  # full rank: no truncation
         got = combined_deltas(out)
         for name, d in got.items():
             ds = full_deltas(paths, name)
@@ -66,7 +67,7 @@ def test_ties_equal_weights_equals_peft_merge_utils(tmp_path, third):
 def test_ties_unequal_weights_follow_the_formula(tmp_path):
     paths, w = [A1, A2], [0.7, 0.2]
     out = tmp_path / "ties"
-    combine(paths, "ties", out, weights=w, density=0.5, rank=64)
+    combine(paths, out, method="ties", weights=w, density=0.5, rank=64)
     for name, d in combined_deltas(out).items():
         ds = full_deltas(paths, name)
         pruned = [merge_utils.magnitude_based_pruning(x, 0.5) * wi for x, wi in zip(ds, w)]
@@ -81,7 +82,7 @@ def test_ties_unequal_weights_follow_the_formula(tmp_path):
 
 def test_magnitude_prune_equals_peft(tmp_path):
     out = tmp_path / "mp"
-    combine([A1, A2], "magnitude_prune", out, weights=[1.0, 0.3], density=0.3, rank=64)
+    combine([A1, A2], out, method="magnitude_prune", weights=[1.0, 0.3], density=0.3, rank=64)
     for name, d in combined_deltas(out).items():
         ref = merge_utils.magnitude_prune(full_deltas([A1, A2], name), torch.tensor([1.0, 0.3]), 0.3)
         assert torch.allclose(d, ref, atol=2e-6), name
@@ -89,9 +90,9 @@ def test_magnitude_prune_equals_peft(tmp_path):
 
 def test_rank_r_is_the_best_rank_r_approximation(tmp_path):
     out = tmp_path / "r3"
-    res = combine([A1, A2], "ties", out, density=0.5, rank=3)
+    res = combine([A1, A2], out, method="ties", density=0.5, rank=3)
     full_out = tmp_path / "full"
-    combine([A1, A2], "ties", full_out, density=0.5, rank=64)
+    combine([A1, A2], full_out, method="ties", density=0.5, rank=64)
     full = combined_deltas(full_out)
     for m in res.modules:
         u, s, vh = torch.linalg.svd(full[m.name].double(), full_matrices=False)
@@ -104,7 +105,7 @@ def test_rank_r_is_the_best_rank_r_approximation(tmp_path):
 
 def test_linear_with_rank_uses_the_exact_core(tmp_path):
     out = tmp_path / "lr"
-    combine([A1, A2], "linear", out, rank=5)
+    combine([A1, A2], out, method="linear", rank=5)
     for name, d in combined_deltas(out).items():
         ds = full_deltas([A1, A2], name)
         u, s, vh = torch.linalg.svd((ds[0] + ds[1]).double(), full_matrices=False)
@@ -112,7 +113,7 @@ def test_linear_with_rank_uses_the_exact_core(tmp_path):
 
 
 def test_energy_picks_smallest_rank(tmp_path):
-    res = combine([A1, A2], "linear", tmp_path / "e", energy=0.9)
+    res = combine([A1, A2], tmp_path / "e", method="linear", energy=0.9)
     for m in res.modules:
         assert m.retained_energy >= 0.9
         ds = full_deltas([A1, A2], m.name)
@@ -124,7 +125,7 @@ def test_energy_picks_smallest_rank(tmp_path):
 def test_dare_keeps_density_rescales_and_is_reproducible(tmp_path):
     a = load_adapter(A1)
     name = "model.layers.0.mlp.up_proj"
-    res = combine([A1, A2], "dare_linear", tmp_path / "d1", weights=[1.0, 0.0], density=0.3, rank=64, seed=7)
+    res = combine([A1, A2], tmp_path / "d1", method="dare_linear", weights=[1.0, 0.0], density=0.3, rank=64, seed=7)
     d = combined_deltas(tmp_path / "d1")[name]
     full = a.modules[name].delta()
     # the mask is the documented one: per (seed, module) generator on the CPU
@@ -133,8 +134,8 @@ def test_dare_keeps_density_rescales_and_is_reproducible(tmp_path):
     assert abs(mask.float().mean().item() - 0.3) < 0.03  # about density of the entries survive
     assert torch.allclose(d[mask], full[mask] / 0.3, atol=1e-5)  # survivors rescaled by 1/density
     assert d[~mask].abs().max() < 1e-5  # the rest dropped (up to the SVD's rounding)
-    combine([A1, A2], "dare_linear", tmp_path / "d2", weights=[1.0, 0.0], density=0.3, rank=64, seed=7)
-    combine([A1, A2], "dare_linear", tmp_path / "d3", weights=[1.0, 0.0], density=0.3, rank=64, seed=8)
+    combine([A1, A2], tmp_path / "d2", method="dare_linear", weights=[1.0, 0.0], density=0.3, rank=64, seed=7)
+    combine([A1, A2], tmp_path / "d3", method="dare_linear", weights=[1.0, 0.0], density=0.3, rank=64, seed=8)
     f1, f2, f3 = (tmp_path / x / "adapter_model.safetensors" for x in ("d1", "d2", "d3"))
     assert f1.read_bytes() == f2.read_bytes()
     assert f1.read_bytes() != f3.read_bytes()
@@ -143,7 +144,7 @@ def test_dare_keeps_density_rescales_and_is_reproducible(tmp_path):
 
 def test_dare_ties_runs_the_ties_election_on_dropped_deltas(tmp_path):
     out = tmp_path / "dt"
-    combine([A1, A2], "dare_ties", out, density=0.5, rank=64, seed=3)
+    combine([A1, A2], out, method="dare_ties", density=0.5, rank=64, seed=3)
     name = "model.layers.1.self_attn.k_proj"
     ds = full_deltas([A1, A2], name)
     gen = torch.Generator().manual_seed(module_seed(3, name))
@@ -155,7 +156,7 @@ def test_dare_ties_runs_the_ties_election_on_dropped_deltas(tmp_path):
 
 def test_module_in_one_adapter_only(tmp_path, third):
     out = tmp_path / "x"
-    combine([third, A1], "linear", out, weights=[1.0, 1.0])
+    combine([third, A1], out, method="linear", weights=[1.0, 1.0])
     got = combined_deltas(out)
     assert "model.layers.0.mlp.up_proj" in got  # only in A1
     assert torch.allclose(got["model.layers.0.mlp.up_proj"], load_adapter(A1).modules["model.layers.0.mlp.up_proj"].delta(), atol=1e-6)
@@ -163,7 +164,7 @@ def test_module_in_one_adapter_only(tmp_path, third):
 
 def test_output_loads_in_peft_with_patterns(tmp_path):
     out = tmp_path / "e"
-    combine([A1, A2], "ties", out, energy=0.95)
+    combine([A1, A2], out, method="ties", energy=0.95)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["rank_pattern"]  # modules kept different ranks
     ours = combined_deltas(out)
@@ -174,11 +175,11 @@ def test_output_loads_in_peft_with_patterns(tmp_path):
 
 
 def test_combine_into_base_equals_merging_the_combined_adapter(tmp_path):
-    combine([A1, A2], "ties", tmp_path / "ad", density=0.5, rank=4)
-    combine([A1, A2], "ties", tmp_path / "merged", density=0.5, rank=4, base=TINY_LLAMA)
-    from adaptkit.merge import merge
+    combine([A1, A2], tmp_path / "ad", method="ties", density=0.5, rank=4)
+    combine([A1, A2], tmp_path / "merged", method="ties", density=0.5, rank=4, base=TINY_LLAMA)
+    from adaptkit import merge
 
-    merge(TINY_LLAMA, [tmp_path / "ad"], tmp_path / "ref", warn=lambda m: None)
+    merge(TINY_LLAMA, [tmp_path / "ad"], tmp_path / "ref")
     a, b = load_dir(tmp_path / "merged"), load_dir(tmp_path / "ref")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -190,7 +191,7 @@ def test_low_energy_warns(runner, tmp_path):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--method", "ties", "--density", "1.5"], "--density must be in"),
+    (["--method", "ties", "--density", "1.5"], "--density: must be in"),
     (["--method", "linear", "--density", "0.5"], "does not apply"),
     (["--method", "linear", "--rank", "2", "--energy", "0.9"], "not both"),
     (["--method", "linear", "--weights", "1,x"], "comma-separated"),

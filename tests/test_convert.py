@@ -8,9 +8,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from adaptkit.adapter import load_adapter
+from adaptkit import load_adapter
 from adaptkit.cli import main
-from adaptkit.convert import convert
+from adaptkit import convert
 from adaptkit.formats.kohya import heuristic_module_name
 from conftest import ADAPTERS, BASE_OF, TINY_LLAMA
 from fixtures import build
@@ -55,11 +55,11 @@ def peft_deltas(base, adapter_dir):
 @pytest.mark.parametrize("name", list(ADAPTERS))
 def test_peft_raw_peft_round_trip(tmp_path, name):
     raw = tmp_path / "a.safetensors"
-    convert(ADAPTERS[name], "raw", raw)
+    convert(ADAPTERS[name], raw, to="raw")
     with safe_open(str(raw), "pt") as f:
         assert "adapter_config" in f.metadata()
         assert all(k.startswith("base_model.model.") for k in f.keys())
-    convert(raw, "peft", tmp_path / "back")
+    convert(raw, tmp_path / "back", to="peft")
     original = load_adapter(ADAPTERS[name])
     assert_same_adapter(original, load_adapter(raw))
     assert_same_adapter(original, load_adapter(tmp_path / "back"))
@@ -72,11 +72,11 @@ def test_peft_raw_peft_round_trip(tmp_path, name):
 @pytest.mark.parametrize("name", KOHYA_OK)
 def test_peft_kohya_peft_round_trip(tmp_path, name):
     k = tmp_path / "k.safetensors"
-    convert(ADAPTERS[name], "kohya", k)
+    convert(ADAPTERS[name], k, to="kohya")
     keys = list(load_file(k))
     assert all(key.startswith("lora_te_") for key in keys)
     assert all(key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for key in keys)
-    convert(k, "peft", tmp_path / "back")
+    convert(k, tmp_path / "back", to="peft")
     original = load_adapter(ADAPTERS[name])
     back = load_adapter(tmp_path / "back")
     assert_same_adapter(original, back)
@@ -87,7 +87,7 @@ def test_peft_kohya_peft_round_trip(tmp_path, name):
 
 def test_kohya_alpha_is_per_module_and_exact(tmp_path):
     k = tmp_path / "k.safetensors"
-    convert(ADAPTERS["llama-rslora-patterns"], "kohya", k)
+    convert(ADAPTERS["llama-rslora-patterns"], k, to="kohya")
     t = load_file(k)
     a = load_adapter(ADAPTERS["llama-rslora-patterns"])
     for m in a.modules.values():
@@ -119,7 +119,7 @@ def test_foreign_kohya_file_to_peft_loads_in_peft(tmp_path):
     k = tmp_path / "foreign.safetensors"
     t = _foreign_kohya(k, names, dims=dims, missing_alpha=(names[1],))
     out = tmp_path / "peft"
-    convert(k, "peft", out)  # the heuristic knows these names
+    convert(k, out, to="peft")  # the heuristic knows these names
     got = peft_deltas(TINY_LLAMA, out)
     assert set(got) == set(names)
     for n in names:
@@ -128,7 +128,7 @@ def test_foreign_kohya_file_to_peft_loads_in_peft(tmp_path):
         scale = 2.0 / 4 if n != names[1] else 1.0  # alpha missing means alpha = r
         assert torch.allclose(got[n].float(), scale * up @ down, atol=1e-6), n
     # mapping through --base gives the same result
-    convert(k, "peft", tmp_path / "peft2", base=TINY_LLAMA)
+    convert(k, tmp_path / "peft2", to="peft", base=TINY_LLAMA)
     assert_same_adapter(load_adapter(out), load_adapter(tmp_path / "peft2"))
 
 
@@ -200,7 +200,7 @@ def test_raw_without_config_assumes_alpha_r_and_says_so(runner, tmp_path):
 
 def test_dtype_and_output_checks(runner, tmp_path):
     out = tmp_path / "half"
-    convert(ADAPTERS["llama-lora"], "peft", out, dtype="float16")
+    convert(ADAPTERS["llama-lora"], out, to="peft", dtype="float16")
     assert {v.dtype for v in load_file(out / "adapter_model.safetensors").values()} == {torch.float16}
     res = runner.invoke(main, ["convert", str(ADAPTERS["llama-lora"]), "--to", "raw", "-o", str(tmp_path / "x.bin")])
     assert res.exit_code == 2 and "*.safetensors" in res.stderr

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adaptkit.merge import merge
+from adaptkit import merge
 from conftest import ADAPTERS, BASE_OF, load_dir
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -12,8 +12,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("name", list(ADAPTERS))
 def test_cuda_equals_cpu(tmp_path, name, dtype):
-    merge(BASE_OF[name], [ADAPTERS[name]], tmp_path / "cpu", device="cpu", dtype=dtype, warn=lambda m: None)
-    merge(BASE_OF[name], [ADAPTERS[name]], tmp_path / "cuda", device="cuda", dtype=dtype, warn=lambda m: None)
+    merge(BASE_OF[name], [ADAPTERS[name]], tmp_path / "cpu", device="cpu", dtype=dtype)
+    merge(BASE_OF[name], [ADAPTERS[name]], tmp_path / "cuda", device="cuda", dtype=dtype)
     cpu, cuda = load_dir(tmp_path / "cpu"), load_dir(tmp_path / "cuda")
     assert set(cpu) == set(cuda)
     for k in cpu:
@@ -25,21 +25,21 @@ def test_cuda_equals_cpu(tmp_path, name, dtype):
 
 @pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
 def test_combine_cuda_equals_cpu(tmp_path, method):
-    from adaptkit.adapter import load_adapter
-    from adaptkit.combine import combine
+    from adaptkit import load_adapter
+    from adaptkit import combine
 
     ads = [ADAPTERS["llama-lora"], ADAPTERS["llama-rslora-patterns"]]
     kw = {} if method == "linear" else {"density": 0.5, "rank": 64}
-    combine(ads, method, tmp_path / "cpu", device="cpu", seed=5, **kw)
-    combine(ads, method, tmp_path / "cuda", device="cuda", seed=5, **kw)
+    combine(ads, tmp_path / "cpu", method=method, device="cpu", seed=5, **kw)
+    combine(ads, tmp_path / "cuda", method=method, device="cuda", seed=5, **kw)
     a, b = load_adapter(tmp_path / "cpu"), load_adapter(tmp_path / "cuda")
     for name in a.modules:  # the same ΔW (factors may differ in sign), DARE masks included
         assert torch.allclose(a.modules[name].delta(), b.modules[name].delta(), atol=1e-5), name
 
 
 def test_verify_model_level_on_cuda(tmp_path):
-    from adaptkit.verify import verify
+    from adaptkit import verify
 
-    merge(BASE_OF["llama-dora"], [ADAPTERS["llama-dora"]], tmp_path / "m", device="cuda", warn=lambda m: None)
+    merge(BASE_OF["llama-dora"], [ADAPTERS["llama-dora"]], tmp_path / "m", device="cuda")
     report = verify(BASE_OF["llama-dora"], [ADAPTERS["llama-dora"]], tmp_path / "m", device="cuda")
     assert report.ok and report.model is not None and report.model.mean_kl < 1e-6

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adaptkit.adapter import load_adapter
+from adaptkit import load_adapter
 from adaptkit.cli import main
 from conftest import ADAPTERS
 from test_adapter import peft_layers

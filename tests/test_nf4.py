@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from adaptkit.cli import main
-from adaptkit.merge import merge
+from adaptkit import merge
 from conftest import ADAPTERS, TINY_GPT2 as BASE_OF_GPT2, TINY_LLAMA, assert_merge_close, load_dir
 
-quiet = dict(warn=lambda m: None)
 
 
 def load_4bit(path, double_quant=True):
@@ -49,7 +48,7 @@ def test_dense_output_equals_dequant_plus_delta(tmp_path, nf4_base):
     import bitsandbytes.functional as F
 
     out = tmp_path / "dense"
-    res = merge(nf4_base, [ADAPTERS["llama-lora"]], out, **quiet)
+    res = merge(nf4_base, [ADAPTERS["llama-lora"]], out)
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["dtype"] == "float16"
     ours = load_dir(out)
@@ -76,7 +75,7 @@ def test_nf4_output_keeps_4bit_and_is_no_worse_than_peft(tmp_path, nf4_base, var
 
     adapter = variants["llama-layers"]  # q_proj and v_proj of layer 1 only
     out = tmp_path / "nf4"
-    res = merge(nf4_base, [adapter], out, quantize="nf4", **quiet)
+    res = merge(nf4_base, [adapter], out, quantize="nf4")
     assert json.loads((out / "config.json").read_text())["quantization_config"] == \
         json.loads((nf4_base / "config.json").read_text())["quantization_config"]
     ours, base = load_dir(out), load_dir(nf4_base)
@@ -146,7 +145,7 @@ def test_qlora_merge_equals_peft_on_the_4bit_model(tmp_path):
     import bitsandbytes.functional as F
 
     out = tmp_path / "qlora"
-    res = merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, qlora=True, **quiet)
+    res = merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, qlora=True)
     ours, dense = load_dir(out), load_dir(TINY_LLAMA)
     pm = peft_4bit(TINY_LLAMA, ADAPTERS["llama-lora"])  # transformers quantizes the dense base, as in training
     for name, layer in lora_layers(pm).items():
@@ -165,11 +164,11 @@ def test_quantize_dense_base_to_nf4_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "q"
-    res = merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, quantize="nf4", **quiet)
+    res = merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, quantize="nf4")
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "bitsandbytes" and cfg["bnb_4bit_quant_type"] == "nf4"
     dense_out = tmp_path / "dense"
-    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], dense_out, dtype="float32", **quiet)
+    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], dense_out, dtype="float32")
     exact = load_dir(dense_out)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -200,19 +199,19 @@ def test_qlora_on_4bit_base_refused(runner, tmp_path, nf4_base):
 def test_verify_nf4_merges(runner, tmp_path, nf4_base):
     """verify: a dense merge of a 4-bit base passes; a kept-4-bit merge passes with its requantization
     error shown; a merge into the 16-bit original, checked against the 4-bit base, fails and says why."""
-    from adaptkit.verify import verify
+    from adaptkit import verify
 
     ad = ADAPTERS["llama-lora"]
-    merge(nf4_base, [ad], tmp_path / "dense", **quiet)
+    merge(nf4_base, [ad], tmp_path / "dense")
     assert verify(nf4_base, [ad], tmp_path / "dense", model=False).ok
-    merge(nf4_base, [ad], tmp_path / "nf4", quantize="nf4", **quiet)
+    merge(nf4_base, [ad], tmp_path / "nf4", quantize="nf4")
     r = verify(nf4_base, [ad], tmp_path / "nf4", model=False)
     assert r.ok and not r.untouched_mismatched
     four = [m for m in r.modules if m.note.startswith("4-bit output")]
     assert len(four) == 14 and all(0.01 < m.rel_error <= m.allowed for m in four)
     assert any("requantization error" in w for w in r.warnings)
     assert not any("lacks" in w for w in r.warnings)
-    merge(TINY_LLAMA, [ad], tmp_path / "sixteen", **quiet)
+    merge(TINY_LLAMA, [ad], tmp_path / "sixteen")
     res = runner.invoke(main, ["verify", str(nf4_base), str(ad), str(tmp_path / "sixteen"), "--no-model", "--json"])
     assert res.exit_code == 1
     report = json.loads(res.stdout)
@@ -265,7 +264,7 @@ def test_quant_config_sets_qlora_settings_and_flags_override_it(runner, tmp_path
     assert not torch.equal(outs["config"][name], outs["nf4-flags"][name])  # fp4 and nf4 do differ
     res = runner.invoke(main, ["merge", str(TINY_LLAMA), str(ADAPTERS["llama-lora"]), "-o", str(tmp_path / "x"),
                                "--quant-config", str(bnb)])
-    assert res.exit_code == 2 and "--quant-config is for --qlora or --quantize" in res.stderr
+    assert res.exit_code == 2 and "--quant-config: is for --qlora or --quantize" in res.stderr
 
 
 def test_quant_config_skip_modules_stay_dense(tmp_path):
@@ -277,7 +276,7 @@ def test_quant_config_skip_modules_stay_dense(tmp_path):
     BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["q_proj", "lm_head"]
                        ).to_json_file(bnb)
     out = tmp_path / "q"
-    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, quantize="nf4", settings=QuantSettings.from_config(bnb), **quiet)
+    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, quantize="nf4", quant_settings=QuantSettings.load(bnb))
     names = set(load_dir(out))
     assert "model.layers.0.self_attn.q_proj.weight.absmax" not in names  # skipped: dense
     assert "model.layers.0.self_attn.v_proj.weight.absmax" in names

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import adaptkit.io.safetensors_file as stf
-from adaptkit.merge import merge
+from adaptkit import merge
 from adaptkit.io import readahead
 from adaptkit.io.readahead import Readahead
 from conftest import ADAPTERS, TINY_LLAMA
@@ -68,7 +68,7 @@ def test_merge_takes_over_the_prefetcher_the_cli_started(tmp_path, monkeypatch):
     real = readahead.for_stream
     monkeypatch.setattr(readahead, "for_stream", lambda ranges: used.append(real(ranges)) or used[-1])
     early = cli._read_ahead(TINY_LLAMA)
-    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], tmp_path / "out", warn=lambda m: None)
+    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], tmp_path / "out")
     assert used == [early]
     assert early.total == sum(p.stat().st_size for p in TINY_LLAMA.glob("model-*.safetensors"))
     assert early not in readahead._active.values()  # closed by the stream, unregistered

@@ -18,8 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import adaptkit
 from adaptkit.errors import AdaptkitError
-from adaptkit.merge import merge
+from adaptkit import merge
 from adaptkit.io.output import atomic_output_dir
 from conftest import ADAPTERS, TINY_GPT2, TINY_LLAMA, load_dir
 from reliability import assert_one_line_error, copy_inputs, invoke, listing, snapshot
@@ -86,7 +87,7 @@ def test_a_hub_cache_holding_the_input_is_refused(tmp_path):
         shutil.copy(f, blobs / f.name)
         (snap / f.name).symlink_to(blobs / f.name)
     with pytest.raises(AdaptkitError, match="contains the input"):
-        merge(TINY_LLAMA, [snap], blobs, force=True, warn=lambda m: None)
+        merge(TINY_LLAMA, [snap], blobs, force=True)
     assert sorted(p.name for p in blobs.iterdir()) == sorted(p.name for p in ADAPTERS["llama-lora"].iterdir())
 
 
@@ -145,15 +146,15 @@ def test_inspect_still_shows_an_adapter_it_would_not_merge(runner, w):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--weight", "nan"], "weights must be finite"),
-    (["--weight", "inf"], "weights must be finite"),
+    (["--weight", "nan"], "--weight: must be finite"),
+    (["--weight", "inf"], "--weight: must be finite"),
     (["--max-shard-size", "0"], "must be positive"),
     (["--max-shard-size", "0.0.1GB"], "cannot read size"),
     (["--max-shard-size", "-5MB"], "cannot read size"),
     (["--device", "gpu"], "unknown device 'gpu' (choose auto, cpu, cuda or cuda:N)"),
     (["--device", "cuda:x"], "unknown device"),
-    (["--quantize", "nf4", "--blocksize", "0"], "blocksize must be one of"),
-    (["--quantize", "nf4", "--blocksize", "100"], "blocksize must be one of"),
+    (["--quantize", "nf4", "--blocksize", "0"], "--blocksize: must be one of"),
+    (["--quantize", "nf4", "--blocksize", "100"], "--blocksize: must be one of"),
 ])
 def test_bad_merge_options_are_one_line(runner, w, args, needle):
     res = invoke(runner, "merge", w["base"], w["lora"], "-o", w["root"] / "out", *args)
@@ -169,8 +170,8 @@ def test_cuda_without_cuda_is_one_line(runner, w):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--method", "linear", "--weights", "nan,1"], "weights must be finite"),
-    (["--method", "ties", "--density", "nan"], "density must be in"),
+    (["--method", "linear", "--weight", "nan", "--weight", "1"], "--weight: must be finite"),
+    (["--method", "ties", "--density", "nan"], "--density: must be in"),
 ])
 def test_bad_combine_inputs_are_one_line(runner, w, args, needle):
     res = invoke(runner, "combine", w["lora"], w["dora"].parent / "lora", *args, "-o", w["root"] / "out")
@@ -387,7 +388,7 @@ def test_temp_folders_of_dead_runs_are_cleaned(tmp_path):
     for p in (stale, live, other):
         p.mkdir()
         (p / "model.safetensors").write_bytes(b"partial")
-    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, warn=lambda m: None)
+    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out)
     assert not stale.exists() and live.exists() and other.exists()
 
 
@@ -397,7 +398,7 @@ def test_an_output_moved_aside_by_a_dead_run_is_put_back(tmp_path):
     old.mkdir()
     (old / "keep.txt").write_text("previous output")
     with pytest.raises(AdaptkitError, match="already exists"):  # it is back, so a run without force refuses
-        merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, warn=lambda m: None)
+        merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out)
     assert (out / "keep.txt").read_text() == "previous output" and not old.exists()
 
 
@@ -468,13 +469,20 @@ def test_verify_refuses_a_merged_model_of_another_architecture(runner, w):
 
 
 def test_verify_reports_progress_over_every_tensor(tmp_path):
-    from adaptkit.verify import verify
+    from adaptkit import verify
 
     out = tmp_path / "m"
-    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, warn=lambda m: None)
+    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out)
     started, steps = [], []
-    report = verify(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, model=False, on_start=started.append,
-                    progress=steps.append)
+
+    class Count(adaptkit.Reporter):
+        def start(self, label, total, unit="items"):
+            started.append(total)
+
+        def advance(self, n=1):
+            steps.append(n)
+
+    report = verify(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, model=False, reporter=Count())
     assert report.ok and started == [len(load_dir(TINY_LLAMA))] and sum(steps) == started[0]
 
 
@@ -549,7 +557,7 @@ def test_after_sigkill_the_next_run_cleans_up(big_pair, tmp_path):
     code, _ = _start_and_signal(base, ad, out, signal.SIGKILL)
     assert code == -signal.SIGKILL
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".adaptkit-tmp")]  # what SIGKILL cannot avoid
-    merge(base, [ad], out, warn=lambda m: None, device="cpu")
+    merge(base, [ad], out, device="cpu")
     assert listing(tmp_path) == ["out"]
     merged = load_file(out / "model-00001-of-00002.safetensors")
     assert merged["model.layers.0.proj.weight"].shape == (2048, 2048)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adaptkit.adapter import load_adapter
+from adaptkit import load_adapter
 from adaptkit.cli import main
-from adaptkit.convert import convert
+from adaptkit import convert
 from adaptkit.formats.gguf import permute_rows, read_gguf_deltas, unpermute_rows
 from conftest import ADAPTERS, TINY_LLAMA
 from test_convert import peft_deltas
@@ -21,7 +21,7 @@ LLAMA_CFG = json.loads((TINY_LLAMA / "config.json").read_text())
 @pytest.mark.parametrize("outtype", ["f32", "f16", "bf16"])
 def test_gguf_reconstructs_peft_delta(tmp_path, name, outtype):
     out = tmp_path / "a.gguf"
-    convert(ADAPTERS[name], "gguf", out, base=TINY_LLAMA, outtype=outtype)
+    convert(ADAPTERS[name], out, to="gguf", base=TINY_LLAMA, outtype=outtype)
     reader = gguf.GGUFReader(str(out))
     fields = {f.name: f for f in reader.fields.values()}
 
@@ -75,7 +75,7 @@ def test_gguf_refusals(runner, tmp_path):
 @pytest.mark.parametrize("name", ["llama-lora", "llama-rslora-patterns"])
 def test_mlx_round_trip_and_layout(tmp_path, name):
     out = tmp_path / "mlx"
-    convert(ADAPTERS[name], "mlx", out, base=TINY_LLAMA)
+    convert(ADAPTERS[name], out, to="mlx", base=TINY_LLAMA)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["fine_tune_type"] == "lora" and cfg["num_layers"] == 2
     assert set(cfg["lora_parameters"]) >= {"rank", "scale", "keys"}
@@ -88,7 +88,7 @@ def test_mlx_round_trip_and_layout(tmp_path, name):
         assert la.shape == (m.in_features, m.shape_rank) and lb.shape == (m.shape_rank, m.out_features)
         # mlx-lm's forward: x @ lora_a @ lora_b * scale == (ΔW x)ᵀ
         assert torch.allclose(scale * (la @ lb), m.delta().T, atol=1e-6), m.name
-    convert(out, "peft", tmp_path / "back")
+    convert(out, tmp_path / "back", to="peft")
     back = load_adapter(tmp_path / "back")
     assert set(back.modules) == set(a.modules)
     for n in a.modules:
@@ -118,9 +118,9 @@ def test_checks_report_each_rule(runner, tmp_path):
 
 
 def test_rank_reduction_fix_makes_vllm_happy(runner, tmp_path):
-    from adaptkit.combine import combine
+    from adaptkit import combine
     from adaptkit.readiness import check
 
-    combine([ADAPTERS["llama-lora"]], "linear", tmp_path / "r4", rank=4)
+    combine([ADAPTERS["llama-lora"]], tmp_path / "r4", method="linear", rank=4)
     assert check(load_adapter(tmp_path / "r4"), "vllm", max_lora_rank=4).ok
     assert not check(load_adapter(ADAPTERS["llama-lora"]), "vllm", max_lora_rank=4).ok

@@ -8,18 +8,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adaptkit.cli import main
-from adaptkit.merge import merge
-from adaptkit.verify import verify
+from adaptkit import merge
+from adaptkit import verify
 from conftest import ADAPTERS, BASE_OF, TINY_LLAMA
 
-quiet = dict(warn=lambda m: None)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("name", list(ADAPTERS))
 def test_correct_merges_pass(tmp_path, name, dtype):
     out = tmp_path / "m"
-    merge(BASE_OF[name], [ADAPTERS[name]], out, dtype=dtype, **quiet)
+    merge(BASE_OF[name], [ADAPTERS[name]], out, dtype=dtype)
     report = verify(BASE_OF[name], [ADAPTERS[name]], out, model=(dtype == "float16"))
     assert report.ok, [(m.name, m.rel_error, m.allowed) for m in report.modules if not m.ok]
     assert report.untouched_checked > 0 and not report.untouched_mismatched
@@ -50,7 +49,7 @@ def _fails_naming(runner, base, adapter, merged, tensor, extra=()):
 @pytest.fixture
 def good(tmp_path):
     out = tmp_path / "good"
-    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, **quiet)
+    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out)
     return out
 
 
@@ -75,10 +74,10 @@ def test_missing_module_fails(runner, good):
 
 
 def test_transposed_delta_fails(runner, tmp_path):
-    from adaptkit.adapter import load_adapter
+    from adaptkit import load_adapter
 
     out = tmp_path / "m"
-    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, dtype="float32", **quiet)
+    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, dtype="float32")
     name = "model.layers.0.self_attn.q_proj"
     m = load_adapter(ADAPTERS["llama-lora"]).modules[name]
     base = load_file(TINY_LLAMA / "model-00001-of-00002.safetensors")[name + ".weight"].float()
@@ -94,7 +93,7 @@ def test_wrong_scaling_fails(runner, tmp_path):
     cfg["use_rslora"] = False
     (wrong_ad / "adapter_config.json").write_text(json.dumps(cfg))
     out = tmp_path / "m"
-    merge(TINY_LLAMA, [wrong_ad], out, **quiet)
+    merge(TINY_LLAMA, [wrong_ad], out)
     res = runner.invoke(main, ["verify", str(TINY_LLAMA), str(ADAPTERS["llama-rslora-patterns"]), str(out), "--json"])
     assert res.exit_code == 1
     report = json.loads(res.stdout)
@@ -112,7 +111,7 @@ def test_tolerance_option_and_human_output(runner, good):
 
 def test_weights_are_verified(runner, tmp_path):
     out = tmp_path / "m"
-    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, weights=[0.5], **quiet)
+    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out, weights=[0.5])
     args = ["verify", str(TINY_LLAMA), str(ADAPTERS["llama-lora"]), str(out), "--no-model"]
     assert runner.invoke(main, args + ["--weight", "0.5"]).exit_code == 0
     assert runner.invoke(main, args).exit_code == 1

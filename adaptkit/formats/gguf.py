@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import lora
 from ..adapter import Adapter
 from ..errors import AdaptkitError
 
@@ -51,7 +52,7 @@ def base_architecture(config: dict, path) -> tuple[str, bool]:
     return ARCHITECTURES[arch]
 
 
-def write_gguf(adapter: Adapter, base_config: dict, out: Path, outtype: str = "f32", base_path=None) -> dict:
+def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32", base_path=None, **_) -> dict:
     """Write ``adapter`` as a llama.cpp LoRA; return the metadata written."""
     from ..readiness import require
 
@@ -77,7 +78,7 @@ def write_gguf(adapter: Adapter, base_config: dict, out: Path, outtype: str = "f
         if gname is None:
             raise AdaptkitError(f"gguf has no name for module {m.name} in {arch_name}", adapter.path)
         a = m.A.to(torch.float32)
-        b = m.B.to(torch.float32) * (m.scaling / (alpha / m.shape_rank))
+        b = lora.fold(m.B.to(torch.float32), m.scaling, alpha / m.shape_rank)
         if permute and m.name.endswith("q_proj"):
             b = permute_rows(b, n_head)
         elif permute and m.name.endswith("k_proj"):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .. import lora
 from ..adapter import Adapter, build_adapter
 from ..errors import AdaptkitError
 from .sources import DictSource, open_source
@@ -90,7 +91,8 @@ def _metadata_json(metadata: dict, key: str, path: Path) -> dict:
     return value
 
 
-def load_kohya_file(path: Path, base_names=None) -> Adapter:
+def read(path: Path, base_names=None) -> Adapter:
+    """A kohya-style file; ``base_names`` (a base checkpoint's tensor names) map names back to modules."""
     source = open_source(path)
     keys = source.keys()
     metadata = getattr(source, "metadata", {}) or {}
@@ -166,14 +168,9 @@ def kohya_tensors(adapter: Adapter, prefix: str = DEFAULT_PREFIX, dtype=None):
         a, b = m.A, m.B
         if dtype is not None:
             a, b = a.to(dtype), b.to(dtype)
-        r = m.shape_rank
-        alpha = m.scaling * r  # scale = alpha / r: exact whatever rsLoRA or patterns said
-        alpha_t = torch.tensor(alpha, dtype=torch.float32)
-        if float(alpha_t) / r != m.scaling:
-            alpha_t = torch.tensor(alpha, dtype=torch.float64)
         tensors[stem + ".lora_down.weight"] = a.contiguous()
         tensors[stem + ".lora_up.weight"] = b.contiguous()
-        tensors[stem + ".alpha"] = alpha_t
+        tensors[stem + ".alpha"] = lora.kohya_alpha(m.scaling, m.shape_rank)  # exact whatever rsLoRA or patterns
         names[stem] = m.name
     ranks = {m.shape_rank for m in adapter.modules.values()}
     alphas = {float(tensors[s + ".alpha"]) for s in names}
@@ -188,3 +185,10 @@ def kohya_tensors(adapter: Adapter, prefix: str = DEFAULT_PREFIX, dtype=None):
     }
     return tensors, metadata
 
+
+def write(adapter: Adapter, path: Path, *, dtype=None, prefix: str | None = None, **_) -> None:
+    """One kohya-style safetensors file (module names prefixed with ``prefix``, lora_te_ by default)."""
+    from safetensors.torch import save_file
+
+    tensors, metadata = kohya_tensors(adapter, prefix or DEFAULT_PREFIX, dtype)
+    save_file(tensors, str(path), metadata=metadata)

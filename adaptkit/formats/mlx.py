@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .. import lora
 from ..adapter import Adapter, build_adapter
 from ..errors import AdaptkitError
 from ..io.files import read_json
@@ -37,7 +38,11 @@ def is_mlx_dir(path: Path) -> bool:
         return False
 
 
-def write_mlx(adapter: Adapter, out: Path, num_layers: int | None = None) -> dict:
+def write(adapter: Adapter, out: Path, *, base_config: dict | None = None, **_) -> dict:
+    """``adapters.safetensors`` + ``adapter_config.json`` as mlx-lm reads them. mlx-lm adapts the last
+    ``num_layers`` layers: the base's layer count when its config is given, else the adapter's last
+    layer + 1."""
+    num_layers = int((base_config or {}).get("num_hidden_layers", 0) or 0) or None
     from safetensors.torch import save_file
 
     from ..readiness import require
@@ -51,7 +56,7 @@ def write_mlx(adapter: Adapter, out: Path, num_layers: int | None = None) -> dic
         keys.add(match["key"])
         layers.append(int(match["i"]))
         tensors[f"{m.name}.lora_a"] = m.A.to(torch.float32).T.contiguous()
-        tensors[f"{m.name}.lora_b"] = (m.B.to(torch.float32).T * (m.scaling / scale)).contiguous()
+        tensors[f"{m.name}.lora_b"] = lora.fold(m.B.to(torch.float32).T, m.scaling, scale).contiguous()
     # mlx-lm adapts the last num_layers layers: the model's layer count covers every layer
     n = num_layers or (max(layers) + 1)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +69,8 @@ def write_mlx(adapter: Adapter, out: Path, num_layers: int | None = None) -> dic
     return config
 
 
-def load_mlx_dir(path: Path) -> Adapter:
+def read(path: Path, base_names=None) -> Adapter:
+    """An mlx-lm adapter folder."""
     config = read_json(path / CONFIG, "adapter config")
     ftype = config.get("fine_tune_type", "lora")
     if ftype != "lora":

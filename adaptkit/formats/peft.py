@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
-from ..adapter import Adapter, build_adapter, check_peft_type, validate_config
+import torch
+
+from .. import lora
+from ..adapter import PEFT_PREFIX, Adapter, build_adapter, check_peft_type, pattern_key, validate_config
 from ..errors import AdaptkitError
 from ..io.files import read_json
 from .sources import open_source
@@ -37,7 +41,8 @@ def _refuse_unsupported(config: dict, cfg_path: Path) -> None:
         raise AdaptkitError("target_parameters (LoRA on raw nn.Parameters) is not supported yet", cfg_path)
 
 
-def load_peft_dir(path: Path) -> Adapter:
+def read(path: Path, base_names=None) -> Adapter:
+    """A PEFT adapter folder, opened lazily."""
     config = read_config(path)
     for name in WEIGHT_NAMES:
         weights = path / name
@@ -49,13 +54,78 @@ def load_peft_dir(path: Path) -> Adapter:
     return build_adapter(path, weights, config, source, fmt="peft")
 
 
-def write_peft_dir(out: Path, tensors: dict, config: dict) -> None:
+def write(adapter: Adapter, out: Path, *, dtype: torch.dtype | None = None, **_) -> None:
     """``adapter_config.json`` + ``adapter_model.safetensors`` as peft's save_pretrained writes them."""
     from safetensors.torch import save_file
 
-    from ..adapter import PEFT_PREFIX
-
     out.mkdir(parents=True, exist_ok=True)
+    tensors = peft_tensors(adapter, dtype)
+    config = peft_config(adapter)
     save_file({PEFT_PREFIX + k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHT_NAMES[0]),
               metadata={"format": "pt"})
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def peft_tensors(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's names (without the ``base_model.model.`` prefix)."""
+    def cast(t):
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    out = {}
+    for m in adapter.modules.values():
+        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if m.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+        out[f"{m.name}.{a_name}"] = cast(m.A)
+        out[f"{m.name}.{b_name}"] = cast(m.B)
+        if m.magnitude_key:
+            out[f"{m.name}.lora_magnitude_vector"] = cast(m.magnitude)
+        if m.bias_key:
+            out[f"{m.name}.lora_B.bias"] = cast(m.lora_bias)
+    embedding_modules = {m.name for m in adapter.modules.values() if m.kind == "embedding"}
+    for name in adapter.full_tensors:
+        mod, _, param = name.rpartition(".")
+        key = f"{mod}.base_layer.{param}" if mod in embedding_modules else name
+        out[key] = cast(adapter.full_tensor(name))
+    return out
+
+
+def peft_config(adapter: Adapter) -> dict:
+    """A peft LoraConfig (as a dict) under which every module gets its exact rank and scaling."""
+    original = adapter.config if adapter.format in ("peft", "raw") and "r" in adapter.config else None
+    if original is not None and _config_reproduces(original, adapter):
+        return dict(original)
+    mods = list(adapter.modules.values())
+    if not mods:
+        raise AdaptkitError("the adapter holds no LoRA modules", adapter.path)
+    dora = {m.use_dora for m in mods}
+    if len(dora) > 1:
+        raise AdaptkitError("some modules use DoRA and some do not: peft's config cannot express that", adapter.path)
+    ranks = {m.name: m.shape_rank for m in mods}
+    alphas = {m.name: lora.alpha_for(m.scaling, m.shape_rank) for m in mods}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    embedding = {m.name for m in mods if m.kind == "embedding"}
+    mts = sorted({n.rpartition(".")[0] for n in adapter.full_tensors} - embedding)
+    cfg = {
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha,
+        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+        "target_modules": sorted(ranks), "use_rslora": False, "use_dora": dora.pop(),
+        "lora_bias": any(m.bias_key for m in mods), "fan_in_fan_out": any(m.fan_in_fan_out for m in mods),
+        "modules_to_save": mts or None, "lora_dropout": 0.0, "bias": "none", "init_lora_weights": True,
+        "inference_mode": True, "base_model_name_or_path": adapter.config.get("base_model_name_or_path"),
+        "task_type": adapter.config.get("task_type"),
+    }
+    return cfg
+
+
+def _config_reproduces(config: dict, adapter: Adapter) -> bool:
+    """Whether ``config`` still gives every module its rank and scaling (it does unless edited)."""
+    rp, ap = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    for m in adapter.modules.values():
+        k = pattern_key(rp, m.name)
+        r = int(rp[k]) if k is not None else int(config["r"])
+        k = pattern_key(ap, m.name)
+        alpha = ap[k] if k is not None else config.get("lora_alpha", 8)
+        if r != m.shape_rank or lora.scaling(alpha, r, bool(config.get("use_rslora"))) != m.scaling:
+            return False
+    return True

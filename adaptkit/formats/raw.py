@@ -29,7 +29,8 @@ def refuse_lycoris(keys, path: Path) -> None:
                 raise AdaptkitError(f"this is a LyCORIS {what} network (tensor {key!r}); only LoRA is supported", path)
 
 
-def load_raw_file(path: Path) -> Adapter:
+def read(path: Path, base_names=None) -> Adapter:
+    """A single safetensors (or .bin) file of PEFT-named tensors."""
     source = open_source(path)
     keys = source.keys()
     refuse_lycoris(keys, path)
@@ -52,9 +53,12 @@ def load_raw_file(path: Path) -> Adapter:
     return build_adapter(path, path, config, source, fmt="raw")
 
 
-def write_raw_file(path: Path, tensors: dict, config: dict) -> None:
-    """One safetensors file, peft's tensor names, the adapter config in the metadata."""
+def write(adapter: Adapter, path: Path, *, dtype=None, **_) -> None:
+    """One safetensors file, peft's tensor names, the adapter config in the metadata (lossless)."""
     from safetensors.torch import save_file
 
+    from .peft import peft_config, peft_tensors
+
+    tensors, config = peft_tensors(adapter, dtype), peft_config(adapter)
     save_file({PEFT_PREFIX + k: v.contiguous() for k, v in tensors.items()}, str(path),
               metadata={"format": "pt", CONFIG_METADATA_KEY: json.dumps(config, sort_keys=True)})

@@ -1,7 +1,7 @@
 """Combine several LoRA adapters into one, on exact per-module deltas, and factor back to a LoRA.
 
 For each module (the union over adapters; an adapter without it contributes a zero delta):
-ΔWᵢ = sᵢ·Bᵢ·Aᵢ in fp32 on the device → the method (:mod:`.combine_methods`) → the best rank-R
+ΔWᵢ = sᵢ·Bᵢ·Aᵢ in fp32 on the device → the method (:mod:`adaptkit.methods`) → the best rank-R
 factorisation (or, for ``linear`` without a rank, the exact concatenation A = [A₁; A₂; …],
 B = [w₁s₁B₁, w₂s₂B₂, …]). Each module's scaling is folded into its factors (alpha = r), so the
 written adapter computes exactly the factored ΔW. With ``base`` the result is merged into that base
@@ -18,16 +18,16 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .adapter import Adapter, adapter_weights, build_adapter, load_adapter, natural_key
-from .combine_methods import METHODS, factor, factor_product
-from .convert import peft_config, peft_tensors
-from .device import resolve_device
-from .errors import AdaptkitError
-from .formats.peft import write_peft_dir
-from .formats.sources import DictSource
-from .io.output import atomic_output_dir, check_output
-from .io.pipeline import limit_heap_growth
+from .. import __version__
+from ..adapter import Adapter, adapter_weights, build_adapter, natural_key
+from ..device import resolve_device
+from ..errors import AdaptkitError
+from ..formats import peft
+from ..formats.sources import DictSource
+from ..io.output import atomic_output_dir, check_output
+from ..methods import MAJORITY_SIGNS, METHODS, factor, factor_product
+from ..reporting import Collected, Reporter
+from .inputs import open_adapters, read_paths
 
 
 @dataclass
@@ -107,93 +107,99 @@ def _container(module: str) -> str:
     return module.rsplit(".", 1)[0] if "." in module else module
 
 
-def combine(adapters: list, method: str, out: str | Path, weights: list[float] | None = None,
-            density: float | None = None, majority_sign: str = "total", rank: int | None = None,
-            energy: float | None = None, seed: int = 0, device: str = "auto", base: str | Path | None = None,
-            force: bool = False, warn=None, progress=None, command: str | None = None,
-            on_start=None) -> CombineResult:
-    """Combine ``adapters`` with ``method`` into one adapter (or, with ``base``, a merged model) at ``out``.
+def combine(adapters, out, *, method: str, weights=None, density: float | None = None,
+            majority_sign: str = "total", rank: int | None = None, energy: float | None = None, seed: int = 0,
+            device="auto", base=None, dtype="auto", max_shard_size=None, force: bool = False,
+            reporter: Reporter | None = None) -> CombineResult:
+    """Fuse LoRA adapters into one, on each module's exact delta ΔWᵢ = sᵢ·Bᵢ·Aᵢ, and factor it back.
 
-    ``on_start(n)`` is called with the number of modules, then ``progress(1)`` after each.
+    Every method (:data:`adaptkit.methods.METHODS`) works on full deltas (peft's
+    ``add_weighted_adapter`` works on A and B separately for linear/TIES/DARE, adding cross terms
+    Bᵢ·Aⱼ); the result is factored back into a LoRA by truncated SVD (the best rank-R
+    approximation), and the energy each module keeps is reported. ``linear`` without ``rank`` or
+    ``energy`` is exact: the factors are concatenated.
+
+    Args:
+        adapters: the adapters (paths, Hub ids or :class:`Adapter` objects) of one base model.
+        out: the adapter folder to write (or, with ``base``, the merged model's).
+        method: ``linear``, ``ties``, ``dare_linear``, ``dare_ties`` or ``magnitude_prune``.
+        weights: one number per adapter (default 1 each).
+        density: the fraction of entries kept, for the pruning methods (default 0.5).
+        majority_sign: TIES sign election: ``total`` (sign of the weighted sum) or ``frequency``.
+        rank: the rank of the output (best rank-R approximation, per module).
+        energy: per module, the smallest rank keeping this fraction of ‖ΔW‖² (e.g. 0.99).
+        seed: seed of the DARE masks, drawn per (seed, module name) on the CPU: the same seed gives
+            the same file on any device.
+        device: where the deltas are computed (``"auto"``, ``"cpu"``, ``"cuda"``…).
+        base: merge the combination into this base model instead of writing an adapter.
+        dtype, max_shard_size: for ``base``, as in :func:`adaptkit.merge`.
+        force: replace an existing ``out``.
+        reporter: receives progress (modules) and warnings.
+
+    Returns:
+        A :class:`CombineResult` with each module's rank and the energy it keeps.
+
+    Example:
+        >>> import adaptkit
+        >>> r = adaptkit.combine(["fixtures/adapters/llama-lora", "fixtures/adapters/llama-rslora-patterns"],
+        ...                      "out/doc-combined", method="ties", density=0.5, rank=8, force=True)
+        >>> len(r.modules), r.modules[0].rank
+        (14, 8)
     """
     t0 = time.perf_counter()
+    report = Collected(reporter)
+    adapters = adapters if isinstance(adapters, (list, tuple)) else [adapters]
     if method not in METHODS:
-        raise AdaptkitError(f"unknown method {method!r} (choose {', '.join(METHODS)})")
+        raise AdaptkitError(f"unknown method {method!r} (choose {', '.join(METHODS)})", param="method")
     spec = METHODS[method]
     if not adapters:
-        raise AdaptkitError("combine needs at least one adapter (one adapter with --rank reduces its rank)")
+        raise AdaptkitError("give at least one adapter (one adapter with a rank reduces its rank)", param="adapters")
     weights = adapter_weights(weights, len(adapters))
     if spec.sign and len(adapters) == 1:
         alone = "magnitude_prune" if method == "ties" else "dare_linear"
         raise AdaptkitError(f"{method} of a single adapter has no signs to elect: it would only prune it. Use "
-                            f"method {alone} for that, or give two or more adapters")
-    if spec.density:
-        density = 0.5 if density is None else density
+                            f"method {alone} for that, or give two or more adapters", param="method")
+    if spec.density is not None:
+        density = spec.density if density is None else density
         if not 0 < density <= 1:
-            raise AdaptkitError(f"--density must be in (0, 1], got {density}")
+            raise AdaptkitError(f"must be in (0, 1], got {density}", param="density")
     elif density is not None:
-        raise AdaptkitError(f"--density does not apply to {method}")
-    if majority_sign not in ("total", "frequency"):
-        raise AdaptkitError("--majority-sign must be total or frequency")
+        raise AdaptkitError(f"does not apply to {method}", param="density")
+    if majority_sign not in MAJORITY_SIGNS:
+        raise AdaptkitError(f"must be one of {', '.join(MAJORITY_SIGNS)}", param="majority_sign")
     if rank is not None and energy is not None:
-        raise AdaptkitError("give --rank or --energy, not both")
+        raise AdaptkitError("give rank or energy, not both", param="rank")
     if energy is not None and not 0 < energy <= 1:
-        raise AdaptkitError(f"--energy must be in (0, 1], got {energy}")
+        raise AdaptkitError(f"must be in (0, 1], got {energy}", param="energy")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
-        raise AdaptkitError(f"--rank must be at least 1, got {rank}")
+        raise AdaptkitError(f"must be a positive integer, got {rank}", param="rank")
     given = [a.path if isinstance(a, Adapter) else a for a in adapters] + [base]
     check_output(out, force, inputs=given)
     dev = resolve_device(device)
-    loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
-    inputs = [p for a in loaded for p in (a.path, a.weights_path)] + [base]
+    loaded = open_adapters(adapters)
     table = _check(loaded)
-    limit_heap_growth()  # module-sized temporaries come and go: keep freed memory from piling up
-    say = warn or (lambda m: None)
 
     tensors: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     results: list[ModuleResult] = []
-    if on_start:
-        on_start(len(table))
+    report.start("combining", len(table))
     for name, mods in table.items():
-        present = [(m, w) for m, w in zip(mods, weights) if m is not None]
-        kind = present[0][0].kind
-        if method == "linear":  # exact by concatenation; reduced from the product when a rank is asked for
-            a = torch.cat([m.A.to(dev, torch.float32) for m, _ in present], 0)
-            b = torch.cat([m.B.to(dev, torch.float32) * (m.scaling * w) for m, w in present], 1)
-            kept = 1.0
-            if not bool(torch.isfinite(b).all()):
-                raise AdaptkitError(f"{name}: the weighted factors are not finite (the weights overflow fp32)")
-            if rank is not None or energy is not None:
-                a, b, kept = factor_product(b, a, rank=rank, energy=energy)
-        else:
-            ref = present[0][0]
-            zeros = torch.zeros(ref.out_features, ref.in_features, device=dev)
-            deltas = [m.delta(dev) if m is not None else zeros for m in mods]
-            gen = torch.Generator().manual_seed(module_seed(seed, name)) if spec.random else None
-            full = spec.fn(deltas, weights, density=density, majority_sign=majority_sign, generator=gen)
-            if not bool(torch.isfinite(full).all()):
-                raise AdaptkitError(f"{name}: the combined delta is not finite (the adapters' values overflow fp32)")
-            r = rank if rank is not None else max(m.shape_rank for m, _ in present)
-            a, b, kept = factor(full, rank=None if energy is not None else r, energy=energy)
-        if not bool(torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdaptkitError(f"{name}: the combined delta is not finite (the adapters' values overflow fp32)")
+        a, b, kept = _combine_module(name, mods, weights, spec, dict(density=density, majority_sign=majority_sign),
+                                     rank, energy, seed, dev)
         r_out = a.shape[0]
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+        kind = next(m for m in mods if m is not None).kind
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A.weight",
+                                                                                              "lora_B.weight")
         tensors[f"{name}.{a_key}"] = a.cpu()
         tensors[f"{name}.{b_key}"] = b.cpu()
         alphas[name] = float(r_out)
         results.append(ModuleResult(name, r_out, kept))
-        if progress:
-            progress(1)
+        report.advance(1)
     low = [m for m in results if m.retained_energy < 0.9]
-    msgs = []
     if low:
-        msgs.append(f"{len(low)} modules keep under 90 % of their energy after rank reduction (lowest: "
+        report.warn(f"{len(low)} modules keep under 90 % of their energy after rank reduction (lowest: "
                     f"{min(low, key=lambda m: m.retained_energy).name} at "
-                    f"{100 * min(m.retained_energy for m in low):.1f} %); raise --rank or use --energy")
-    for m in msgs:
-        say(m)
+                    f"{100 * min(m.retained_energy for m in low):.1f} %); raise the rank or give an energy")
 
     first = loaded[0].config
     config = {"peft_type": "LORA", "fan_in_fan_out": any(m.fan_in_fan_out for a in loaded for m in a.modules.values()),
@@ -203,23 +209,50 @@ def combine(adapters: list, method: str, out: str | Path, weights: list[float] |
     params = {"density": density, "majority_sign": majority_sign if spec.sign else None,
               "rank": rank, "energy": energy, "seed": seed if spec.random else None}
     result = CombineResult(out=str(out), method=method, adapters=[str(a.path) for a in loaded], weights=weights,
-                           parameters=params, modules=results, seconds=0.0, device=str(dev), warnings=msgs)
+                           parameters=params, modules=results, seconds=0.0, device=str(dev))
     if base is not None:
         from .merge import merge
 
-        merge(base, [combined], out, device=device, force=force, warn=say, command=command)
+        merged = merge(base, [combined], out, device=device, dtype=dtype, max_shard_size=max_shard_size, force=force,
+                       reporter=report)
         result.merged_into = str(base)
+        result.warnings = merged.warnings
     else:
-        cfg = peft_config(combined)
-        with atomic_output_dir(out, force, inputs=inputs) as tmp:
-            write_peft_dir(tmp, peft_tensors(combined), cfg)
-            (tmp / "README.md").write_text(_readme(result, command))
+        with atomic_output_dir(out, force, inputs=read_paths(None, loaded)) as tmp:
+            peft.write(combined, tmp)
+            (tmp / "README.md").write_text(_readme(result))
             (tmp / "adaptkit_combine.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    result.warnings = report.warnings
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _readme(result: CombineResult, command: str | None) -> str:
+def _combine_module(name, mods, weights, spec, parameters, rank, energy, seed, dev):
+    """(A, B, energy kept) of one module's combination, scaling folded in (alpha = r)."""
+    present = [(m, w) for m, w in zip(mods, weights) if m is not None]
+    if spec.on_factors is not None:  # exact on the factors; reduced from the product when a rank is asked for
+        a, b = spec.on_factors([(m.A, m.B, m.scaling * w) for m, w in present], dev)
+        kept = 1.0
+        if not bool(torch.isfinite(b).all()):
+            raise AdaptkitError(f"{name}: the weighted factors are not finite (the weights overflow fp32)")
+        if rank is not None or energy is not None:
+            a, b, kept = factor_product(b, a, rank=rank, energy=energy)
+    else:
+        ref = present[0][0]
+        zeros = torch.zeros(ref.out_features, ref.in_features, device=dev)
+        deltas = [m.delta(dev) if m is not None else zeros for m in mods]
+        gen = torch.Generator().manual_seed(module_seed(seed, name)) if spec.random else None
+        full = spec.fn(deltas, weights, generator=gen, **parameters)
+        if not bool(torch.isfinite(full).all()):
+            raise AdaptkitError(f"{name}: the combined delta is not finite (the adapters' values overflow fp32)")
+        r = rank if rank is not None else max(m.shape_rank for m, _ in present)
+        a, b, kept = factor(full, rank=None if energy is not None else r, energy=energy)
+    if not bool(torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise AdaptkitError(f"{name}: the combined delta is not finite (the adapters' values overflow fp32)")
+    return a, b, kept
+
+
+def _readme(result: CombineResult) -> str:
     spec = METHODS[result.method]
     lines = ["---", "library_name: peft", "tags: [lora, adaptkit, " + result.method + "]", "---", "",
              "# Combined LoRA adapter", "",
@@ -231,6 +264,4 @@ def _readme(result: CombineResult, command: str | None) -> str:
     worst = min(result.modules, key=lambda m: m.retained_energy)
     lines.append(f"Rank reduction kept at least {100 * worst.retained_energy:.2f} % of each module's energy "
                  f"(lowest: {worst.name}); per-module figures in adaptkit_combine.json.")
-    if command:
-        lines += ["", "Command:", "", f"    {command}"]
     return "\n".join(lines) + "\n"

@@ -1,7 +1,7 @@
-"""What an adapter holds: a summary, per-module facts, health warnings and the spectrum of ΔW.
+"""``adaptkit.inspect``: what an adapter holds, its health, the spectrum of ΔW, and where it will load.
 
 The spectrum never forms ΔW: with B = Q_B R_B and Aᵀ = Q_A R_A (thin QR), ΔW = s · Q_B (R_B R_Aᵀ) Q_Aᵀ,
-so the singular values of ΔW are s times those of the r × r core R_B R_Aᵀ.
+so the singular values of ΔW are s times those of the r × r core R_B R_Aᵀ (:func:`adaptkit.lora.qr_core`).
 """
 
 from __future__ import annotations
@@ -10,8 +10,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .adapter import Adapter, LoraModule
-from .combine_methods import energy_rank
+from .. import lora
+from ..adapter import Adapter, LoraModule
+from ..methods import energy_rank
+from ..readiness import Readiness, check
+from ..reporting import Collected, Reporter
+from .inputs import open_adapter
 
 
 @dataclass
@@ -48,18 +52,17 @@ class AdapterReport:
     modules: list[ModuleReport]
     modules_to_save: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    checks: list[Readiness] = field(default_factory=list)  # where it will load (``checks=``)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["checks"] = {c.target: c.to_dict() for c in self.checks}
+        return d
 
 
 def singular_values(module: LoraModule) -> torch.Tensor:
     """Singular values of ΔW = scaling · B @ A, from the r × r core (fp64 for accuracy)."""
-    a = module.A.to(torch.float64)
-    b = module.B.to(torch.float64)
-    _, r_b = torch.linalg.qr(b)
-    _, r_a = torch.linalg.qr(a.T)
-    core = r_b @ r_a.T
+    _, _, core = lora.qr_core(module.B.to(torch.float64), module.A.to(torch.float64))
     return torch.linalg.svdvals(core) * abs(module.scaling)
 
 
@@ -103,6 +106,40 @@ def health(adapter: Adapter) -> list[str]:
 def _few(items: list[str], n: int = 3) -> str:
     more = f" and {len(items) - n} more" if len(items) > n else ""
     return ", ".join(items[:n]) + more
+
+
+def inspect(source, *, svd: bool = False, checks=(), max_lora_rank: int = 16,
+            reporter: Reporter | None = None) -> AdapterReport:
+    """What a LoRA adapter holds: peft type, base model, r, α, scaling, DoRA, targets, one row per
+    module (named as in the base model) and health warnings (untrained B, NaN/Inf, shapes that do
+    not fit, ranks that differ from the config, tensors that belong to no module).
+
+    Args:
+        source: a PEFT folder, an mlx-lm folder, a single .safetensors file (PEFT or kohya names),
+            a Hub id, or a loaded :class:`Adapter`.
+        svd: add each module's singular values of ΔW and the ranks holding 90 % / 99 % of its energy,
+            from the r×r core (never the full ΔW).
+        checks: runtimes to check the adapter against (:data:`adaptkit.readiness.TARGETS`:
+            ``vllm``, ``llamacpp``, ``mlx``); each result names the rules broken and the fix.
+        max_lora_rank: vLLM's ``--max-lora-rank``, for the ``vllm`` check.
+        reporter: receives the health warnings.
+
+    Returns:
+        An :class:`AdapterReport` (``to_dict()`` for JSON).
+
+    Example:
+        >>> import adaptkit
+        >>> r = adaptkit.inspect("fixtures/adapters/llama-lora", checks=["vllm"], max_lora_rank=4)
+        >>> r.r, r.lora_alpha, r.scaling, len(r.modules), r.checks[0].ok
+        (8, 16, 2.0, 14, False)
+    """
+    adapter = open_adapter(source)
+    report = inspect_adapter(adapter, svd=svd)
+    report.checks = [check(adapter, target, max_lora_rank) for target in checks]
+    collected = Collected(reporter)
+    for w in report.warnings:
+        collected.warn(w)
+    return report
 
 
 def inspect_adapter(adapter: Adapter, svd: bool = False) -> AdapterReport:

@@ -21,6 +21,7 @@ fp32 on the same prompts: max |Δlogits|, mean KL(base+adapter ‖ merged), top-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -28,11 +29,18 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter, adapter_weights, load_adapter
-from .io.checkpoint import Checkpoint
-from .device import resolve_device
-from .errors import AdaptkitError
-from .plan import plan_merge
+from ..adapter import Adapter, adapter_weights
+from ..codecs import FourBitRead
+from ..device import resolve_device
+from ..errors import AdaptkitError
+from ..io.checkpoint import Checkpoint
+from ..plan import plan_merge
+from ..quant import check_quantization, dequantize, find_quantized, quantize
+from ..reporting import Collected, Reporter
+from ..io.files import read_json
+from ..io.output import atomic_output_file
+from ..hub import VERIFY_REPORT
+from .inputs import open_adapters, open_base, read_paths
 
 ROUNDING_FACTOR = 3.0  # a correct merge's error is at most about 1x the expected rounding noise
 PROBES = 8
@@ -90,22 +98,26 @@ def _canonical(t: torch.Tensor, transposed: bool) -> torch.Tensor:
     return t.T if transposed else t
 
 
-def _expected(w: torch.Tensor, ops, x: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, str]:
-    """Base + adapters applied to probes x (columns), fp64, canonical (out, in) orientation."""
+def _expected(w: torch.Tensor, ops, x: torch.Tensor | None, transposed: bool) -> tuple[torch.Tensor, str]:
+    """Base + adapters, fp64, canonical (out, in) orientation, written from the factors: applied to
+    probes x (columns), or, with ``x`` None, the merged weight itself."""
+    def on(t):
+        return t if x is None else t @ x
+
     kind = "lora"
     cur = w
-    y = cur @ x
+    y = on(cur)
     ref_w = w  # DoRA norms are taken on the weight before any adapter (as peft does)
     for op in ops:
         if op.kind == "replace":
             cur = _canonical(op.adapter.source.get(op.key).double(), transposed)
-            ref_w, y = cur, cur @ x
+            ref_w, y = cur, on(cur)
             kind = "replace"
             continue
         m = op.module
         a, b = m.A.double(), m.B.double()
         s = m.scaling * op.weight
-        dx = s * (b @ (a @ x))
+        dx = s * (b @ on(a))
         if m.use_dora:
             kind = "dora"
             # ‖W + ΔW‖² per row = ‖W‖² + 2 s (W Aᵀ)·B + s² B (A Aᵀ) Bᵀ, from the factors
@@ -118,37 +130,29 @@ def _expected(w: torch.Tensor, ops, x: torch.Tensor, transposed: bool) -> tuple[
     return y, kind
 
 
-def _dense(ck: Checkpoint, name: str, quantized: dict) -> torch.Tensor:
-    """A weight as the model computes with it: 4-bit weights dequantized with bitsandbytes."""
-    q = quantized.get(name)
-    if q is None:
-        return ck.read(name)
-    from .quant import dequantize
-
-    comps = {c[len(name) + 1:]: ck.read(c).clone() for c in q.components}
-    return dequantize(ck.read(name).clone(), comps, "cpu")
+def _dense(ck: Checkpoint, name: str, decoders: dict) -> torch.Tensor:
+    """A weight as the model computes with it: 4-bit weights dequantized (their codec, bitsandbytes)."""
+    dec = decoders.get(name)
+    return ck.read(name) if dec is None else dec.load(ck, name, "cpu")
 
 
 def _four_bit_noise(exact: torch.Tensor, like, x: torch.Tensor, double: bool, storage, transposed: bool) -> float:
     """Error, on probes x, of quantizing the exact merged weight itself: the best a 4-bit merge can do.
 
-    ``exact`` is in the stored orientation (the merge's own formula gives it; only this noise
-    estimate uses it, the expectation the merged model is judged against does not)."""
-    from .quant import dequantize, quantize
-
-    packed, comps = quantize(exact.float(), like, double, storage)
-    diff = dequantize(packed, comps, "cpu").double() - exact.double()
+    ``exact``: the merged weight by verify's own route (fp64, canonical orientation)."""
+    stored = _canonical(exact, transposed).float()
+    packed, comps = quantize(stored, like, double, storage)
+    diff = dequantize(packed, comps, "cpu").double() - stored.double()
     return float((_canonical(diff, transposed) @ x).norm())
 
 
 def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, weights=None,
                  tolerance: float | None = None, device="cpu", seed: int = 0, plan=None, progress=None):
-    from .quant import check_quantization, find_quantized
-
     plan = plan or plan_merge(base, adapters, weights)
-    base_q = {j.source: j.quant for j in plan.jobs if j.packed_source}  # the plan read them already
-    merged_q = find_quantized(merged.tensors, merged.read) if check_quantization(merged.config, merged.path) else {}
-    skip = {c for q in merged_q.values() for c in q.components}
+    base_q = {j.source: j.decoder for j in plan.jobs if isinstance(j.decoder, FourBitRead)}  # read by the plan
+    quantized = find_quantized(merged.tensors, merged.read) if check_quantization(merged.config, merged.path) else {}
+    merged_q = {n: FourBitRead(merged.info(n).dtype, quant=q) for n, q in quantized.items()}
+    skip = {c for d in merged_q.values() for c in d.quant.components}
     checks: list[ModuleCheck] = []
     mismatched: list[str] = []
     untouched = 0
@@ -171,7 +175,8 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
         if not job.ops:
             untouched += 1
             if job.name in merged_q and job.name in base_q:  # 4-bit in both: the packed bytes must match
-                same = all(torch.equal(merged.read(n), base.read(n)) for n in (job.name, *base_q[job.name].components))
+                same = all(torch.equal(merged.read(n), base.read(n))
+                           for n in (job.name, *base_q[job.name].quant.components))
             else:
                 same = torch.equal(got, src.to(got.dtype))
             if not same:
@@ -201,13 +206,10 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
         err = float((y_got - y_exp).norm() / norm)
         note = ""
         if job.name in merged_q:  # a 4-bit output: its noise is quantizing the exact merged weight
-            from .merge import merged_weight
-
-            q = merged_q[job.name]
-            exact_w = merged_weight(src.float().clone(), job.ops, torch.device("cpu"))
-            comps = {c[len(job.name) + 1:] for c in q.components}
-            noise = _four_bit_noise(exact_w, q, x, "nested_absmax" in comps, merged.read(job.name).dtype,
-                                    transposed) / float(norm)
+            q = merged_q[job.name].quant
+            exact_w, _ = _expected(w, job.ops, None, transposed)
+            double = any(c.endswith(".nested_absmax") for c in q.components)
+            noise = _four_bit_noise(exact_w, q, x, double, merged.info(job.name).dtype, transposed) / float(norm)
             note = "4-bit output: the error is its requantization"
         else:
             eps = torch.finfo(got.dtype).eps if got.is_floating_point() else 0.0
@@ -235,6 +237,20 @@ def _noise_vec(exp: torch.Tensor, dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps / (12 ** 0.5) * exp.norm() / exp.norm().clamp(min=1e-30))
 
 
+@contextlib.contextmanager
+def _quiet_transformers(hf_logging):
+    """transformers' warnings and progress bars off while loading, then as they were."""
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, weights, prompts: list[str] | None,
                 seed: int = 0, kl_tolerance: float = 1e-3, device: torch.device | str = "cpu") -> ModelCheck:
     """Logits of base + adapters (peft, unmerged) against the merged model (transformers), fp32.
@@ -249,18 +265,16 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     dev = torch.device(device)
 
     def load(path):
         # 4-bit checkpoints are placed by transformers (device_map); dense ones are moved after loading
-        quantized = "quantization_config" in json.loads((Path(path) / "config.json").read_text())
+        quantized = "quantization_config" in read_json(Path(path) / "config.json", "config.json")
         kwargs = {"device_map": str(dev)} if quantized else {}
         m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
         return m if quantized else m.to(dev)
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_transformers(hf_logging):
         warnings.simplefilter("ignore")
         ref = load(base_path)
         names = []
@@ -321,27 +335,64 @@ def same_architecture(base: Checkpoint, merged: Checkpoint) -> None:
                             merged.path)
 
 
-def verify(base, adapters: list, merged, weights: list[float] | None = None, prompts: list[str] | None = None,
-           device: str = "auto", tolerance: float | None = None, model: bool = True, seed: int = 0,
-           on_start=None, progress=None, on_stage=None) -> VerifyReport:
-    """Check that ``merged`` equals ``base`` + ``adapters`` (see the module's docstring).
+def verify(base, adapters, merged, *, weights=None, prompts: list[str] | None = None, device="auto",
+           tolerance: float | None = None, model: bool = True, seed: int = 0, write_report: bool = False,
+           reporter: Reporter | None = None) -> VerifyReport:
+    """Check that ``merged`` is ``base`` + ``adapters``: layer by layer, then on the model's logits.
 
-    ``on_start(n)`` is called with the number of tensors to check, ``progress(1)`` after each, and
-    ``on_stage(text)`` when the model-level check starts.
+    Layer level (any architecture, streamed): seeded random probes x go through each merged weight
+    and are compared with W·x + w·s·B(A·x) (the DoRA formula for DoRA) computed from the factors, a
+    route independent of the merge's; each error is judged against the rounding noise the output
+    dtype alone must cause. Tensors no adapter touches must be bit-identical to the base. 4-bit
+    weights are dequantized with bitsandbytes; a 4-bit output is judged against quantizing the exact
+    merged weight itself. Model level (when transformers knows the architecture): the logits of
+    base + adapters unmerged in peft against the merged model, in fp32.
+
+    Args:
+        base: the base model (folder or Hub id), as given to :func:`adaptkit.merge`.
+        adapters: the adapters merged, in order (paths, Hub ids or :class:`Adapter` objects).
+        merged: the merged model folder (or Hub id).
+        weights: the weight each adapter was merged with (default 1 each).
+        prompts: texts for the model-level check (default: random token ids).
+        device: where the model-level check runs (``"auto"``, ``"cpu"``, ``"cuda"``…); the layer
+            probes run on the CPU.
+        tolerance: the largest relative error a module may show (default: 3x its rounding noise).
+        model: run the model-level check (it loads the model twice).
+        seed: seed of the probes and of the random prompts.
+        write_report: save the report as ``adaptkit_verify.json`` in ``merged`` (a local folder);
+            :func:`adaptkit.push` then puts its numbers in the model card.
+        reporter: receives progress (tensors checked) and warnings.
+
+    Returns:
+        A :class:`VerifyReport`; ``report.ok`` says whether the merge is verified.
+
+    Raises:
+        AdaptkitError: bad input, or a merged model of another architecture than the base.
+
+    Example:
+        >>> import adaptkit
+        >>> _ = adaptkit.merge("fixtures/tiny-llama", "fixtures/adapters/llama-lora", "out/doc-verify", force=True)
+        >>> report = adaptkit.verify("fixtures/tiny-llama", "fixtures/adapters/llama-lora", "out/doc-verify",
+        ...                          model=False)
+        >>> report.ok, len(report.modules), report.untouched_checked
+        (True, 14, 7)
     """
+    report = Collected(reporter)
+    adapters = adapters if isinstance(adapters, (list, tuple)) else [adapters]
     dev = resolve_device(device)  # the model-level check runs there; the layer probes are cheap on the CPU
-    base_ck = Checkpoint.open(base)
-    merged_ck = Checkpoint.open(merged)
-    same_architecture(base_ck, merged_ck)
-    loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
-    weights = adapter_weights(weights, len(loaded))
     if tolerance is not None and not tolerance > 0:
-        raise AdaptkitError(f"--tolerance must be positive, got {tolerance}")
+        raise AdaptkitError(f"must be positive, got {tolerance}", param="tolerance")
+    if write_report and not Path(str(merged)).is_dir():
+        raise AdaptkitError("write_report needs the merged model to be a local folder", merged)
+    base_ck = open_base(base)
+    merged_ck = open_base(merged)
+    same_architecture(base_ck, merged_ck)
+    loaded = open_adapters(adapters)
+    weights = adapter_weights(weights, len(loaded))
     plan = plan_merge(base_ck, loaded, weights)
-    if on_start:
-        on_start(len(plan.jobs))
+    report.start("checking layers", len(plan.jobs))
     checks, untouched, mismatched, warnings = check_layers(base_ck, loaded, merged_ck, weights, tolerance, seed=seed,
-                                                           plan=plan, progress=progress)
+                                                           plan=plan, progress=report.advance)
     q = [c for c in checks if c.note.startswith("4-bit output")]
     if q:
         errs = sorted(c.rel_error for c in q)
@@ -353,14 +404,20 @@ def verify(base, adapters: list, merged, weights: list[float] | None = None, pro
         warnings.append(f"the merged model has {len(extra)} tensors the base lacks (first: {extra[0]})")
     model_check = None
     if model and _transformers_knows(base_ck):
-        if on_stage:
-            on_stage("model-level check: loading base + adapters and the merged model")
+        report.start("model-level check: loading base + adapters and the merged model", None)
         model_check = check_model(base_ck.path, loaded, merged_ck.path, weights, prompts, seed=seed, device=dev)
     elif model:
         warnings.append("model-level check skipped: transformers does not know this architecture")
+    for w in warnings:
+        report.warn(w)
     ok = all(c.ok for c in checks) and not mismatched and (model_check is None or model_check.ok)
-    return VerifyReport(str(base), [str(a.path) for a in loaded], str(merged), checks, untouched, mismatched,
-                        model_check, ok, warnings)
+    result = VerifyReport(str(base), [str(a.path) for a in loaded], str(merged), checks, untouched, mismatched,
+                          model_check, ok, report.warnings)
+    if write_report:
+        with atomic_output_file(Path(str(merged)) / VERIFY_REPORT, force=True,
+                                inputs=read_paths(base_ck, loaded)) as tmp:
+            tmp.write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    return result
 
 
 def _transformers_knows(ck: Checkpoint) -> bool:

@@ -2,7 +2,9 @@
 
 They work on ΔWᵢ = sᵢ·Bᵢ·Aᵢ, never on A and B separately (peft's ``add_weighted_adapter`` does the
 latter for linear/TIES/DARE, which leaves cross terms Bᵢ·Aⱼ in the result). Registered by name with
-their paper and the parameters they take, so the CLI, the docs and validation come from one place.
+their summary, paper and the parameters they take (with their defaults), so the CLI's choices and
+help, the docs and validation come from this one place. A method that is exact on the factors
+themselves (``linear``: a concatenation) says so with ``on_factors``; it never forms ΔW.
 """
 
 from __future__ import annotations
@@ -12,24 +14,28 @@ from typing import Callable
 
 import torch
 
+from . import lora
+
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    fn: Callable
+    fn: Callable | None  # (deltas, weights, **parameters) -> combined ΔW
     summary: str
     paper: str | None
-    density: bool = False  # takes --density
-    sign: bool = False  # takes --majority-sign
-    random: bool = False  # takes --seed
+    density: float | None = None  # takes ``density``, with this default
+    sign: bool = False  # takes ``majority_sign``
+    random: bool = False  # takes ``seed``
+    on_factors: Callable | None = None  # ([(A, B, w·s)], device) -> (A, B), exactly; then ``fn`` is not needed
 
 
 METHODS: dict[str, Method] = {}
+MAJORITY_SIGNS = ("total", "frequency")
 
 
-def register(name: str, summary: str, paper: str | None = None, **flags):
+def register(name: str, summary: str, paper: str | None = None, **parameters):
     def wrap(fn):
-        METHODS[name] = Method(name, fn, summary, paper, **flags)
+        METHODS[name] = Method(name, fn, summary, paper, **parameters)
         return fn
     return wrap
 
@@ -93,32 +99,31 @@ def disjoint_mean(weighted: list[torch.Tensor], weights: list[float], method: st
     return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-@register("linear", "Σ wᵢ·ΔWᵢ: exact (kept exactly as a LoRA of rank Σrᵢ unless --rank/--energy).")
-def linear(deltas, weights, **_):
-    return _sum(_weighted(deltas, weights))
+METHODS["linear"] = Method("linear", None, "Σ wᵢ·ΔWᵢ, exactly: the factors concatenated, a LoRA of rank Σrᵢ "
+                           "(reduced when a rank or energy is asked for).", None, on_factors=lora.concat)
 
 
-@register("magnitude_prune", "Keep the top density fraction of each ΔWᵢ by |x|, then Σ wᵢ·ΔWᵢ.", density=True)
+@register("magnitude_prune", "Keep the top density fraction of each ΔWᵢ by |x|, then Σ wᵢ·ΔWᵢ.", density=0.5)
 def magnitude_prune(deltas, weights, density, **_):
     return _sum([d * magnitude_mask(d, density) * w for d, w in zip(deltas, weights)])
 
 
 @register("ties", "Magnitude-prune each ΔWᵢ, elect a sign per entry, average the agreeing ones.",
-          "https://arxiv.org/abs/2306.01708", density=True, sign=True)
+          "https://arxiv.org/abs/2306.01708", density=0.5, sign=True)
 def ties(deltas, weights, density, majority_sign="total", **_):
     pruned = [d * magnitude_mask(d, density) for d in deltas]
     return disjoint_mean(_weighted(pruned, weights), weights, majority_sign)
 
 
 @register("dare_linear", "Drop entries with probability 1 − density, rescale by 1/density, then Σ wᵢ·ΔWᵢ.",
-          "https://arxiv.org/abs/2311.03099", density=True, random=True)
+          "https://arxiv.org/abs/2311.03099", density=0.5, random=True)
 def dare_linear(deltas, weights, density, generator, **_):
     masks = dare_masks(deltas[0].shape, len(deltas), density, generator, deltas[0].device)
     return _sum([d * m / density * w for d, m, w in zip(deltas, masks, weights)])
 
 
 @register("dare_ties", "DARE drop-and-rescale, then TIES sign election and disjoint mean.",
-          "https://arxiv.org/abs/2311.03099", density=True, sign=True, random=True)
+          "https://arxiv.org/abs/2311.03099", density=0.5, sign=True, random=True)
 def dare_ties(deltas, weights, density, generator, majority_sign="total", **_):
     masks = dare_masks(deltas[0].shape, len(deltas), density, generator, deltas[0].device)
     dropped = [d * m / density for d, m in zip(deltas, masks)]
@@ -160,9 +165,8 @@ def factor(delta: torch.Tensor, rank: int | None = None, energy: float | None = 
 def factor_product(b: torch.Tensor, a: torch.Tensor, rank: int | None = None, energy: float | None = None):
     """Like :func:`factor` for ΔW = B·A given as factors (a sum of LoRAs, concatenated): exact and
     cheap, through the SVD of the small core R_B·R_Aᵀ of thin QRs, never forming ΔW."""
-    qb, rb = torch.linalg.qr(b)
-    qa, ra = torch.linalg.qr(a.T)
-    uc, s, vhc = torch.linalg.svd(rb @ ra.T)
+    qb, qa, core = lora.qr_core(b, a)
+    uc, s, vhc = torch.linalg.svd(core)
     total = float(s.double().pow(2).sum())
     r = max(1, energy_rank(s, energy)) if energy is not None else min(rank or len(s), len(s))
     u, s_r, vh = qb @ uc[:, :r], s[:r], vhc[:r] @ qa.T

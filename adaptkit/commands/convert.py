@@ -1,0 +1,108 @@
+"""``adaptkit.convert``: move an adapter between layouts without changing its ΔW.
+
+PEFT folder ⇄ raw file ⇄ kohya file, and out to llama.cpp (GGUF) and mlx-lm. Every target keeps each
+module's exact scaling: a PEFT folder written from a file without a PEFT config gets
+``rank_pattern`` / ``alpha_pattern`` (full module names) wherever modules differ; a kohya file gets a
+per-module ``.alpha`` = scaling · r (rsLoRA and patterns included, unlike peft's own kohya scripts,
+which write the global alpha); single-scale formats (GGUF, MLX) get each module's scaling folded
+into its B (:func:`adaptkit.lora.fold`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..dtypes import resolve_dtype
+from ..errors import AdaptkitError
+from ..formats import TARGETS
+from ..formats.kohya import DEFAULT_PREFIX
+from ..hub import resolve
+from ..io.checkpoint import Checkpoint
+from ..io.output import atomic_output_dir, atomic_output_file, check_output
+from ..reporting import Collected, Reporter
+from .inputs import open_adapter, read_paths
+
+GGUF_OUTTYPES = ("f32", "f16", "bf16")
+
+
+@dataclass
+class ConvertResult:
+    source: str
+    source_format: str
+    to: str
+    out: str
+    modules: int
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def convert(source, out, *, to: str, base=None, dtype=None, outtype: str = "f32", prefix: str = DEFAULT_PREFIX,
+            force: bool = False, reporter: Reporter | None = None) -> ConvertResult:
+    """Write the adapter ``source`` in another layout at ``out``, its ΔW unchanged.
+
+    Args:
+        source: a PEFT folder (safetensors or legacy .bin), a raw .safetensors file with PEFT names,
+            a kohya file (``lora_te_…``/``lora_unet_…``, ``.lora_down``/``.lora_up``/``.alpha``), an
+            mlx-lm folder, or a Hub id.
+        out: a folder for ``peft`` and ``mlx``, a file (``.safetensors``, ``.gguf``) otherwise.
+        to: the target format, one of :data:`adaptkit.formats.TARGETS`: ``peft``, ``raw``,
+            ``kohya``, ``gguf``, ``mlx``.
+        base: the base model: maps foreign kohya names (underscores) back to module names, and gives
+            GGUF (required) and MLX their model config. Without it, the adapter's own
+            ``base_model_name_or_path`` is tried when it is a local folder.
+        dtype: cast the tensors (``"float16"``, ``"bfloat16"``, ``"float32"``; default: as stored),
+            for ``peft``, ``raw`` and ``kohya``.
+        outtype: tensor type of a GGUF adapter: ``f32``, ``f16`` or ``bf16``.
+        prefix: the kohya name prefix (``lora_te_``, ``lora_unet_``…).
+        force: replace an existing ``out``.
+        reporter: receives warnings.
+
+    Returns:
+        A :class:`ConvertResult`.
+
+    Example:
+        >>> import adaptkit
+        >>> r = adaptkit.convert("fixtures/adapters/llama-rslora-patterns", "out/doc-k.safetensors", to="kohya",
+        ...                      force=True)
+        >>> r.source_format, r.modules
+        ('peft', 14)
+    """
+    report = Collected(reporter)
+    if to not in TARGETS:
+        raise AdaptkitError(f"unknown format {to!r} (choose {', '.join(TARGETS)})", param="to")
+    if outtype not in GGUF_OUTTYPES:
+        raise AdaptkitError(f"unknown GGUF tensor type {outtype!r} (choose {', '.join(GGUF_OUTTYPES)})",
+                            param="outtype")
+    target = TARGETS[to]
+    torch_dtype = resolve_dtype(dtype)
+    check_output(out, force, inputs=[source, base], folder=target.suffix is None)
+    base_ck = Checkpoint.open(resolve(base)) if base is not None else None
+    adapter = open_adapter(source, base_names=list(base_ck.tensors) if base_ck is not None else None)
+    adapter.require_exact()
+    adapter.require_finite()
+    for w in adapter.notes:
+        report.warn(w)
+    inputs = [source, *read_paths(base_ck, [adapter])]
+    if target.base != "no" and base_ck is None:
+        guess = Path(str(adapter.base_model or ""))
+        if adapter.base_model and (guess / "config.json").exists():
+            base_ck = Checkpoint.open(guess)
+            inputs.append(guess)
+        elif target.base == "required":
+            raise AdaptkitError(f"{to} needs the base model's config: give base", adapter.path)
+        else:
+            report.warn("no base model: mlx-lm's num_layers set to the adapter's last layer + 1 (give the base "
+                        "if the model has more layers)")
+    options = dict(dtype=torch_dtype, prefix=prefix, outtype=outtype,
+                   base_config=base_ck.config if base_ck is not None else None,
+                   base_path=base_ck.path if base_ck is not None else None)
+    if target.suffix is None:
+        with atomic_output_dir(out, force, inputs=inputs) as tmp:
+            target.write(adapter, tmp, **options)
+    else:
+        with atomic_output_file(out, force, target.suffix, inputs=inputs) as tmp:
+            target.write(adapter, tmp, **options)
+    return ConvertResult(str(source), adapter.format, to, str(out), len(adapter.modules), report.warnings)

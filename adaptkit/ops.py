@@ -1,0 +1,80 @@
+"""What a merge does to one tensor, in fp32: the plan's operations and how they apply.
+
+Each operation names its inputs (an adapter module, a saved tensor) and applies one formula of
+:mod:`.lora`. :func:`apply_ops` runs a tensor's operations in order; a lone plain LoRA is one fused
+``addmm_`` (W += s·B@A, ΔW never materialised), anything else goes through ΔW.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import lora
+from .adapter import FP32_MAX, Adapter, LoraModule
+from .errors import AdaptkitError
+
+
+@dataclass
+class Op:
+    """One change to one tensor: ``lora`` (W += w·s·B@A, DoRA when the module has magnitudes),
+    ``bias`` (b += w·s·lora_B.bias) or ``replace`` (a tensor the adapter saved, modules_to_save)."""
+
+    kind: str  # "replace", "lora" or "bias"
+    adapter: Adapter
+    weight: float = 1.0
+    module: LoraModule | None = None
+    key: str | None = None  # for "replace": the adapter tensor that replaces the base one
+    transposed: bool = False  # for "lora": the base stores (in, out)
+
+    @property
+    def scale(self) -> float:
+        """w·s, the factor of this op's term; refused when not a finite fp32 number (``addmm_`` on the
+        CPU would silently ignore a NaN alpha)."""
+        s = self.module.scaling * self.weight
+        if not (math.isfinite(s) and abs(s) <= FP32_MAX):
+            raise AdaptkitError(f"the scale of {self.module.name} is not a finite fp32 number "
+                                f"({self.module.scaling} × {self.weight})", self.adapter.path)
+        return s
+
+
+def _fused(ops: list[Op]) -> Op | None:
+    """The one plain-LoRA op of a tensor, when it can be a single ``addmm_``."""
+    if len(ops) == 1 and ops[0].kind == "lora" and not ops[0].module.use_dora:
+        return ops[0]
+    return None
+
+
+def apply_ops(w: torch.Tensor, ops: list[Op], device) -> None:
+    """Apply ``ops`` in order to the fp32 tensor ``w`` (on ``device``), in place."""
+    if not ops:
+        return
+    op = _fused(ops)
+    if op is not None:
+        m = op.module
+        lora.add_delta_(w, m.A.to(device, torch.float32), m.B.to(device, torch.float32), op.scale, op.transposed)
+        return
+    w.copy_(_general(w.clone(), ops, device))
+
+
+def _general(w: torch.Tensor, ops: list[Op], device) -> torch.Tensor:
+    needs_ref = any(op.kind == "lora" and op.module.use_dora for op in ops)
+    ref = w.clone() if needs_ref else None  # DoRA's W₀: the weight before any adapter
+    for op in ops:
+        if op.kind == "replace":
+            w = op.adapter.source.get(op.key).to(device=device, dtype=torch.float32, copy=True)
+            ref = w.clone() if needs_ref else None
+        elif op.kind == "lora":
+            m = op.module
+            _ = op.scale  # refuses a scale that is not finite
+            d = lora.delta(m.A, m.B, m.scaling, device)
+            if op.weight != 1.0:
+                d.mul_(op.weight)
+            if op.transposed:
+                d = d.T
+            w = lora.dora(w, ref, d, m.magnitude, op.transposed) if m.use_dora else w.add_(d)
+        elif op.kind == "bias":
+            w += lora.bias_delta(op.module.lora_bias, op.scale, device)
+    return w

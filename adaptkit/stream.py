@@ -1,0 +1,171 @@
+"""Carry out a merge plan: read → decode → operations → encode → write, tensor by tensor.
+
+Tensors that need no compute are copied file-to-file by the kernel. The others go through the
+three-thread pipeline (:mod:`.io.pipeline`): the reader fills reusable byte buffers (pinned on
+CUDA), the compute thread decodes into one reused fp32 buffer on the device, applies the job's
+operations and encodes, the writer appends to the output shards (:mod:`.io.safetensors_file`).
+Memory stays at a few buffers of the largest merged tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+from pathlib import Path
+
+import torch
+
+from .errors import AdaptkitError
+from .io import readahead
+from .io.pipeline import run_stream
+from .io.safetensors_file import ReservedHeaderWriter, StreamingWriter, header_reserve, numel
+from .ops import apply_ops
+from .plan import MergePlan, OutShard, TensorJob
+
+OUTPUT_BUFFER_BUDGET = 160 << 20  # bytes of merged tensors that may wait for the writer
+
+
+class _Pool:
+    """Reusable byte buffers (pinned on CUDA): no allocation churn, bounded memory."""
+
+    def __init__(self, nbytes: int, count: int, pin: bool):
+        self._q: queue.Queue = queue.Queue()
+        for _ in range(count):
+            self._q.put(torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin))
+
+    def take(self) -> torch.Tensor:
+        return self._q.get()
+
+    def give(self, buf: torch.Tensor) -> None:
+        self._q.put(buf)
+
+
+def check_finite(w32: torch.Tensor, job: TensorJob, out_dtype: torch.dtype) -> None:
+    """NaN, Inf or overflow of the output dtype in a merged tensor fails the merge (peft's safe_merge).
+
+    ``aminmax`` is one cheap pass over the fp32 result and propagates NaN.
+    """
+    if not job.ops or not w32.is_floating_point() or w32.numel() == 0:
+        return
+    lo, hi = (float(x) for x in torch.aminmax(w32))
+    limit = torch.finfo(out_dtype).max if out_dtype.is_floating_point else float("inf")
+    if not (-limit <= lo and hi <= limit):  # also false for NaN
+        names = ", ".join(sorted({str(op.adapter.path) for op in job.ops}))
+        raise AdaptkitError(f"merging {names} into {job.name} gives NaN or Inf values (in {out_dtype}): "
+                            f"the adapter seems broken or overflows this dtype")
+
+
+def stream_plan(plan: MergePlan, tmp: Path, dev: torch.device, progress, errors: dict[str, tuple[str, float]]) -> int:
+    """Write every output shard of ``plan`` into the folder ``tmp``; return the bytes written.
+
+    ``progress(n)`` after each tensor (its output bytes); ``errors[name] = (label, relative error)``
+    for every tensor whose codecs measure what they add.
+    """
+    ckpt = plan.base
+    computed = [j for j in plan.jobs if j.computed]
+    cuda = dev.type == "cuda"
+    largest_in = max((j.in_bytes for j in computed), default=1)
+    largest_out = max((j.out_bytes for j in computed if not j.encoder.variable), default=1)
+    largest_numel = max((numel(j.shape) for j in computed), default=1)
+    # Results queue up while the writer is busy (copying untouched tensors, say): as many output
+    # buffers as fit OUTPUT_BUFFER_BUDGET, at least three; the reader stays at most two ahead.
+    n_out = max(3, min(8, OUTPUT_BUFFER_BUDGET // max(largest_out, 1)))
+    in_pool = _Pool(largest_in, 3, pin=cuda)
+    out_pool = _Pool(largest_out, n_out, pin=cuda)
+    work = torch.empty(largest_numel, dtype=torch.float32, device=dev)  # the fp32 accumulator, reused
+    writers: dict[str, object] = {}
+    shard_of = {id(j): s for s in plan.shards for j in s.jobs}
+    remaining = {s.file: len(s.jobs) for s in plan.shards}
+    total = 0
+
+    # the disk keeps reading ahead of the reader: jobs' source bytes, in the order they are consumed
+    ranges, ends, upto = [], {}, 0
+    for j in plan.jobs:
+        for name in j.decoder.names(j.source):
+            src, info = ckpt.tensors[name]
+            if src.kind == "safetensors":
+                ranges.append((src.path, info.offset, info.nbytes))
+                upto += info.nbytes
+        ends[id(j)] = upto
+    ahead = readahead.for_stream(ranges)
+    read_so_far = 0
+
+    def read(job: TensorJob):
+        nonlocal read_so_far
+        ahead.consumed(ends[id(job)] - read_so_far)
+        read_so_far = ends[id(job)]
+        buf = in_pool.take()
+        try:
+            return buf, job.decoder.read(ckpt, job.source, buf)
+        except BaseException:
+            in_pool.give(buf)
+            raise
+
+    def compute(job: TensorJob, data):
+        buf, stored = data
+        w32 = work[: numel(job.shape)].view(job.shape)
+        try:
+            state = job.decoder.decode(stored, w32, dev)
+        finally:
+            in_pool.give(buf)
+        apply_ops(w32, job.ops, dev)
+        check_finite(w32, job, job.encoder.result_dtype)
+        host, items, err = job.encoder.encode(job.name, job.shape, w32, dev, out_pool.take)
+        if err is None:
+            err, label = job.decoder.error(w32, state), job.decoder.label
+        else:
+            label = job.encoder.label
+        if err is not None:
+            errors[job.name] = (label, err)
+        return host, items
+
+    def writer_for(shard: OutShard):
+        writer = writers.get(shard.file)
+        if writer is None:
+            if plan.variable_sizes:
+                names = [n for j in shard.jobs for n in j.out_names]
+                writer = ReservedHeaderWriter(tmp / shard.file, names, header_reserve(names, shard.metadata),
+                                              shard.metadata)
+            else:
+                entries = [(j.name, j.encoder.dtype, j.shape) for j in shard.jobs]
+                writer = StreamingWriter(tmp / shard.file, entries, shard.metadata)
+            writers[shard.file] = writer
+        return writer
+
+    def write(job: TensorJob, done):
+        nonlocal total
+        shard = shard_of[id(job)]
+        writer = writer_for(shard)
+        if done is None:
+            src_shard, info = ckpt.tensors[job.source]
+            if src_shard.kind == "safetensors":
+                writer.copy_from(job.name, src_shard.fd(), info.offset, info.nbytes, info.dtype, info.shape)
+            else:
+                writer.write(job.name, ckpt.read(job.source))
+        else:
+            host, items = done
+            try:
+                for name, tensor in items:
+                    writer.write(name, tensor)
+            finally:
+                if host is not None:
+                    out_pool.give(host)
+        remaining[shard.file] -= 1
+        if remaining[shard.file] == 0:
+            writer.close()
+            total += writer.bytes_written
+        if progress:
+            progress(job.out_bytes)
+
+    # Reading and writing keep one core busy in the kernel: leave it to them (measured faster on 2 cores).
+    threads = torch.get_num_threads()
+    if not cuda:
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+    try:
+        run_stream(plan.jobs, lambda j: j.computed, read, compute, write, depth=n_out - 2)
+    finally:
+        torch.set_num_threads(threads)
+        ahead.close()
+        for w in writers.values():
+            w.abort()
+    return total
