@@ -287,7 +287,7 @@ def main(verbose):
 
 @main.command(cls=Command, short_help="Show what a LoRA adapter holds, and where it will load.",
               registry=lambda: _runtimes().items(), registry_title="Runtimes (--check)",
-              epilog=CHECK_STATUS.format(what="(every --check passes)", fail="a --check fails"))
+              epilog=CHECK_STATUS.format(what="done (and every --check passes)", fail="a --check fails"))
 @click.argument("source")
 @click.option("--svd", is_flag=True, help="Add each module's singular values of ΔW and the ranks holding 90/99 % of "
                                           "its energy.")
@@ -516,8 +516,8 @@ def combine(adapters, method, weights, weights_csv, density, majority_sign, rank
 @weight_option("The --weight each adapter was merged with, once per adapter, in order (default 1).")
 @click.option("--prompts", default=None,
               help="A text file, one prompt per line, for the model-level check (default: random token ids).")
-@device_option("Where the model-level check runs: auto (CUDA when present), cpu, cuda or cuda:N (the layer probes "
-               "run on the CPU).")
+@device_option("Where the arithmetic runs: auto (CUDA when present), cpu, cuda or cuda:N (for verify: the "
+               "model-level check; the layer probes run on the CPU).")
 @click.option("--tolerance", type=float, default=None,
               help="Largest relative error a module may show (default: 3x the rounding noise of the output dtype).")
 @click.option("--no-model", is_flag=True, help="Skip the model-level check (it loads the model twice).")

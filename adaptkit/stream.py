@@ -10,14 +10,13 @@ Memory stays at a few buffers of the largest merged tensor.
 from __future__ import annotations
 
 import os
-import queue
 from pathlib import Path
 
 import torch
 
 from .errors import AdaptkitError
 from .io import readahead
-from .io.pipeline import run_stream
+from .io.pipeline import Pool, run_stream
 from .io.safetensors_file import ReservedHeaderWriter, StreamingWriter, header_reserve, numel
 from .ops import apply_ops
 from .plan import MergePlan, OutShard, TensorJob
@@ -25,19 +24,9 @@ from .plan import MergePlan, OutShard, TensorJob
 OUTPUT_BUFFER_BUDGET = 160 << 20  # bytes of merged tensors that may wait for the writer
 
 
-class _Pool:
-    """Reusable byte buffers (pinned on CUDA): no allocation churn, bounded memory."""
-
-    def __init__(self, nbytes: int, count: int, pin: bool):
-        self._q: queue.Queue = queue.Queue()
-        for _ in range(count):
-            self._q.put(torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin))
-
-    def take(self) -> torch.Tensor:
-        return self._q.get()
-
-    def give(self, buf: torch.Tensor) -> None:
-        self._q.put(buf)
+def _pool(nbytes: int, count: int, pin: bool) -> Pool:
+    """Reusable byte buffers (pinned on CUDA)."""
+    return Pool(lambda: torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin), count)
 
 
 def check_finite(w32: torch.Tensor, job: TensorJob, out_dtype: torch.dtype) -> None:
@@ -70,8 +59,8 @@ def stream_plan(plan: MergePlan, tmp: Path, dev: torch.device, progress, errors:
     # Results queue up while the writer is busy (copying untouched tensors, say): as many output
     # buffers as fit OUTPUT_BUFFER_BUDGET, at least three; the reader stays at most two ahead.
     n_out = max(3, min(8, OUTPUT_BUFFER_BUDGET // max(largest_out, 1)))
-    in_pool = _Pool(largest_in, 3, pin=cuda)
-    out_pool = _Pool(largest_out, n_out, pin=cuda)
+    in_pool = _pool(largest_in, 3, pin=cuda)
+    out_pool = _pool(largest_out, n_out, pin=cuda)
     work = torch.empty(largest_numel, dtype=torch.float32, device=dev)  # the fp32 accumulator, reused
     writers: dict[str, object] = {}
     shard_of = {id(j): s for s in plan.shards for j in s.jobs}
@@ -162,7 +151,8 @@ def stream_plan(plan: MergePlan, tmp: Path, dev: torch.device, progress, errors:
     if not cuda:
         torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
     try:
-        run_stream(plan.jobs, lambda j: j.computed, read, compute, write, depth=n_out - 2)
+        run_stream(plan.jobs, lambda j: j.computed, read, compute, write, depth=n_out - 2,
+                   on_stop=lambda: (in_pool.close(), out_pool.close()))
     finally:
         torch.set_num_threads(threads)
         ahead.close()

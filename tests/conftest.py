@@ -7,71 +7,19 @@ import os
 # huggingface_hub reads this at import: the local test Hub speaks the LFS protocol, not Xet.
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at test time
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import glob
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
 
 from fixtures import build
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "fixtures"
-TINY_LLAMA = FIXTURES / "tiny-llama"
-TINY_GPT2 = FIXTURES / "tiny-gpt2"
-ADAPTERS = {name: FIXTURES / "adapters" / name for name in build.ADAPTERS}
-BASE_OF = {name: FIXTURES / base for name, (base, _) in build.ADAPTERS.items()}
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", category=UserWarning)
 torch.set_num_threads(2)
-
-
-def load_dir(path) -> dict[str, torch.Tensor]:
-    """Every tensor of every safetensors file in a folder, read with the safetensors package."""
-    out = {}
-    for f in sorted(glob.glob(str(Path(path) / "*.safetensors"))):
-        out.update(load_file(f))
-    return out
-
-
-def assert_merge_close(ours: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, ulps: float = 2.0, name="",
-                       atol: float = 0.0):
-    """|ours - ref| within ``ulps`` units of the output dtype, measured on the size of W and ΔW.
-
-    peft rounds the base into the output dtype, rounds ΔW, then rounds the sum; adaptkit rounds once,
-    so they can differ by a few units at the scale of |W| + |ΔW|.
-    """
-    assert ours.dtype == ref.dtype, name
-    assert ours.shape == ref.shape, name
-    eps = torch.finfo(ours.dtype).eps if ours.is_floating_point() else 0
-    o, r, b = ours.double(), ref.double(), base.double()
-    bound = ulps * eps * (b.abs() + (r - b).abs() + r.abs()) + atol + 1e-30
-    excess = ((o - r).abs() - bound).max().item()
-    assert excess <= 0, f"{name}: off by more than {ulps} ulps (worst excess {excess:.3g})"
-
-
-def peft_merged(base_path, adapter_paths, dtype=torch.float32):
-    """peft's own merge: base in ``dtype`` + adapters loaded with PeftModel, merge_and_unload."""
-    from peft import PeftModel
-
-    model = build.load_model(base_path, dtype=dtype)
-    names = []
-    pm = None
-    for i, path in enumerate(adapter_paths):
-        name = f"a{i}"
-        if pm is None:
-            pm = PeftModel.from_pretrained(model, path, adapter_name=name)
-        else:
-            pm.load_adapter(path, adapter_name=name)
-        names.append(name)
-    pm.base_model.set_adapter(names)
-    return pm, pm.merge_and_unload()
 
 
 @pytest.fixture

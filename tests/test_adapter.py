@@ -5,22 +5,11 @@ import shutil
 
 import pytest
 import torch
+from helpers import ADAPTERS, BASE_OF, peft_layers
 from safetensors.torch import load_file, save_file
 
 from adaptkit import load_adapter
 from adaptkit.adapter import pattern_key
-from conftest import ADAPTERS, BASE_OF
-from fixtures import build
-
-
-def peft_layers(base, adapter_path):
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-
-    model = build.load_model(base)
-    pm = PeftModel.from_pretrained(model, adapter_path)
-    inner = pm.base_model.model
-    return {name: mod for name, mod in inner.named_modules() if isinstance(mod, LoraLayer)}
 
 
 @pytest.mark.parametrize("name", list(ADAPTERS))

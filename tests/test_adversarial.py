@@ -16,12 +16,21 @@ import struct
 
 import pytest
 import torch
+from helpers import (
+    ADAPTERS,
+    TINY_LLAMA,
+    assert_merge_close,
+    assert_one_line_error,
+    invoke,
+    listing,
+    load_dir,
+    peft_merged,
+    snapshot,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ADAPTERS, TINY_LLAMA, assert_merge_close, load_dir, peft_merged
 from fixtures import build
-from reliability import assert_one_line_error, invoke, listing, snapshot
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

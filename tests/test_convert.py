@@ -5,15 +5,13 @@ import shutil
 
 import pytest
 import torch
+from helpers import ADAPTERS, BASE_OF, TINY_LLAMA, peft_deltas
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from adaptkit import load_adapter
+from adaptkit import convert, load_adapter
 from adaptkit.cli import main
-from adaptkit import convert
 from adaptkit.formats.kohya import heuristic_module_name
-from conftest import ADAPTERS, BASE_OF, TINY_LLAMA
-from fixtures import build
 
 KOHYA_OK = ["llama-lora", "llama-rslora-patterns", "gpt2-lora"]  # DoRA / embeddings / modules_to_save refuse
 
@@ -36,20 +34,6 @@ def assert_same_adapter(a, b, exact=True):
     assert set(a.full_tensors) == set(b.full_tensors)
     for n in a.full_tensors:
         assert torch.equal(a.full_tensor(n), b.full_tensor(n)), n
-
-
-def peft_deltas(base, adapter_dir):
-    """peft's own ΔW per module, canonical (out, in) orientation."""
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-
-    pm = PeftModel.from_pretrained(build.load_model(base), adapter_dir)
-    out = {}
-    for name, mod in pm.base_model.model.named_modules():
-        if isinstance(mod, LoraLayer):
-            d = mod.get_delta_weight("default")  # as the base stores it; canonical (out, in) below
-            out[name] = d.T if getattr(mod, "fan_in_fan_out", False) or name.endswith("embed_tokens") else d
-    return out
 
 
 @pytest.mark.parametrize("name", list(ADAPTERS))

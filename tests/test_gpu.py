@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import ADAPTERS, BASE_OF, load_dir
 
 from adaptkit import merge
-from conftest import ADAPTERS, BASE_OF, load_dir
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -25,8 +25,7 @@ def test_cuda_equals_cpu(tmp_path, name, dtype):
 
 @pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
 def test_combine_cuda_equals_cpu(tmp_path, method):
-    from adaptkit import load_adapter
-    from adaptkit import combine
+    from adaptkit import combine, load_adapter
 
     ads = [ADAPTERS["llama-lora"], ADAPTERS["llama-rslora-patterns"]]
     kw = {} if method == "linear" else {"density": 0.5, "rank": 64}

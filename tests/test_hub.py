@@ -5,11 +5,11 @@ import json
 import shutil
 
 import pytest
+from helpers import ADAPTERS, TINY_LLAMA, load_dir
+from hub_server import HubServer
 from huggingface_hub import ModelCard
 
 from adaptkit.cli import main
-from conftest import ADAPTERS, TINY_LLAMA, load_dir
-from hub_server import HubServer
 
 TOKEN = "hf_adaptkitTestToken0123456789"
 

@@ -5,13 +5,11 @@ import shutil
 
 import pytest
 import torch
+from helpers import ADAPTERS, BASE_OF, peft_layers
 from safetensors.torch import load_file, save_file
 
 from adaptkit import load_adapter
 from adaptkit.cli import main
-from conftest import ADAPTERS
-from test_adapter import peft_layers
-from conftest import BASE_OF
 
 
 @pytest.mark.parametrize("name", ["llama-rslora-patterns", "gpt2-lora", "llama-embed-mts"])

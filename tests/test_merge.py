@@ -8,13 +8,21 @@ import sys
 
 import pytest
 import torch
+from helpers import (
+    ADAPTERS,
+    BASE_OF,
+    TINY_GPT2,
+    TINY_LLAMA,
+    assert_merge_close,
+    load_dir,
+    peft_merged,
+)
 from safetensors.torch import load_file, save_file
 
-from adaptkit.cli import main
-from adaptkit.errors import AdaptkitError
 import adaptkit
 from adaptkit import merge
-from conftest import ADAPTERS, BASE_OF, TINY_GPT2, TINY_LLAMA, assert_merge_close, load_dir, peft_merged
+from adaptkit.cli import main
+from adaptkit.errors import AdaptkitError
 from fixtures import build
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

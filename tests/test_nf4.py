@@ -5,11 +5,11 @@ import warnings
 
 import pytest
 import torch
+from helpers import ADAPTERS, TINY_LLAMA, assert_merge_close, load_dir
+from helpers import TINY_GPT2 as BASE_OF_GPT2
 
-from adaptkit.cli import main
 from adaptkit import merge
-from conftest import ADAPTERS, TINY_GPT2 as BASE_OF_GPT2, TINY_LLAMA, assert_merge_close, load_dir
-
+from adaptkit.cli import main
 
 
 def load_4bit(path, double_quant=True):

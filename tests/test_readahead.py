@@ -7,13 +7,14 @@ import time
 
 import pytest
 import torch
+from helpers import ADAPTERS, TINY_LLAMA
 from safetensors.torch import load_file
 
 import adaptkit.io.safetensors_file as stf
 from adaptkit import merge
 from adaptkit.io import readahead
 from adaptkit.io.readahead import Readahead
-from conftest import ADAPTERS, TINY_LLAMA
+
 
 @pytest.fixture
 def fadvise_calls(monkeypatch):

@@ -16,14 +16,23 @@ import time
 
 import pytest
 import torch
+from helpers import (
+    ADAPTERS,
+    TINY_GPT2,
+    TINY_LLAMA,
+    assert_one_line_error,
+    copy_inputs,
+    invoke,
+    listing,
+    load_dir,
+    snapshot,
+)
 from safetensors.torch import load_file, save_file
 
 import adaptkit
-from adaptkit.errors import AdaptkitError
 from adaptkit import merge
+from adaptkit.errors import AdaptkitError
 from adaptkit.io.output import atomic_output_dir
-from conftest import ADAPTERS, TINY_GPT2, TINY_LLAMA, load_dir
-from reliability import assert_one_line_error, copy_inputs, invoke, listing, snapshot
 
 
 @pytest.fixture

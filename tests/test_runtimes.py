@@ -4,14 +4,12 @@ import json
 
 import pytest
 import torch
+from helpers import ADAPTERS, TINY_LLAMA, peft_deltas
 from safetensors.torch import load_file
 
-from adaptkit import load_adapter
+from adaptkit import convert, load_adapter
 from adaptkit.cli import main
-from adaptkit import convert
 from adaptkit.formats.gguf import permute_rows, read_gguf_deltas, unpermute_rows
-from conftest import ADAPTERS, TINY_LLAMA
-from test_convert import peft_deltas
 
 gguf = pytest.importorskip("gguf")
 LLAMA_CFG = json.loads((TINY_LLAMA / "config.json").read_text())

@@ -5,13 +5,11 @@ import shutil
 
 import pytest
 import torch
+from helpers import ADAPTERS, BASE_OF, TINY_LLAMA
 from safetensors.torch import load_file, save_file
 
+from adaptkit import merge, verify
 from adaptkit.cli import main
-from adaptkit import merge
-from adaptkit import verify
-from conftest import ADAPTERS, BASE_OF, TINY_LLAMA
-
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])

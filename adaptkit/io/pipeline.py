@@ -4,7 +4,7 @@ Reading (``pread`` into a buffer), computing (torch, which releases the GIL) and
 or an in-kernel ``copy_file_range``) overlap; bounded queues keep at most a few tensors in flight,
 so memory follows the largest tensor. Items that need no compute skip the first two stages and are
 handed to the writer in order. The first exception in any stage stops the others and is re-raised
-in the caller's thread.
+in the caller's thread; both stage threads are joined before :func:`run_stream` returns or raises.
 """
 
 from __future__ import annotations
@@ -66,9 +66,12 @@ def _get(q: queue.Queue, stop: threading.Event):
 
 
 def run_stream(items: Iterable[T], needs_compute: Callable[[T], bool], read: Callable, compute: Callable,
-               write: Callable, depth: int = 2) -> None:
+               write: Callable, depth: int = 2, on_stop: Callable[[], None] | None = None) -> None:
     """Call ``write(item, compute(item, read(item)))`` for computed items and ``write(item, None)``
-    for the rest, writing strictly in the order of ``items``."""
+    for the rest, writing strictly in the order of ``items``.
+
+    ``on_stop()`` is called when the stream ends, before the stage threads are joined: the place to
+    wake a stage that waits on something of the caller's (a buffer pool, see :class:`Pool`)."""
     items = list(items)
     work = [it for it in items if needs_compute(it)]
     stop = threading.Event()
@@ -122,6 +125,34 @@ def run_stream(items: Iterable[T], needs_compute: Callable[[T], bool], read: Cal
             assert done_it is it, "stream out of order"
             write(it, result)
     finally:
-        stop.set()
+        stop.set()  # the stages notice within 0.1 s, once their current read or compute returns
+        if on_stop is not None:
+            on_stop()
         for t in threads:
-            t.join(timeout=5)
+            t.join()
+
+
+class Pool:
+    """Reusable buffers: no allocation churn, bounded memory. :meth:`take` waits for one to be given
+    back; once :meth:`close` is called it raises :class:`Stopped` instead of waiting forever."""
+
+    def __init__(self, make: Callable[[], object], count: int):
+        self._q: queue.Queue = queue.Queue()
+        self._closed = threading.Event()
+        for _ in range(count):
+            self._q.put(make())
+
+    def take(self):
+        while True:
+            if self._closed.is_set():
+                raise Stopped()
+            try:
+                return self._q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+    def give(self, buf) -> None:
+        self._q.put(buf)
+
+    def close(self) -> None:
+        self._closed.set()

@@ -118,6 +118,7 @@ class Readahead:
                     self._cv.wait()
 
     def close(self) -> None:
+        """Stop reading ahead; returns once the thread has ended (after at most one chunk's read)."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
@@ -125,6 +126,8 @@ class Readahead:
             for p in self._files:
                 if _active.get(p) is self:
                     del _active[p]
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
 
 
 def _read_into(path: Path, offset: int, buf: memoryview) -> int:
