@@ -113,13 +113,19 @@ def _safetensors_accepts(path) -> bool:
         return False
 
 
+def _workdir(tmp_path_factory, name, mutated, *copies):
+    """A scratch folder with copies of ``copies`` (name, source): (its root, the file each example
+    mutates, that file's original bytes)."""
+    root = tmp_path_factory.mktemp(name)
+    for sub, src in copies:
+        shutil.copytree(src, root / sub)
+    return root, root / mutated, (root / mutated).read_bytes()
+
+
 @pytest.fixture(scope="module")
 def shard_work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    shutil.copytree(TINY_LLAMA, root / "base")
-    shutil.copytree(ADAPTERS["llama-lora"], root / "lora")
-    shard = root / "base" / "model-00002-of-00002.safetensors"
-    return root, shard, shard.read_bytes()
+    return _workdir(tmp_path_factory, "shards", "base/model-00002-of-00002.safetensors", ("base", TINY_LLAMA),
+                    ("lora", ADAPTERS["llama-lora"]))
 
 
 @settings(max_examples=150, **SETTINGS)
@@ -165,16 +171,14 @@ config_changes = st.lists(st.sampled_from(sorted(CONFIG_VALUES)), unique=True, m
 
 @pytest.fixture(scope="module")
 def config_work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("configs")
-    shutil.copytree(ADAPTERS["llama-lora"], root / "lora")
-    cfg = root / "lora" / "adapter_config.json"
-    return root, cfg, cfg.read_text()
+    return _workdir(tmp_path_factory, "configs", "lora/adapter_config.json", ("lora", ADAPTERS["llama-lora"]))
 
 
 @settings(max_examples=60, **SETTINGS)
 @given(changes=config_changes)
 def test_an_adapter_config_is_refused_or_merged_as_peft_merges_it(runner, config_work, changes):
     root, cfg_path, original = config_work
+    original = original.decode()
     cfg_path.write_text(json.dumps({**json.loads(original), **changes}))
     try:
         out = root / "out"

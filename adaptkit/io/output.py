@@ -213,21 +213,16 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = ()):
-    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure it vanishes.
-
-    ``inputs``: every path the command reads; an ``out`` that is, contains or lies inside one is
-    refused. An interrupted run (exception, Ctrl-C) leaves no partial ``out``; an existing ``out`` is
-    only replaced with ``force`` and only once the new one is complete.
-    """
-    target = check_output(out, force, inputs)
+def _building(target: Path, make, finish):
+    """Yield the temporary path ``make(prefix, suffix, dir)`` creates beside ``target``; on success
+    ``finish(tmp)`` and rename it onto ``target``, on any failure remove it (OS errors as one line)."""
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=target.parent))
+        tmp = Path(make(prefix=f".{target.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=target.parent))
     except OSError as e:
         raise _output_error(e, target, None, "cannot create the output") from None
     try:
         yield tmp
-        _ordinary_modes(tmp)
+        finish(tmp)
         _publish(tmp, target)
     except OSError as e:
         _remove(tmp)
@@ -235,6 +230,24 @@ def atomic_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _new_file(**kwargs) -> str:
+    fd, path = tempfile.mkstemp(**kwargs)
+    os.close(fd)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = ()):
+    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure it vanishes.
+
+    ``inputs``: every path the command reads; an ``out`` that is, contains or lies inside one is
+    refused. An interrupted run (exception, Ctrl-C) leaves no partial ``out``; an existing ``out`` is
+    only replaced with ``force`` and only once the new one is complete.
+    """
+    with _building(check_output(out, force, inputs), tempfile.mkdtemp, _ordinary_modes) as tmp:
+        yield tmp
 
 
 @contextlib.contextmanager
@@ -245,19 +258,5 @@ def atomic_output_file(out: str | Path, force: bool = False, suffix: str | None 
     if suffix and out.suffix != suffix:
         raise AdaptkitError(f"this adapter is one file: name it *{suffix}", out)
     target = check_output(out, force, inputs, folder=False)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=target.parent)
-        os.close(fd)
-    except OSError as e:
-        raise _output_error(e, target, None, "cannot create the output") from None
-    tmp = Path(tmp)
-    try:
+    with _building(target, _new_file, lambda tmp: os.chmod(tmp, 0o666 & ~_umask())) as tmp:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
-        _publish(tmp, target)
-    except OSError as e:
-        _remove(tmp)
-        raise _output_error(e, target, tmp) from None
-    except BaseException:
-        _remove(tmp)
-        raise
