@@ -14,7 +14,8 @@ class AdaptkitError(Exception):
     """A user-facing error: one line, naming the file (when there is one) or the parameter, and the problem.
 
     ``param`` names the argument of the library call that is wrong (``weights``, ``density``…); the
-    CLI shows the flag that sets it instead.
+    CLI shows the flag that sets it instead. A message may name it itself with ``{param}`` (then it
+    is not also put in front).
     """
 
     exit_code = 2
@@ -28,9 +29,14 @@ class AdaptkitError(Exception):
     def render(self, param_name: str | None = None) -> str:
         """The one line, with the parameter called ``param_name`` (a CLI flag, say) when given."""
         where = [printable(self.path)] if self.path is not None else []
+        message = self.message
         if self.param is not None:
-            where.append(param_name or self.param)
-        return ": ".join([*where, self.message])
+            name = param_name or self.param
+            if "{param}" in message:
+                message = message.replace("{param}", name)
+            else:
+                where.append(name)
+        return ": ".join([*where, message])
 
 
 def printable(value) -> str:

@@ -7,7 +7,7 @@ materialised ΔW (an independent route from the merge's): y = W·x + w·s·B(A·
 y = m / ‖W + ΔW‖_row ⊙ (W·x + ΔW·x) with the row norms also taken from the factors. A correct merge
 differs from y only by rounding its weights into the output dtype; the expected size of that
 rounding noise, ε·sqrt((W'²)·(x²)/12) per output, is computed alongside, and a module passes when
-its error stays within ``ROUNDING_FACTOR`` times it (or within ``--tolerance``, a relative error,
+its error stays within ``ROUNDING_FACTOR`` times it (or within ``tolerance``, a relative error,
 when given). Tensors the adapters do not touch must be bit-identical to the base.
 
 4-bit (bitsandbytes) bases and outputs are dequantized with bitsandbytes. A 4-bit output module
@@ -227,7 +227,7 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
         gaps = [c.rel_error for c in checks if c.note.startswith("differs from the 4-bit base")]
         warnings.append(f"{len(gaps)} modules differ from the 4-bit base + adapter by {100 * min(gaps):.1f}–"
                         f"{100 * max(gaps):.1f} %: the size of the base's quantization error. A merge into the "
-                        "16-bit original is not what the adapter computes on the 4-bit base (see --qlora)")
+                        "16-bit original is not what the adapter computes on the 4-bit base (see qlora in docs/nf4.md)")
     return checks, untouched, mismatched, warnings
 
 
@@ -287,7 +287,7 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
                 pm.load_adapter(a.path, adapter_name=name)
             names.append(name)
         pm.base_model.set_adapter(names)
-        for mod in pm.modules():  # --weight scales each adapter's ΔW
+        for mod in pm.modules():  # each adapter's weight scales its ΔW
             if isinstance(mod, LoraLayer):
                 for name, w in zip(names, weights):
                     if name in mod.scaling:

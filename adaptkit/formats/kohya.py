@@ -3,7 +3,7 @@
 
 Underscores cannot be turned back into dots without knowing the model's names. adaptkit's own
 kohya files carry the exact module names in their metadata (``adaptkit.modules``); for other files
-the names come from ``--base`` (the base checkpoint's tensor names), or else from a heuristic that
+the names come from the base model (its checkpoint's tensor names), or else from a heuristic that
 knows the usual transformer module names and refuses what it cannot resolve.
 """
 
@@ -137,9 +137,9 @@ def read(path: Path, base_names=None) -> Adapter:
             alpha = float(alpha_t.reshape(()).item())
         alphas[name] = alpha if alpha else float(rank)
     if unresolved:
-        hint = "pass --base with the model it was trained on" if by_base is None else "these are not in --base"
+        hint = "give {param}, the model it was trained on" if by_base is None else "these are not in {param}"
         raise AdaptkitError(f"cannot map {len(unresolved)} kohya names back to module names (first: "
-                            f"{unresolved[0]}): {hint}", path)
+                            f"{unresolved[0]}): {hint}", path, param="base")
     config = _metadata_json(metadata, "adapter_config", path)
     adapter = build_adapter(path, path, {}, DictSource(path, tensors), fmt="kohya", infer_alpha=alphas)
     adapter.config = {k: v for k, v in config.items()

@@ -69,7 +69,7 @@ def _refuse_inputs(out: Path, target: Path, inputs: Iterable[str | Path | None])
         else:
             continue
         raise AdaptkitError(f"refusing to write the output here: {why} (an input is never written, even with "
-                            "force); choose another output", out)
+                            "{param}); choose another output", out, param="force")
 
 
 def _umask() -> int:
@@ -156,7 +156,7 @@ def check_output(out: str | Path, force: bool, inputs: Iterable[str | Path | Non
     clean_stale(target)
     if os.path.lexists(target):
         if not force:
-            raise AdaptkitError("output already exists (pass force / --force to replace it)", out)
+            raise AdaptkitError("output already exists (pass {param} to replace it)", out, param="force")
         if folder and not target.is_dir():
             raise AdaptkitError("output exists and is not a folder", out)
         if not folder and not target.is_file():
