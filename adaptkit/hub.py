@@ -119,6 +119,7 @@ def pull(repo: str, *, out: str | Path | None = None, adapter_only: bool = False
     patterns = ADAPTER_FILES if adapter_only else ADAPTER_FILES + MODEL_FILES
     ignore = []
     offline = _offline()
+    unreachable = None  # why the Hub could not be asked, when the cache is tried instead
     try:
         if not offline:
             try:
@@ -136,8 +137,9 @@ def pull(repo: str, *, out: str | Path | None = None, adapter_only: bool = False
             path = snapshot_download(repo_id, revision=revision, repo_type=repo_type, allow_patterns=patterns,
                                      ignore_patterns=ignore or None, local_dir=str(out) if out else None,
                                      cache_dir=_cache_dir(), endpoint=_endpoint(), local_files_only=offline)
-    except (he.HfHubHTTPError, he.LocalEntryNotFoundError, he.OfflineModeIsEnabled, *transport, ValueError) as e:  # every Hub failure becomes one line; anything else is a bug
-        if isinstance(e, he.LocalEntryNotFoundError) and "unreachable" in locals():
+    except (he.HfHubHTTPError, he.LocalEntryNotFoundError, he.OfflineModeIsEnabled, *transport, ValueError) as e:
+        # every Hub failure becomes one line; anything else is a bug and keeps its traceback
+        if isinstance(e, he.LocalEntryNotFoundError) and unreachable is not None:
             e = unreachable
         raise _hub_error(e, repo_id, revision) from None
     except OSError as e:
@@ -314,6 +316,7 @@ def push(folder: str | Path, repo: str, *, private: bool = False, revision: str 
     """
     repo_id = repo
     from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import errors as he
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -338,7 +341,7 @@ def push(folder: str | Path, repo: str, *, private: bool = False, revision: str 
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.create_commit(repo_id, operations=ops, commit_message=message or f"Upload {folder.name} with adaptkit",
                                  revision=revision, create_pr=create_pr)
-    except Exception as e:  # noqa: BLE001
-        raise _hub_error(e, repo_id, revision) from None
+    except (he.HfHubHTTPError, he.OfflineModeIsEnabled, *_transport_errors(), ValueError) as e:
+        raise _hub_error(e, repo_id, revision) from None  # anything else is a bug: keeps its traceback
     return PushResult(repo_id, str(url), info.oid, [op.path_in_repo for op in ops], card,
                       getattr(info, "pr_url", None))

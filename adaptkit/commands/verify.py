@@ -302,7 +302,7 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
             tok = AutoTokenizer.from_pretrained(base_path)
             batches = [tok(p, return_tensors="pt")["input_ids"] for p in prompts]
             source = "tokenizer"
-        except Exception:  # noqa: BLE001 - no tokenizer: fall back to token ids
+        except (OSError, ValueError, KeyError, ImportError):  # no usable tokenizer: random token ids instead
             batches = []
     if not batches:
         gen = torch.Generator().manual_seed(seed)
