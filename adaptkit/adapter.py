@@ -39,6 +39,59 @@ UNSUPPORTED_PEFT_TYPES = {
     "CPT": "CPT", "RANDLORA": "RandLoRA", "SHIRA": "SHiRA", "C3A": "C3A", "MISS": "MiSS",
 }
 
+# Every field of peft's LoraConfig, by what it means for a merge. tests/test_adapter.py checks this
+# against peft's own LoraConfig: a peft release that adds a field fails that test until it is placed here.
+MATH_FIELDS = {"r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_bias",
+               "fan_in_fan_out", "modules_to_save", "trainable_token_indices", "bias", "init_lora_weights",
+               "alora_invocation_tokens"}  # implemented, or refused by value (init_lora_weights, aLoRA)
+SCOPE_FIELDS = {"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"}  # the tensors say it
+INERT_FIELDS = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                "inference_mode", "lora_dropout", "megatron_config", "megatron_core", "runtime_config",
+                "qalora_group_size", "loftq_config", "eva_config", "corda_config", "lora_ga_config"}
+# fields whose meaning adaptkit does not implement: refused whenever they are set
+UNSUPPORTED_FIELDS = {
+    "use_qalora": "QA-LoRA (use_qalora)", "use_bdlora": "block-diagonal LoRA (use_bdlora)", "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA", "kasa_config": "KaSA (it rewrites the base)", "arrow_config": "Arrow routing",
+    "layer_replication": "layer_replication (the adapter changes the model's layer layout)",
+    "target_parameters": "target_parameters (LoRA on raw nn.Parameters, e.g. MoE experts)",
+    "ensure_weight_tying": "ensure_weight_tying",
+}
+KNOWN_FIELDS = MATH_FIELDS | SCOPE_FIELDS | INERT_FIELDS | set(UNSUPPORTED_FIELDS)
+# init_lora_weights values that rewrite the base weight when peft builds the adapter (and again on load)
+MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+def _is_set(value) -> bool:
+    """Whether a config value asks for something (not None, False, 0, "" or an empty collection)."""
+    return value not in (None, False, 0, "", [], {}, ())
+
+
+def mutating_init(config: dict) -> str | None:
+    """The ``init_lora_weights`` when it rewrote the base (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), else None."""
+    init = config.get("init_lora_weights", True)
+    return init if isinstance(init, str) and init.lower().startswith(MUTATING_INITS) else None
+
+
+def config_problems(config: dict) -> list[str]:
+    """Config fields whose meaning adaptkit does not implement, set: one sentence each."""
+    out = []
+    for key, value in config.items():
+        if key in UNSUPPORTED_FIELDS and _is_set(value):
+            out.append(f"{UNSUPPORTED_FIELDS[key]} is not supported: adaptkit cannot apply it exactly")
+        elif key not in KNOWN_FIELDS and _is_set(value):
+            out.append(f"config field {key!r} = {json.dumps(value, default=str)[:40]} is unknown to adaptkit (a newer "
+                       "peft variant?): refused rather than ignored")
+    init = config.get("init_lora_weights", True)
+    if not mutating_init(config) and init not in PLAIN_INITS:
+        out.append(f"init_lora_weights={init!r} is unknown to adaptkit: refused rather than guessed")
+    bias = config.get("bias", "none")
+    if bias not in BIAS_MODES:
+        out.append(f"bias={bias!r} is not one of {', '.join(BIAS_MODES)}")
+    return out
+
+
 _LORA_KEY = re.compile(
     r"^(?P<mod>.+?)\.(?P<role>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"(?:\.(?P<adapter>[^.]+))?(?:\.(?P<param>weight|bias))?$")
@@ -148,6 +201,12 @@ class Adapter:
     notes: list[str] = field(default_factory=list)  # facts worth a warning (assumed alpha, ...)
     format: str = "peft"
     problems: list[str] = field(default_factory=list)  # what makes an exact merge impossible (inspect shows them)
+    token_rows: dict[str, tuple[list[int], str]] = field(default_factory=dict)  # trainable tokens: ids, key
+
+    @property
+    def alora_tokens(self) -> list[int] | None:
+        """aLoRA's invocation tokens: the adapter acts only after them, so no merged weight is equivalent."""
+        return self.config.get("alora_invocation_tokens") or None
 
     def require_finite(self) -> None:
         """Raise when a factor, magnitude, bias or saved tensor holds NaN or Inf (reads the tensors)."""
@@ -163,9 +222,23 @@ class Adapter:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise AdaptkitError(f"NaN or Inf in {key}: the adapter is broken", self.path)
 
-    def require_exact(self) -> None:
-        """Raise the first reason this adapter cannot be merged, combined or converted exactly."""
-        if not self.modules and not self.full_tensors:
+    @property
+    def mutated_init(self) -> str | None:
+        """Why B·A alone is not this adapter's change: an initialisation that rewrote the base (PiSSA…)."""
+        init = mutating_init(self.config)
+        if init is None:
+            return None
+        return (f"init_lora_weights={init!r}: this adapter was saved relative to a base its initialisation "
+                "rewrote (peft redoes it on load), so B·A alone is not its change; convert it first: adaptkit "
+                "convert ADAPTER --initial INITIAL_ADAPTER --to peft -o OUT (INITIAL_ADAPTER: the adapter saved "
+                "right after initialisation), or save it with peft's path_initial_model_for_weight_conversion")
+
+    def require_exact(self, initial_given: bool = False) -> None:
+        """Raise the first reason this adapter cannot be merged, combined or converted exactly
+        (``initial_given``: the base rewrite of its initialisation is being undone, see convert)."""
+        if self.mutated_init and not initial_given:
+            raise AdaptkitError(self.mutated_init, self.path)
+        if not self.modules and not self.full_tensors and not self.token_rows:
             raise AdaptkitError("the adapter holds no LoRA modules (nothing to apply)", self.path)
         if self.problems:
             more = f" (and {len(self.problems) - 1} more problems)" if len(self.problems) > 1 else ""
@@ -257,6 +330,14 @@ def validate_config(config: dict, path: Path) -> None:
         v = config.get(key)
         if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
             bad(key, "must be a list of module names")
+    tokens = config.get("trainable_token_indices")
+    ids = tokens if isinstance(tokens, list) else [i for v in tokens.values() for i in (v if isinstance(v, list) else [v])] \
+        if isinstance(tokens, dict) else None
+    if tokens is not None and (ids is None or not all(_is_int(i) and i >= 0 for i in ids)):
+        bad("trainable_token_indices", "must be a list of token ids, or an object of module name -> token ids")
+    alora = config.get("alora_invocation_tokens")
+    if alora is not None and not (isinstance(alora, list) and all(_is_int(i) and i >= 0 for i in alora)):
+        bad("alora_invocation_tokens", "must be a list of token ids")
 
 
 def check_peft_type(config: dict, path: Path) -> None:
@@ -284,8 +365,10 @@ def build_adapter(path: Path, weights_path: Path, config: dict, source: TensorSo
     use_rslora = bool(config.get("use_rslora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     modules_to_save = list(config.get("modules_to_save") or [])
+    bias_mode = config.get("bias", "none")
     infer_alpha = infer_alpha or {}
 
+    token_keys: dict[str, str] = {}  # module -> key of its trainable_tokens_delta
     parts: dict[str, dict[str, str]] = {}
     full: dict[str, str] = {}
     unclaimed: list[str] = []
@@ -308,14 +391,20 @@ def build_adapter(path: Path, weights_path: Path, config: dict, source: TensorSo
             continue
         if ".original_module." in name:
             continue
+        if name.endswith(TOKEN_DELTA):  # trainable tokens: new values of some rows of an embedding
+            token_keys[name[: -len(TOKEN_DELTA)]] = key
+            continue
         mod = name.rsplit(".", 1)[0]
         if any(mod == t or mod.endswith("." + t) for t in modules_to_save):
+            full[name] = key
+        elif bias_mode != "none" and name.endswith(".bias"):  # bias="all"/"lora_only": trained base biases
             full[name] = key
         else:
             unclaimed.append(key)
 
     notes: list[str] = []
-    problems: list[str] = []
+    problems: list[str] = config_problems(config)
+    token_rows = _token_rows(config.get("trainable_token_indices"), token_keys, source, problems)
     modules: dict[str, LoraModule] = {}
     assumed_alpha = []
     for mod, roles in parts.items():
@@ -362,8 +451,6 @@ def build_adapter(path: Path, weights_path: Path, config: dict, source: TensorSo
             magnitude_key=roles.get("lora_magnitude_vector"), bias_key=roles.get("lora_B.bias"))
     if assumed_alpha:
         notes.append(f"no alpha recorded for {len(assumed_alpha)} modules: assumed alpha = r (scaling 1)")
-    if any("trainable_tokens" in k for k in unclaimed):
-        notes.append("trainable_token_indices (trainable tokens) are not supported and are ignored")
     if "use_dora" in config:
         with_magnitude = sorted(m.name for m in modules.values() if m.magnitude_key)
         without = sorted(m.name for m in modules.values() if not m.magnitude_key and m.kind == "linear")
@@ -375,7 +462,37 @@ def build_adapter(path: Path, weights_path: Path, config: dict, source: TensorSo
                             f"{with_magnitude[0]}): peft would ignore them; fix use_dora")
     return Adapter(path=path, weights_path=weights_path, config=config, source=source,
                    modules=dict(sorted(modules.items(), key=lambda kv: natural_key(kv[0]))),
-                   full_tensors=full, unclaimed=unclaimed, notes=notes, format=fmt, problems=problems)
+                   full_tensors=full, unclaimed=unclaimed, notes=notes, format=fmt, problems=problems,
+                   token_rows=token_rows)
+
+
+TOKEN_DELTA = ".token_adapter.trainable_tokens_delta"
+
+
+def _token_rows(indices, keys: dict[str, str], source: TensorSource, problems: list[str]) -> dict:
+    """peft's trainable tokens: per embedding module, (token ids, key of their new rows).
+
+    ``trainable_token_indices`` is a list (for the input embedding, the one module saved) or an object
+    of module name (or its last parts) -> ids. The saved tensor holds the rows' new values, not a
+    difference (peft's TrainableTokensLayer: W[ids] = values).
+    """
+    out = {}
+    for mod, key in sorted(keys.items()):
+        if isinstance(indices, dict):
+            ids = next((v for k, v in indices.items() if mod == k or mod.endswith("." + k)), None)
+        else:
+            ids = indices if len(keys) == 1 else None
+        shape = source.shape(key)
+        if ids is None:
+            problems.append(f"{mod}: trainable token rows are saved but trainable_token_indices does not say which "
+                            "tokens they are")
+        elif len(shape) != 2 or shape[0] != len(ids):
+            problems.append(f"{mod}: {len(ids)} trainable token ids but {list(shape)} saved rows")
+        elif len(set(ids)) != len(ids):
+            problems.append(f"{mod}: trainable_token_indices repeats a token id (peft refuses overlapping tokens)")
+        else:
+            out[mod] = (list(ids), key)
+    return out
 
 
 def adapter_weights(weights, n: int) -> list[float]:

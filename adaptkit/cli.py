@@ -410,13 +410,16 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
 @click.option("-o", "--output", "out", required=True, help="A folder for --to peft and mlx, a file otherwise.")
 @click.option("--base", default=None, help="The base model: maps kohya names (underscores) back to module names, and "
                                            "gives gguf (required) and mlx their model config.")
+@click.option("--initial", default=None,
+              help="For an adapter whose initialisation rewrote the base (PiSSA, OLoRA, CorDA…): the adapter saved "
+                   "right after initialisation. Writes the plain LoRA (rank 2r) that applies to the original base.")
 @dtype_option("Tensor dtype of a peft, raw or kohya output; auto keeps the adapter's own.")
 @click.option("--outtype", type=click.Choice(["f32", "f16", "bf16"]), default="f32", show_default=True,
               help="Tensor type of a GGUF adapter.")
 @click.option("--prefix", default="lora_te_", show_default=True, help="Name prefix of a kohya output.")
 @force_option
 @json_option
-def convert(source, to, out, base, dtype, outtype, prefix, force, as_json):
+def convert(source, to, out, base, initial, dtype, outtype, prefix, force, as_json):
     """Move an adapter between layouts without changing its ΔW.
 
     SOURCE is a PEFT folder (safetensors or legacy .bin), a raw .safetensors file with PEFT names,
@@ -434,8 +437,8 @@ def convert(source, to, out, base, dtype, outtype, prefix, force, as_json):
     """
     import adaptkit
 
-    result = adaptkit.convert(source, out, to=to, base=base, dtype=dtype, outtype=outtype, prefix=prefix,
-                              force=force, reporter=RichReporter(bars=False))
+    result = adaptkit.convert(source, out, to=to, base=base, initial=initial, dtype=dtype, outtype=outtype,
+                              prefix=prefix, force=force, reporter=RichReporter(bars=False))
     if as_json:
         print_json(result.to_dict())
     else:
@@ -625,6 +628,8 @@ def _render_inspect(report, svd: bool) -> None:
         ("target modules", ", ".join(report.target_modules) if isinstance(report.target_modules, list)
          else str(report.target_modules or "-")),
         ("modules to save", ", ".join(report.modules_to_save) or "-"),
+        ("trainable tokens", "; ".join(f"{m}: {ids}" for m, ids in report.trainable_tokens.items()) or "-"),
+        ("aLoRA invocation", str(report.alora_invocation_tokens) if report.alora_invocation_tokens else "-"),
         ("dtype", ", ".join(report.dtype)), ("parameters", f"{report.parameters:,}"),
         ("file size", _human_bytes(report.file_size)), ("modules", str(len(report.modules))),
     ]
@@ -667,9 +672,13 @@ def _render_verify(report) -> None:
         stdout.print(styled("ok", "green", f" {n} untouched tensors are bit-identical to the base"))
     if report.model is not None:
         m = report.model
+        if m.compared.startswith("logits"):
+            what = (f"max |Δlogits| {m.max_abs_logit_diff:.3g}, mean KL {m.mean_kl:.3g}, top-1 agreement "
+                    f"{100 * m.top1_agreement:.2f} %")
+        else:
+            what = f"max |Δ| {m.max_abs_logit_diff:.3g}"
         stdout.print((styled("ok", "green") if m.ok else styled("FAIL", "red")) + Text(
-            f" model level ({m.prompts} prompts, {m.tokens} tokens, {m.source}): max |Δlogits| "
-            f"{m.max_abs_logit_diff:.3g}, mean KL {m.mean_kl:.3g}, top-1 agreement {100 * m.top1_agreement:.2f} %"))
+            f" model level ({m.prompts} prompts, {m.tokens} tokens, {m.source}; {m.compared}): {what}"))
     for w in report.warnings:
         warn(w)
     failed = [m.name for m in report.modules if not m.ok] + report.untouched_mismatched

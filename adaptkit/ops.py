@@ -20,14 +20,16 @@ from .errors import AdaptkitError
 @dataclass
 class Op:
     """One change to one tensor: ``lora`` (W += w·s·B@A, DoRA when the module has magnitudes),
-    ``bias`` (b += w·s·lora_B.bias) or ``replace`` (a tensor the adapter saved, modules_to_save)."""
+    ``bias`` (b += w·s·lora_B.bias), ``replace`` (a tensor the adapter saved, modules_to_save) or
+    ``rows`` (trainable tokens: the rows of some token ids replaced by the values the adapter saved)."""
 
-    kind: str  # "replace", "lora" or "bias"
+    kind: str  # "replace", "lora", "bias" or "rows"
     adapter: Adapter
     weight: float = 1.0
     module: LoraModule | None = None
     key: str | None = None  # for "replace": the adapter tensor that replaces the base one
     transposed: bool = False  # for "lora": the base stores (in, out)
+    rows: list[int] | None = None  # for "rows": the token ids whose rows ``key`` holds
 
     @property
     def scale(self) -> float:
@@ -77,4 +79,6 @@ def _general(w: torch.Tensor, ops: list[Op], device) -> torch.Tensor:
             w = lora.dora(w, ref, d, m.magnitude, op.transposed) if m.use_dora else w.add_(d)
         elif op.kind == "bias":
             w += lora.bias_delta(op.module.lora_bias, op.scale, device)
+        elif op.kind == "rows":
+            w[op.rows] = op.adapter.source.get(op.key).to(device=device, dtype=torch.float32)
     return w

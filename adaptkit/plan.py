@@ -112,8 +112,16 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] |
     before adding ΔW, as the adapter saw them in QLoRA training, writing a dense model.
     """
     weights = adapter_weights(weights, len(adapters))
-    for adapter in adapters:
+    for adapter, weight in zip(adapters, weights):
         adapter.require_exact()
+        if adapter.alora_tokens:
+            raise AdaptkitError(f"this is an aLoRA (alora_invocation_tokens {adapter.alora_tokens}): its change applies "
+                                "only after the invocation tokens, so no merged weight is equivalent (peft refuses "
+                                "to merge it too); serve it unmerged", adapter.path)
+        if weight != 1.0 and (adapter.full_tensors or adapter.token_rows):
+            raise AdaptkitError(f"a weight of {weight:g} cannot scale the tensors this adapter replaces "
+                                "(modules_to_save, trainable tokens); merge it with weight 1", adapter.path,
+                                param="weights")
     out_dtype = resolve_dtype(dtype)
     limit = parse_size(max_shard_size)
     mode = quant_mode(base, adapters, quantize, qlora, settings)
@@ -187,6 +195,20 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
                     problems.append(f"{label}: {problem}")
                 else:
                     ops.setdefault(m.name + ".bias", []).append(Op("bias", adapter, weight, module=m))
+        for mod, (ids, key) in adapter.token_rows.items():
+            name = mod + ".weight"
+            shape = base_shape(name)
+            if shape is None:
+                problems.append(f"{label}: trainable tokens on {mod}, which is not in the base")
+            elif any(op.kind == "lora" and op.adapter is adapter for op in ops.get(name, [])):
+                problems.append(f"{label}: LoRA and trainable tokens on the same layer {mod} are not supported yet")
+            elif max(ids) >= shape[0] or tuple(adapter.source.shape(key))[1:] != tuple(shape[1:]):
+                problems.append(f"{label}: trainable tokens {max(ids)} / rows of {list(adapter.source.shape(key))} "
+                                f"do not fit {name} {list(shape)}")
+            else:
+                ops.setdefault(name, []).append(Op("rows", adapter, weight, key=key, rows=ids))
+                if tied and name == tied:  # peft ties the output head's adapter to the embedding's
+                    ops.setdefault(OUTPUT_EMBEDDING, []).append(Op("rows", adapter, weight, key=key, rows=ids))
         warnings += [f"{label}: {w}" for w in adapter.notes]
         if overridden:
             flag = str(any(m.fan_in_fan_out for m in adapter.modules.values())).lower()
@@ -349,6 +371,9 @@ def tied_embeddings(base: Checkpoint, ops: dict[str, list[Op]], warnings: list[s
     """
     config = json.loads(json.dumps(base.config))
     tied = _tied_input(base)
+    both = [[(op.kind, op.key) for op in ops.get(name, [])] for name in (tied, OUTPUT_EMBEDDING)]
+    if tied and both[0] == both[1] and all(kind == "rows" for kind, _ in both[0]):
+        return None, config  # trainable tokens on a tied embedding change both alike (peft ties them): still tied
     if tied and (OUTPUT_EMBEDDING in ops or tied in ops):
         config["tie_word_embeddings"] = False
         warnings.append(f"the adapter changes one of the tied tensors {tied} / {OUTPUT_EMBEDDING}: both are "

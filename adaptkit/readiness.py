@@ -56,6 +56,15 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
     biased = [m.name for m in mods if m.bias_key]
     if biased:
         problems.append(Problem("lora_bias", f"{len(biased)} modules with a LoRA bias (first: {biased[0]})", merge_fix))
+    if adapter.token_rows:
+        ids = sum(len(ids) for ids, _ in adapter.token_rows.values())
+        problems.append(Problem("trainable_tokens", f"{ids} trainable token rows on {', '.join(adapter.token_rows)}",
+                                merge_fix))
+    if adapter.alora_tokens:
+        problems.append(Problem("alora", f"aLoRA (invocation tokens {adapter.alora_tokens}): the runtime must implement "
+                                "activated LoRA, which adaptkit has not checked for it",
+                                "serve it with peft (an aLoRA cannot be merged), or with a runtime release that "
+                                "implements activated LoRA"))
     if target == "vllm":
         high = [m for m in mods if m.shape_rank > max_lora_rank]
         if high:

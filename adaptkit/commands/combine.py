@@ -75,6 +75,12 @@ def _check(adapters: list[Adapter]) -> dict[str, list]:
                                 "merge the adapters into the base instead", a.path)
         if any(m.bias_key for m in a.modules.values()):
             raise AdaptkitError("lora_bias adapters cannot be combined yet", a.path)
+        if a.token_rows:
+            raise AdaptkitError("trainable tokens cannot be combined by adding deltas (they replace rows); merge the "
+                                "adapters into the base instead", a.path)
+    if len({tuple(a.alora_tokens or ()) for a in adapters}) > 1:
+        raise AdaptkitError("aLoRA adapters combine only with aLoRAs of the same invocation tokens: "
+                            + "; ".join(f"{a.path}: {a.alora_tokens}" for a in adapters))
     layouts = {a.path: {m.fan_in_fan_out for m in a.modules.values()} for a in adapters}
     if len(set().union(*layouts.values())) > 1:
         conv = [str(p) for p, v in layouts.items() if True in v]
@@ -203,7 +209,8 @@ def combine(adapters, out, *, method: str, weights=None, density: float | None =
 
     first = loaded[0].config
     config = {"peft_type": "LORA", "fan_in_fan_out": any(m.fan_in_fan_out for a in loaded for m in a.modules.values()),
-              "base_model_name_or_path": first.get("base_model_name_or_path"), "task_type": first.get("task_type")}
+              "base_model_name_or_path": first.get("base_model_name_or_path"), "task_type": first.get("task_type"),
+              "alora_invocation_tokens": loaded[0].alora_tokens}
     here = Path(f"(combined with {method})")  # in memory: no path on disk
     combined = build_adapter(here, here, config, DictSource(here, tensors), fmt="combined", infer_alpha=alphas)
     params = {"density": density, "majority_sign": majority_sign if spec.sign else None,

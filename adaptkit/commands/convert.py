@@ -13,10 +13,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import lora
+from ..adapter import Adapter, build_adapter
 from ..dtypes import resolve_dtype
 from ..errors import AdaptkitError
 from ..formats import TARGETS
 from ..formats.kohya import DEFAULT_PREFIX
+from ..formats.sources import DictSource
 from ..hub import resolve
 from ..io.checkpoint import Checkpoint
 from ..io.output import atomic_output_dir, atomic_output_file, check_output
@@ -39,8 +42,8 @@ class ConvertResult:
         return asdict(self)
 
 
-def convert(source, out, *, to: str, base=None, dtype=None, outtype: str = "f32", prefix: str = DEFAULT_PREFIX,
-            force: bool = False, reporter: Reporter | None = None) -> ConvertResult:
+def convert(source, out, *, to: str, base=None, initial=None, dtype=None, outtype: str = "f32",
+            prefix: str = DEFAULT_PREFIX, force: bool = False, reporter: Reporter | None = None) -> ConvertResult:
     """Write the adapter ``source`` in another layout at ``out``, its ΔW unchanged.
 
     Args:
@@ -55,6 +58,10 @@ def convert(source, out, *, to: str, base=None, dtype=None, outtype: str = "f32"
             ``base_model_name_or_path`` is tried when it is a local folder.
         dtype: cast the tensors (``"float16"``, ``"bfloat16"``, ``"float32"``; default: as stored),
             for ``peft``, ``raw`` and ``kohya``.
+        initial: for an adapter whose initialisation rewrote the base (PiSSA, OLoRA, CorDA…): the
+            adapter as saved right after initialisation. The output is then the plain LoRA of rank
+            2r that applies to the original base, B·A − B₀·A₀ (peft's
+            ``path_initial_model_for_weight_conversion``).
         outtype: tensor type of a GGUF adapter: ``f32``, ``f16`` or ``bf16``.
         prefix: the kohya name prefix (``lora_te_``, ``lora_unet_``…).
         force: replace an existing ``out``.
@@ -78,14 +85,18 @@ def convert(source, out, *, to: str, base=None, dtype=None, outtype: str = "f32"
                             param="outtype")
     target = TARGETS[to]
     torch_dtype = resolve_dtype(dtype)
-    check_output(out, force, inputs=[source, base], folder=target.suffix is None)
+    check_output(out, force, inputs=[source, base, initial], folder=target.suffix is None)
     base_ck = Checkpoint.open(resolve(base)) if base is not None else None
     adapter = open_adapter(source, base_names=list(base_ck.tensors) if base_ck is not None else None)
-    adapter.require_exact()
+    adapter.require_exact(initial_given=initial is not None)
     adapter.require_finite()
     for w in adapter.notes:
         report.warn(w)
     inputs = [source, *read_paths(base_ck, [adapter])]
+    if initial is not None:
+        start = open_adapter(initial)
+        inputs += read_paths(None, [start])
+        adapter = subtract_initial(adapter, start)
     if target.base != "no" and base_ck is None:
         guess = Path(str(adapter.base_model or ""))
         if adapter.base_model and (guess / "config.json").exists():
@@ -106,3 +117,35 @@ def convert(source, out, *, to: str, base=None, dtype=None, outtype: str = "f32"
         with atomic_output_file(out, force, target.suffix, inputs=inputs) as tmp:
             target.write(adapter, tmp, **options)
     return ConvertResult(str(source), adapter.format, to, str(out), len(adapter.modules), report.warnings)
+
+
+def subtract_initial(trained: Adapter, initial: Adapter) -> Adapter:
+    """The plain LoRA that applies to the original base: ΔW = s·B·A − s₀·B₀·A₀ for every module, as one
+    LoRA of rank r + r₀ (A' = [A; A₀], B' = [s·B, −s₀·B₀], scaling 1), exactly (:func:`adaptkit.lora.concat`)."""
+    if set(trained.modules) != set(initial.modules):
+        odd = sorted(set(trained.modules) ^ set(initial.modules))
+        raise AdaptkitError(f"the initial adapter does not have the same modules (first difference: {odd[0]})",
+                            initial.path, param="initial")
+    if trained.use_dora or initial.use_dora or any(m.kind != "linear" for m in trained.modules.values()):
+        raise AdaptkitError("only linear LoRA modules without DoRA can be converted from their initial adapter",
+                            trained.path, param="initial")
+    tensors, alphas = {}, {}
+    for name, m in trained.modules.items():
+        m0 = initial.modules[name]
+        if (m0.out_features, m0.in_features) != (m.out_features, m.in_features):
+            raise AdaptkitError(f"{name} is {m0.out_features}×{m0.in_features} in the initial adapter, "
+                                f"{m.out_features}×{m.in_features} in the trained one", initial.path, param="initial")
+        a, b = lora.concat([(m.A, m.B, m.scaling), (m0.A, m0.B, -m0.scaling)])
+        tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = a, b
+        alphas[name] = float(a.shape[0])  # scaling 1: the scales are in B
+    for name, key in trained.full_tensors.items():
+        tensors[name] = trained.source.get(key)
+    config = {k: v for k, v in trained.config.items() if k not in ("r", "lora_alpha", "rank_pattern", "alpha_pattern",
+                                                                    "use_rslora")}
+    config.update(init_lora_weights=True, modules_to_save=sorted({n.rpartition(".")[0] for n in trained.full_tensors})
+                  or None)
+    converted = build_adapter(trained.path, trained.weights_path,
+                              {"peft_type": "LORA", "modules_to_save": config["modules_to_save"]},
+                              DictSource(trained.path, tensors), fmt="converted", infer_alpha=alphas)
+    converted.config = {**config, "peft_type": "LORA"}
+    return converted

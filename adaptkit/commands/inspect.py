@@ -51,6 +51,8 @@ class AdapterReport:
     file_size: int
     modules: list[ModuleReport]
     modules_to_save: list[str] = field(default_factory=list)
+    trainable_tokens: dict[str, list[int]] = field(default_factory=dict)  # embedding -> token ids it replaces
+    alora_invocation_tokens: list[int] | None = None
     warnings: list[str] = field(default_factory=list)
     checks: list[Readiness] = field(default_factory=list)  # where it will load (``checks=``)
 
@@ -96,9 +98,11 @@ def health(adapter: Adapter) -> list[str]:
         warnings.append(f"rank differs from the config in {_few(rank_diff)}: peft cannot load it, adaptkit will not "
                         "merge it")
     warnings += [p for p in adapter.problems if "but the config gives r=" not in p]
+    if adapter.mutated_init:
+        warnings.append(adapter.mutated_init)
     if adapter.unclaimed:
         warnings.append(f"{len(adapter.unclaimed)} tensors belong to no LoRA module: {_few(adapter.unclaimed)}")
-    if not adapter.modules and not adapter.full_tensors:
+    if not adapter.modules and not adapter.full_tensors and not adapter.token_rows:
         warnings.append("the adapter holds no LoRA modules")
     return warnings
 
@@ -162,4 +166,6 @@ def inspect_adapter(adapter: Adapter, svd: bool = False) -> AdapterReport:
         scaling=scalings.pop() if len(scalings) == 1 else None, use_rslora=adapter.use_rslora,
         use_dora=adapter.use_dora, target_modules=cfg.get("target_modules"), dtype=adapter.dtypes,
         parameters=adapter.parameters, file_size=adapter.file_size, modules=modules,
-        modules_to_save=sorted(adapter.full_tensors), warnings=health(adapter))
+        modules_to_save=sorted(adapter.full_tensors),
+        trainable_tokens={mod: ids for mod, (ids, _) in adapter.token_rows.items()},
+        alora_invocation_tokens=adapter.alora_tokens, warnings=health(adapter))

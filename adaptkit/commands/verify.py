@@ -61,11 +61,12 @@ class ModuleCheck:
 class ModelCheck:
     prompts: int
     tokens: int
-    max_abs_logit_diff: float
+    max_abs_logit_diff: float  # of the outputs compared (logits, or hidden states)
     mean_kl: float
     top1_agreement: float
     ok: bool
     source: str  # "tokenizer" or "random token ids"
+    compared: str = "logits"  # what was compared, and with which class
 
 
 @dataclass
@@ -183,17 +184,24 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
                 mismatched.append(job.name)
             continue
         lora_ops = [op for op in job.ops if op.kind == "lora"]
-        if not lora_ops:  # modules_to_save replacement or a LoRA bias: exact up to one rounding
+        if not lora_ops:  # modules_to_save, trainable token rows or a LoRA bias: compared in full
             exp = src.double()
             for op in job.ops:
                 if op.kind == "replace":
                     exp = op.adapter.source.get(op.key).double()
+                elif op.kind == "rows":
+                    exp = exp.clone()
+                    exp[op.rows] = op.adapter.source.get(op.key).double()
                 elif op.kind == "bias":
                     exp = exp + op.module.lora_bias.double() * (op.module.scaling * op.weight)
             err = float((got.double() - exp).norm() / exp.norm().clamp(min=1e-30))
+            for op in job.ops:  # replaced rows on their own scale: a few tokens in a large vocabulary still count
+                if op.kind == "rows":
+                    rows = exp[op.rows]
+                    err = max(err, float((got.double()[op.rows] - rows).norm() / rows.norm().clamp(min=1e-30)))
             noise = _noise_vec(exp, got.dtype)
             allowed = tolerance if tolerance is not None else max(ROUNDING_FACTOR * noise, 1e-12)
-            kind = "bias" if any(op.kind == "bias" for op in job.ops) else "replace"
+            kind = next(op.kind for op in reversed(job.ops))
             checks.append(ModuleCheck(job.name, kind, err, allowed, noise, err <= allowed))
             continue
         transposed = lora_ops[0].transposed
@@ -251,32 +259,55 @@ def _quiet_transformers(hf_logging):
             hf_logging.enable_progress_bar()
 
 
+def _model_class(config: dict):
+    """The transformers class to load a checkpoint with: the one its config names (a causal LM when it
+    names none transformers knows)."""
+    import transformers
+
+    arch = (config.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    return cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModelForCausalLM
+
+
+def _load(path: Path, cls, dev: torch.device):
+    """(model in fp32 on ``dev``, names of weights the checkpoint lacks: newly initialised)."""
+    quantized = "quantization_config" in read_json(Path(path) / "config.json", "config.json")
+    kwargs = {"device_map": str(dev)} if quantized else {}
+    model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kwargs)
+    model = model.eval() if quantized else model.eval().to(dev)
+    return model, list(info.get("missing_keys") or [])
+
+
 def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, weights, prompts: list[str] | None,
                 seed: int = 0, kl_tolerance: float = 1e-3, device: torch.device | str = "cpu") -> ModelCheck:
-    """Logits of base + adapters (peft, unmerged) against the merged model (transformers), fp32.
+    """Base + adapters (peft, unmerged) against the merged model (transformers), in fp32.
 
-    Passes when the mean KL divergence is within ``kl_tolerance``; top-1 agreement is reported but
-    not judged (on near-tied logits, rounding alone flips a few argmaxes)."""
+    Both load with the class the base's config names. When it has a head, its outputs (logits) are
+    compared: the check passes when the mean KL divergence is within ``kl_tolerance`` (top-1
+    agreement is reported, not judged: on near-tied logits rounding alone flips a few). When that
+    class would initialise weights the checkpoint lacks (a head missing from an encoder's
+    checkpoint), outputs of random weights would be compared: the backbone (``AutoModel``) is loaded
+    instead and its last hidden states are compared, relative to the adapters' own effect on them.
+    The prompts include the token ids the adapters' trainable tokens replace."""
     import warnings
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
     dev = torch.device(device)
-
-    def load(path):
-        # 4-bit checkpoints are placed by transformers (device_map); dense ones are moved after loading
-        quantized = "quantization_config" in read_json(Path(path) / "config.json", "config.json")
-        kwargs = {"device_map": str(dev)} if quantized else {}
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
-        return m if quantized else m.to(dev)
-
+    config = read_json(Path(base_path) / "config.json", "config.json")
+    cls = _model_class(config)
     with warnings.catch_warnings(), _quiet_transformers(hf_logging):
         warnings.simplefilter("ignore")
-        ref = load(base_path)
+        ref, missing = _load(base_path, cls, dev)
+        why = ""
+        if missing:  # a head the checkpoint lacks would be random in each load: compare the backbone
+            why = f"; {cls.__name__}'s head is not in the checkpoint"
+            cls = AutoModel
+            ref, missing = _load(base_path, cls, dev)
         names = []
         pm = None
         for i, a in enumerate(adapters):
@@ -293,34 +324,58 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
                     if name in mod.scaling:
                         mod.scaling[name] *= w
         pm.eval()
-        merged = load(merged_path)
-    vocab = merged.config.get_text_config().vocab_size if hasattr(merged.config, "get_text_config") else merged.config.vocab_size
-    source = "random token ids"
-    batches = []
-    if prompts:
-        try:
-            tok = AutoTokenizer.from_pretrained(base_path)
-            batches = [tok(p, return_tensors="pt")["input_ids"] for p in prompts]
-            source = "tokenizer"
-        except (OSError, ValueError, KeyError, ImportError):  # no usable tokenizer: random token ids instead
-            batches = []
-    if not batches:
-        gen = torch.Generator().manual_seed(seed)
-        batches = [torch.randint(0, vocab, (1, 32), generator=gen) for _ in range(4)]
-    diffs, kls, agree, total = [], [], 0, 0
+        merged, _ = _load(merged_path, cls, dev)
+    batches, source = _prompts(base_path, merged.config, adapters, prompts, seed)
+    diffs, kls, agree, total, errs = [], [], 0, 0, []
     with torch.no_grad():
         for ids in batches:
             ids = ids.to(dev)
-            a = pm(input_ids=ids).logits.double()
-            b = merged(input_ids=ids).logits.double()
+            out_a, out_b = pm(input_ids=ids), merged(input_ids=ids)
+            if getattr(out_a, "logits", None) is not None:
+                a, b = out_a.logits.double(), out_b.logits.double()
+                pa, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+                kls.append(float((pa.exp() * (pa - lb)).sum(-1).mean()))
+                agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+                total += int(a.argmax(-1).numel())
+            else:
+                a, b = out_a.last_hidden_state.double(), out_b.last_hidden_state.double()
+                with pm.disable_adapter():
+                    plain = pm(input_ids=ids).last_hidden_state.double()
+                errs.append((float((a - b).norm()), float((a - plain).norm()), float(a.norm())))
             diffs.append(float((a - b).abs().max()))
-            pa, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
-            kls.append(float((pa.exp() * (pa - lb)).sum(-1).mean()))
-            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-            total += ids.numel()
-    mean_kl = sum(kls) / len(kls)
-    top1 = agree / total
-    return ModelCheck(len(batches), total, max(diffs), mean_kl, top1, mean_kl <= kl_tolerance, source)
+    if kls:
+        mean_kl, top1 = sum(kls) / len(kls), agree / total
+        return ModelCheck(len(batches), sum(ids.numel() for ids in batches), max(diffs), mean_kl, top1,
+                          mean_kl <= kl_tolerance, source, f"logits ({cls.__name__}{why})")
+    err, effect, norm = (sum(e[i] for e in errs) for i in range(3))
+    rel = err / max(norm, 1e-30)
+    # the merge must reproduce the adapters' effect on the hidden states to within 2 % of it (or to
+    # within rounding, 1e-3 of their size, when the effect itself is that small)
+    ok = err <= max(0.02 * effect, 1e-3 * norm)
+    return ModelCheck(len(batches), sum(ids.numel() for ids in batches), max(diffs), 0.0, 1.0, ok, source,
+                      f"hidden states ({type(merged).__name__}{why}): relative error {rel:.2e}, the adapters move "
+                      f"them by {effect / max(norm, 1e-30):.2e}")
+
+
+def _prompts(base_path, config, adapters: list[Adapter], prompts, seed: int):
+    """Token ids to run: the prompts through the base's tokenizer, else seeded random ids, with every
+    token id an adapter's trainable tokens replace placed in the first."""
+    from transformers import AutoTokenizer
+
+    if prompts:
+        try:
+            tok = AutoTokenizer.from_pretrained(base_path)
+            return [tok(p, return_tensors="pt")["input_ids"] for p in prompts], "tokenizer"
+        except (OSError, ValueError, KeyError, ImportError):  # no usable tokenizer: random token ids instead
+            pass
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, text.vocab_size, (1, 32), generator=gen) for _ in range(4)]
+    special = [i for a in adapters for ids, _ in a.token_rows.values() for i in ids if i < text.vocab_size][:32]
+    if special:
+        batches[0][0, : len(special)] = torch.tensor(special)
+        return batches, "random token ids, with the trainable tokens"
+    return batches, "random token ids"
 
 
 def same_architecture(base: Checkpoint, merged: Checkpoint) -> None:

@@ -158,6 +158,9 @@ def kohya_tensors(adapter: Adapter, prefix: str = DEFAULT_PREFIX, dtype=None):
     if adapter.full_tensors:
         raise AdaptkitError(f"modules_to_save ({', '.join(sorted(adapter.full_tensors))}) cannot be written as a "
                             "kohya file", adapter.path)
+    if adapter.token_rows or adapter.alora_tokens:
+        what = "trainable tokens" if adapter.token_rows else "aLoRA invocation tokens"
+        raise AdaptkitError(f"{what} cannot be written as a kohya file (it has no place for them)", adapter.path)
     tensors, names = {}, {}
     for m in adapter.modules.values():
         if m.kind != "linear":

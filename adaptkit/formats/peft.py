@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import lora
-from ..adapter import PEFT_PREFIX, Adapter, build_adapter, check_peft_type, pattern_key, validate_config
+from ..adapter import TOKEN_DELTA, PEFT_PREFIX, Adapter, build_adapter, check_peft_type, pattern_key, validate_config
 from ..errors import AdaptkitError
 from ..io.files import read_json
 from .sources import open_source
@@ -30,15 +30,7 @@ def read_config(path: Path) -> dict:
         raise AdaptkitError("malformed adapter config: no peft_type", cfg_path)
     check_peft_type(config, cfg_path)
     validate_config(config, cfg_path)
-    _refuse_unsupported(config, cfg_path)
     return config
-
-
-def _refuse_unsupported(config: dict, cfg_path: Path) -> None:
-    if config.get("layer_replication"):
-        raise AdaptkitError("layer_replication is not supported (the adapter changes the model's layer layout)", cfg_path)
-    if config.get("target_parameters"):
-        raise AdaptkitError("target_parameters (LoRA on raw nn.Parameters) is not supported yet", cfg_path)
 
 
 def read(path: Path, base_names=None) -> Adapter:
@@ -85,6 +77,8 @@ def peft_tensors(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str
         mod, _, param = name.rpartition(".")
         key = f"{mod}.base_layer.{param}" if mod in embedding_modules else name
         out[key] = cast(adapter.full_tensor(name))
+    for mod, (_, key) in adapter.token_rows.items():
+        out[mod + TOKEN_DELTA] = cast(adapter.source.get(key))
     return out
 
 
@@ -104,16 +98,20 @@ def peft_config(adapter: Adapter) -> dict:
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     embedding = {m.name for m in mods if m.kind == "embedding"}
-    mts = sorted({n.rpartition(".")[0] for n in adapter.full_tensors} - embedding)
+    bias = adapter.config.get("bias", "none")
+    saved = [n for n in adapter.full_tensors if bias == "none" or not n.endswith(".bias")]
+    mts = sorted({n.rpartition(".")[0] for n in saved} - embedding)
     cfg = {
         "peft_type": "LORA", "r": r, "lora_alpha": alpha,
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
         "target_modules": sorted(ranks), "use_rslora": False, "use_dora": dora.pop(),
         "lora_bias": any(m.bias_key for m in mods), "fan_in_fan_out": any(m.fan_in_fan_out for m in mods),
-        "modules_to_save": mts or None, "lora_dropout": 0.0, "bias": "none", "init_lora_weights": True,
+        "modules_to_save": mts or None, "lora_dropout": 0.0, "bias": bias, "init_lora_weights": True,
         "inference_mode": True, "base_model_name_or_path": adapter.config.get("base_model_name_or_path"),
         "task_type": adapter.config.get("task_type"),
+        "trainable_token_indices": {mod: ids for mod, (ids, _) in adapter.token_rows.items()} or None,
+        "alora_invocation_tokens": adapter.alora_tokens,
     }
     return cfg
 
