@@ -673,7 +673,7 @@ def _render_verify(report) -> None:
     if report.model is not None:
         m = report.model
         if m.compared.startswith("logits"):
-            what = (f"max |Δlogits| {m.max_abs_logit_diff:.3g}, mean KL {m.mean_kl:.3g}, top-1 agreement "
+            what = (f"max |Δlogits| {m.max_abs_logit_diff:.3g}, mean KL {m.mean_kl:.3g} (worst {m.max_kl:.3g}), top-1 agreement "
                     f"{100 * m.top1_agreement:.2f} %")
         else:
             what = f"max |Δ| {m.max_abs_logit_diff:.3g}"

@@ -42,6 +42,7 @@ from ..io.output import atomic_output_file
 from ..hub import VERIFY_REPORT
 from .inputs import open_adapters, open_base, read_paths
 
+SPIKE_FACTOR = 100.0  # beyond the KL tolerance, the worst position may be this many times the typical one
 ROUNDING_FACTOR = 3.0  # a correct merge's error is at most about 1x the expected rounding noise
 PROBES = 8
 
@@ -67,6 +68,7 @@ class ModelCheck:
     ok: bool
     source: str  # "tokenizer" or "random token ids"
     compared: str = "logits"  # what was compared, and with which class
+    max_kl: float = 0.0  # the worst position's KL: a few wrong tokens (trainable ones) stand out there
 
 
 @dataclass
@@ -326,7 +328,7 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
         pm.eval()
         merged, _ = _load(merged_path, cls, dev)
     batches, source = _prompts(base_path, merged.config, adapters, prompts, seed)
-    diffs, kls, agree, total, errs = [], [], 0, 0, []
+    diffs, kls, agree, total, errs, position_kls = [], [], 0, 0, [], []
     with torch.no_grad():
         for ids in batches:
             ids = ids.to(dev)
@@ -334,7 +336,9 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
             if getattr(out_a, "logits", None) is not None:
                 a, b = out_a.logits.double(), out_b.logits.double()
                 pa, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
-                kls.append(float((pa.exp() * (pa - lb)).sum(-1).mean()))
+                kl = (pa.exp() * (pa - lb)).sum(-1)
+                kls.append(float(kl.mean()))
+                position_kls.append(kl.reshape(-1))
                 agree += int((a.argmax(-1) == b.argmax(-1)).sum())
                 total += int(a.argmax(-1).numel())
             else:
@@ -345,8 +349,13 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
             diffs.append(float((a - b).abs().max()))
     if kls:
         mean_kl, top1 = sum(kls) / len(kls), agree / total
-        return ModelCheck(len(batches), sum(ids.numel() for ids in batches), max(diffs), mean_kl, top1,
-                          mean_kl <= kl_tolerance, source, f"logits ({cls.__name__}{why})")
+        per_position = torch.cat(position_kls)
+        worst_kl, typical = float(per_position.max()), float(per_position.median())
+        # a few wrong positions (tokens an adapter replaced, say) hide in the mean: the worst position
+        # must stay within the tolerance too, unless it is merely a hundred typical ones (rounding)
+        ok = mean_kl <= kl_tolerance and worst_kl <= max(kl_tolerance, SPIKE_FACTOR * typical)
+        return ModelCheck(len(batches), sum(ids.numel() for ids in batches), max(diffs), mean_kl, top1, ok,
+                          source, f"logits ({cls.__name__}{why})", worst_kl)
     err, effect, norm = (sum(e[i] for e in errs) for i in range(3))
     rel = err / max(norm, 1e-30)
     # the merge must reproduce the adapters' effect on the hidden states to within 2 % of it (or to

@@ -110,9 +110,11 @@ def peft_config(adapter: Adapter) -> dict:
         "modules_to_save": mts or None, "lora_dropout": 0.0, "bias": bias, "init_lora_weights": True,
         "inference_mode": True, "base_model_name_or_path": adapter.config.get("base_model_name_or_path"),
         "task_type": adapter.config.get("task_type"),
-        "trainable_token_indices": {mod: ids for mod, (ids, _) in adapter.token_rows.items()} or None,
-        "alora_invocation_tokens": adapter.alora_tokens,
     }
+    if adapter.token_rows:
+        cfg["trainable_token_indices"] = {mod: ids for mod, (ids, _) in adapter.token_rows.items()}
+    if adapter.alora_tokens:
+        cfg["alora_invocation_tokens"] = adapter.alora_tokens
     return cfg
 
 
