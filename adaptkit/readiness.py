@@ -60,6 +60,11 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
         ids = sum(len(ids) for ids, _ in adapter.token_rows.values())
         problems.append(Problem("trainable_tokens", f"{ids} trainable token rows on {', '.join(adapter.token_rows)}",
                                 merge_fix))
+    if adapter.mutated_init:
+        init = adapter.config.get("init_lora_weights")
+        problems.append(Problem("init_lora_weights", f"init_lora_weights={init!r}: on the original base it computes "
+                                "something else than it was trained to", f"adaptkit convert {src} --initial "
+                                "INITIAL_ADAPTER --to peft -o PLAIN  (the plain LoRA of the same change)"))
     if adapter.alora_tokens:
         problems.append(Problem("alora", f"aLoRA (invocation tokens {adapter.alora_tokens}): the runtime must implement "
                                 "activated LoRA, which adaptkit has not checked for it",
