@@ -57,3 +57,43 @@ def conv1d_modules(config: dict) -> set[str] | None:
     if model is None:
         return None
     return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+
+
+def checkpoint_renames(config: dict, disk_names) -> dict[str, str]:
+    """In-memory tensor name -> on-disk name, for every on-disk tensor transformers renames on load
+    (a Llava's ``language_model.model.layers.0…`` is ``model.language_model.layers.0…`` in memory).
+
+    Asks transformers itself: the rules it applies when loading this architecture
+    (``conversion_mapping.py`` in transformers 5, ``_checkpoint_conversion_mapping`` before), applied
+    to the checkpoint's own names. Tensors that transformers merges on load (MoE experts fused into
+    one parameter) are not renames and are left out. Empty when transformers cannot build the model.
+    """
+    model = meta_model(config, required=False)
+    if model is None:
+        return {}
+    disk_names = list(disk_names)
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: one dict of regexes per class
+        import re
+
+        rules = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+        out = {}
+        for name in disk_names:
+            memory = name
+            for pattern, replacement in rules.items():
+                memory = re.sub(pattern, replacement, memory)
+            if memory != name:
+                out[memory] = name
+        return out
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+    out = {}
+    for name in disk_names:
+        memory, converted = rename_source_key(name, renamings, converters, model.base_model_prefix, meta)
+        if converted is None and memory != name:
+            out[memory] = name
+    return out

@@ -149,8 +149,14 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
     problems: list[str] = []
     missing: dict[str, list[str]] = {}
     tied = _tied_input(base)
+    names = _disk_names(base, adapters)
+
+    def disk(name):
+        """The on-disk name of an (in-memory) tensor name."""
+        return name if name in base or name in qweights else names.get(name, name)
 
     def base_shape(name):
+        name = disk(name)
         if name in qweights:
             return qweights[name].shape
         if name in base:
@@ -174,7 +180,7 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
                 problems.append(f"{label}: {name} is {list(adapter.source.shape(key))} in the adapter "
                                 f"but {list(shape)} in the base")
             else:
-                ops.setdefault(name, []).append(Op("replace", adapter, weight, key=key))
+                ops.setdefault(disk(name), []).append(Op("replace", adapter, weight, key=key))
         overridden = []
         for m in adapter.modules.values():
             shape = base_shape(m.weight_name)
@@ -188,15 +194,15 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
                 continue
             if m.kind == "linear" and conv1d is not None and transposed != m.fan_in_fan_out:
                 overridden.append(m.name)
-            ops.setdefault(m.weight_name, []).append(Op("lora", adapter, weight, module=m, transposed=transposed))
+            ops.setdefault(disk(m.weight_name), []).append(Op("lora", adapter, weight, module=m, transposed=transposed))
             if m.bias_key is not None:
                 problem = _check_bias(m, base_shape(m.name + ".bias"))
                 if problem:
                     problems.append(f"{label}: {problem}")
                 else:
-                    ops.setdefault(m.name + ".bias", []).append(Op("bias", adapter, weight, module=m))
+                    ops.setdefault(disk(m.name + ".bias"), []).append(Op("bias", adapter, weight, module=m))
         for mod, (ids, key) in adapter.token_rows.items():
-            name = mod + ".weight"
+            name = disk(mod + ".weight")
             shape = base_shape(name)
             if shape is None:
                 problems.append(f"{label}: trainable tokens on {mod}, which is not in the base")
@@ -218,14 +224,36 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
         if adapter.unclaimed:
             warnings.append(f"{label}: {len(adapter.unclaimed)} tensors belong to no LoRA module and are ignored "
                             f"(first: {adapter.unclaimed[0]})")
-    for label, names in missing.items():
+    for label, mods in missing.items():
         total = len(adapters[[str(a.path) for a in adapters].index(label)].modules)
-        problems.insert(0, f"{label}: {len(names)} of its {total} modules are not in the base "
-                           f"(first: {', '.join(names[:3])}); was it trained on another model?")
+        near = _closest(base, mods[0] + ".weight")
+        tried = " (with transformers' renames for this architecture)" if names else ""
+        problems.insert(0, f"{label}: {len(mods)} of its {total} modules are not in the base{tried} (first: "
+                           f"{', '.join(mods[:3])}{'; closest base tensor: ' + near if near else ''}); was it "
+                           "trained on another model?")
     if problems:
         more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
         raise AdaptkitError(f"adapter does not fit the base {base.path}: " + "; ".join(problems[:3]) + more)
     return ops
+
+
+def _disk_names(base: Checkpoint, adapters: list[Adapter]) -> dict[str, str]:
+    """In-memory -> on-disk names by transformers' own rules, asked only when some adapter names a
+    tensor the checkpoint does not hold under that name (peft saves in-memory names)."""
+    wanted = {m.weight_name for a in adapters for m in a.modules.values()} | {
+        n for a in adapters for n in a.full_tensors} | {mod + ".weight" for a in adapters for mod in a.token_rows}
+    if all(n in base for n in wanted):
+        return {}
+    from .architecture import checkpoint_renames
+
+    return checkpoint_renames(base.config, base.tensors)
+
+
+def _closest(base: Checkpoint, name: str) -> str | None:
+    import difflib
+
+    found = difflib.get_close_matches(name, list(base.tensors), n=1, cutoff=0.5)
+    return found[0] if found else None
 
 
 def _orientation(m: LoraModule, shape, conv1d: set[str] | None) -> bool:

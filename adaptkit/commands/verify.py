@@ -380,6 +380,12 @@ def _prompts(base_path, config, adapters: list[Adapter], prompts, seed: int):
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     gen = torch.Generator().manual_seed(seed)
     batches = [torch.randint(0, text.vocab_size, (1, 32), generator=gen) for _ in range(4)]
+    # tokens that stand for an image, a video or audio would need those inputs too: none in a text prompt
+    media = {v for k, v in config.to_dict().items() if isinstance(v, int) and k.endswith(("_token_index", "_token_id"))
+             and k.split("_")[0] in ("image", "video", "audio", "boi", "eoi", "vision")}
+    for ids in batches:
+        for m in media:
+            ids[ids == m] = next(i for i in range(text.vocab_size) if i not in media)
     special = [i for a in adapters for ids, _ in a.token_rows.values() for i in ids if i < text.vocab_size][:32]
     if special:
         batches[0][0, : len(special)] = torch.tensor(special)
