@@ -43,7 +43,7 @@ UNSUPPORTED_PEFT_TYPES = {
 # against peft's own LoraConfig: a peft release that adds a field fails that test until it is placed here.
 MATH_FIELDS = {"r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_bias",
                "fan_in_fan_out", "modules_to_save", "trainable_token_indices", "bias", "init_lora_weights",
-               "alora_invocation_tokens"}  # implemented, or refused by value (init_lora_weights, aLoRA)
+               "alora_invocation_tokens", "target_parameters"}  # implemented, or refused by value (init_lora_weights, aLoRA)
 SCOPE_FIELDS = {"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"}  # the tensors say it
 INERT_FIELDS = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
                 "inference_mode", "lora_dropout", "megatron_config", "megatron_core", "runtime_config",
@@ -53,7 +53,6 @@ UNSUPPORTED_FIELDS = {
     "use_qalora": "QA-LoRA (use_qalora)", "use_bdlora": "block-diagonal LoRA (use_bdlora)", "velora_config": "VeLoRA",
     "monteclora_config": "MonteCLoRA", "kasa_config": "KaSA (it rewrites the base)", "arrow_config": "Arrow routing",
     "layer_replication": "layer_replication (the adapter changes the model's layer layout)",
-    "target_parameters": "target_parameters (LoRA on raw nn.Parameters, e.g. MoE experts)",
     "ensure_weight_tying": "ensure_weight_tying",
 }
 KNOWN_FIELDS = MATH_FIELDS | SCOPE_FIELDS | INERT_FIELDS | set(UNSUPPORTED_FIELDS)
@@ -61,6 +60,16 @@ KNOWN_FIELDS = MATH_FIELDS | SCOPE_FIELDS | INERT_FIELDS | set(UNSUPPORTED_FIELD
 MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 BIAS_MODES = ("none", "all", "lora_only")
+
+
+def _version(text) -> tuple[int, ...]:
+    """(0, 21, 2) of '0.21.2' (0.21.0.dev0 counts as 0.21); () when unreadable."""
+    parts = []
+    for p in str(text or "").split("."):
+        if not p.isdigit():
+            break
+        parts.append(int(p))
+    return tuple(parts)
 
 
 def _is_set(value) -> bool:
@@ -83,6 +92,10 @@ def config_problems(config: dict) -> list[str]:
         elif key not in KNOWN_FIELDS and _is_set(value):
             out.append(f"config field {key!r} = {json.dumps(value, default=str)[:40]} is unknown to adaptkit (a newer "
                        "peft variant?): refused rather than ignored")
+    if _is_set(config.get("target_parameters")) and _version(config.get("peft_version")) < (0, 21):
+        out.append(f"target_parameters saved by peft {config.get('peft_version') or 'of unknown version'}: the layout "
+                   "of the expert factors changed between peft versions, and adaptkit reads that of peft 0.21 and "
+                   "later; re-save the adapter with peft >= 0.21")
     init = config.get("init_lora_weights", True)
     if not mutating_init(config) and init not in PLAIN_INITS:
         out.append(f"init_lora_weights={init!r} is unknown to adaptkit: refused rather than guessed")
@@ -131,6 +144,9 @@ class LoraModule:
     b_key: str
     magnitude_key: str | None = None  # DoRA
     bias_key: str | None = None  # lora_bias
+    param: str | None = None  # target_parameters: the parameter adapted (name is then the module's + param)
+    experts: int = 1  # target_parameters on a 3-D expert parameter: E (the factors hold every expert's)
+    candidates: tuple[str, ...] = ()  # target_parameters before the base tells which parameter (kind "param")
 
     @property
     def use_dora(self) -> bool:
@@ -166,8 +182,9 @@ class LoraModule:
 
     @property
     def weight_name(self) -> str:
-        """The base checkpoint tensor this module changes."""
-        return self.name + ".weight"
+        """The (in-memory) tensor this module changes: ``name.weight``, or the parameter itself for
+        ``target_parameters`` (``…mlp.experts.gate_up_proj``)."""
+        return self.name if self.param else self.name + ".weight"
 
     @property
     def transposed(self) -> bool:
@@ -202,6 +219,45 @@ class Adapter:
     format: str = "peft"
     problems: list[str] = field(default_factory=list)  # what makes an exact merge impossible (inspect shows them)
     token_rows: dict[str, tuple[list[int], str]] = field(default_factory=dict)  # trainable tokens: ids, key
+
+    def resolve_parameters(self, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+        """Tell each ``target_parameters`` LoRA which parameter it adapts, from the (in-memory) shapes of
+        the base's parameters; return the problems (none when every one is told apart).
+
+        A wrapper's factors fit a parameter of shape (E, d1, d2) when B is (d1 or d2, r·E) and A
+        (r·E, the other): peft reads (E, out, in) for most expert modules and (E, in, out) for those
+        marked ``is_transposed`` (gpt-oss); 2-D parameters are (out, in)."""
+        problems = []
+        for mod, m in list(self.modules.items()):
+            if m.kind != "param":
+                continue
+            module = _unwrapped(mod)
+            fits = []
+            for param in m.candidates:
+                shape = shapes.get(f"{module}.{param}")
+                if shape is None:
+                    continue
+                dims, experts = (tuple(shape[1:]), shape[0]) if len(shape) == 3 else (tuple(shape), 1)
+                if len(dims) == 2 and {m.out_features, m.in_features} == set(dims) and \
+                        (m.out_features, m.in_features) in (dims, dims[::-1]) and m.shape_rank % experts == 0:
+                    fits.append((param, experts))
+            if len(fits) != 1:
+                what = "none" if not fits else "several"
+                problems.append(f"{module}: {what} of its targeted parameters ({', '.join(m.candidates)}) fit a LoRA "
+                                f"of A {list(self.source.shape(m.a_key))}, B {list(self.source.shape(m.b_key))}")
+                continue
+            param, experts = fits[0]
+            name = f"{module}.{param}"
+            rank, alpha, scaling, problem = module_scale(self.config, name, m.shape_rank, self.format, None, experts)
+            if problem or alpha is None:
+                problems.append(problem or f"{name}: no lora_alpha recorded")
+                continue
+            del self.modules[mod]
+            self.modules[name] = LoraModule(name=name, kind="linear", rank=rank, alpha=alpha, scaling=scaling,
+                                            fan_in_fan_out=False, source=m.source, a_key=m.a_key, b_key=m.b_key,
+                                            param=param, experts=experts)
+        self.modules = dict(sorted(self.modules.items(), key=lambda kv: natural_key(kv[0])))
+        return problems
 
     @property
     def alora_tokens(self) -> list[int] | None:
@@ -356,12 +412,6 @@ def build_adapter(path: Path, weights_path: Path, config: dict, source: TensorSo
     """
     check_peft_type(config, path)
     validate_config(config, path)
-    has_config = bool(config)
-    defaults = PEFT_DEFAULTS if fmt == "peft" else {}  # what peft's LoraConfig assumes when a key is absent
-    r_default = config.get("r", defaults.get("r", 0))
-    alpha_default = config.get("lora_alpha", defaults.get("lora_alpha"))
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     modules_to_save = list(config.get("modules_to_save") or [])
@@ -404,6 +454,7 @@ def build_adapter(path: Path, weights_path: Path, config: dict, source: TensorSo
 
     notes: list[str] = []
     problems: list[str] = config_problems(config)
+    params = _targeted_parameters(config.get("target_parameters"), parts, problems)
     token_rows = _token_rows(config.get("trainable_token_indices"), token_keys, source, problems)
     modules: dict[str, LoraModule] = {}
     assumed_alpha = []
@@ -426,22 +477,17 @@ def build_adapter(path: Path, weights_path: Path, config: dict, source: TensorSo
         shape_rank = a_shape[0]
         if shape_rank == 0:
             raise AdaptkitError(f"{mod}: lora_A has rank 0 ({list(a_shape)})", path)
-        key = pattern_key(rank_pattern, mod)
-        rank = int(rank_pattern[key]) if key is not None else (r_default or shape_rank)
-        if has_config and rank != shape_rank:
-            problems.append(f"{mod}: its tensors have rank {shape_rank} but the config gives r={rank} (peft could "
-                            "not load this adapter; fix r or rank_pattern)")
-        key = pattern_key(alpha_pattern, mod)
-        if key is not None:
-            alpha = alpha_pattern[key]
-        elif has_config and alpha_default is not None:
-            alpha = alpha_default
-        elif mod in infer_alpha:
-            alpha = infer_alpha[mod]
-        else:
+        if mod in params:  # a target_parameters wrapper: which parameter is told by the base's shapes
+            modules[mod] = LoraModule(name=mod, kind="param", rank=0, alpha=0, scaling=0.0, fan_in_fan_out=False,
+                                      source=source, a_key=a_key, b_key=b_key, candidates=params[mod])
+            continue
+        rank, alpha, scaling, problem = module_scale(config, mod, shape_rank, fmt, infer_alpha)
+        if problem:
+            problems.append(problem)
+        if alpha is None:
             alpha = rank
             assumed_alpha.append(mod)
-        scaling = lora.scaling(alpha, rank, use_rslora)
+            scaling = lora.scaling(alpha, rank, use_rslora)
         if not (math.isfinite(scaling) and abs(scaling) <= FP32_MAX):
             raise AdaptkitError(f"{mod}: its scaling {scaling:g} (alpha {alpha}, r {rank}) is not a finite fp32 number",
                                 path)
@@ -467,6 +513,59 @@ def build_adapter(path: Path, weights_path: Path, config: dict, source: TensorSo
 
 
 TOKEN_DELTA = ".token_adapter.trainable_tokens_delta"
+WRAPPED = ".base_layer"
+
+
+def _unwrapped(mod: str) -> str:
+    while mod.endswith(WRAPPED):
+        mod = mod[: -len(WRAPPED)]
+    return mod
+
+
+def module_scale(config: dict, name: str, shape_rank: int, fmt: str, infer_alpha: dict | None, experts: int = 1):
+    """(rank, alpha or None when none is recorded, scaling, problem or None) of the module ``name``,
+    peft's way: rank_pattern / alpha_pattern keys first, then r and lora_alpha (their defaults for a
+    PEFT folder), then ``infer_alpha`` (formats that store alphas per module)."""
+    defaults = PEFT_DEFAULTS if fmt == "peft" else {}
+    key = pattern_key(config.get("rank_pattern") or {}, name)
+    rank = int(config["rank_pattern"][key]) if key is not None else (config.get("r", defaults.get("r", 0))
+                                                                      or shape_rank // experts)
+    problem = None
+    if config and rank * experts != shape_rank:
+        problem = (f"{name}: its tensors have rank {shape_rank} but the config gives r={rank}"
+                   + (f" for {experts} experts" if experts > 1 else "") + " (peft could not load this adapter; fix "
+                   "r or rank_pattern)")
+    key = pattern_key(config.get("alpha_pattern") or {}, name)
+    alpha_default = config.get("lora_alpha", defaults.get("lora_alpha"))
+    if key is not None:
+        alpha = config["alpha_pattern"][key]
+    elif config and alpha_default is not None:
+        alpha = alpha_default
+    else:
+        alpha = (infer_alpha or {}).get(name)
+    scaling = lora.scaling(alpha, rank, bool(config.get("use_rslora", False))) if alpha is not None else 0.0
+    return rank, alpha, scaling, problem
+
+
+def _targeted_parameters(targets, parts: dict, problems: list[str]) -> dict[str, tuple[str, ...]]:
+    """The parameters each ``target_parameters`` LoRA may adapt, by the key it is saved under.
+
+    peft wraps a module once per targeted parameter (``module.base_layer…base_layer.lora_A``); the
+    config's list does not keep the wrapping order, so which wrapper adapts which parameter is told by
+    the shapes, against the base (:meth:`Adapter.resolve_parameters`)."""
+    if not targets:
+        return {}
+    if not isinstance(targets, list) or not all(isinstance(t, str) and "." in t for t in targets):
+        problems.append("target_parameters must be a list of module.parameter names")
+        return {}
+    specs = [t.rsplit(".", 1) for t in targets]
+    out = {}
+    for mod in parts:
+        module = _unwrapped(mod)
+        here = tuple(param for suffix, param in specs if module == suffix or module.endswith("." + suffix))
+        if here:
+            out[mod] = here
+    return out
 
 
 def _token_rows(indices, keys: dict[str, str], source: TensorSource, problems: list[str]) -> dict:

@@ -97,3 +97,63 @@ def checkpoint_renames(config: dict, disk_names) -> dict[str, str]:
         if converted is None and memory != name:
             out[memory] = name
     return out
+
+
+def parameter_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the model transformers builds from ``config``, by its in-memory name."""
+    model = meta_model(config, required=False)
+    return {} if model is None else {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def is_transposed(config: dict, module: str) -> bool | None:
+    """Whether transformers marks the expert module ``module`` as storing (E, in, out) (gpt-oss)."""
+    model = meta_model(config, required=False)
+    if model is None:
+        return None
+    try:
+        return bool(getattr(model.get_submodule(module), "is_transposed", False))
+    except AttributeError:
+        return None
+
+
+def fused_from_disk(config: dict, disk_names) -> dict[str, list[tuple[str, int, int, list[str], int | None]]]:
+    """For each in-memory parameter transformers builds by merging several on-disk tensors (MoE experts
+    stored one tensor per expert, fused into one 3-D parameter on load): its sources, each
+    (on-disk name, expert index, part index, the converter's source patterns, concat dim or None).
+
+    Only transformers' stack-then-concatenate conversions (MergeModulelist(dim=0), optionally followed
+    by Concatenate) are described; a parameter built any other way is left out, and a LoRA on it is
+    refused rather than guessed.
+    """
+    import re
+
+    model = meta_model(config, required=False)
+    if model is None:
+        return {}
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (Concatenate, MergeModulelist, WeightConverter, WeightRenaming,
+                                                     rename_source_key)
+    except ImportError:
+        return {}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+    out: dict[str, list] = {}
+    for name in disk_names:
+        memory, pattern = rename_source_key(name, renamings, converters, model.base_model_prefix, meta)
+        if pattern is None:
+            continue
+        conv = next((c for c in converters if pattern in c.source_patterns), None)
+        ops = list(conv.operations) if conv is not None else []
+        if not ops or not isinstance(ops[0], MergeModulelist) or ops[0].dim != 0 or len(ops) > 2 or (
+                len(ops) == 2 and not isinstance(ops[1], Concatenate)):
+            continue
+        found = re.search(re.escape(pattern).replace(r"\*", r"(\d+)") + "$", name)
+        if found is None:
+            continue
+        concat = ops[1].dim if len(ops) == 2 else None
+        out.setdefault(memory, []).append((name, int(found.group(1)), list(conv.source_patterns).index(pattern),
+                                           list(conv.source_patterns), concat))
+    return out

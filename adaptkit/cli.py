@@ -644,7 +644,8 @@ def _render_inspect(report, svd: bool) -> None:
         table.add_column("rank@99%", justify="right")
         table.add_column("top σ", justify="right")
     for m in report.modules:
-        kind = m.kind + (" +DoRA" if m.dora else "") + (" +bias" if m.lora_bias else "")
+        kind = m.kind + (f" ×{m.experts} experts" if m.experts > 1 else "") + (" +DoRA" if m.dora else "") \
+            + (" +bias" if m.lora_bias else "")
         row = [m.name, kind, str(m.rank), f"{m.alpha:g}", f"{m.scaling:.4g}", str(m.in_features), str(m.out_features)]
         if svd:
             row += [str(m.rank_90), str(m.rank_99), f"{m.singular_values[0]:.4g}" if m.singular_values else "-"]

@@ -90,3 +90,32 @@ def qr_core(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     qb, rb = torch.linalg.qr(b)
     qa, ra = torch.linalg.qr(a.T)
     return qb, qa, rb @ ra.T
+
+
+def expert_factors(a: torch.Tensor, b: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """peft's layout for a LoRA on a 3-D expert parameter (``target_parameters``, ParamWrapper in
+    ``peft/tuners/lora/layer.py``, peft ≥ 0.21): A is (E·r, in) with expert-major rows, B (out, r·E)
+    with rank-major columns. Returns A as (E, r, in) and B as (out, r, E): expert e's factors are
+    ``A[e]`` and ``B[:, :, e]``."""
+    r = a.shape[0] // experts
+    return a.reshape(experts, r, a.shape[-1]), b.reshape(b.shape[0], r, experts)
+
+
+def expert_delta(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, e: int, device=None) -> torch.Tensor:
+    """ΔW of expert ``e`` = s · B_e @ A_e in fp32, (out, in)."""
+    ea, eb = expert_factors(a, b, experts)
+    return delta(ea[e], eb[:, :, e], scale, device)
+
+
+def place_expert(one, experts: int, expert: int | None, part: tuple[int, int, int] | None) -> torch.Tensor:
+    """Where an expert LoRA's deltas land on one on-disk tensor: ``one(e)`` (expert e's delta in the
+    parameter's own orientation) for every expert, stacked, on a fused 3-D tensor (``expert`` None);
+    else expert ``expert``'s, narrowed to ``part`` = (dim, start, stop) where the tensor holds a part
+    of it (gate beside up)."""
+    if expert is None:
+        return torch.stack([one(e) for e in range(experts)])
+    d = one(expert)
+    if part is not None:
+        dim, start, stop = part
+        d = d.narrow(dim, start, stop - start)
+    return d

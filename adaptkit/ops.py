@@ -30,6 +30,8 @@ class Op:
     key: str | None = None  # for "replace": the adapter tensor that replaces the base one
     transposed: bool = False  # for "lora": the base stores (in, out)
     rows: list[int] | None = None  # for "rows": the token ids whose rows ``key`` holds
+    expert: int | None = None  # for "experts": the expert whose delta goes here (None: all, a fused 3-D tensor)
+    part: tuple[int, int, int] | None = None  # for "experts": (dim, start, stop) of that expert's delta
 
     @property
     def scale(self) -> float:
@@ -81,4 +83,19 @@ def _general(w: torch.Tensor, ops: list[Op], device) -> torch.Tensor:
             w += lora.bias_delta(op.module.lora_bias, op.scale, device)
         elif op.kind == "rows":
             w[op.rows] = op.adapter.source.get(op.key).to(device=device, dtype=torch.float32)
+        elif op.kind == "experts":
+            w += expert_term(op, device)
     return w
+
+
+def expert_term(op: Op, device) -> torch.Tensor:
+    """What a ``target_parameters`` LoRA adds to this tensor: one expert's w·s·B_e@A_e ((out, in), or
+    transposed where the parameter stores (in, out)), the part this tensor holds, or every expert's,
+    stacked, for a fused 3-D tensor."""
+    m = op.module
+
+    def one(e):
+        d = lora.expert_delta(m.A, m.B, op.scale, m.experts, e, device)
+        return d.T if op.transposed else d
+
+    return lora.place_expert(one, m.experts, op.expert, op.part)

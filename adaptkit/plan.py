@@ -97,7 +97,8 @@ class MergePlan:
 
     @property
     def modules_merged(self) -> int:
-        return sum(1 for j in self.jobs for op in j.ops if op.kind == "lora")
+        """Adapter modules applied (a module on experts counts once, however many tensors it reaches)."""
+        return len({(id(op.adapter), op.module.name) for j in self.jobs for op in j.ops if op.kind in ("lora", "experts")})
 
 
 def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] | None = None, *,
@@ -112,6 +113,7 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] |
     before adding ΔW, as the adapter saw them in QLoRA training, writing a dense model.
     """
     weights = adapter_weights(weights, len(adapters))
+    _resolve_parameters(base, adapters)
     for adapter, weight in zip(adapters, weights):
         adapter.require_exact()
         if adapter.alora_tokens:
@@ -183,6 +185,13 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
                 ops.setdefault(disk(name), []).append(Op("replace", adapter, weight, key=key))
         overridden = []
         for m in adapter.modules.values():
+            if m.param and m.experts > 1:
+                problem = _match_experts(base, m, adapter, weight, disk, ops)
+                if problem == "missing":
+                    missing.setdefault(str(label), []).append(m.name)
+                elif problem:
+                    problems.append(f"{label}: {problem}")
+                continue
             shape = base_shape(m.weight_name)
             if shape is None:
                 missing.setdefault(str(label), []).append(m.name)
@@ -235,6 +244,76 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
         more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
         raise AdaptkitError(f"adapter does not fit the base {base.path}: " + "; ".join(problems[:3]) + more)
     return ops
+
+
+def _resolve_parameters(base: Checkpoint, adapters: list[Adapter]) -> None:
+    """Tell each ``target_parameters`` LoRA which parameter it adapts, from the base model's shapes."""
+    if not any(m.kind == "param" for a in adapters for m in a.modules.values()):
+        return
+    from .architecture import parameter_shapes
+
+    shapes = parameter_shapes(base.config)
+    for adapter in adapters:
+        problems = adapter.resolve_parameters(shapes)
+        if problems:
+            raise AdaptkitError(f"target_parameters that do not fit the base {base.path}: " + "; ".join(problems[:2]),
+                                adapter.path)
+
+
+def _expert_orientation(m: LoraModule, dims: tuple[int, int], base: Checkpoint) -> bool | None:
+    """Whether each expert's (out, in) delta lands transposed on a parameter of per-expert shape ``dims``."""
+    delta = (m.out_features, m.in_features)
+    if dims == delta and dims != delta[::-1]:
+        return False
+    if dims == delta[::-1] and dims != delta:
+        return True
+    if dims == delta:  # square: peft reads (E, out, in) unless the module is marked is_transposed
+        from .architecture import is_transposed
+
+        marked = is_transposed(base.config, m.name.rsplit(".", 1)[0])
+        return None if marked is None else marked
+    return None
+
+
+def _match_experts(base: Checkpoint, m: LoraModule, adapter: Adapter, weight: float, disk, ops) -> str | None:
+    """Ops for a LoRA on a 3-D expert parameter: on the fused on-disk tensor (gpt-oss), or on each
+    expert's own on-disk tensors (Qwen3-MoE, Mixtral…) that transformers merges into it on load.
+    Returns a problem, "missing", or None."""
+    from .architecture import fused_from_disk, parameter_shapes
+
+    shape = parameter_shapes(base.config).get(m.weight_name)
+    if shape is None or len(shape) != 3 or shape[0] != m.experts:
+        return "missing"
+    transposed = _expert_orientation(m, tuple(shape[1:]), base)
+    if transposed is None:
+        return f"{m.name}: cannot tell how the LoRA's (out, in) lands on {list(shape)}"
+    name = disk(m.weight_name)
+    if name in base:
+        if tuple(base.info(name).shape) != tuple(shape):
+            return f"{name} is {list(base.info(name).shape)} on disk, {list(shape)} in memory"
+        ops.setdefault(name, []).append(Op("experts", adapter, weight, module=m, transposed=transposed))
+        return None
+    sources = fused_from_disk(base.config, base.tensors).get(m.weight_name)
+    if not sources:
+        return "missing"
+    per_expert = tuple(shape[1:])
+    sizes: dict[tuple[int, int], int] = {}
+    for disk_name, e, part, _, concat in sources:
+        sizes[(e, part)] = base.info(disk_name).shape[concat - 1] if concat is not None else 0
+    for disk_name, e, part, _, concat in sources:
+        if concat is None:
+            slot = None
+            expected = per_expert
+        else:
+            dim = concat - 1
+            start = sum(sizes[(e, p)] for p in range(part))
+            slot = (dim, start, start + sizes[(e, part)])
+            expected = tuple(sizes[(e, part)] if i == dim else n for i, n in enumerate(per_expert))
+        if tuple(base.info(disk_name).shape) != expected:
+            return f"{disk_name} is {list(base.info(disk_name).shape)}, expected {list(expected)} from {m.name}"
+        ops.setdefault(disk_name, []).append(Op("experts", adapter, weight, module=m, transposed=transposed,
+                                                expert=e, part=slot))
+    return None
 
 
 def _disk_names(base: Checkpoint, adapters: list[Adapter]) -> dict[str, str]:

@@ -66,3 +66,73 @@ def test_names_that_no_rule_maps_are_refused_with_the_closest_tensor(runner, tmp
               odd / "adapter_model.safetensors")
     res = invoke(runner, "merge", base, odd, "-o", tmp_path / "o")
     assert_one_line_error(res, "not in the base (with transformers' renames", "closest base tensor")
+
+
+MOE = {"qwen3-moe": ("qwen3_moe_config", "model.layers.1.mlp.experts.2.up_proj.weight"),
+       "gpt-oss": ("gpt_oss_config", "model.layers.1.mlp.experts.down_proj")}
+
+
+@pytest.fixture(scope="module", params=list(MOE))
+def moe(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    build.build_model(getattr(build, MOE[request.param][0])(), root / "base", dtype=torch.float32)
+    ad = build.build_adapter(root / "base", root / "lora", r=2, lora_alpha=4, target_modules=["q_proj"],
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                             rank_pattern={"gate_up_proj": 3}, alpha_pattern={"down_proj": 8})
+    return request.param, root / "base", ad
+
+
+def test_a_lora_on_experts_merges_as_peft_merges_it(tmp_path, moe):
+    """Per-expert tensors on disk (Qwen3-MoE) or fused ones (gpt-oss, stored (E, in, out)): every
+    expert's delta lands where transformers loads it from, rank/alpha patterns included."""
+    from peft import PeftModel
+
+    family, base, ad = moe
+    out = tmp_path / "m"
+    result = adaptkit.merge(base, ad, out)
+    assert result.modules_merged == 6
+    info = adaptkit.inspect(ad)
+    assert {m.experts for m in info.modules if "experts" in m.name} == {4}
+    unmerged = PeftModel.from_pretrained(build.load_model(base), ad).eval()
+    plain = build.load_model(base)
+    mine = build.load_model(out)
+    ids = torch.tensor([[1, 5, 9, 200, 7, 3, 11, 13, 60, 61]])
+    with torch.no_grad():
+        a, b, c = unmerged(input_ids=ids).logits, mine(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+    assert (a - c).abs().max() > 100 * (a - b).abs().max()  # the experts' deltas are really there
+    ref = unmerged.merge_and_unload().state_dict()
+    for name, t in mine.state_dict().items():
+        assert torch.allclose(t, ref[name], rtol=1e-6, atol=1e-7), name
+    assert adaptkit.verify(base, ad, out).ok
+
+
+def test_verify_catches_one_experts_delta_dropped(tmp_path, moe):
+    from safetensors.torch import load_file, save_file
+
+    family, base, ad = moe
+    out = tmp_path / "m"
+    adaptkit.merge(base, ad, out)
+    name = MOE[family][1]
+    shard = next(out.glob("*.safetensors"))
+    merged, original = load_file(shard), load_file(next(base.glob("*.safetensors")))
+    if merged[name].dim() == 3:  # fused: expert 2 only
+        merged[name] = merged[name].clone()
+        merged[name][2] = original[name][2]
+    else:
+        merged[name] = original[name]
+    save_file(merged, shard, metadata={"format": "pt"})
+    report = adaptkit.verify(base, ad, out, model=False)
+    assert not report.ok and [m.name for m in report.modules if not m.ok] == [name]
+
+
+def test_expert_loras_of_an_older_peft_are_refused(runner, tmp_path, moe):
+    import json
+    import shutil
+
+    _, base, ad = moe
+    old = tmp_path / "old"
+    shutil.copytree(ad, old)
+    cfg = json.loads((old / "adapter_config.json").read_text())
+    (old / "adapter_config.json").write_text(json.dumps({**cfg, "peft_version": "0.17.1"}))
+    assert_one_line_error(invoke(runner, "merge", base, old, "-o", tmp_path / "o"), "peft 0.17.1", ">= 0.21")

@@ -185,7 +185,6 @@ def test_every_lora_config_field_is_classified():
 
 @pytest.mark.parametrize("change, needle", [
     ({"use_qalora": True}, "QA-LoRA"), ({"kasa_config": {"beta": 1}}, "KaSA"),
-    ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters"),
     ({"brand_new_variant": {"k": 2}}, "'brand_new_variant'"), ({"init_lora_weights": "olora"}, "'olora'"),
     ({"init_lora_weights": "who-knows"}, "unknown to adaptkit"), ({"bias": "some"}, "bias='some'"),
 ])

@@ -75,6 +75,9 @@ def _check(adapters: list[Adapter]) -> dict[str, list]:
                                 "merge the adapters into the base instead", a.path)
         if any(m.bias_key for m in a.modules.values()):
             raise AdaptkitError("lora_bias adapters cannot be combined yet", a.path)
+        if any(m.param or m.kind == "param" for m in a.modules.values()):
+            raise AdaptkitError("LoRAs on parameters (target_parameters, MoE experts) cannot be combined yet; merge "
+                                "the adapters into the base instead", a.path)
         if a.token_rows:
             raise AdaptkitError("trainable tokens cannot be combined by adding deltas (they replace rows); merge the "
                                 "adapters into the base instead", a.path)

@@ -32,6 +32,7 @@ class ModuleReport:
     singular_values: list[float] | None = None
     rank_90: int | None = None
     rank_99: int | None = None
+    experts: int = 1  # a LoRA on a 3-D expert parameter: one rank-r LoRA per expert
 
 
 @dataclass
@@ -77,7 +78,7 @@ def health(adapter: Adapter) -> list[str]:
         if a_shape[0] != b_shape[1]:
             mismatched.append(f"{m.name} (A {list(a_shape)}, B {list(b_shape)})")
             continue
-        if m.shape_rank != m.rank:
+        if m.kind != "param" and m.shape_rank != m.rank * m.experts:
             rank_diff.append(f"{m.name} (tensors r={m.shape_rank}, config r={m.rank})")
         a, b = m.A, m.B
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
@@ -138,6 +139,7 @@ def inspect(source, *, svd: bool = False, checks=(), max_lora_rank: int = 16,
         (8, 16, 2.0, 14, False)
     """
     adapter = open_adapter(source)
+    _resolve_from_base(adapter)
     report = inspect_adapter(adapter, svd=svd)
     report.checks = [check(adapter, target, max_lora_rank) for target in checks]
     collected = Collected(reporter)
@@ -146,13 +148,27 @@ def inspect(source, *, svd: bool = False, checks=(), max_lora_rank: int = 16,
     return report
 
 
+def _resolve_from_base(adapter: Adapter) -> None:
+    """Name what each target_parameters LoRA adapts when the adapter's base is a local model folder."""
+    from pathlib import Path
+
+    from ..architecture import parameter_shapes
+    from ..io.files import is_regular, read_json
+
+    base = adapter.base_model
+    if not any(m.kind == "param" for m in adapter.modules.values()) or not isinstance(base, str):
+        return
+    if is_regular(Path(base) / "config.json"):
+        adapter.resolve_parameters(parameter_shapes(read_json(Path(base) / "config.json", "config.json")))
+
+
 def inspect_adapter(adapter: Adapter, svd: bool = False) -> AdapterReport:
     modules = []
     for m in adapter.modules.values():
         rep = ModuleReport(name=m.name, kind=m.kind, rank=m.rank, alpha=m.alpha, scaling=m.scaling,
                            in_features=m.in_features, out_features=m.out_features, dora=m.use_dora,
-                           lora_bias=m.bias_key is not None)
-        if svd and bool(torch.isfinite(m.A).all() and torch.isfinite(m.B).all()):  # health names the others
+                           lora_bias=m.bias_key is not None, experts=m.experts)
+        if svd and m.experts == 1 and m.kind != "param" and bool(torch.isfinite(m.A).all() and torch.isfinite(m.B).all()):
             s = singular_values(m)
             rep.singular_values = [float(x) for x in s]
             rep.rank_90, rep.rank_99 = energy_rank(s, 0.90), energy_rank(s, 0.99)

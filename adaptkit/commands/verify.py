@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .. import lora
 from ..adapter import Adapter, adapter_weights
 from ..codecs import FourBitRead
 from ..device import resolve_device
@@ -133,6 +134,22 @@ def _expected(w: torch.Tensor, ops, x: torch.Tensor | None, transposed: bool) ->
     return y, kind
 
 
+def _expert_expected(op) -> torch.Tensor:
+    """What a ``target_parameters`` LoRA adds to one on-disk tensor, in fp64, from its factors: expert
+    e's s·B_e·A_e (peft's layout: A rows expert-major, B columns rank-major), transposed where the
+    parameter stores (in, out), the part this tensor holds; all experts stacked for a fused tensor."""
+    m = op.module
+    a, b = m.A.double(), m.B.double()
+    r = a.shape[0] // m.experts
+    s = m.scaling * op.weight
+
+    def one(e):
+        d = s * (b[:, e::m.experts] @ a[e * r:(e + 1) * r])  # B's columns k·E + e, A's rows e·r + k
+        return d.T if op.transposed else d
+
+    return lora.place_expert(one, m.experts, op.expert, op.part)
+
+
 def _dense(ck: Checkpoint, name: str, decoders: dict) -> torch.Tensor:
     """A weight as the model computes with it: 4-bit weights dequantized (their codec, bitsandbytes)."""
     dec = decoders.get(name)
@@ -196,7 +213,12 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
                     exp[op.rows] = op.adapter.source.get(op.key).double()
                 elif op.kind == "bias":
                     exp = exp + op.module.lora_bias.double() * (op.module.scaling * op.weight)
+                elif op.kind == "experts":
+                    exp = exp + _expert_expected(op)
             err = float((got.double() - exp).norm() / exp.norm().clamp(min=1e-30))
+            if exp.dim() == 3:  # a fused expert tensor: each expert on its own scale, so one cannot hide
+                err = max(err, *(float((got.double()[e] - exp[e]).norm() / exp[e].norm().clamp(min=1e-30))
+                                 for e in range(exp.shape[0])))
             for op in job.ops:  # replaced rows on their own scale: a few tokens in a large vocabulary still count
                 if op.kind == "rows":
                     rows = exp[op.rows]
