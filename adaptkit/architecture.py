@@ -121,28 +121,33 @@ def fused_from_disk(config: dict, disk_names) -> dict[str, list[tuple[str, int, 
     stored one tensor per expert, fused into one 3-D parameter on load): its sources, each
     (on-disk name, expert index, part index, the converter's source patterns, concat dim or None).
 
-    Only transformers' stack-then-concatenate conversions (MergeModulelist(dim=0), optionally followed
-    by Concatenate) are described; a parameter built any other way is left out, and a LoRA on it is
-    refused rather than guessed.
+    The rules are transformers' own, for this model type (``get_checkpoint_conversion_mapping``; the
+    model is built, on the meta device, only when the model type has none of its own). Only
+    stack-then-concatenate conversions (MergeModulelist(dim=0), optionally followed by Concatenate)
+    are described; a parameter built any other way is left out, and a LoRA on it is refused rather
+    than guessed.
     """
     import re
 
-    model = meta_model(config, required=False)
-    if model is None:
-        return {}
     try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping, get_model_conversion_mapping
         from transformers.core_model_loading import (Concatenate, MergeModulelist, WeightConverter, WeightRenaming,
                                                      rename_source_key)
     except ImportError:
         return {}
-    transforms = get_model_conversion_mapping(model)
+    transforms, prefix, meta = get_checkpoint_conversion_mapping(config.get("model_type")), None, None
+    if not transforms:
+        model = meta_model(config, required=False)
+        if model is None:
+            return {}
+        transforms, prefix, meta = get_model_conversion_mapping(model), model.base_model_prefix, model.state_dict()
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    meta = model.state_dict()
+    if not converters:
+        return {}
     out: dict[str, list] = {}
     for name in disk_names:
-        memory, pattern = rename_source_key(name, renamings, converters, model.base_model_prefix, meta)
+        memory, pattern = rename_source_key(name, renamings, converters, prefix, meta)
         if pattern is None:
             continue
         conv = next((c for c in converters if pattern in c.source_patterns), None)
@@ -157,3 +162,15 @@ def fused_from_disk(config: dict, disk_names) -> dict[str, list[tuple[str, int, 
         out.setdefault(memory, []).append((name, int(found.group(1)), list(conv.source_patterns).index(pattern),
                                            list(conv.source_patterns), concat))
     return out
+
+
+def fused_shape(sources, shape_of) -> tuple[int, ...]:
+    """The shape transformers gives a parameter it fuses from ``sources`` (:func:`fused_from_disk`):
+    experts stacked on dim 0, the parts concatenated on their dim."""
+    experts = 1 + max(e for _, e, _, _, _ in sources)
+    first = {part: tuple(shape_of(name)) for name, e, part, _, _ in sources if e == 0}
+    per_expert = list(first[0])
+    concat = sources[0][4]
+    if concat is not None:
+        per_expert[concat - 1] = sum(shape[concat - 1] for shape in first.values())
+    return (experts, *per_expert)

@@ -103,8 +103,8 @@ def expert_factors(a: torch.Tensor, b: torch.Tensor, experts: int) -> tuple[torc
 
 def expert_delta(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, e: int, device=None) -> torch.Tensor:
     """ΔW of expert ``e`` = s · B_e @ A_e in fp32, (out, in)."""
-    ea, eb = expert_factors(a, b, experts)
-    return delta(ea[e], eb[:, :, e], scale, device)
+    r = a.shape[0] // experts
+    return delta(a[e * r:(e + 1) * r], b[:, e::experts], scale, device)  # = expert_factors(...)[e]
 
 
 def place_expert(one, experts: int, expert: int | None, part: tuple[int, int, int] | None) -> torch.Tensor:

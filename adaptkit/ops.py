@@ -55,6 +55,10 @@ def apply_ops(w: torch.Tensor, ops: list[Op], device) -> None:
     """Apply ``ops`` in order to the fp32 tensor ``w`` (on ``device``), in place."""
     if not ops:
         return
+    if all(op.kind == "experts" for op in ops):  # additions only: in place, no copy of the weight
+        for op in ops:
+            w += expert_term(op, device)
+        return
     op = _fused(ops)
     if op is not None:
         m = op.module

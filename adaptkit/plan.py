@@ -171,6 +171,7 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
     # the adapter's fan_in_fan_out says: ask transformers which layers are Conv1D when it can matter
     flagged = any(m.fan_in_fan_out for a in adapters for m in a.modules.values())
     conv1d = conv1d_modules(base.config) if flagged or base.config.get("model_type") in CONV1D_MODEL_TYPES else None
+    experts_map = None
     for adapter, weight in zip(adapters, weights):
         _warn_base_name(adapter, base, warnings)
         label = adapter.path
@@ -186,7 +187,9 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
         overridden = []
         for m in adapter.modules.values():
             if m.param and m.experts > 1:
-                problem = _match_experts(base, m, adapter, weight, disk, ops)
+                if experts_map is None:  # transformers' view of the experts, read once per merge
+                    experts_map = expert_parameters(base)
+                problem = _match_experts(base, m, adapter, weight, disk, ops, *experts_map)
                 if problem == "missing":
                     missing.setdefault(str(label), []).append(m.name)
                 elif problem:
@@ -246,13 +249,26 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
     return ops
 
 
+def expert_parameters(base: Checkpoint) -> tuple[dict[str, tuple[int, ...]], dict]:
+    """(shape of every parameter a LoRA can target, by its in-memory name; the on-disk sources of those
+    transformers fuses on load): the checkpoint's own tensors plus the fused ones, whose shapes come
+    from their parts, so no model has to be built."""
+    from .architecture import fused_from_disk, fused_shape
+
+    cached = getattr(base, "_expert_parameters", None)
+    if cached is None:
+        fused = fused_from_disk(base.config, base.tensors)
+        shapes = {name: tuple(info.shape) for name, (_, info) in base.tensors.items()}
+        shapes.update({name: fused_shape(sources, lambda n: base.info(n).shape) for name, sources in fused.items()})
+        cached = base._expert_parameters = (shapes, fused)
+    return cached
+
+
 def _resolve_parameters(base: Checkpoint, adapters: list[Adapter]) -> None:
     """Tell each ``target_parameters`` LoRA which parameter it adapts, from the base model's shapes."""
     if not any(m.kind == "param" for a in adapters for m in a.modules.values()):
         return
-    from .architecture import parameter_shapes
-
-    shapes = parameter_shapes(base.config)
+    shapes, _ = expert_parameters(base)
     for adapter in adapters:
         problems = adapter.resolve_parameters(shapes)
         if problems:
@@ -275,13 +291,12 @@ def _expert_orientation(m: LoraModule, dims: tuple[int, int], base: Checkpoint) 
     return None
 
 
-def _match_experts(base: Checkpoint, m: LoraModule, adapter: Adapter, weight: float, disk, ops) -> str | None:
+def _match_experts(base: Checkpoint, m: LoraModule, adapter: Adapter, weight: float, disk, ops, shapes: dict,
+                   fused: dict) -> str | None:
     """Ops for a LoRA on a 3-D expert parameter: on the fused on-disk tensor (gpt-oss), or on each
-    expert's own on-disk tensors (Qwen3-MoE, Mixtral…) that transformers merges into it on load.
-    Returns a problem, "missing", or None."""
-    from .architecture import fused_from_disk, parameter_shapes
-
-    shape = parameter_shapes(base.config).get(m.weight_name)
+    expert's own on-disk tensors (Qwen3-MoE, Mixtral…) that transformers merges into it on load
+    (``fused``: :func:`adaptkit.architecture.fused_from_disk`). Returns a problem, "missing", or None."""
+    shape = shapes.get(m.weight_name)
     if shape is None or len(shape) != 3 or shape[0] != m.experts:
         return "missing"
     transposed = _expert_orientation(m, tuple(shape[1:]), base)
@@ -293,7 +308,7 @@ def _match_experts(base: Checkpoint, m: LoraModule, adapter: Adapter, weight: fl
             return f"{name} is {list(base.info(name).shape)} on disk, {list(shape)} in memory"
         ops.setdefault(name, []).append(Op("experts", adapter, weight, module=m, transposed=transposed))
         return None
-    sources = fused_from_disk(base.config, base.tensors).get(m.weight_name)
+    sources = fused.get(m.weight_name)
     if not sources:
         return "missing"
     per_expert = tuple(shape[1:])

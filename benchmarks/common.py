@@ -26,11 +26,48 @@ SHAPES = {
     "llama30b": dict(vocab=32000, hidden=6656, inter=17920, layers=60, heads=52, kv=52, shard_gb=5),
     # a small shape to try the script itself
     "small": dict(vocab=1000, hidden=256, inter=688, layers=2, heads=4, kv=2, shard_gb=10),
+    # Qwen3-30B-A3B's layer and expert counts (48 layers x 128 experts: ~18.9 k tensors, one per expert
+    # on disk) with its dims scaled down to ~1.9 GB in bf16
+    "moe": dict(kind="moe", vocab=32000, hidden=512, inter=96, layers=48, heads=8, kv=2, head_dim=64, experts=128,
+                shard_gb=5),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def moe_tensor_shapes(s):
+    """A Qwen3-MoE checkpoint as transformers saves it: attention, router, one tensor per expert."""
+    h, i, hd = s["hidden"], s["inter"], s["head_dim"]
+    out = [("model.embed_tokens.weight", (s["vocab"], h))]
+    for l in range(s["layers"]):
+        p = f"model.layers.{l}."
+        out += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+                (p + "self_attn.q_proj.weight", (s["heads"] * hd, h)), (p + "self_attn.k_proj.weight", (s["kv"] * hd, h)),
+                (p + "self_attn.v_proj.weight", (s["kv"] * hd, h)), (p + "self_attn.o_proj.weight", (h, s["heads"] * hd)),
+                (p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,)),
+                (p + "mlp.gate.weight", (s["experts"], h))]
+        for e in range(s["experts"]):
+            out += [(p + f"mlp.experts.{e}.down_proj.weight", (h, i)), (p + f"mlp.experts.{e}.gate_proj.weight", (i, h)),
+                    (p + f"mlp.experts.{e}.up_proj.weight", (i, h))]
+    out += [("model.norm.weight", (h,)), ("lm_head.weight", (s["vocab"], h))]
+    return out
+
+
+def model_config(s: dict):
+    """transformers' config of a shape (untied embeddings)."""
+    if s.get("kind") == "moe":
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=4 * s["hidden"],
+                              moe_intermediate_size=s["inter"], num_hidden_layers=s["layers"],
+                              num_attention_heads=s["heads"], num_key_value_heads=s["kv"], head_dim=s["head_dim"],
+                              num_experts=s["experts"], num_experts_per_tok=8, mlp_only_layers=[],
+                              decoder_sparse_step=1, tie_word_embeddings=False, dtype="bfloat16")
+    return llama_config(s)
+
+
 def tensor_shapes(s):
+    if s.get("kind") == "moe":
+        return moe_tensor_shapes(s)
     h, i, kvd = s["hidden"], s["inter"], s["hidden"] // s["heads"] * s["kv"]
     out = [("model.embed_tokens.weight", (s["vocab"], h))]
     for l in range(s["layers"]):
@@ -55,8 +92,9 @@ def llama_config(s: dict):
 
 def build_base(path: Path, s: dict, device: str):
     path.mkdir(parents=True, exist_ok=True)
-    llama_config(s).save_pretrained(path)
+    model_config(s).save_pretrained(path)
     shapes = tensor_shapes(s)
+    dtype = torch.bfloat16 if s.get("kind") == "moe" else torch.float16
     limit = s["shard_gb"] * 1e9
     groups, size = [[]], 0
     for name, shape in shapes:
@@ -70,10 +108,10 @@ def build_base(path: Path, s: dict, device: str):
     weight_map = {}
     for gi, group in enumerate(groups):
         fname = "model.safetensors" if len(groups) == 1 else f"model-{gi + 1:05d}-of-{len(groups):05d}.safetensors"
-        w = StreamingWriter(path / fname, [(n, torch.float16, sh) for n, sh in group], {"format": "pt"})
+        w = StreamingWriter(path / fname, [(n, dtype, sh) for n, sh in group], {"format": "pt"})
         for name, shape in group:
             t = torch.randn(shape, generator=gen, device=device).mul_(0.02)
-            w.write(name, t.half().cpu())
+            w.write(name, t.to(dtype).cpu())
             weight_map[name] = fname
         w.close()
     if len(groups) > 1:
@@ -82,7 +120,35 @@ def build_base(path: Path, s: dict, device: str):
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
 
 
+def build_moe_adapter(path: Path, s: dict, r: int = 16, seed: int = 1):
+    """An r=16 LoRA on attention and on every expert, in peft's target_parameters layout (peft 0.21:
+    gate_up_proj (E, 2I, H) in the inner wrapper, down_proj (E, H, I) in the outer; A (r·E, in),
+    B (out, r·E))."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    h, i, hd, e = s["hidden"], s["inter"], s["head_dim"], s["experts"]
+    tensors = {}
+    for layer in range(s["layers"]):
+        p = f"base_model.model.model.layers.{layer}."
+        for mod, out_f, in_f in (("q_proj", s["heads"] * hd, h), ("k_proj", s["kv"] * hd, h),
+                                 ("v_proj", s["kv"] * hd, h), ("o_proj", h, s["heads"] * hd)):
+            tensors[p + f"self_attn.{mod}.lora_A.weight"] = torch.randn(r, in_f, generator=gen) * 0.01
+            tensors[p + f"self_attn.{mod}.lora_B.weight"] = torch.randn(out_f, r, generator=gen) * 0.01
+        for key, out_f, in_f in (("mlp.experts.base_layer", 2 * i, h), ("mlp.experts", h, i)):
+            tensors[p + key + ".lora_A.weight"] = torch.randn(r * e, in_f, generator=gen) * 0.01
+            tensors[p + key + ".lora_B.weight"] = torch.randn(out_f, r * e, generator=gen) * 0.01
+    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], "lora_dropout": 0.0,
+        "bias": "none", "task_type": "CAUSAL_LM", "base_model_name_or_path": "base", "peft_version": "0.21.2"}))
+
+
 def build_adapter(path: Path, s: dict, r: int = 16, seed: int = 1, layers=None):
+    if s.get("kind") == "moe":
+        return build_moe_adapter(path, s, r, seed)
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from peft import PeftModel
 base, adapter, out, device = sys.argv[1:5]
 t = {}
 t0 = time.perf_counter()
-model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16, device_map=device)
+model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", device_map=device)
 t["load"] = time.perf_counter() - t0
 t0 = time.perf_counter()
 pm = PeftModel.from_pretrained(model, adapter)
@@ -105,22 +105,26 @@ def main():
         r = run([sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(work / "out-peft"), args.device], env=env)
         r["steps"] = json.loads(r.pop("stdout").strip().splitlines()[-1])
         results["peft"] = r
-        results["max_abs_diff_vs_peft"] = compare(work / "out-adaptkit", work / "out-peft",
-                                                  ["model.layers.0.self_attn.q_proj.weight",
-                                                   "model.layers.1.mlp.down_proj.weight", "lm_head.weight"])
+        names = ["model.layers.0.self_attn.q_proj.weight", "lm_head.weight"] + (
+            ["model.layers.1.mlp.experts.5.up_proj.weight", "model.layers.2.mlp.experts.100.down_proj.weight"]
+            if s.get("kind") == "moe" else ["model.layers.1.mlp.down_proj.weight"])
+        results["max_abs_diff_vs_peft"] = compare(work / "out-adaptkit", work / "out-peft", names)
         shutil.rmtree(work / "out-peft")
     results["copy"].pop("stdout", None)
     shutil.rmtree(work / "out-adaptkit")
 
     ak, cp = results["adaptkit"], results["copy"]
     rows = [("cp -r + sync", cp), ("adaptkit merge", ak)] + ([("peft path", results["peft"])] if "peft" in results else [])
-    print(f"\n{args.shape} fp16 base {base_bytes / 1e9:.2f} GB, device {args.device}, "
+    print(f"\n{args.shape} base {base_bytes / 1e9:.2f} GB, device {args.device}, "
           f"disk read {read_bw / 1e9:.2f} GB/s, write {write_bw / 1e9:.2f} GB/s, "
           f"physical floor {results['physical_floor_s']:.1f} s")
     print(f"{'':16} {'seconds':>8} {'peak RSS':>10} {'vs cp':>7} {'vs floor':>9}")
     for label, r in rows:
         print(f"{label:16} {r['seconds']:8.1f} {r['peak_rss_bytes'] / 1e9:8.2f} GB {r['seconds'] / cp['seconds']:6.2f}x "
               f"{r['seconds'] / results['physical_floor_s']:8.2f}x")
+    summary = ak["summary"]
+    print(f"adaptkit: {summary['tensors']} tensors, {summary['seconds'] * 1e6 / summary['tensors']:.0f} µs per tensor "
+          f"(read + merge + write, inside the merge)")
     if "peft" in results:
         p = results["peft"]
         print(f"peft / adaptkit: time {p['seconds'] / ak['seconds']:.1f}x, peak RSS "

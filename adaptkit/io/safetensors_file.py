@@ -15,6 +15,7 @@ Tests read everything back with the safetensors package.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -48,6 +49,7 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors package refuses headers above 100 MB too
 
 
+@functools.lru_cache(maxsize=None)
 def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
