@@ -145,22 +145,24 @@ def fused_from_disk(config: dict, disk_names) -> dict[str, list[tuple[str, int, 
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     if not converters:
         return {}
+    described = {}  # source pattern -> (its expert-index regex, part index, all patterns, concat dim)
+    for conv in converters:
+        ops = list(conv.operations)
+        stacked = bool(ops) and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0 and (
+            len(ops) == 1 or (len(ops) == 2 and isinstance(ops[1], Concatenate)))
+        patterns = list(conv.source_patterns)
+        for part, pattern in enumerate(patterns):  # the first converter naming a pattern is the one applied
+            described.setdefault(pattern, (re.compile(re.escape(pattern).replace(r"\*", r"(\d+)") + "$"), part,
+                                           patterns, ops[1].dim if len(ops) == 2 else None) if stacked else None)
     out: dict[str, list] = {}
     for name in disk_names:
         memory, pattern = rename_source_key(name, renamings, converters, prefix, meta)
-        if pattern is None:
+        if described.get(pattern) is None:
             continue
-        conv = next((c for c in converters if pattern in c.source_patterns), None)
-        ops = list(conv.operations) if conv is not None else []
-        if not ops or not isinstance(ops[0], MergeModulelist) or ops[0].dim != 0 or len(ops) > 2 or (
-                len(ops) == 2 and not isinstance(ops[1], Concatenate)):
-            continue
-        found = re.search(re.escape(pattern).replace(r"\*", r"(\d+)") + "$", name)
-        if found is None:
-            continue
-        concat = ops[1].dim if len(ops) == 2 else None
-        out.setdefault(memory, []).append((name, int(found.group(1)), list(conv.source_patterns).index(pattern),
-                                           list(conv.source_patterns), concat))
+        regex, part, patterns, concat = described[pattern]
+        found = regex.search(name)
+        if found is not None:
+            out.setdefault(memory, []).append((name, int(found.group(1)), part, patterns, concat))
     return out
 
 

@@ -338,6 +338,10 @@ def _disk_names(base: Checkpoint, adapters: list[Adapter]) -> dict[str, str]:
         n for a in adapters for n in a.full_tensors} | {mod + ".weight" for a in adapters for mod in a.token_rows}
     if all(n in base for n in wanted):
         return {}
+    if any(m.param for a in adapters for m in a.modules.values()):  # experts fused from per-expert tensors
+        wanted -= set(expert_parameters(base)[1])
+        if all(n in base for n in wanted):
+            return {}
     from .architecture import checkpoint_renames
 
     return checkpoint_renames(base.config, base.tensors)

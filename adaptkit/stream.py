@@ -17,11 +17,13 @@ import torch
 from .errors import AdaptkitError
 from .io import readahead
 from .io.pipeline import Pool, run_stream
-from .io.safetensors_file import ReservedHeaderWriter, StreamingWriter, header_reserve, numel
+from .codecs import DenseRead, DenseWrite
+from .io.safetensors_file import ReservedHeaderWriter, StreamingWriter, header_reserve, numel, tensor_bytes
 from .ops import apply_ops
 from .plan import MergePlan, OutShard, TensorJob
 
 OUTPUT_BUFFER_BUDGET = 160 << 20  # bytes of merged tensors that may wait for the writer
+BATCH_BYTES = 8 << 20  # small tensors travel the stream in runs of up to this many bytes
 
 
 def _pool(nbytes: int, count: int, pin: bool) -> Pool:
@@ -44,18 +46,47 @@ def check_finite(w32: torch.Tensor, job: TensorJob, out_dtype: torch.dtype) -> N
                             f"the adapter seems broken or overflows this dtype")
 
 
+def batches(jobs: list[TensorJob], shard_of: dict[int, OutShard]) -> list[list[TensorJob]]:
+    """The stream's units: runs of consecutive small dense tensors of one output shard travel together
+    (up to :data:`BATCH_BYTES`: an MoE checkpoint's tens of thousands of expert tensors cost one read,
+    one hand-over and one write a run, not one each); every other job travels alone. Each tensor of a
+    run starts 8-byte aligned in the run's buffers, so its bytes can be viewed as its dtype."""
+    out: list[list[TensorJob]] = []
+    run: list[TensorJob] = []
+    run_in = run_out = 0
+    for job in jobs:
+        small = job.computed and type(job.decoder) is DenseRead and type(job.encoder) is DenseWrite
+        if small and run and shard_of[id(job)] is shard_of[id(run[0])] and run_in % 8 == 0 and run_out % 8 == 0 \
+                and run_in + job.in_bytes <= BATCH_BYTES and run_out + job.out_bytes <= BATCH_BYTES:
+            run.append(job)
+            run_in, run_out = run_in + job.in_bytes, run_out + job.out_bytes
+            continue
+        if run:
+            out.append(run)
+            run = []
+        if small:
+            run, run_in, run_out = [job], job.in_bytes, job.out_bytes
+        else:
+            out.append([job])
+    if run:
+        out.append(run)
+    return out
+
+
 def stream_plan(plan: MergePlan, tmp: Path, dev: torch.device, progress, errors: dict[str, tuple[str, float]]) -> int:
     """Write every output shard of ``plan`` into the folder ``tmp``; return the bytes written.
 
-    ``progress(n)`` after each tensor (its output bytes); ``errors[name] = (label, relative error)``
-    for every tensor whose codecs measure what they add.
+    ``progress(n)`` after each tensor or run of tensors (their output bytes); ``errors[name] = (label,
+    relative error)`` for every tensor whose codecs measure what they add.
     """
     ckpt = plan.base
-    computed = [j for j in plan.jobs if j.computed]
+    shard_of = {id(j): s for s in plan.shards for j in s.jobs}
+    groups = batches(plan.jobs, shard_of)
+    computed = [g for g in groups if g[0].computed]
     cuda = dev.type == "cuda"
-    largest_in = max((j.in_bytes for j in computed), default=1)
-    largest_out = max((j.out_bytes for j in computed if not j.encoder.variable), default=1)
-    largest_numel = max((numel(j.shape) for j in computed), default=1)
+    largest_in = max((sum(j.in_bytes for j in g) for g in computed), default=1)
+    largest_out = max((sum(j.out_bytes for j in g) for g in computed if not g[0].encoder.variable), default=1)
+    largest_numel = max((numel(j.shape) for g in computed for j in g), default=1)
     # Results queue up while the writer is busy (copying untouched tensors, say): as many output
     # buffers as fit OUTPUT_BUFFER_BUDGET, at least three; the reader stays at most two ahead.
     n_out = max(3, min(8, OUTPUT_BUFFER_BUDGET // max(largest_out, 1)))
@@ -63,49 +94,64 @@ def stream_plan(plan: MergePlan, tmp: Path, dev: torch.device, progress, errors:
     out_pool = _pool(largest_out, n_out, pin=cuda)
     work = torch.empty(largest_numel, dtype=torch.float32, device=dev)  # the fp32 accumulator, reused
     writers: dict[str, object] = {}
-    shard_of = {id(j): s for s in plan.shards for j in s.jobs}
     remaining = {s.file: len(s.jobs) for s in plan.shards}
     total = 0
 
     # the disk keeps reading ahead of the reader: jobs' source bytes, in the order they are consumed
     ranges, ends, upto = [], {}, 0
-    for j in plan.jobs:
-        for name in j.decoder.names(j.source):
-            src, info = ckpt.tensors[name]
-            if src.kind == "safetensors":
-                ranges.append((src.path, info.offset, info.nbytes))
-                upto += info.nbytes
-        ends[id(j)] = upto
+    for g in groups:
+        for j in g:
+            for name in j.decoder.names(j.source):
+                src, info = ckpt.tensors[name]
+                if src.kind == "safetensors":
+                    ranges.append((src.path, info.offset, info.nbytes))
+                    upto += info.nbytes
+        ends[id(g)] = upto
     ahead = readahead.for_stream(ranges)
     read_so_far = 0
 
-    def read(job: TensorJob):
+    def read(g: list[TensorJob]):
         nonlocal read_so_far
-        ahead.consumed(ends[id(job)] - read_so_far)
-        read_so_far = ends[id(job)]
+        ahead.consumed(ends[id(g)] - read_so_far)
+        read_so_far = ends[id(g)]
         buf = in_pool.take()
         try:
-            return buf, job.decoder.read(ckpt, job.source, buf)
+            if len(g) == 1:
+                return buf, [g[0].decoder.read(ckpt, g[0].source, buf)]
+            return buf, ckpt.read_many([j.source for j in g], buf)  # plain dense tensors (see batches)
         except BaseException:
             in_pool.give(buf)
             raise
 
-    def compute(job: TensorJob, data):
+    def compute(g: list[TensorJob], data):
         buf, stored = data
-        w32 = work[: numel(job.shape)].view(job.shape)
+        host, items, pos = None, [], 0
         try:
-            state = job.decoder.decode(stored, w32, dev)
+            for job, st in zip(g, stored):
+                w32 = work[: numel(job.shape)].view(job.shape)
+                state = job.decoder.decode(st, w32, dev)
+                apply_ops(w32, job.ops, dev)
+                check_finite(w32, job, job.encoder.result_dtype)
+                if len(g) == 1:
+                    host, its, err = job.encoder.encode(job.name, job.shape, w32, dev, out_pool.take)
+                else:  # each result right after the previous one in the run's output buffer
+                    if host is None:
+                        host = out_pool.take()
+                    _, its, err = job.encoder.encode(job.name, job.shape, w32, dev, lambda: host[pos:])
+                    pos += job.out_bytes
+                items += its
+                if err is None:
+                    err, label = job.decoder.error(w32, state), job.decoder.label
+                else:
+                    label = job.encoder.label
+                if err is not None:
+                    errors[job.name] = (label, err)
+        except BaseException:
+            if host is not None:
+                out_pool.give(host)
+            raise
         finally:
             in_pool.give(buf)
-        apply_ops(w32, job.ops, dev)
-        check_finite(w32, job, job.encoder.result_dtype)
-        host, items, err = job.encoder.encode(job.name, job.shape, w32, dev, out_pool.take)
-        if err is None:
-            err, label = job.decoder.error(w32, state), job.decoder.label
-        else:
-            label = job.encoder.label
-        if err is not None:
-            errors[job.name] = (label, err)
         return host, items
 
     def writer_for(shard: OutShard):
@@ -121,11 +167,12 @@ def stream_plan(plan: MergePlan, tmp: Path, dev: torch.device, progress, errors:
             writers[shard.file] = writer
         return writer
 
-    def write(job: TensorJob, done):
+    def write(g: list[TensorJob], done):
         nonlocal total
-        shard = shard_of[id(job)]
+        shard = shard_of[id(g[0])]
         writer = writer_for(shard)
         if done is None:
+            job = g[0]
             src_shard, info = ckpt.tensors[job.source]
             if src_shard.kind == "safetensors":
                 writer.copy_from(job.name, src_shard.fd(), info.offset, info.nbytes, info.dtype, info.shape)
@@ -134,24 +181,28 @@ def stream_plan(plan: MergePlan, tmp: Path, dev: torch.device, progress, errors:
         else:
             host, items = done
             try:
-                for name, tensor in items:
-                    writer.write(name, tensor)
+                if len(g) > 1 and isinstance(writer, StreamingWriter):
+                    size = sum(j.out_bytes for j in g)
+                    writer.write_block([(name, t.nbytes) for name, t in items], tensor_bytes(host[:size]))
+                else:
+                    for name, tensor in items:
+                        writer.write(name, tensor)
             finally:
                 if host is not None:
                     out_pool.give(host)
-        remaining[shard.file] -= 1
+        remaining[shard.file] -= len(g)
         if remaining[shard.file] == 0:
             writer.close()
             total += writer.bytes_written
         if progress:
-            progress(job.out_bytes)
+            progress(sum(j.out_bytes for j in g))
 
     # Reading and writing keep one core busy in the kernel: leave it to them (measured faster on 2 cores).
     threads = torch.get_num_threads()
     if not cuda:
         torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
     try:
-        run_stream(plan.jobs, lambda j: j.computed, read, compute, write, depth=n_out - 2,
+        run_stream(groups, lambda g: g[0].computed, read, compute, write, depth=n_out - 2,
                    on_stop=lambda: (in_pool.close(), out_pool.close()))
     finally:
         torch.set_num_threads(threads)

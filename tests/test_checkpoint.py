@@ -31,12 +31,32 @@ def test_every_tensor_read_equals_the_safetensors_library():
         ck.close()
 
 
+def test_read_many_reads_runs_of_tensors_into_one_buffer():
+    ck = Checkpoint.open(TINY_LLAMA)
+    ref = load_dir(TINY_LLAMA)
+    try:
+        order = [t.name for s in ck.shards for t in s.tensors]
+        names = order[:3] + order[4:]  # a gap in one file, and the runs cross into the next shard
+        size = sum(ck.info(n).nbytes for n in names)
+        buf = torch.empty(size + 8, dtype=torch.uint8)
+        got = ck.read_many(names, buf)
+        assert [tuple(g.shape) for g in got] == [tuple(ref[n].shape) for n in names]
+        assert all(torch.equal(g, ref[n]) for g, n in zip(got, names))
+        assert got[0].data_ptr() == buf.data_ptr()  # packed back to back from the buffer's start
+        assert got[-1].data_ptr() + ck.info(names[-1]).nbytes == buf.data_ptr() + size
+    finally:
+        ck.close()
+
+
 def test_a_bin_checkpoint_reads_the_same(tmp_path):
     ref = load_dir(TINY_LLAMA)
     torch.save(ref, tmp_path / "pytorch_model.bin")
     shutil.copy(TINY_LLAMA / "config.json", tmp_path)
     ck = Checkpoint.open(tmp_path)
     assert all(torch.equal(ck.read(n), t) for n, t in ref.items())
+    names = list(ref)[:4]
+    got = ck.read_many(names, torch.empty(sum(ref[n].nbytes for n in names), dtype=torch.uint8))
+    assert all(torch.equal(g, ref[n]) for g, n in zip(got, names))
 
 
 def test_an_index_naming_tensors_no_shard_holds(tmp_path):

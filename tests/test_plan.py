@@ -118,3 +118,26 @@ def test_parse_size(text, value):
 def test_parse_size_refuses(text):
     with pytest.raises(AdaptkitError):
         parse_size(text)
+
+
+@pytest.mark.parametrize("limit", [0, 1 << 14, 1 << 20])
+def test_small_tensors_travel_in_runs_and_write_the_same_bytes(tmp_path, monkeypatch, limit):
+    import adaptkit.stream as stream
+
+    monkeypatch.setattr(stream, "BATCH_BYTES", limit)
+    plan = _plan(TINY_LLAMA, ADAPTERS["llama-lora"], dtype="bfloat16")
+    shard_of = {id(j): s for s in plan.shards for j in s.jobs}
+    runs = stream.batches(plan.jobs, shard_of)
+    assert [j for r in runs for j in r] == plan.jobs
+    for r in (r for r in runs if len(r) > 1):
+        assert all(j.computed and type(j.decoder) is DenseRead and type(j.encoder) is DenseWrite for j in r)
+        assert len({id(shard_of[id(j)]) for j in r}) == 1
+        assert sum(j.in_bytes for j in r) <= limit and sum(j.out_bytes for j in r) <= limit
+        starts = [sum(j.out_bytes for j in r[:k]) for k in range(len(r))]
+        assert all(s % 8 == 0 for s in starts)
+    assert (max(map(len, runs)) > 1) == (limit > 0)
+    adaptkit.merge(TINY_LLAMA, ADAPTERS["llama-lora"], tmp_path / "out", dtype="bfloat16")
+    monkeypatch.setattr(stream, "BATCH_BYTES", 0)  # every tensor alone
+    adaptkit.merge(TINY_LLAMA, ADAPTERS["llama-lora"], tmp_path / "alone", dtype="bfloat16")
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert files and all((tmp_path / "out" / f).read_bytes() == (tmp_path / "alone" / f).read_bytes() for f in files)

@@ -113,3 +113,16 @@ def test_reserved_header_writer_reads_back(tmp_path):
     assert bytes(back["blob"].tolist()) == b'{"json": 1}'
     assert torch.equal(back["copied"], torch.arange(10, dtype=torch.int32))
     assert back["a"].shape == (3, 4) and back["a"].dtype == torch.float16
+
+
+def test_write_block_writes_consecutive_tensors_in_one_go(tmp_path):
+    t = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int16), "c": torch.randn(2).half()}
+    block = torch.cat([v.reshape(-1).view(torch.uint8) for v in t.values()])
+    path = tmp_path / "o.safetensors"
+    w = StreamingWriter(path, [(k, v.dtype, tuple(v.shape)) for k, v in t.items()])
+    with pytest.raises(RuntimeError, match="a block of"):  # sizes that do not add up to the block
+        w.write_block([("a", 60), ("b", 14)], memoryview(block.numpy()))
+    w.write_block([(k, v.nbytes) for k, v in t.items()], memoryview(block.numpy()))
+    w.close()
+    got = load_file(path)
+    assert all(torch.equal(got[k], v) for k, v in t.items())

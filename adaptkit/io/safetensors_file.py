@@ -303,6 +303,16 @@ class StreamingWriter(_OutputFile):
         self._write_all(data)
         self._written()
 
+    def write_block(self, sizes: list[tuple[str, int]], data: memoryview) -> None:
+        """Write several consecutive tensors at once: ``data`` holds them back to back, ``sizes`` names
+        each and its byte count (in order), one ``write`` for all."""
+        if sum(n for _, n in sizes) != len(data):
+            raise RuntimeError(f"{self.path}: a block of {len(data)} bytes for {sum(n for _, n in sizes)}")
+        for name, nbytes in sizes:
+            self._advance(name, nbytes)
+        self._write_all(data)
+        self._written()
+
     def copy_from(self, name: str, src_fd: int, src_offset: int, nbytes: int, dtype=None, shape=None) -> None:
         """Copy ``nbytes`` from another file without passing them through user memory."""
         self._advance(name, nbytes)
