@@ -32,6 +32,16 @@ class Op:
     rows: list[int] | None = None  # for "rows": the token ids whose rows ``key`` holds
     expert: int | None = None  # for "experts": the expert whose delta goes here (None: all, a fused 3-D tensor)
     part: tuple[int, int, int] | None = None  # for "experts": (dim, start, stop) of that expert's delta
+    into: tuple[int, int] | None = None  # for "lora"/"bias": the rows of this tensor the delta lands on (fused base)
+    take: tuple[int, int] | None = None  # for "lora"/"bias": the rows of the delta this tensor takes (split base)
+
+    def window(self, w: torch.Tensor) -> torch.Tensor:
+        """The rows of ``w`` this op changes (a view; ``w`` itself unless the base fuses the module)."""
+        return w if self.into is None else w[self.into[0]:self.into[1]]
+
+    def part_of(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """The rows of a per-output tensor (B, DoRA magnitude, lora_bias) for this tensor's part."""
+        return t if self.take is None or t is None else t[self.take[0]:self.take[1]]
 
     @property
     def scale(self) -> float:
@@ -62,7 +72,8 @@ def apply_ops(w: torch.Tensor, ops: list[Op], device) -> None:
     op = _fused(ops)
     if op is not None:
         m = op.module
-        lora.add_delta_(w, m.A.to(device, torch.float32), m.B.to(device, torch.float32), op.scale, op.transposed)
+        lora.add_delta_(op.window(w), m.A.to(device, torch.float32), op.part_of(m.B).to(device, torch.float32),
+                        op.scale, op.transposed)
         return
     w.copy_(_general(w.clone(), ops, device))
 
@@ -77,14 +88,18 @@ def _general(w: torch.Tensor, ops: list[Op], device) -> torch.Tensor:
         elif op.kind == "lora":
             m = op.module
             _ = op.scale  # refuses a scale that is not finite
-            d = lora.delta(m.A, m.B, m.scaling, device)
+            d = lora.delta(m.A, op.part_of(m.B), m.scaling, device)
             if op.weight != 1.0:
                 d.mul_(op.weight)
             if op.transposed:
                 d = d.T
-            w = lora.dora(w, ref, d, m.magnitude, op.transposed) if m.use_dora else w.add_(d)
+            target = op.window(w)  # rows windows only on nn.Linear weights (see families)
+            if m.use_dora:
+                target.copy_(lora.dora(target, op.window(ref), d, op.part_of(m.magnitude), op.transposed))
+            else:
+                target.add_(d)
         elif op.kind == "bias":
-            w += lora.bias_delta(op.module.lora_bias, op.scale, device)
+            op.window(w).add_(lora.bias_delta(op.part_of(op.module.lora_bias), op.scale, device))
         elif op.kind == "rows":
             w[op.rows] = op.adapter.source.get(op.key).to(device=device, dtype=torch.float32)
         elif op.kind == "experts":

@@ -28,6 +28,7 @@ from .architecture import conv1d_modules
 from .codecs import DenseRead, DenseWrite, FourBitRead, FourBitWrite, QLoRARead
 from .dtypes import FLOAT_DTYPES, name_of, resolve_dtype
 from .errors import AdaptkitError
+from .families import fused_parent, split_parts
 from .io.checkpoint import Checkpoint
 from .io.files import is_regular, read_json
 from .ops import Op
@@ -184,7 +185,7 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
                                 f"but {list(shape)} in the base")
             else:
                 ops.setdefault(disk(name), []).append(Op("replace", adapter, weight, key=key))
-        overridden = []
+        overridden, relaid = [], []
         for m in adapter.modules.values():
             if m.param and m.experts > 1:
                 if experts_map is None:  # transformers' view of the experts, read once per merge
@@ -197,7 +198,13 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
                 continue
             shape = base_shape(m.weight_name)
             if shape is None:
-                missing.setdefault(str(label), []).append(m.name)
+                problem = _match_fused(base, m, adapter, weight, disk, base_shape, ops)
+                if problem is None:
+                    relaid.append(m.name)
+                elif problem == "missing":
+                    missing.setdefault(str(label), []).append(m.name)
+                elif problem:
+                    problems.append(f"{label}: {problem}")
                 continue
             transposed = _orientation(m, shape, conv1d)
             problem = _check_module(m, shape, transposed)
@@ -233,6 +240,10 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
             warnings.append(f"{label}: fan_in_fan_out is {flag} in its config but {len(overridden)} modules (first: "
                             f"{overridden[0]}) are {'nn.Linear' if flag == 'true' else 'Conv1D'} layers in the base: "
                             "merged as their layer type says, as peft does")
+        if relaid:
+            onto = "its rows of the fused weight" if fused_parent(base.config, relaid[0]) else "each split weight its rows"
+            warnings.append(f"{label}: {len(relaid)} modules merged across the fused/split projection layout "
+                            f"(first: {relaid[0]}, onto {onto})")
         if adapter.unclaimed:
             warnings.append(f"{label}: {len(adapter.unclaimed)} tensors belong to no LoRA module and are ignored "
                             f"(first: {adapter.unclaimed[0]})")
@@ -328,6 +339,43 @@ def _match_experts(base: Checkpoint, m: LoraModule, adapter: Adapter, weight: fl
             return f"{disk_name} is {list(base.info(disk_name).shape)}, expected {list(expected)} from {m.name}"
         ops.setdefault(disk_name, []).append(Op("experts", adapter, weight, module=m, transposed=transposed,
                                                 expert=e, part=slot))
+    return None
+
+
+def _match_fused(base: Checkpoint, m: LoraModule, adapter: Adapter, weight: float, disk, base_shape,
+                 ops: dict) -> str | None:
+    """Ops for a LoRA whose module the base stores fused with others (a split ``k_proj`` on Phi-3's
+    ``qkv_proj``: ΔW on its rows) or apart (a ``qkv_proj`` LoRA on a llama-fied base: each of q, k, v
+    takes its rows of ΔW); :mod:`adaptkit.families` says which. Returns a problem, "missing", or None."""
+    if m.kind != "linear" or m.fan_in_fan_out:
+        return "missing"
+    parent = fused_parent(base.config, m.name)
+    if parent is not None and base_shape(parent[0] + ".weight") is not None:
+        fused, (start, stop) = parent
+        shape = tuple(base_shape(fused + ".weight"))
+        if len(shape) != 2 or shape[1] != m.in_features or stop > shape[0] or stop - start != m.out_features:
+            return (f"{m.name} ({m.out_features}×{m.in_features}) does not fit rows {start}:{stop} of the base's fused "
+                    f"{fused}.weight {list(shape)}")
+        targets = [(fused, None, (start, stop))]
+    else:
+        def rows_of(module):
+            shape = base_shape(module + ".weight")
+            return shape[0] if shape is not None and len(shape) == 2 and shape[1] == m.in_features else None
+
+        parts = split_parts(m.name, rows_of)
+        if parts is None:
+            return "missing"
+        if parts[-1][1][1] != m.out_features:
+            return (f"{m.name} gives {m.out_features} rows, the base's {', '.join(p for p, _ in parts)} hold "
+                    f"{parts[-1][1][1]}")
+        targets = [(part, rows, None) for part, rows in parts]
+    if m.bias_key is not None and any(base_shape(module + ".bias") is None for module, _, _ in targets):
+        return f"{m.name} has a lora_bias but the base's {targets[0][0]} has no bias"
+    for module, take, into in targets:
+        ops.setdefault(disk(module + ".weight"), []).append(Op("lora", adapter, weight, module=m, take=take, into=into))
+        if m.bias_key is not None:
+            ops.setdefault(disk(module + ".bias"), []).append(Op("bias", adapter, weight, module=m, take=take,
+                                                                into=into))
     return None
 
 

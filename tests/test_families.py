@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -136,3 +138,97 @@ def test_expert_loras_of_an_older_peft_are_refused(runner, tmp_path, moe):
     cfg = json.loads((old / "adapter_config.json").read_text())
     (old / "adapter_config.json").write_text(json.dumps({**cfg, "peft_version": "0.17.1"}))
     assert_one_line_error(invoke(runner, "merge", base, old, "-o", tmp_path / "o"), "peft 0.17.1", ">= 0.21")
+
+
+# ------------------------------------------------------------------------------------ fused projections
+
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory):
+    """A tiny Phi-3 (q, k, v and gate, up fused), its llama-fied twin (split, same function), a LoRA made
+    by peft on each layout, and a DoRA on the split one."""
+    root = tmp_path_factory.mktemp("phi3")
+    build.build_model(build.phi3_config(), root / "phi3", dtype=torch.float32)
+    build.llamafy(root / "phi3", root / "llama")
+    split = build.build_adapter(root / "llama", root / "split", r=4, lora_alpha=8, target_modules=build.LLAMA_ALL)
+    dora = build.build_adapter(root / "llama", root / "dora", r=4, lora_alpha=8, use_dora=True,
+                               target_modules=["q_proj", "k_proj", "up_proj"])
+    fused = build.build_adapter(root / "phi3", root / "fused", r=4, lora_alpha=8,
+                                target_modules=["qkv_proj", "gate_up_proj", "o_proj"])
+    return {"phi3": root / "phi3", "llama": root / "llama", "split": split, "dora": dora, "fused": fused}
+
+
+def _logits(model, ids=torch.tensor([[1, 5, 9, 200, 7, 3, 42]])):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_the_llama_fied_twin_computes_what_phi3_computes(phi3):
+    assert torch.equal(_logits(build.load_model(phi3["phi3"])), _logits(build.load_model(phi3["llama"])))
+
+
+@pytest.mark.parametrize("adapter, base, trained_on", [("split", "phi3", "llama"), ("dora", "phi3", "llama"),
+                                                       ("fused", "llama", "phi3")])
+def test_a_lora_merges_across_fused_and_split_projections(tmp_path, phi3, adapter, base, trained_on):
+    """peft cannot load a split LoRA on Phi-3 (or a fused one on its twin): the oracle is peft on the
+    layout it was trained on, unmerged, against transformers loading adaptkit's merge into the other."""
+    from peft import PeftModel
+
+    out = tmp_path / "m"
+    result = adaptkit.merge(phi3[base], phi3[adapter], out)
+    assert result.modules_merged == len(adaptkit.load_adapter(phi3[adapter]).modules)
+    assert any("layout" in w for w in result.warnings)
+    assert set(Checkpoint.open(out).tensors) == set(Checkpoint.open(phi3[base]).tensors)
+    mine = _logits(build.load_model(out))
+    theirs = _logits(PeftModel.from_pretrained(build.load_model(phi3[trained_on]), phi3[adapter]).eval())
+    assert (mine - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    # and weight by weight: peft's merge on its own layout, re-laid out, equals ours
+    _, ref = peft_merged(phi3[trained_on], [phi3[adapter]], torch.float32)
+    ours = build.load_model(build.llamafy(out, tmp_path / "mine-split") if base == "phi3" else out).state_dict()
+    if base == "llama":  # peft merged the fused Phi-3: lay it out split to compare
+        ref.save_pretrained(tmp_path / "ref")
+        build.llamafy(tmp_path / "ref", tmp_path / "ref-split")
+        ref = build.load_model(tmp_path / "ref-split")
+    for name, t in ref.state_dict().items():
+        assert torch.allclose(ours[name], t, rtol=1e-6, atol=1e-6), name
+    report = adaptkit.verify(phi3[base], phi3[adapter], out)
+    assert report.ok and report.model is None  # peft would load it only in part: no model-level reference
+    assert any("model-level check skipped" in w for w in report.warnings)
+
+
+def test_verify_catches_one_parts_delta_dropped(tmp_path, phi3):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "m"
+    adaptkit.merge(phi3["phi3"], phi3["split"], out)
+    shard = out / "model.safetensors"
+    merged, original = load_file(shard), load_file(phi3["phi3"] / "model.safetensors")
+    name = "model.layers.1.self_attn.qkv_proj.weight"
+    merged[name] = merged[name].clone()
+    merged[name][64:96] = original[name][64:96]  # k_proj's rows: its delta lost
+    save_file(merged, shard, metadata={"format": "pt"})
+    report = adaptkit.verify(phi3["phi3"], phi3["split"], out, model=False)
+    assert not report.ok and [m.name for m in report.modules if not m.ok] == [name]
+
+
+def test_a_split_lora_that_does_not_fit_the_fused_rows_is_refused(runner, tmp_path, phi3):
+    import json
+
+    base = tmp_path / "base"
+    shutil.copytree(phi3["phi3"], base)
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "num_key_value_heads": 4}))  # k, v rows as the config says
+    assert_one_line_error(invoke(runner, "merge", base, phi3["split"], "-o", tmp_path / "o"),
+                          "does not fit rows", "qkv_proj.weight [128, 64]")
+
+
+def test_the_fused_layout_table_gives_rows_from_the_config_and_parts_from_the_base(phi3):
+    from adaptkit.families import fused_parent, split_parts
+
+    cfg = Checkpoint.open(phi3["phi3"]).config  # 4 heads of 16, 2 kv heads; intermediate 96
+    assert fused_parent(cfg, "model.layers.1.self_attn.k_proj") == ("model.layers.1.self_attn.qkv_proj", (64, 96))
+    assert fused_parent(cfg, "model.layers.1.mlp.up_proj") == ("model.layers.1.mlp.gate_up_proj", (96, 192))
+    assert fused_parent({**cfg, "model_type": "llama"}, "model.layers.1.self_attn.k_proj") is None
+    rows = {"x.self_attn.q_proj": 64, "x.self_attn.k_proj": 32, "x.self_attn.v_proj": 32}
+    assert split_parts("x.self_attn.qkv_proj", rows.get) == [
+        ("x.self_attn.q_proj", (0, 64)), ("x.self_attn.k_proj", (64, 96)), ("x.self_attn.v_proj", (96, 128))]
+    assert split_parts("x.self_attn.qkv_proj", {**rows, "x.self_attn.v_proj": None}.get) is None  # a part missing

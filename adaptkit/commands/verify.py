@@ -119,18 +119,20 @@ def _expected(w: torch.Tensor, ops, x: torch.Tensor | None, transposed: bool) ->
             kind = "replace"
             continue
         m = op.module
-        a, b = m.A.double(), m.B.double()
+        a, b = m.A.double(), op.part_of(m.B).double()  # a split base's part: its rows of B
         s = m.scaling * op.weight
         dx = s * (b @ on(a))
+        y = y.clone()
+        rows = op.window(y)  # a fused base: the rows of this module's part
         if m.use_dora:
             kind = "dora"
             # ‖W + ΔW‖² per row = ‖W‖² + 2 s (W Aᵀ)·B + s² B (A Aᵀ) Bᵀ, from the factors
-            wr = _canonical(ref_w, op.transposed)
+            wr = op.window(_canonical(ref_w, op.transposed))
             norm2 = (wr * wr).sum(1) + 2 * s * ((wr @ a.T) * b).sum(1) + s * s * ((b @ (a @ a.T)) * b).sum(1)
-            factor = m.magnitude.double() / norm2.clamp(min=0).sqrt()
-            y = factor[:, None] * (y + dx)
+            factor = op.part_of(m.magnitude).double() / norm2.clamp(min=0).sqrt()
+            rows.copy_(factor[:, None] * (rows + dx))
         else:
-            y = y + dx
+            rows.add_(dx)
     return y, kind
 
 
@@ -212,7 +214,8 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
                     exp = exp.clone()
                     exp[op.rows] = op.adapter.source.get(op.key).double()
                 elif op.kind == "bias":
-                    exp = exp + op.module.lora_bias.double() * (op.module.scaling * op.weight)
+                    exp = exp.clone()
+                    op.window(exp).add_(op.part_of(op.module.lora_bias).double() * (op.module.scaling * op.weight))
                 elif op.kind == "experts":
                     exp = exp + _expert_expected(op)
             err = float((got.double() - exp).norm() / exp.norm().clamp(min=1e-30))
@@ -495,7 +498,11 @@ def verify(base, adapters, merged, *, weights=None, prompts: list[str] | None = 
     if extra:
         warnings.append(f"the merged model has {len(extra)} tensors the base lacks (first: {extra[0]})")
     model_check = None
-    if model and _transformers_knows(base_ck):
+    relaid = any(op.into is not None or op.take is not None for j in plan.jobs for op in j.ops)
+    if model and relaid:  # peft would load such a LoRA only in part, silently: no reference to compare with
+        warnings.append("model-level check skipped: peft cannot load a LoRA trained on the other fused/split "
+                        "projection layout onto this base; every merged tensor was checked at the layer level")
+    elif model and _transformers_knows(base_ck):
         report.start("model-level check: loading base + adapters and the merged model", None)
         model_check = check_model(base_ck.path, loaded, merged_ck.path, weights, prompts, seed=seed, device=dev)
     elif model:
