@@ -24,6 +24,8 @@ TINY_LLAMA = FIXTURES / "tiny-llama"
 TINY_GPT2 = FIXTURES / "tiny-gpt2"
 ADAPTERS = {name: FIXTURES / "adapters" / name for name in build.ADAPTERS}
 BASE_OF = {name: FIXTURES / base for name, (base, _) in build.ADAPTERS.items()}
+FAMILY_ADAPTERS = {name: FIXTURES / "adapters" / name for name in build.FAMILY_ADAPTERS}
+FAMILY_BASE_OF = {name: FIXTURES / base for name, (base, _) in build.FAMILY_ADAPTERS.items()}
 
 def load_dir(path) -> dict[str, torch.Tensor]:
     """Every tensor of every safetensors file in a folder, read with the safetensors package."""

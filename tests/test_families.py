@@ -12,7 +12,7 @@ import adaptkit
 from adaptkit.architecture import checkpoint_renames
 from adaptkit.io.checkpoint import Checkpoint
 from fixtures import build
-from helpers import assert_one_line_error, invoke, peft_merged
+from helpers import FAMILY_ADAPTERS, FAMILY_BASE_OF, assert_one_line_error, invoke, peft_merged
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,25 @@ def test_a_lora_on_experts_merges_as_peft_merges_it(tmp_path, moe):
     for name, t in mine.state_dict().items():
         assert torch.allclose(t, ref[name], rtol=1e-6, atol=1e-7), name
     assert adaptkit.verify(base, ad, out).ok
+
+
+def test_shared_experts_their_gate_and_the_router_merge_as_peft_merges_them(tmp_path):
+    """Qwen2-MoE: LoRAs on the shared expert's nn.Linear layers and its gate (target_modules), on the
+    router's weight (a 2-D target_parameters) and on the routed experts, in one adapter."""
+    build.build_model(build.qwen2_moe_config(), tmp_path / "base", dtype=torch.float32)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
+                             target_modules=["shared_expert.gate_proj", "shared_expert_gate", "q_proj"],
+                             target_parameters=["mlp.gate.weight", "mlp.experts.down_proj"])
+    result = adaptkit.merge(tmp_path / "base", ad, tmp_path / "m")
+    assert result.modules_merged == 10 and not result.warnings
+    _, ref = peft_merged(tmp_path / "base", [ad], torch.float32)
+    mine = build.load_model(tmp_path / "m").state_dict()
+    base = build.load_model(tmp_path / "base").state_dict()
+    changed = [n for n, t in ref.state_dict().items() if not torch.equal(t, base[n])]
+    assert any(".mlp.gate.weight" in n for n in changed) and any("shared_expert_gate" in n for n in changed)
+    for name, t in ref.state_dict().items():
+        assert torch.allclose(mine[name], t, rtol=1e-6, atol=1e-7), name
+    assert adaptkit.verify(tmp_path / "base", ad, tmp_path / "m").ok
 
 
 def test_verify_catches_one_experts_delta_dropped(tmp_path, moe):
@@ -232,3 +251,21 @@ def test_the_fused_layout_table_gives_rows_from_the_config_and_parts_from_the_ba
     assert split_parts("x.self_attn.qkv_proj", rows.get) == [
         ("x.self_attn.q_proj", (0, 64)), ("x.self_attn.k_proj", (64, 96)), ("x.self_attn.v_proj", (96, 128))]
     assert split_parts("x.self_attn.qkv_proj", {**rows, "x.self_attn.v_proj": None}.get) is None  # a part missing
+
+
+@pytest.mark.parametrize("name", list(FAMILY_ADAPTERS))
+def test_the_shipped_family_fixtures_merge_and_verify_from_the_cli(runner, tmp_path, name):
+    """fixtures/ (made by ``python fixtures/build.py``): bf16 bases as they ship, peft-made LoRAs; the
+    CLI merges each and verify passes on both levels (the model level is peft's unmerged logits)."""
+    import json
+
+    base, ad = FAMILY_BASE_OF[name], FAMILY_ADAPTERS[name]
+    res = invoke(runner, "merge", base, ad, "-o", tmp_path / "m", "--json")
+    assert res.exit_code == 0, res.output
+    merged = json.loads(res.stdout)
+    assert merged["modules_merged"] == len(adaptkit.load_adapter(ad).modules)
+    assert set(Checkpoint.open(tmp_path / "m").tensors) == set(Checkpoint.open(base).tensors)
+    res = invoke(runner, "verify", base, ad, tmp_path / "m", "--json", seconds=120)
+    report = json.loads(res.stdout)
+    assert res.exit_code == 0 and report["ok"] and report["model"]["ok"], res.output
+    assert all(m["ok"] for m in report["modules"]) and len(report["modules"]) >= merged["modules_merged"]
