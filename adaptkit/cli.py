@@ -627,6 +627,7 @@ def _render_inspect(report, svd: bool) -> None:
         ("DoRA", "yes" if report.use_dora else "no"),
         ("target modules", ", ".join(report.target_modules) if isinstance(report.target_modules, list)
          else str(report.target_modules or "-")),
+        ("target parameters", ", ".join(report.target_parameters) or "-"),
         ("modules to save", ", ".join(report.modules_to_save) or "-"),
         ("trainable tokens", "; ".join(f"{m}: {ids}" for m, ids in report.trainable_tokens.items()) or "-"),
         ("aLoRA invocation", str(report.alora_invocation_tokens) if report.alora_invocation_tokens else "-"),

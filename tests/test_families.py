@@ -269,3 +269,25 @@ def test_the_shipped_family_fixtures_merge_and_verify_from_the_cli(runner, tmp_p
     report = json.loads(res.stdout)
     assert res.exit_code == 0 and report["ok"] and report["model"]["ok"], res.output
     assert all(m["ok"] for m in report["modules"]) and len(report["modules"]) >= merged["modules_merged"]
+
+
+@pytest.mark.parametrize("name", ["qwen3-moe-experts", "gpt-oss-experts"])
+def test_expert_loras_convert_to_raw_and_back_losslessly(runner, tmp_path, name):
+    """The config says what a target_parameters LoRA adapts: convert keeps it, and the merges of the
+    original, its raw file and the peft folder made back from that are byte-identical."""
+    base, ad = FAMILY_BASE_OF[name], FAMILY_ADAPTERS[name]
+    adaptkit.convert(ad, tmp_path / "a.safetensors", to="raw")
+    adaptkit.convert(tmp_path / "a.safetensors", tmp_path / "back", to="peft")
+    outs = []
+    for i, src in enumerate([ad, tmp_path / "a.safetensors", tmp_path / "back"]):
+        adaptkit.merge(base, src, tmp_path / f"m{i}")
+        outs.append((tmp_path / f"m{i}" / "model.safetensors").read_bytes())
+    assert outs[0] != (base / "model.safetensors").read_bytes() and outs[0] == outs[1] == outs[2]
+    res = invoke(runner, "convert", ad, "--to", "kohya", "-o", tmp_path / "k.safetensors")
+    assert_one_line_error(res, "a LoRA on a parameter (target_parameters, MoE experts) cannot be written as a kohya")
+
+
+def test_inspect_names_the_target_parameters():
+    report = adaptkit.inspect(FAMILY_ADAPTERS["qwen3-moe-experts"])
+    assert sorted(report.target_parameters) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert report.to_dict()["target_parameters"] == report.target_parameters

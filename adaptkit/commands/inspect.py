@@ -52,6 +52,7 @@ class AdapterReport:
     file_size: int
     modules: list[ModuleReport]
     modules_to_save: list[str] = field(default_factory=list)
+    target_parameters: list[str] = field(default_factory=list)  # peft target_parameters (MoE experts…)
     trainable_tokens: dict[str, list[int]] = field(default_factory=dict)  # embedding -> token ids it replaces
     alora_invocation_tokens: list[int] | None = None
     warnings: list[str] = field(default_factory=list)
@@ -182,6 +183,6 @@ def inspect_adapter(adapter: Adapter, svd: bool = False) -> AdapterReport:
         scaling=scalings.pop() if len(scalings) == 1 else None, use_rslora=adapter.use_rslora,
         use_dora=adapter.use_dora, target_modules=cfg.get("target_modules"), dtype=adapter.dtypes,
         parameters=adapter.parameters, file_size=adapter.file_size, modules=modules,
-        modules_to_save=sorted(adapter.full_tensors),
+        modules_to_save=sorted(adapter.full_tensors), target_parameters=list(cfg.get("target_parameters") or []),
         trainable_tokens={mod: ids for mod, (ids, _) in adapter.token_rows.items()},
         alora_invocation_tokens=adapter.alora_tokens, warnings=health(adapter))

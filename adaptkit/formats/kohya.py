@@ -163,8 +163,9 @@ def kohya_tensors(adapter: Adapter, prefix: str = DEFAULT_PREFIX, dtype=None):
         raise AdaptkitError(f"{what} cannot be written as a kohya file (it has no place for them)", adapter.path)
     tensors, names = {}, {}
     for m in adapter.modules.values():
-        if m.kind != "linear":
-            raise AdaptkitError(f"{m.name}: embedding LoRA cannot be written as a kohya file", adapter.path)
+        if m.kind != "linear" or m.param:
+            what = "embedding LoRA" if m.kind == "embedding" else "a LoRA on a parameter (target_parameters, MoE experts)"
+            raise AdaptkitError(f"{m.name}: {what} cannot be written as a kohya file", adapter.path)
         if m.bias_key:
             raise AdaptkitError(f"{m.name}: lora_bias cannot be written as a kohya file", adapter.path)
         stem = prefix + m.name.replace(".", "_")

@@ -87,6 +87,11 @@ def peft_config(adapter: Adapter) -> dict:
     original = adapter.config if adapter.format in ("peft", "raw") and "r" in adapter.config else None
     if original is not None and _config_reproduces(original, adapter):
         return dict(original)
+    if any(m.param or m.kind == "param" for m in adapter.modules.values()):
+        # a target_parameters LoRA's rank and scaling are its config's patterns applied to the parameter
+        # the base tells (MoE experts): only the config it came with says that
+        raise AdaptkitError("LoRAs on parameters (target_parameters, MoE experts) are kept only with the config "
+                            "they came with, which no longer gives every module its rank", adapter.path)
     mods = list(adapter.modules.values())
     if not mods:
         raise AdaptkitError("the adapter holds no LoRA modules", adapter.path)
@@ -122,6 +127,8 @@ def _config_reproduces(config: dict, adapter: Adapter) -> bool:
     """Whether ``config`` still gives every module its rank and scaling (it does unless edited)."""
     rp, ap = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     for m in adapter.modules.values():
+        if m.kind == "param" or m.param:  # told by the base, from this same config: nothing to compare
+            continue
         k = pattern_key(rp, m.name)
         r = int(rp[k]) if k is not None else int(config["r"])
         k = pattern_key(ap, m.name)
