@@ -408,8 +408,10 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
 @click.argument("source")
 @click.option("--to", "to", required=True, type=LazyChoice(_targets), help="The format to write (below).")
 @click.option("-o", "--output", "out", required=True, help="A folder for --to peft and mlx, a file otherwise.")
-@click.option("--base", default=None, help="The base model: maps kohya names (underscores) back to module names, and "
-                                           "gives gguf (required) and mlx their model config.")
+@click.option("--base", default=None, help="The base model: maps kohya names (underscores) back to module names, "
+                                           "gives gguf (required) and mlx their model config, and lays the LoRA out "
+                                           "as the base stores its projections (split q/k/v LoRA onto Phi-3's fused "
+                                           "qkv_proj, or the reverse), every ΔW kept.")
 @click.option("--initial", default=None,
               help="For an adapter whose initialisation rewrote the base (PiSSA, OLoRA, CorDA…): the adapter saved "
                    "right after initialisation. Writes the plain LoRA (rank 2r) that applies to the original base.")

@@ -76,3 +76,85 @@ def split_parts(module: str, rows_of: Callable[[str], int | None]) -> list[tuple
         out.append((prefix + part, (start, start + n)))
         start += n
     return out
+
+
+def relayout(adapter, config: dict, rows_of: Callable[[str], int | None], has: Callable[[str], bool]):
+    """``adapter`` with its projections laid out as a base stores them (``config``: its config.json;
+    ``rows_of(module)``: rows of its 2-D weight, None when absent; ``has(tensor)``): split LoRAs on a
+    fused base become one LoRA per fused module (:func:`adaptkit.lora.stack_rows`, block-diagonal,
+    rank Σrᵢ), a fused LoRA on a split base one LoRA per part (B's rows of that part, A and the scale
+    unchanged). Every ΔW is kept exactly (the scales go into B, rounded once in fp32, where parts
+    differ). Returns (the adapter, or the same one when nothing moves; the modules moved).
+    """
+    import torch
+
+    from . import lora
+    from .adapter import build_adapter
+    from .errors import AdaptkitError
+    from .formats.sources import DictSource
+
+    groups: dict[str, list] = {}  # fused module -> [(split module, rows)]
+    splits: dict[str, list] = {}  # fused module of the adapter -> its parts in the base
+    for m in adapter.modules.values():
+        if m.kind != "linear" or m.param or has(m.weight_name):
+            continue
+        parent = fused_parent(config, m.name)
+        if parent is not None and rows_of(parent[0]) is not None:
+            groups.setdefault(parent[0], []).append((m, parent[1]))
+            continue
+        parts = split_parts(m.name, rows_of)
+        if parts is not None and parts[-1][1][1] == m.out_features:
+            splits[m.name] = parts
+    moved = sorted([m.name for g in groups.values() for m, _ in g] + list(splits))
+    if not moved:
+        return adapter, []
+    if adapter.token_rows or adapter.alora_tokens or any(m.bias_key or m.kind != "linear" or m.param
+                                                         for m in adapter.modules.values()):
+        raise AdaptkitError("re-laying out the fused/split projections of an adapter with trainable tokens, aLoRA, "
+                            "lora_bias, embedding or parameter LoRAs is not supported; merge it instead (the merge "
+                            "handles it)", adapter.path)
+    tensors, alphas = {}, {}
+
+    def put(name, a, b, scale, magnitude=None):
+        tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = a.clone(), b.contiguous()  # own storage
+        alphas[name] = lora.alpha_for(scale, a.shape[0])
+        if magnitude is not None:
+            tensors[f"{name}.lora_magnitude_vector"] = magnitude
+
+    for fused, parts in groups.items():
+        scales = {m.scaling for m, _ in parts}
+        shared = scales.pop() if len(scales) == 1 else None  # one scale: B unscaled; else each sᵢ folded in B
+        if any(m.use_dora for m, _ in parts) and sum(stop - start for _, (start, stop) in parts) != rows_of(fused):
+            raise AdaptkitError(f"a DoRA on some parts of {fused} only: DoRA's magnitude for the other rows would "
+                                "be the base's norms, not exact; merge it instead", adapter.path)
+        ordered = sorted(parts, key=lambda p: p[1][0])
+        a, b = lora.stack_rows([(m.A, m.B, 1.0 if shared else m.scaling, rows) for m, rows in ordered],
+                               rows_of(fused))
+        magnitude = torch.cat([m.magnitude.float() for m, _ in ordered]) if ordered[0][0].use_dora else None
+        put(fused, a, b, shared or 1.0, magnitude)
+    for m in adapter.modules.values():
+        if m.name in splits:
+            for part, (start, stop) in splits[m.name]:
+                put(part, m.A, m.B[start:stop], m.scaling,
+                    m.magnitude[start:stop] if m.use_dora else None)
+        elif m.name not in moved:
+            put(m.name, m.A, m.B, m.scaling, m.magnitude if m.use_dora else None)
+    for name, key in adapter.full_tensors.items():
+        tensors[name] = adapter.source.get(key)
+    mts = sorted({n.rpartition(".")[0] for n in adapter.full_tensors}) or None
+    config_in = {"peft_type": "LORA", "modules_to_save": mts, "use_dora": adapter.use_dora}
+    out = build_adapter(adapter.path, adapter.weights_path, config_in, DictSource(adapter.path, tensors),
+                        fmt="converted", infer_alpha=alphas)
+    keep = {k: v for k, v in adapter.config.items() if k not in (
+        "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules")}
+    out.config = {**keep, **config_in}
+    return out, moved
+
+
+def relayout_for(adapter, base):
+    """:func:`relayout` for a base :class:`~adaptkit.io.checkpoint.Checkpoint`."""
+    def rows_of(module):
+        name = module + ".weight"
+        return base.info(name).shape[0] if name in base and len(base.info(name).shape) == 2 else None
+
+    return relayout(adapter, base.config, rows_of, lambda name: name in base)

@@ -119,3 +119,18 @@ def place_expert(one, experts: int, expert: int | None, part: tuple[int, int, in
         dim, start, stop = part
         d = d.narrow(dim, start, stop - start)
     return d
+
+
+def stack_rows(parts, rows: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LoRA for a fused weight from LoRAs on some of its parts (split → fused), exactly:
+    A = [A₁; A₂; …] and B block-diagonal, part i's sᵢ·Bᵢ on its rows and its own columns, zeros
+    elsewhere, so B·A puts each sᵢ·Bᵢ·Aᵢ on its rows and nothing on a part without a LoRA.
+
+    ``parts``: (A, B, s, (start, stop)) per part; ``rows``: the fused weight's rows. fp32 on ``device``."""
+    a = torch.cat([pa.to(device, torch.float32) for pa, _, _, _ in parts], 0)
+    b = torch.zeros(rows, a.shape[0], dtype=torch.float32, device=device)
+    col = 0
+    for pa, pb, s, (start, stop) in parts:
+        b[start:stop, col:col + pa.shape[0]] = pb.to(device, torch.float32) * s
+        col += pa.shape[0]
+    return a, b

@@ -17,6 +17,7 @@ from .. import lora
 from ..adapter import Adapter, build_adapter
 from ..dtypes import resolve_dtype
 from ..errors import AdaptkitError
+from ..families import relayout_for
 from ..formats import TARGETS
 from ..formats.kohya import DEFAULT_PREFIX
 from ..formats.sources import DictSource
@@ -53,9 +54,11 @@ def convert(source, out, *, to: str, base=None, initial=None, dtype=None, outtyp
         out: a folder for ``peft`` and ``mlx``, a file (``.safetensors``, ``.gguf``) otherwise.
         to: the target format, one of :data:`adaptkit.formats.TARGETS`: ``peft``, ``raw``,
             ``kohya``, ``gguf``, ``mlx``.
-        base: the base model: maps foreign kohya names (underscores) back to module names, and gives
-            GGUF (required) and MLX their model config. Without it, the adapter's own
-            ``base_model_name_or_path`` is tried when it is a local folder.
+        base: the base model: maps foreign kohya names (underscores) back to module names, gives
+            GGUF (required) and MLX their model config, and lays the LoRA out as the base stores its
+            projections (:func:`adaptkit.families.relayout`: split q/k/v LoRAs onto a fused
+            ``qkv_proj`` as one block-diagonal LoRA, a fused one onto split weights by B's rows).
+            Without it, the adapter's own ``base_model_name_or_path`` is tried when it is a local folder.
         dtype: cast the tensors (``"float16"``, ``"bfloat16"``, ``"float32"``; default: as stored),
             for ``peft``, ``raw`` and ``kohya``.
         initial: for an adapter whose initialisation rewrote the base (PiSSA, OLoRA, CorDA…): the
@@ -97,6 +100,11 @@ def convert(source, out, *, to: str, base=None, initial=None, dtype=None, outtyp
         start = open_adapter(initial)
         inputs += read_paths(None, [start])
         adapter = subtract_initial(adapter, start)
+    if base_ck is not None:  # the base's own projection layout (Phi-3's fused qkv_proj, or split q/k/v)
+        adapter, moved = relayout_for(adapter, base_ck)
+        if moved:
+            report.warn(f"{len(moved)} modules re-laid out to the base's fused/split projections (first: {moved[0]}); "
+                        "every ΔW kept")
     if target.base != "no" and base_ck is None:
         guess = Path(str(adapter.base_model or ""))
         if adapter.base_model and (guess / "config.json").exists():

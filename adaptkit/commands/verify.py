@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import statistics
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -498,13 +499,18 @@ def verify(base, adapters, merged, *, weights=None, prompts: list[str] | None = 
     if extra:
         warnings.append(f"the merged model has {len(extra)} tensors the base lacks (first: {extra[0]})")
     model_check = None
-    relaid = any(op.into is not None or op.take is not None for j in plan.jobs for op in j.ops)
-    if model and relaid:  # peft would load such a LoRA only in part, silently: no reference to compare with
-        warnings.append("model-level check skipped: peft cannot load a LoRA trained on the other fused/split "
-                        "projection layout onto this base; every merged tensor was checked at the layer level")
-    elif model and _transformers_knows(base_ck):
+    if model and _transformers_knows(base_ck):
         report.start("model-level check: loading base + adapters and the merged model", None)
-        model_check = check_model(base_ck.path, loaded, merged_ck.path, weights, prompts, seed=seed, device=dev)
+        with tempfile.TemporaryDirectory(prefix="adaptkit-verify-") as tmp:
+            # a LoRA trained on the other fused/split projection layout: peft would load it only in part,
+            # so the reference gets it re-laid out in the base's layout (families.relayout, exact)
+            refs = [_in_layout_of(base_ck, a, Path(tmp) / str(i)) for i, a in enumerate(loaded)]
+            if all(isinstance(r, Adapter) for r in refs):
+                model_check = check_model(base_ck.path, refs, merged_ck.path, weights, prompts, seed=seed,
+                                          device=dev)
+            else:
+                warnings.append(f"model-level check skipped: {next(r for r in refs if isinstance(r, str))}; every "
+                                "merged tensor was checked at the layer level")
     elif model:
         warnings.append("model-level check skipped: transformers does not know this architecture")
     for w in warnings:
@@ -517,6 +523,23 @@ def verify(base, adapters, merged, *, weights=None, prompts: list[str] | None = 
                                 inputs=read_paths(base_ck, loaded)) as tmp:
             tmp.write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result
+
+
+def _in_layout_of(base: Checkpoint, adapter: Adapter, folder: Path) -> Adapter | str:
+    """``adapter``, or its re-laid-out copy written to ``folder`` (peft layout) when the base stores its
+    projections fused where it has them split, or the reverse; or why peft cannot load it on this base."""
+    from ..families import relayout_for
+    from ..formats import TARGETS, load_adapter
+
+    try:
+        moved, names = relayout_for(adapter, base)
+    except AdaptkitError as e:
+        return f"peft cannot load {adapter.path} on this base's projection layout ({e.message})"
+    if not names:
+        return adapter
+    folder.mkdir(parents=True)
+    TARGETS["peft"].write(moved, folder, dtype=None)
+    return load_adapter(folder)
 
 
 def _transformers_knows(ck: Checkpoint) -> bool:
