@@ -100,6 +100,10 @@ def relayout(adapter, config: dict, rows_of: Callable[[str], int | None], has: C
             continue
         parent = fused_parent(config, m.name)
         if parent is not None and rows_of(parent[0]) is not None:
+            start, stop = parent[1]
+            if stop - start != m.out_features or stop > rows_of(parent[0]):
+                raise AdaptkitError(f"{m.name} ({m.out_features} rows) does not fit rows {start}:{stop} of the "
+                                    f"base's fused {parent[0]} ({rows_of(parent[0])} rows)", adapter.path)
             groups.setdefault(parent[0], []).append((m, parent[1]))
             continue
         parts = split_parts(m.name, rows_of)

@@ -369,6 +369,9 @@ def _match_fused(base: Checkpoint, m: LoraModule, adapter: Adapter, weight: floa
             return (f"{m.name} gives {m.out_features} rows, the base's {', '.join(p for p, _ in parts)} hold "
                     f"{parts[-1][1][1]}")
         targets = [(part, rows, None) for part, rows in parts]
+    problem = _check_factors(m)
+    if problem:
+        return problem
     if m.bias_key is not None and any(base_shape(module + ".bias") is None for module, _, _ in targets):
         return f"{m.name} has a lora_bias but the base's {targets[0][0]} has no bias"
     for module, take, into in targets:
@@ -417,18 +420,24 @@ def _orientation(m: LoraModule, shape, conv1d: set[str] | None) -> bool:
     return shape is not None and tuple(shape) == (m.in_features, m.out_features) != (m.out_features, m.in_features)
 
 
-def _check_module(m: LoraModule, shape, transposed: bool) -> str | None:
+def _check_factors(m: LoraModule) -> str | None:
+    """A problem with the module's own tensors: A and B that do not fit together, a DoRA magnitude
+    of another length than B's rows."""
     src = m.source
     a_shape, b_shape = src.shape(m.a_key), src.shape(m.b_key)
     if a_shape[0] != b_shape[1]:
         return f"{m.name}: A {list(a_shape)} and B {list(b_shape)} do not fit together"
+    if m.magnitude_key is not None and tuple(src.shape(m.magnitude_key)) != (m.out_features,):
+        return f"{m.name}: DoRA magnitude is {list(src.shape(m.magnitude_key))}, expected [{m.out_features}]"
+    return None
+
+
+def _check_module(m: LoraModule, shape, transposed: bool) -> str | None:
     canonical = (m.out_features, m.in_features)
     expected = canonical[::-1] if transposed else canonical
     if tuple(shape) != expected:
         return f"{m.weight_name} is {list(shape)} in the base but the LoRA gives {list(expected)}"
-    if m.magnitude_key is not None and tuple(src.shape(m.magnitude_key)) != (m.out_features,):
-        return f"{m.name}: DoRA magnitude is {list(src.shape(m.magnitude_key))}, expected [{m.out_features}]"
-    return None
+    return _check_factors(m)
 
 
 def _check_bias(m: LoraModule, bias_shape) -> str | None:

@@ -265,6 +265,8 @@ def test_a_split_lora_that_does_not_fit_the_fused_rows_is_refused(runner, tmp_pa
     (base / "config.json").write_text(json.dumps({**cfg, "num_key_value_heads": 4}))  # k, v rows as the config says
     assert_one_line_error(invoke(runner, "merge", base, phi3["split"], "-o", tmp_path / "o"),
                           "does not fit rows", "qkv_proj.weight [128, 64]")
+    assert_one_line_error(invoke(runner, "convert", phi3["split"], "--to", "peft", "--base", base, "-o",
+                                 tmp_path / "c"), "does not fit rows", "qkv_proj (128 rows)")
 
 
 def test_the_fused_layout_table_gives_rows_from_the_config_and_parts_from_the_base(phi3):
