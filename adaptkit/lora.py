@@ -101,6 +101,12 @@ def expert_factors(a: torch.Tensor, b: torch.Tensor, experts: int) -> tuple[torc
     return a.reshape(experts, r, a.shape[-1]), b.reshape(b.shape[0], r, experts)
 
 
+def pack_experts(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`expert_factors`: A (E, r, in) and B (out, r, E) back to peft's (E·r, in)
+    and (out, r·E)."""
+    return a.reshape(-1, a.shape[-1]).contiguous(), b.reshape(b.shape[0], -1).contiguous()
+
+
 def expert_delta(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, e: int, device=None) -> torch.Tensor:
     """ΔW of expert ``e`` = s · B_e @ A_e in fp32, (out, in)."""
     r = a.shape[0] // experts

@@ -114,7 +114,7 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] |
     before adding ΔW, as the adapter saw them in QLoRA training, writing a dense model.
     """
     weights = adapter_weights(weights, len(adapters))
-    _resolve_parameters(base, adapters)
+    resolve_parameters(base, adapters)
     for adapter, weight in zip(adapters, weights):
         adapter.require_exact()
         if adapter.alora_tokens:
@@ -275,7 +275,7 @@ def expert_parameters(base: Checkpoint) -> tuple[dict[str, tuple[int, ...]], dic
     return cached
 
 
-def _resolve_parameters(base: Checkpoint, adapters: list[Adapter]) -> None:
+def resolve_parameters(base: Checkpoint, adapters: list[Adapter]) -> None:
     """Tell each ``target_parameters`` LoRA which parameter it adapts, from the base model's shapes."""
     if not any(m.kind == "param" for a in adapters for m in a.modules.values()):
         return

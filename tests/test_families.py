@@ -320,3 +320,55 @@ def test_inspect_names_the_target_parameters():
     report = adaptkit.inspect(FAMILY_ADAPTERS["qwen3-moe-experts"])
     assert sorted(report.target_parameters) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
     assert report.to_dict()["target_parameters"] == report.target_parameters
+
+
+def peft_merged_dir(base, adapter, out):
+    """peft's merge of one adapter into ``base``, saved (its model class names the on-disk layout)."""
+    _, merged = peft_merged(base, [adapter], torch.float32)
+    merged.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_moe(tmp_path_factory):
+    """A tiny Qwen3-MoE (fp32) and two peft-made LoRAs on its experts and attention."""
+    root = tmp_path_factory.mktemp("two-moe")
+    build.build_model(build.qwen3_moe_config(), root / "base", dtype=torch.float32)
+    kw = dict(target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    a1 = build.build_adapter(root / "base", root / "a1", seed=3, r=2, lora_alpha=4, **kw)
+    a2 = build.build_adapter(root / "base", root / "a2", seed=4, r=3, lora_alpha=3, **kw)
+    return root / "base", a1, a2
+
+
+def test_expert_loras_combine_linearly_into_the_base_as_peft_merges_both(tmp_path, two_moe):
+    base, a1, a2 = two_moe
+    res = adaptkit.combine([a1, a2], tmp_path / "m", method="linear", base=base)
+    assert {m.name: m.rank for m in res.modules}["model.layers.0.mlp.experts.gate_up_proj"] == 5  # 2 + 3, exact
+    _, ref = peft_merged(base, [a1, a2], torch.float32)
+    mine = build.load_model(tmp_path / "m").state_dict()
+    for name, t in ref.state_dict().items():
+        assert torch.allclose(mine[name], t, rtol=1e-5, atol=1e-6), name
+
+
+def test_expert_loras_combine_by_ties_expert_by_expert(tmp_path, two_moe):
+    """TIES per expert, against peft.utils.merge_utils.ties on each expert's two deltas (taken from
+    peft's own merge of each adapter alone), at full rank."""
+    from peft.utils import merge_utils
+    from safetensors.torch import load_file
+
+    base, a1, a2 = two_moe
+    adaptkit.combine([a1, a2], tmp_path / "m", method="ties", density=0.5, rank=48, base=base)
+    mine = load_file(tmp_path / "m" / "model.safetensors")
+    w0 = load_file(base / "model.safetensors")
+    name = "model.layers.1.mlp.experts.2.down_proj.weight"  # on disk: one tensor per expert
+    deltas = [load_file(peft_merged_dir(base, a, tmp_path / f"p{i}") / "model.safetensors")[name] - w0[name]
+              for i, a in enumerate([a1, a2])]
+    ref = merge_utils.ties(torch.stack(deltas), torch.ones(2), 0.5)
+    assert torch.allclose(mine[name] - w0[name], ref, atol=1e-5)
+    assert not torch.allclose(ref, deltas[0] + deltas[1], atol=1e-5)  # TIES did something
+
+
+def test_expert_loras_combine_only_into_a_base(runner, tmp_path, two_moe):
+    _, a1, a2 = two_moe
+    res = invoke(runner, "combine", a1, a2, "--method", "linear", "-o", tmp_path / "o")
+    assert_one_line_error(res, "combine only into a base", "give base")

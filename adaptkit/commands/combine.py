@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .. import __version__, lora
 from ..adapter import Adapter, adapter_weights, build_adapter, natural_key
 from ..device import resolve_device
 from ..errors import AdaptkitError
@@ -27,7 +27,7 @@ from ..formats.sources import DictSource
 from ..io.output import atomic_output_dir, check_output
 from ..methods import MAJORITY_SIGNS, METHODS, factor, factor_product
 from ..reporting import Collected, Reporter
-from .inputs import open_adapters, read_paths
+from .inputs import open_adapters, open_base, read_paths
 
 
 @dataclass
@@ -75,9 +75,9 @@ def _check(adapters: list[Adapter]) -> dict[str, list]:
                                 "merge the adapters into the base instead", a.path)
         if any(m.bias_key for m in a.modules.values()):
             raise AdaptkitError("lora_bias adapters cannot be combined yet", a.path)
-        if any(m.param or m.kind == "param" for m in a.modules.values()):
-            raise AdaptkitError("LoRAs on parameters (target_parameters, MoE experts) cannot be combined yet; merge "
-                                "the adapters into the base instead", a.path)
+        if any(m.kind == "param" for m in a.modules.values()):  # only a base tells which parameter each adapts
+            raise AdaptkitError("LoRAs on parameters (target_parameters, MoE experts) combine only into a base: give "
+                                "base (which parameter each one adapts is told by the base's shapes)", a.path)
         if a.token_rows:
             raise AdaptkitError("trainable tokens cannot be combined by adding deltas (they replace rows); merge the "
                                 "adapters into the base instead", a.path)
@@ -99,7 +99,7 @@ def _check(adapters: list[Adapter]) -> dict[str, list]:
     for n in names:
         mods = [a.modules.get(n) for a in adapters]
         present = [(a, m) for a, m in zip(adapters, mods) if m is not None]
-        shapes = {(m.kind, m.out_features, m.in_features, m.fan_in_fan_out) for _, m in present}
+        shapes = {(m.kind, m.out_features, m.in_features, m.fan_in_fan_out, m.experts) for _, m in present}
         if len(shapes) > 1:
             desc = "; ".join(f"{a.path}: {m.kind} {m.out_features}×{m.in_features}" for a, m in present)
             raise AdaptkitError(f"adapters disagree on module {n} ({desc}): were they trained on the same base?")
@@ -140,7 +140,8 @@ def combine(adapters, out, *, method: str, weights=None, density: float | None =
         seed: seed of the DARE masks, drawn per (seed, module name) on the CPU: the same seed gives
             the same file on any device.
         device: where the deltas are computed (``"auto"``, ``"cpu"``, ``"cuda"``…).
-        base: merge the combination into this base model instead of writing an adapter.
+        base: merge the combination into this base model instead of writing an adapter. LoRAs on
+            MoE experts (``target_parameters``) combine this way only, expert by expert.
         dtype, max_shard_size: for ``base``, as in :func:`adaptkit.merge`.
         force: replace an existing ``out``.
         reporter: receives progress (modules) and warnings.
@@ -186,17 +187,31 @@ def combine(adapters, out, *, method: str, weights=None, density: float | None =
     check_output(out, force, inputs=given)
     dev = resolve_device(device)
     loaded = open_adapters(adapters)
+    if base is not None and any(m.kind == "param" for a in loaded for m in a.modules.values()):
+        from ..plan import resolve_parameters
+
+        resolve_parameters(open_base(base), loaded)  # MoE experts: E and the parameter, from the base's shapes
     table = _check(loaded)
 
     tensors: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     results: list[ModuleResult] = []
     report.start("combining", len(table))
+    experts: dict[str, object] = {}  # combined LoRAs on expert parameters, resolved (merged into base)
     for name, mods in table.items():
-        a, b, kept = _combine_module(name, mods, weights, spec, dict(density=density, majority_sign=majority_sign),
-                                     rank, energy, seed, dev)
+        args = (weights, spec, dict(density=density, majority_sign=majority_sign), rank, energy, seed, dev)
+        first = next(m for m in mods if m is not None)
+        if first.experts > 1:
+            a, b, kept = _combine_experts(name, mods, *args)
+            experts[name] = replace(first, rank=a.shape[0] // first.experts, alpha=a.shape[0] // first.experts,
+                                    scaling=1.0, source=DictSource(Path(name), {"A": a.cpu(), "B": b.cpu()}),
+                                    a_key="A", b_key="B")
+            results.append(ModuleResult(name, a.shape[0] // first.experts, kept))
+            report.advance(1)
+            continue
+        a, b, kept = _combine_module(name, mods, *args)
         r_out = a.shape[0]
-        kind = next(m for m in mods if m is not None).kind
+        kind = first.kind
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A.weight",
                                                                                               "lora_B.weight")
         tensors[f"{name}.{a_key}"] = a.cpu()
@@ -216,6 +231,7 @@ def combine(adapters, out, *, method: str, weights=None, density: float | None =
               "alora_invocation_tokens": loaded[0].alora_tokens}
     here = Path(f"(combined with {method})")  # in memory: no path on disk
     combined = build_adapter(here, here, config, DictSource(here, tensors), fmt="combined", infer_alpha=alphas)
+    combined.modules.update(experts)
     params = {"density": density, "majority_sign": majority_sign if spec.sign else None,
               "rank": rank, "energy": energy, "seed": seed if spec.random else None}
     result = CombineResult(out=str(out), method=method, adapters=[str(a.path) for a in loaded], weights=weights,
@@ -260,6 +276,29 @@ def _combine_module(name, mods, weights, spec, parameters, rank, energy, seed, d
     if not bool(torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise AdaptkitError(f"{name}: the combined delta is not finite (the adapters' values overflow fp32)")
     return a, b, kept
+
+
+def _combine_experts(name, mods, weights, spec, parameters, rank, energy, seed, dev):
+    """A LoRA on a 3-D expert parameter, combined expert by expert (each expert's ΔWₑ = s·Bₑ·Aₑ is a
+    module of its own: the method, the rank and the DARE masks apply per expert), packed back in
+    peft's layout (A's rows expert-major, B's columns rank-major), every expert at the largest rank
+    (zero-padded: exact)."""
+    n = next(m for m in mods if m is not None).experts
+    parts = []
+    for e in range(n):
+        views = [_expert_view(m, e) if m is not None else None for m in mods]
+        parts.append(_combine_module(f"{name}.{e}", views, weights, spec, parameters, rank, energy, seed, dev))
+    r = max(a.shape[0] for a, _, _ in parts)
+    a = torch.stack([torch.nn.functional.pad(pa, (0, 0, 0, r - pa.shape[0])) for pa, _, _ in parts])  # (E, r, in)
+    b = torch.stack([torch.nn.functional.pad(pb, (0, r - pb.shape[1])) for _, pb, _ in parts], dim=2)  # (out, r, E)
+    return (*lora.pack_experts(a, b), min(k for _, _, k in parts))
+
+
+def _expert_view(m, e: int):
+    """Expert ``e`` of a LoRA on an expert parameter, as a plain module (Aₑ, Bₑ, same scaling)."""
+    a, b = lora.expert_factors(m.A, m.B, m.experts)
+    return replace(m, source=DictSource(Path(m.name), {"A": a[e], "B": b[:, :, e]}), a_key="A", b_key="B",
+                   experts=1, param=None, rank=a.shape[1])
 
 
 def _readme(result: CombineResult) -> str:
