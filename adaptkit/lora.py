@@ -107,10 +107,17 @@ def pack_experts(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     return a.reshape(-1, a.shape[-1]).contiguous(), b.reshape(b.shape[0], -1).contiguous()
 
 
-def expert_delta(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, e: int, device=None) -> torch.Tensor:
-    """ΔW of expert ``e`` = s · B_e @ A_e in fp32, (out, in)."""
+def expert_delta(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, e: int, device=None,
+                 rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> torch.Tensor:
+    """ΔW of expert ``e`` = s · B_e @ A_e in fp32, (out, in); only ``rows`` (B_e's) or ``cols`` (A_e's)
+    of it when given (the part of ΔW an on-disk tensor holds: gate beside up)."""
     r = a.shape[0] // experts
-    return delta(a[e * r:(e + 1) * r], b[:, e::experts], scale, device)  # = expert_factors(...)[e]
+    a_e, b_e = a[e * r:(e + 1) * r], b[:, e::experts]  # = expert_factors(...)[e]
+    if rows is not None:
+        b_e = b_e[rows[0]:rows[1]]
+    if cols is not None:
+        a_e = a_e[:, cols[0]:cols[1]]
+    return delta(a_e, b_e, scale, device)
 
 
 def place_expert(one, experts: int, expert: int | None, part: tuple[int, int, int] | None) -> torch.Tensor:

@@ -112,6 +112,12 @@ def expert_term(op: Op, device) -> torch.Tensor:
     transposed where the parameter stores (in, out)), the part this tensor holds, or every expert's,
     stacked, for a fused 3-D tensor."""
     m = op.module
+    if op.expert is not None and op.part is not None:  # a part of one expert's ΔW: computed alone
+        dim, start, stop = op.part
+        cuts_rows = (dim == 0) != op.transposed  # the part's dim is ΔW's out (rows), else its in (columns)
+        d = lora.expert_delta(m.A, m.B, op.scale, m.experts, op.expert, device,
+                              rows=(start, stop) if cuts_rows else None, cols=None if cuts_rows else (start, stop))
+        return d.T if op.transposed else d
 
     def one(e):
         d = lora.expert_delta(m.A, m.B, op.scale, m.experts, e, device)

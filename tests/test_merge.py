@@ -14,6 +14,8 @@ from helpers import (
     TINY_GPT2,
     TINY_LLAMA,
     assert_merge_close,
+    assert_one_line_error,
+    invoke,
     load_dir,
     peft_merged,
 )
@@ -326,3 +328,19 @@ def test_interrupted_merge_leaves_nothing(tmp_path):
     assert len(calls) == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert (out / "old.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
+
+
+@pytest.mark.parametrize("limit", [0, 1 << 20])  # every tensor alone, or in runs (stream.batches)
+def test_a_merged_tensor_beyond_the_output_dtype_fails_naming_it(runner, tmp_path, monkeypatch, limit):
+    import adaptkit.stream as stream
+
+    monkeypatch.setattr(stream, "BATCH_BYTES", limit)
+    ad = tmp_path / "big"
+    shutil.copytree(ADAPTERS["llama-lora"], ad)
+    t = load_file(ad / "adapter_model.safetensors")
+    key = next(k for k in t if "layers.1.self_attn.k_proj.lora_B" in k)
+    t[key] = t[key] * 1e6  # finite factors whose ΔW overflows fp16
+    save_file(t, ad / "adapter_model.safetensors")
+    res = invoke(runner, "merge", TINY_LLAMA, ad, "-o", tmp_path / "o")
+    assert_one_line_error(res, "into model.layers.1.self_attn.k_proj.weight gives NaN or Inf", "float16")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
