@@ -236,16 +236,22 @@ def _human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def _read_ahead(folder):
-    """Start reading a local model folder's weights into the page cache (adaptkit/io/readahead.py);
-    None otherwise. Called before torch is imported: the disk works during the imports."""
+def _read_ahead(folder, adapters=()):
+    """Start reading a local model folder's weights into the page cache (adaptkit/io/readahead.py),
+    the local adapters' safetensors files first (an MoE expert LoRA is hundreds of MB, read where it is
+    used); None when the base is not a local folder. Called before torch is imported: the disk works
+    during the imports."""
     from .io.layout import find_weight_files
     from .io.readahead import Readahead
 
     if not Path(folder).is_dir():
         return None
+    firsts = []
+    for a in adapters:
+        a = Path(a)
+        firsts += sorted(a.glob("*.safetensors")) if a.is_dir() else [a] if a.suffix == ".safetensors" else []
     try:
-        return Readahead.of_files(find_weight_files(folder).files).start()
+        return Readahead.of_files(firsts + list(find_weight_files(folder).files)).start()
     except AdaptkitError:
         return None  # the merge itself reports what is wrong with the folder
 
@@ -371,7 +377,7 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
     Example:
       adaptkit merge fixtures/tiny-llama fixtures/adapters/llama-lora -o out/merged
     """
-    ahead = _read_ahead(base)  # before torch is imported: the disk works during the imports
+    ahead = _read_ahead(base, adapters)  # before torch is imported: the disk works during the imports
     try:
         import adaptkit
 

@@ -68,10 +68,13 @@ def test_merge_takes_over_the_prefetcher_the_cli_started(tmp_path, monkeypatch):
     used = []
     real = readahead.for_stream
     monkeypatch.setattr(readahead, "for_stream", lambda ranges: used.append(real(ranges)) or used[-1])
-    early = cli._read_ahead(TINY_LLAMA)
+    early = cli._read_ahead(TINY_LLAMA, [ADAPTERS["llama-lora"]])
     merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], tmp_path / "out")
     assert used == [early]
-    assert early.total == sum(p.stat().st_size for p in TINY_LLAMA.glob("model-*.safetensors"))
+    adapter_file = ADAPTERS["llama-lora"] / "adapter_model.safetensors"
+    assert early._files[0] == adapter_file  # the adapter first, then the base's shards
+    assert early.total == adapter_file.stat().st_size + sum(
+        p.stat().st_size for p in TINY_LLAMA.glob("model-*.safetensors"))
     assert early not in readahead._active.values()  # closed by the stream, unregistered
 
 
