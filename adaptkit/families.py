@@ -132,10 +132,10 @@ def relayout(adapter, config: dict, rows_of: Callable[[str], int | None], has: C
             raise AdaptkitError(f"a DoRA on some parts of {fused} only: DoRA's magnitude for the other rows would "
                                 "be the base's norms, not exact; merge it instead", adapter.path)
         ordered = sorted(parts, key=lambda p: p[1][0])
-        a, b = lora.stack_rows([(m.A, m.B, 1.0 if shared else m.scaling, rows) for m, rows in ordered],
+        a, b = lora.stack_rows([(m.A, m.B, 1.0 if shared is not None else m.scaling, rows) for m, rows in ordered],
                                rows_of(fused))
         magnitude = torch.cat([m.magnitude.float() for m, _ in ordered]) if ordered[0][0].use_dora else None
-        put(fused, a, b, shared or 1.0, magnitude)
+        put(fused, a, b, shared if shared is not None else 1.0, magnitude)
     for m in adapter.modules.values():
         if m.name in splits:
             for part, (start, stop) in splits[m.name]:

@@ -173,7 +173,11 @@ def phi3(tmp_path_factory):
                                target_modules=["q_proj", "k_proj", "up_proj"])
     fused = build.build_adapter(root / "phi3", root / "fused", r=4, lora_alpha=8,
                                 target_modules=["qkv_proj", "gate_up_proj", "o_proj"])
-    return {"phi3": root / "phi3", "llama": root / "llama", "split": split, "dora": dora, "fused": fused}
+    dora_all = build.build_adapter(root / "llama", root / "dora-all", r=2, lora_alpha=8, use_dora=True,
+                                   target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"],
+                                   rank_pattern={"k_proj": 3}, alpha_pattern={"v_proj": 2})
+    return {"phi3": root / "phi3", "llama": root / "llama", "split": split, "dora": dora, "fused": fused,
+            "dora-all": dora_all}
 
 
 def _logits(model, ids=torch.tensor([[1, 5, 9, 200, 7, 3, 42]])):
@@ -217,7 +221,8 @@ def test_a_lora_merges_across_fused_and_split_projections(tmp_path, phi3, adapte
         assert report.ok and report.model.ok and report.model.compared.startswith("logits")
 
 
-@pytest.mark.parametrize("adapter, base, trained_on", [("split", "phi3", "llama"), ("fused", "llama", "phi3")])
+@pytest.mark.parametrize("adapter, base, trained_on", [("split", "phi3", "llama"), ("fused", "llama", "phi3"),
+                                                       ("dora-all", "phi3", "llama")])
 def test_convert_moves_a_lora_between_fused_and_split_layouts(tmp_path, phi3, adapter, base, trained_on):
     """convert --base lays the LoRA out as the base stores its projections (split → fused block-diagonal,
     fused → split by B's rows); peft then loads it on that base and computes what it computed before."""
