@@ -377,3 +377,38 @@ def test_expert_loras_combine_only_into_a_base(runner, tmp_path, two_moe):
     _, a1, a2 = two_moe
     res = invoke(runner, "combine", a1, a2, "--method", "linear", "-o", tmp_path / "o")
     assert_one_line_error(res, "combine only into a base", "give base")
+
+
+def test_a_transformers_4_era_mixtral_lora_on_per_expert_linears_merges_and_verifies(tmp_path):
+    """Before transformers 5 fused Mixtral's experts in memory, peft adapted each expert's nn.Linear
+    (block_sparse_moe.experts.N.w1…): names the checkpoint still holds on disk. peft cannot make such
+    an adapter any more, so it is written here as peft 0.13 saved it; peft 0.21 still loads it, which
+    gives verify's model level its reference."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    build.build_model(build.mixtral_config(), tmp_path / "base", dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in range(2):
+        for e in range(4):
+            for w, (o, i) in {"w1": (48, 64), "w2": (64, 48), "w3": (48, 64)}.items():
+                p = f"base_model.model.model.layers.{layer}.block_sparse_moe.experts.{e}.{w}"
+                tensors[p + ".lora_A.weight"] = 0.1 * torch.randn(4, i, generator=gen)
+                tensors[p + ".lora_B.weight"] = 0.1 * torch.randn(o, 4, generator=gen)
+    ad = tmp_path / "lora"
+    ad.mkdir()
+    save_file(tensors, ad / "adapter_model.safetensors")
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                        "target_modules": ["w1", "w2", "w3"], "peft_version": "0.13.2"}))
+    result = adaptkit.merge(tmp_path / "base", ad, tmp_path / "m")
+    assert result.modules_merged == 24 and not result.warnings
+    merged, base = load_file(tmp_path / "m" / "model.safetensors"), load_file(tmp_path / "base" / "model.safetensors")
+    for name in base:
+        key = "base_model.model." + name[: -len(".weight")]
+        expected = base[name] + 2.0 * tensors[key + ".lora_B.weight"] @ tensors[key + ".lora_A.weight"] \
+            if key + ".lora_A.weight" in tensors else base[name]
+        assert torch.allclose(merged[name], expected, rtol=1e-6, atol=1e-7), name
+    report = adaptkit.verify(tmp_path / "base", ad, tmp_path / "m")
+    assert report.ok and report.model.ok and report.model.compared == "logits (MixtralForCausalLM)"
