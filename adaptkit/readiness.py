@@ -58,8 +58,10 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
         problems.append(Problem("lora_bias", f"{len(biased)} modules with a LoRA bias (first: {biased[0]})", merge_fix))
     experts = [m.name for m in mods if m.kind == "param" or m.param]
     if experts:
+        why = ("vLLM loads such LoRAs only for some MoE models and releases, which adaptkit has not checked"
+               if target == "vllm" else "which adaptkit does not export for this runtime yet")
         problems.append(Problem("target_parameters", f"{len(experts)} LoRAs on parameters (MoE experts; first: "
-                                f"{experts[0]}), which adaptkit does not export for this runtime yet", merge_fix))
+                                f"{experts[0]}): {why}", merge_fix))
     if adapter.token_rows:
         ids = sum(len(ids) for ids, _ in adapter.token_rows.values())
         problems.append(Problem("trainable_tokens", f"{ids} trainable token rows on {', '.join(adapter.token_rows)}",

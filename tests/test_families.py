@@ -412,3 +412,11 @@ def test_a_transformers_4_era_mixtral_lora_on_per_expert_linears_merges_and_veri
         assert torch.allclose(merged[name], expected, rtol=1e-6, atol=1e-7), name
     report = adaptkit.verify(tmp_path / "base", ad, tmp_path / "m")
     assert report.ok and report.model.ok and report.model.compared == "logits (MixtralForCausalLM)"
+
+
+def test_runtime_checks_send_expert_loras_to_the_merge():
+    report = adaptkit.inspect(FAMILY_ADAPTERS["qwen3-moe-experts"], checks=["vllm", "llamacpp", "mlx"])
+    for check in report.checks:
+        problem = next(p for p in check.problems if p.rule == "target_parameters")
+        assert not check.ok and problem.fix.startswith("adaptkit merge BASE")
+        assert ("not checked" in problem.detail) == (check.target == "vllm")
