@@ -168,10 +168,10 @@ def build_adapter(path: Path, s: dict, r: int = 16, seed: int = 1, layers=None):
         "bias": "none", "task_type": "CAUSAL_LM", "base_model_name_or_path": "base"}))
 
 
-def evict(path: Path):
-    """Drop a folder's pages from the page cache (no root needed): every run starts cold."""
+def evict(*paths: Path):
+    """Drop folders' pages from the page cache (no root needed): every run starts cold."""
     os.sync()
-    for p in path.rglob("*"):
+    for p in (p for path in paths for p in path.rglob("*")):
         if p.is_file():
             fd = os.open(p, os.O_RDONLY)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

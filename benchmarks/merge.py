@@ -82,26 +82,27 @@ def main():
         build_adapter(adapter, s)
         print(f"built {args.shape} base in {time.perf_counter() - t0:.1f} s", flush=True)
     base_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    adapter_bytes = sum(p.stat().st_size for p in adapter.glob("*.safetensors"))  # read too (0.5 GB for moe)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    results = {"shape": args.shape, "device": args.device, "base_bytes": base_bytes,
+    results = {"shape": args.shape, "device": args.device, "base_bytes": base_bytes, "adapter_bytes": adapter_bytes,
                "machine": f"{os.cpu_count()} cores", "torch": torch.__version__}
     if torch.cuda.is_available():
         results["gpu"] = torch.cuda.get_device_name(0)
     read_bw, write_bw = disk_bandwidth(work)
-    results.update(read_bw=read_bw, write_bw=write_bw, physical_floor_s=base_bytes / read_bw + base_bytes / write_bw)
+    results.update(read_bw=read_bw, write_bw=write_bw, physical_floor_s=(base_bytes + adapter_bytes) / read_bw + base_bytes / write_bw)
 
     for d in ("out-cp", "out-adaptkit", "out-peft"):
         shutil.rmtree(work / d, ignore_errors=True)
     evict(base)
     results["copy"] = run(["cp", "-r", str(base), str(work / "out-cp")])
     shutil.rmtree(work / "out-cp")
-    evict(base)
+    evict(base, adapter)
     r = run([sys.executable, "-m", "adaptkit", "merge", str(base), str(adapter), "-o", str(work / "out-adaptkit"),
              "--device", args.device, "--json"], env=env)
     r["summary"] = json.loads(r.pop("stdout"))
     results["adaptkit"] = r
     if not args.skip_peft:
-        evict(base)
+        evict(base, adapter)
         r = run([sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(work / "out-peft"), args.device], env=env)
         r["steps"] = json.loads(r.pop("stdout").strip().splitlines()[-1])
         results["peft"] = r
@@ -115,7 +116,7 @@ def main():
 
     ak, cp = results["adaptkit"], results["copy"]
     rows = [("cp -r + sync", cp), ("adaptkit merge", ak)] + ([("peft path", results["peft"])] if "peft" in results else [])
-    print(f"\n{args.shape} base {base_bytes / 1e9:.2f} GB, device {args.device}, "
+    print(f"\n{args.shape} base {base_bytes / 1e9:.2f} GB + adapter {adapter_bytes / 1e9:.2f} GB, device {args.device}, "
           f"disk read {read_bw / 1e9:.2f} GB/s, write {write_bw / 1e9:.2f} GB/s, "
           f"physical floor {results['physical_floor_s']:.1f} s")
     print(f"{'':16} {'seconds':>8} {'peak RSS':>10} {'vs cp':>7} {'vs floor':>9}")
