@@ -373,9 +373,15 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
     model in its compute dtype; --quantize nf4 keeps it 4-bit. The relative error each merged layer
     carries against the exact merge is reported.
 
+    Today's families: LoRAs on MoE experts (peft target_parameters) land on each expert's on-disk
+    tensors, or on fused ones (gpt-oss); vision-language models' in-memory names are mapped to the
+    checkpoint's with transformers' rules; split q/k/v LoRAs merge into Phi-3's fused qkv_proj and
+    the reverse.
+
     \b
-    Example:
+    Examples:
       adaptkit merge fixtures/tiny-llama fixtures/adapters/llama-lora -o out/merged
+      adaptkit merge fixtures/tiny-qwen3-moe fixtures/adapters/qwen3-moe-experts -o out/moe
     """
     ahead = _read_ahead(base, adapters)  # before torch is imported: the disk works during the imports
     try:
