@@ -78,9 +78,36 @@ def split_parts(module: str, rows_of: Callable[[str], int | None]) -> list[tuple
     return out
 
 
-def relayout(adapter, config: dict, rows_of: Callable[[str], int | None], has: Callable[[str], bool]):
+def place(config: dict, module, shape_of: Callable[[str], tuple | None]) -> list[tuple] | str | None:
+    """Where a LoRA on ``module`` (a LoraModule, (out, in)) lands on a base that stores it fused with
+    others or apart (``config``: the base's config.json; ``shape_of(name)``: the shape of the base's
+    ``name.weight``, None when absent): [(base module, rows of ΔW it takes or None, its rows ΔW lands
+    on or None)], a problem when it does not fit, or None when no layout of :data:`FUSED` applies."""
+    out, inp = module.out_features, module.in_features
+    parent = fused_parent(config, module.name)
+    if parent is not None and shape_of(parent[0]) is not None:
+        fused, (start, stop) = parent
+        shape = tuple(shape_of(fused))
+        if len(shape) != 2 or shape[1] != inp or stop > shape[0] or stop - start != out:
+            return f"{module.name} ({out}×{inp}) does not fit rows {start}:{stop} of the base's fused {fused}.weight " \
+                   f"{list(shape)}"
+        return [(fused, None, (start, stop))]
+
+    def rows_of(name):
+        shape = shape_of(name)
+        return shape[0] if shape is not None and len(shape) == 2 and shape[1] == inp else None
+
+    parts = split_parts(module.name, rows_of)
+    if parts is None:
+        return None
+    if parts[-1][1][1] != out:
+        return f"{module.name} gives {out} rows, the base's {', '.join(p for p, _ in parts)} hold {parts[-1][1][1]}"
+    return [(part, rows, None) for part, rows in parts]
+
+
+def relayout(adapter, config: dict, shape_of: Callable[[str], tuple | None]):
     """``adapter`` with its projections laid out as a base stores them (``config``: its config.json;
-    ``rows_of(module)``: rows of its 2-D weight, None when absent; ``has(tensor)``): split LoRAs on a
+    ``shape_of(module)``: the shape of its weight, None when absent, as :func:`place`): split LoRAs on a
     fused base become one LoRA per fused module (:func:`adaptkit.lora.stack_rows`, block-diagonal,
     rank Σrᵢ), a fused LoRA on a split base one LoRA per part (B's rows of that part, A and the scale
     unchanged). Every ΔW is kept exactly (the scales go into B, rounded once in fp32, where parts
@@ -93,22 +120,22 @@ def relayout(adapter, config: dict, rows_of: Callable[[str], int | None], has: C
     from .errors import AdaptkitError
     from .formats.sources import DictSource
 
-    groups: dict[str, list] = {}  # fused module -> [(split module, rows)]
-    splits: dict[str, list] = {}  # fused module of the adapter -> its parts in the base
+    def rows_of(name):
+        return shape_of(name)[0]
+
+    groups: dict[str, list] = {}  # fused module of the base -> [(split module of the adapter, its rows)]
+    splits: dict[str, list] = {}  # fused module of the adapter -> [(split module of the base, its rows)]
     for m in adapter.modules.values():
-        if m.kind != "linear" or m.param or has(m.weight_name):
+        if m.kind != "linear" or m.param or shape_of(m.name) is not None:
             continue
-        parent = fused_parent(config, m.name)
-        if parent is not None and rows_of(parent[0]) is not None:
-            start, stop = parent[1]
-            if stop - start != m.out_features or stop > rows_of(parent[0]):
-                raise AdaptkitError(f"{m.name} ({m.out_features} rows) does not fit rows {start}:{stop} of the "
-                                    f"base's fused {parent[0]} ({rows_of(parent[0])} rows)", adapter.path)
-            groups.setdefault(parent[0], []).append((m, parent[1]))
-            continue
-        parts = split_parts(m.name, rows_of)
-        if parts is not None and parts[-1][1][1] == m.out_features:
-            splits[m.name] = parts
+        where = place(config, m, shape_of)
+        if isinstance(where, str):
+            raise AdaptkitError(where, adapter.path)
+        for module, take, into in where or []:
+            if into is not None:
+                groups.setdefault(module, []).append((m, into))
+            else:
+                splits.setdefault(m.name, []).append((module, take))
     moved = sorted([m.name for g in groups.values() for m, _ in g] + list(splits))
     if not moved:
         return adapter, []
@@ -157,8 +184,8 @@ def relayout(adapter, config: dict, rows_of: Callable[[str], int | None], has: C
 
 def relayout_for(adapter, base):
     """:func:`relayout` for a base :class:`~adaptkit.io.checkpoint.Checkpoint`."""
-    def rows_of(module):
+    def shape_of(module):
         name = module + ".weight"
-        return base.info(name).shape[0] if name in base and len(base.info(name).shape) == 2 else None
+        return tuple(base.info(name).shape) if name in base else None
 
-    return relayout(adapter, base.config, rows_of, lambda name: name in base)
+    return relayout(adapter, base.config, shape_of)

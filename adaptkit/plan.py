@@ -28,7 +28,7 @@ from .architecture import conv1d_modules
 from .codecs import DenseRead, DenseWrite, FourBitRead, FourBitWrite, QLoRARead
 from .dtypes import FLOAT_DTYPES, name_of, resolve_dtype
 from .errors import AdaptkitError
-from .families import fused_parent, split_parts
+from .families import fused_parent, place
 from .io.checkpoint import Checkpoint
 from .io.files import is_regular, read_json
 from .ops import Op
@@ -172,7 +172,6 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
     # the adapter's fan_in_fan_out says: ask transformers which layers are Conv1D when it can matter
     flagged = any(m.fan_in_fan_out for a in adapters for m in a.modules.values())
     conv1d = conv1d_modules(base.config) if flagged or base.config.get("model_type") in CONV1D_MODEL_TYPES else None
-    experts_map = None
     for adapter, weight in zip(adapters, weights):
         _warn_base_name(adapter, base, warnings)
         label = adapter.path
@@ -186,25 +185,23 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
             else:
                 ops.setdefault(disk(name), []).append(Op("replace", adapter, weight, key=key))
         overridden, relaid = [], []
+
+        def record(m, problem):
+            """A module matched elsewhere than its own base tensor: None (done), "missing", or a problem."""
+            if problem == "missing":
+                missing.setdefault(str(label), []).append(m.name)
+            elif problem:
+                problems.append(f"{label}: {problem}")
+            return problem is None
+
         for m in adapter.modules.values():
-            if m.param and m.experts > 1:
-                if experts_map is None:  # transformers' view of the experts, read once per merge
-                    experts_map = expert_parameters(base)
-                problem = _match_experts(base, m, adapter, weight, disk, ops, *experts_map)
-                if problem == "missing":
-                    missing.setdefault(str(label), []).append(m.name)
-                elif problem:
-                    problems.append(f"{label}: {problem}")
+            if m.param and m.experts > 1:  # transformers' view of the experts: read once per base (cached)
+                record(m, _match_experts(base, m, adapter, weight, disk, ops, *expert_parameters(base)))
                 continue
             shape = base_shape(m.weight_name)
             if shape is None:
-                problem = _match_fused(base, m, adapter, weight, disk, base_shape, ops)
-                if problem is None:
+                if record(m, _match_fused(base, m, adapter, weight, disk, base_shape, ops)):
                     relaid.append(m.name)
-                elif problem == "missing":
-                    missing.setdefault(str(label), []).append(m.name)
-                elif problem:
-                    problems.append(f"{label}: {problem}")
                 continue
             transposed = _orientation(m, shape, conv1d)
             problem = _check_module(m, shape, transposed)
@@ -346,29 +343,15 @@ def _match_fused(base: Checkpoint, m: LoraModule, adapter: Adapter, weight: floa
                  ops: dict) -> str | None:
     """Ops for a LoRA whose module the base stores fused with others (a split ``k_proj`` on Phi-3's
     ``qkv_proj``: ΔW on its rows) or apart (a ``qkv_proj`` LoRA on a llama-fied base: each of q, k, v
-    takes its rows of ΔW); :mod:`adaptkit.families` says which. Returns a problem, "missing", or None."""
+    takes its rows of ΔW); :func:`adaptkit.families.place` says which. Returns a problem, "missing",
+    or None."""
     if m.kind != "linear" or m.fan_in_fan_out:
         return "missing"
-    parent = fused_parent(base.config, m.name)
-    if parent is not None and base_shape(parent[0] + ".weight") is not None:
-        fused, (start, stop) = parent
-        shape = tuple(base_shape(fused + ".weight"))
-        if len(shape) != 2 or shape[1] != m.in_features or stop > shape[0] or stop - start != m.out_features:
-            return (f"{m.name} ({m.out_features}×{m.in_features}) does not fit rows {start}:{stop} of the base's fused "
-                    f"{fused}.weight {list(shape)}")
-        targets = [(fused, None, (start, stop))]
-    else:
-        def rows_of(module):
-            shape = base_shape(module + ".weight")
-            return shape[0] if shape is not None and len(shape) == 2 and shape[1] == m.in_features else None
-
-        parts = split_parts(m.name, rows_of)
-        if parts is None:
-            return "missing"
-        if parts[-1][1][1] != m.out_features:
-            return (f"{m.name} gives {m.out_features} rows, the base's {', '.join(p for p, _ in parts)} hold "
-                    f"{parts[-1][1][1]}")
-        targets = [(part, rows, None) for part, rows in parts]
+    targets = place(base.config, m, lambda module: base_shape(module + ".weight"))
+    if targets is None:
+        return "missing"
+    if isinstance(targets, str):
+        return targets
     problem = _check_factors(m)
     if problem:
         return problem
