@@ -32,6 +32,13 @@ def _pool(nbytes: int, count: int, pin: bool) -> Pool:
     return Pool(lambda: torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin), count)
 
 
+def fits(w32: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether every value is finite and within ``out_dtype``'s range (false for NaN)."""
+    lo, hi = (float(x) for x in torch.aminmax(w32))
+    limit = torch.finfo(out_dtype).max if out_dtype.is_floating_point else float("inf")
+    return -limit <= lo and hi <= limit
+
+
 def check_finite(w32: torch.Tensor, job: TensorJob, out_dtype: torch.dtype) -> None:
     """NaN, Inf or overflow of the output dtype in a merged tensor fails the merge (peft's safe_merge).
 
@@ -39,9 +46,7 @@ def check_finite(w32: torch.Tensor, job: TensorJob, out_dtype: torch.dtype) -> N
     """
     if not job.ops or not w32.is_floating_point() or w32.numel() == 0:
         return
-    lo, hi = (float(x) for x in torch.aminmax(w32))
-    limit = torch.finfo(out_dtype).max if out_dtype.is_floating_point else float("inf")
-    if not (-limit <= lo and hi <= limit):  # also false for NaN
+    if not fits(w32, out_dtype):
         names = ", ".join(sorted({str(op.adapter.path) for op in job.ops}))
         raise AdaptkitError(f"merging {names} into {job.name} gives NaN or Inf values (in {out_dtype}): "
                             f"the adapter seems broken or overflows this dtype")
@@ -125,36 +130,24 @@ def stream_plan(plan: MergePlan, tmp: Path, dev: torch.device, progress, errors:
             raise
 
     def compute_run(g: list[TensorJob], buf) -> tuple[torch.Tensor, list]:
-        """A run of one dtype in and one out: decoded in one copy, each tensor's ops on its slice, one
-        finite check and one encoding copy for all (the same values as tensor by tensor)."""
+        """A run of one dtype in and one out (see :func:`compute`): its codecs decode and encode the
+        whole run as one flat tensor, each tensor's ops apply to its slice, and one range check covers
+        all (the same values as tensor by tensor)."""
         total = sum(numel(j.shape) for j in g)
         flat = work[:total]
         try:
-            flat.copy_(buf[: total * itemsize(g[0].decoder.dtype)].view(g[0].decoder.dtype), non_blocking=cuda)
-            if cuda:
-                torch.cuda.current_stream(dev).synchronize()
+            g[0].decoder.decode(buf[: total * itemsize(g[0].decoder.dtype)].view(g[0].decoder.dtype), flat, dev)
         finally:
             in_pool.give(buf)
-        views, off = [], 0
+        bounds = [0]
         for job in g:
-            views.append(flat[off: off + numel(job.shape)].view(job.shape))
-            apply_ops(views[-1], job.ops, dev)
-            off += numel(job.shape)
-        lo, hi = (float(x) for x in torch.aminmax(flat))
-        limit = torch.finfo(g[0].encoder.dtype).max if g[0].encoder.dtype.is_floating_point else float("inf")
-        if not (-limit <= lo and hi <= limit):  # which tensor: the per-tensor check names it
-            for job, w32 in zip(g, views):
-                check_finite(w32, job, job.encoder.result_dtype)
-        host = out_pool.take()
-        out = host[: total * itemsize(g[0].encoder.dtype)].view(g[0].encoder.dtype)
-        out.copy_(flat, non_blocking=cuda)
-        if cuda:
-            torch.cuda.current_stream(dev).synchronize()
-        items, off = [], 0
-        for job in g:
-            items.append((job.name, out[off: off + numel(job.shape)].view(job.shape)))
-            off += numel(job.shape)
-        return host, items
+            bounds.append(bounds[-1] + numel(job.shape))
+            apply_ops(flat[bounds[-2]:bounds[-1]].view(job.shape), job.ops, dev)
+        if not fits(flat, g[0].encoder.result_dtype):  # which tensor: the per-tensor check names it
+            for job, start, stop in zip(g, bounds, bounds[1:]):
+                check_finite(flat[start:stop], job, job.encoder.result_dtype)
+        host, [(_, out)], _ = g[0].encoder.encode(g[0].name, (total,), flat, dev, out_pool.take)
+        return host, [(job.name, out[start:stop].view(job.shape)) for job, start, stop in zip(g, bounds, bounds[1:])]
 
     def compute(g: list[TensorJob], data):
         buf, stored = data
