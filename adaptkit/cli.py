@@ -337,10 +337,12 @@ def inspect(source, svd, checks, max_lora_rank, as_json):
 @dtype_option()
 @click.option("--max-shard-size", default=None,
               help="Re-shard the output (e.g. 5GB, 500MB); by default the base's shard layout is kept.")
-@click.option("--quantize", type=click.Choice(["nf4"]), default=None,
-              help="Write a bitsandbytes 4-bit model. A 4-bit base stays 4-bit (merged layers requantized with its "
-                   "settings, the rest copied byte for byte); a dense base is quantized as transformers would. "
-                   "Without it a 4-bit base is merged dense, in its compute dtype.")
+@click.option("--quantize", type=click.Choice(["nf4", "same", "fp8", "mxfp4"]), default=None,
+              help="Write a quantized model. same (or the base's format: nf4, fp8, mxfp4) keeps a quantized base in "
+                   "its format: merged layers requantized with its own scheme (block size, scale dtype), the rest "
+                   "copied byte for byte. nf4 on a dense base quantizes it as transformers would. Without it a "
+                   "quantized base is merged dense: bitsandbytes in its compute dtype, FP8/MXFP4 in the config's "
+                   "dtype (bf16 by default).")
 @click.option("--qlora", is_flag=True,
               help="Dense base: merge as QLoRA trained, onto each weight's 4-bit round trip (see docs/nf4.md).")
 @click.option("--quant-type", type=click.Choice(["nf4", "fp4"]), default=None,
@@ -369,9 +371,11 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
     Streaming: one tensor at a time is read, merged and written; untouched tensors are copied
     file-to-file. Output goes to a temporary folder beside OUT, renamed into place at the end.
 
-    A bitsandbytes 4-bit (NF4/FP4) base is dequantized with bitsandbytes and merged into a dense
-    model in its compute dtype; --quantize nf4 keeps it 4-bit. The relative error each merged layer
-    carries against the exact merge is reported.
+    Quantized bases: bitsandbytes 4-bit (NF4/FP4, dequantized by bitsandbytes), FP8 (quant_method
+    fp8, block-wise or per tensor, as DeepSeek-V3 and Qwen3-FP8 ship; compressed-tensors FP8 per
+    tensor, channel, group or block) and MXFP4 (gpt-oss experts) are merged into a dense model,
+    dequant(W) + ΔW in fp32 rounded once; --quantize same keeps the base's format. The relative
+    error each merged layer carries against the exact merge is reported.
 
     Today's families: LoRAs on MoE experts (peft target_parameters) land on each expert's on-disk
     tensors, or on fused ones (gpt-oss); vision-language models' in-memory names are mapped to the
@@ -382,18 +386,20 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
     Examples:
       adaptkit merge fixtures/tiny-llama fixtures/adapters/llama-lora -o out/merged
       adaptkit merge fixtures/tiny-qwen3-moe fixtures/adapters/qwen3-moe-experts -o out/moe
+      adaptkit merge FP8_BASE ADAPTER -o out/dense           (bf16)
+      adaptkit merge FP8_BASE ADAPTER -o out/fp8 --quantize same
     """
     ahead = _read_ahead(base, adapters)  # before torch is imported: the disk works during the imports
     try:
         import adaptkit
 
         settings = None
-        if qlora or quantize:
+        if qlora or quantize == "nf4":
             settings = adaptkit.QuantSettings.load(quant_config, quant_type=quant_type, blocksize=blocksize,
                                                    double_quant=double_quant,
                                                    compute_dtype=None if dtype == "auto" else dtype)
         elif quant_config or quant_type or blocksize is not None or double_quant is not None:
-            raise AdaptkitError("is for --qlora or --quantize", param="quant_settings")
+            raise AdaptkitError("is for --qlora or --quantize nf4", param="quant_settings")
         _tune_process()
         with RichReporter(bars=not as_json) as reporter:
             result = adaptkit.merge(base, list(adapters), out, weights=list(weights) or None, device=device,

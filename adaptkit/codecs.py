@@ -6,8 +6,10 @@ storage format is a new codec here, not a new branch in the merge.
 
 Decoders: :class:`DenseRead` (a tensor as stored), :class:`FourBitRead` (a bitsandbytes NF4/FP4
 weight and its components, dequantized by bitsandbytes), :class:`QLoRARead` (a dense weight seen
-through its 4-bit round trip, as QLoRA training saw it). Encoders: :class:`DenseWrite` (round once
-to a dtype), :class:`FourBitWrite` (quantize with bitsandbytes, components included).
+through its 4-bit round trip, as QLoRA training saw it), :class:`ScaledRead` (an FP8 or MXFP4
+weight and its scales, :mod:`.scaled`). Encoders: :class:`DenseWrite` (round once to a dtype),
+:class:`FourBitWrite` (quantize with bitsandbytes, components included), :class:`ScaledWrite`
+(quantize into the base's FP8 or MXFP4 layout).
 
 Some codecs measure the error they add against the exact fp32 result (``error``); the merge
 reports it per layer under the codec's ``label``.
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .io.safetensors_file import itemsize, numel
+from . import scaled
 from .quant import QuantizedWeight, QuantSettings, dequantize, quantize, relative_error
 
 
@@ -119,6 +122,43 @@ class QLoRARead(DenseRead):
         return float(state.double().norm() / (w32.double() + state.double()).norm().clamp(min=1e-30))
 
 
+@dataclass(frozen=True)
+class ScaledRead(DenseRead):
+    """An FP8 or MXFP4 weight (:class:`adaptkit.scaled.ScaledWeight`): its low-precision data read
+    into the stream's buffer, its scales beside it, dequantized in fp32 on the device."""
+
+    weight: scaled.ScaledWeight | None = None
+
+    def names(self, name: str) -> list[str]:
+        return list(self.weight.stored)
+
+    def nbytes(self, shape) -> int:
+        return numel(self.stored_shape) * itemsize(self.dtype)  # the data (the scales are small)
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        w = self.weight
+        return w.shape if w.style != "mxfp4" else (*w.shape[:-2], w.shape[-1], w.shape[-2] // 32, 16)
+
+    def read(self, ckpt, name: str, buf: torch.Tensor):
+        return ckpt.read(self.weight.data, out=buf), ckpt.read(self.weight.scales).clone()
+
+    def decode(self, data, w32: torch.Tensor, device: torch.device):
+        q, s = data
+        scaled.dequantize_(self.weight, q, s, w32)
+        _sync(device)
+        return None
+
+    def load(self, ckpt, name: str, device="cpu") -> torch.Tensor:
+        out = torch.empty(self.weight.shape, dtype=torch.float32, device=device)
+        return scaled.dequantize_(self.weight, ckpt.read(self.weight.data), ckpt.read(self.weight.scales), out)
+
+    def requantized(self, w32: torch.Tensor) -> torch.Tensor:
+        """``w32`` through this format's quantizer and back: the error any merge in it must carry."""
+        q = scaled.quantize(self.weight, w32)
+        return scaled.dequantize_(self.weight, q[self.weight.data], q[self.weight.scales], torch.empty_like(w32))
+
+
 # -------------------------------------------------------------------------------------------- encoders
 
 @dataclass(frozen=True)
@@ -183,3 +223,39 @@ class FourBitWrite:
         err = relative_error(dequantize(packed, comps, device), w32)
         items = [(name, packed.cpu())] + [(c, comps[c[len(name) + 1:]].cpu()) for c in self.target.components]
         return None, items, err
+
+
+@dataclass(frozen=True)
+class ScaledWrite:
+    """Quantize the fp32 result into the base weight's own FP8 or MXFP4 layout (its block size and
+    scale dtype) with the format's quantizer; the error reported is that requantization's, against
+    the exact merge."""
+
+    weight: scaled.ScaledWeight
+    variable = True  # written with its scales by the reserved-header writer
+    measure = False
+
+    @property
+    def label(self) -> str:
+        return f"requantized to {self.weight.label}"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.uint8 if self.weight.style == "mxfp4" else scaled.FP8
+
+    def names(self, name: str) -> list[str]:
+        return list(self.weight.stored)
+
+    def nbytes(self, shape) -> int:
+        return numel(shape) // (2 if self.weight.style == "mxfp4" else 1)
+
+    @property
+    def result_dtype(self) -> torch.dtype:
+        return torch.float32  # scales adapt to any finite value
+
+    def encode(self, name: str, shape, w32: torch.Tensor, device: torch.device, take_buffer):
+        w = self.weight
+        stored = scaled.quantize(w, w32)
+        back = scaled.dequantize_(w, stored[w.data], stored[w.scales], torch.empty_like(w32))
+        err = relative_error(back, w32)
+        return None, [(n, stored[n].cpu()) for n in w.stored], err

@@ -5,8 +5,8 @@ checked against the base before a byte is written.
 
 1. :func:`match_adapters`: each adapter module to a base tensor (shapes, orientation, DoRA
    magnitude, LoRA bias, modules_to_save) → the operations (:mod:`.ops`) per tensor;
-2. :func:`quant_mode`: what 4-bit means for this merge (a 4-bit base read, a dense base quantized,
-   QLoRA's round trip);
+2. :func:`quant_mode`: what quantization means for this merge (a bitsandbytes 4-bit, FP8 or MXFP4
+   base read, merged dense or kept in its format; a dense base quantized; QLoRA's round trip);
 3. :func:`tensor_jobs`: per base tensor, its decoder and encoder (:mod:`.codecs`), tied embeddings
    materialised when an adapter changes one of them;
 4. :func:`layout_shards` and :func:`output_config`: the output's files and config.json.
@@ -25,7 +25,8 @@ import torch
 
 from .adapter import Adapter, LoraModule, adapter_weights
 from .architecture import conv1d_modules
-from .codecs import DenseRead, DenseWrite, FourBitRead, FourBitWrite, QLoRARead
+from . import scaled
+from .codecs import DenseRead, DenseWrite, FourBitRead, FourBitWrite, QLoRARead, ScaledRead, ScaledWrite
 from .dtypes import FLOAT_DTYPES, name_of, resolve_dtype
 from .errors import AdaptkitError
 from .families import fused_parent, place
@@ -38,7 +39,7 @@ INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embedding
                             "tok_embeddings.weight")
 OUTPUT_EMBEDDING = "lm_head.weight"
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}  # linear layers are Conv1D
-QUANTIZE = ("nf4",)
+QUANTIZE = ("nf4", "same", "fp8", "mxfp4")  # "same": the base's own format (its name says the same)
 
 
 @dataclass
@@ -49,7 +50,7 @@ class TensorJob:
     source: str  # base tensor it starts from
     shape: tuple[int, ...]  # dense shape
     decoder: DenseRead
-    encoder: DenseWrite | FourBitWrite
+    encoder: DenseWrite | FourBitWrite | ScaledWrite
     ops: list[Op] = field(default_factory=list)
 
     @property
@@ -129,10 +130,10 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] |
     limit = parse_size(max_shard_size)
     mode = quant_mode(base, adapters, quantize, qlora, settings)
     if mode.quantize and limit:
-        raise AdaptkitError("cannot re-shard a 4-bit output yet (its sizes are known only once written)",
+        raise AdaptkitError("cannot re-shard a quantized output yet (its sizes are known only once written)",
                             param="max_shard_size")
-    warnings: list[str] = []
-    ops = match_adapters(base, adapters, weights, mode.qweights, warnings)
+    warnings: list[str] = list(mode.notes)
+    ops = match_adapters(base, adapters, weights, {**mode.qweights, **mode.scaled}, warnings)
     tied, config = tied_embeddings(base, ops, warnings)
     shards = [OutShard(_out_shard_name(shard.path.name), tensor_jobs(shard.tensors, ops, mode, out_dtype, tied),
                        dict(shard.metadata) or {"format": "pt"}) for shard in base.shards]
@@ -146,8 +147,11 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] |
 # --------------------------------------------------------------------------------- 1. match adapters
 
 def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[float],
-                   qweights: dict[str, QuantizedWeight], warnings: list[str]) -> dict[str, list[Op]]:
-    """The operations on each base tensor, from every adapter in order; every misfit named at once."""
+                   qweights: dict, warnings: list[str]) -> dict[str, list[Op]]:
+    """The operations on each base tensor, from every adapter in order; every misfit named at once.
+
+    ``qweights``: the base's quantized weights by their dense name (each with its dense ``shape``):
+    an adapter lands on those names whatever the checkpoint stores (an MXFP4 ``X`` as ``X_blocks``)."""
     ops: dict[str, list[Op]] = {}
     problems: list[str] = []
     missing: dict[str, list[str]] = {}
@@ -161,7 +165,7 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
     def base_shape(name):
         name = disk(name)
         if name in qweights:
-            return qweights[name].shape
+            return tuple(qweights[name].shape)
         if name in base:
             return base.info(name).shape
         if tied and name == OUTPUT_EMBEDDING:
@@ -196,7 +200,7 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
 
         for m in adapter.modules.values():
             if m.param and m.experts > 1:  # transformers' view of the experts: read once per base (cached)
-                record(m, _match_experts(base, m, adapter, weight, disk, ops, *expert_parameters(base)))
+                record(m, _match_experts(base, m, adapter, weight, disk, base_shape, ops, *expert_parameters(base)))
                 continue
             shape = base_shape(m.weight_name)
             if shape is None:
@@ -267,6 +271,7 @@ def expert_parameters(base: Checkpoint) -> tuple[dict[str, tuple[int, ...]], dic
     if cached is None:
         fused = fused_from_disk(base.config, base.tensors)
         shapes = {name: tuple(info.shape) for name, (_, info) in base.tensors.items()}
+        shapes.update({name: w.shape for name, w in scaled_weights(base)[1].items()})  # MXFP4 X from X_blocks
         shapes.update({name: fused_shape(sources, lambda n: base.info(n).shape) for name, sources in fused.items()})
         cached = base._expert_parameters = (shapes, fused)
     return cached
@@ -299,8 +304,8 @@ def _expert_orientation(m: LoraModule, dims: tuple[int, int], base: Checkpoint) 
     return None
 
 
-def _match_experts(base: Checkpoint, m: LoraModule, adapter: Adapter, weight: float, disk, ops, shapes: dict,
-                   fused: dict) -> str | None:
+def _match_experts(base: Checkpoint, m: LoraModule, adapter: Adapter, weight: float, disk, base_shape, ops,
+                   shapes: dict, fused: dict) -> str | None:
     """Ops for a LoRA on a 3-D expert parameter: on the fused on-disk tensor (gpt-oss), or on each
     expert's own on-disk tensors (Qwen3-MoE, Mixtral…) that transformers merges into it on load
     (``fused``: :func:`adaptkit.architecture.fused_from_disk`). Returns a problem, "missing", or None."""
@@ -311,9 +316,10 @@ def _match_experts(base: Checkpoint, m: LoraModule, adapter: Adapter, weight: fl
     if transposed is None:
         return f"{m.name}: cannot tell how the LoRA's (out, in) lands on {list(shape)}"
     name = disk(m.weight_name)
-    if name in base:
-        if tuple(base.info(name).shape) != tuple(shape):
-            return f"{name} is {list(base.info(name).shape)} on disk, {list(shape)} in memory"
+    stored = base_shape(name)
+    if stored is not None:
+        if tuple(stored) != tuple(shape):
+            return f"{name} is {list(stored)} on disk, {list(shape)} in memory"
         ops.setdefault(name, []).append(Op("experts", adapter, weight, module=m, transposed=transposed))
         return None
     sources = fused.get(m.weight_name)
@@ -475,26 +481,66 @@ def _warn_base_name(adapter: Adapter, base: Checkpoint, warnings: list[str]) -> 
 
 @dataclass
 class QuantMode:
-    """What 4-bit means for one merge."""
+    """What quantization means for one merge."""
 
     qweights: dict[str, QuantizedWeight]  # the base's 4-bit weights (empty for a dense base)
-    quantize: bool  # write 4-bit
+    quantize: bool  # write quantized (a 4-bit, FP8 or MXFP4 base kept in its format; a dense base in NF4)
     qlora: bool  # merge onto the 4-bit round trip of a dense base
     settings: QuantSettings | None  # for quantizing or round-tripping a dense base
     to_quantize: set[str]  # dense weights transformers would quantize
     skip: list[str]  # the modules it would not
-    dense_dtype: torch.dtype | None  # a 4-bit base's compute dtype
+    dense_dtype: torch.dtype | None  # a quantized base's compute dtype (its dense output's)
+    scaled: dict[str, scaled.ScaledWeight] = field(default_factory=dict)  # an FP8/MXFP4 base's, by dense name
+    scaled_extra: set[str] = field(default_factory=set)  # their static activation scales
+    notes: list[str] = field(default_factory=list)  # warnings the mode brings
 
     @property
     def owner(self) -> dict[str, QuantizedWeight]:
         return {c: q for q in self.qweights.values() for c in q.components}
 
 
+def scaled_weights(base: Checkpoint) -> tuple[scaled.Scheme | None, dict[str, scaled.ScaledWeight], set[str]]:
+    """An FP8 / MXFP4 base's scheme, its scaled weights by dense name and their activation scales
+    (None, {}, set() for any other base); read once per base."""
+    cached = getattr(base, "_scaled", None)
+    if cached is None:
+        q = base.config.get("quantization_config")
+        cached = (None, {}, set())
+        if isinstance(q, dict) and q.get("quant_method") in scaled.METHODS:
+            path = base.path / "config.json"
+            scheme = scaled.parse_scheme(q, path)
+            infos = {name: info for name, (_, info) in base.tensors.items()}
+            found = scaled.find_scaled(scheme, infos, base.path)
+            if not found:
+                raise AdaptkitError(f"config.json says {scheme.name} but no tensor is stored that way", path)
+            cached = (scheme, found, scaled.companions(scheme, infos, found))
+        base._scaled = cached
+    return cached
+
+
+def _dense_dtype(config: dict) -> torch.dtype:
+    """The dtype a quantized checkpoint's dense output takes: its config's, when a float, else bf16."""
+    named = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+    try:
+        return resolve_dtype(named) or torch.bfloat16
+    except AdaptkitError:
+        return torch.bfloat16
+
+
 def quant_mode(base: Checkpoint, adapters: list[Adapter], quantize: str | None, qlora: bool,
                settings: QuantSettings | None) -> QuantMode:
     if quantize not in (None, *QUANTIZE):
         raise AdaptkitError(f"unknown value {quantize!r} (choose {', '.join(QUANTIZE)})", param="quantize")
+    scheme, found, extra = scaled_weights(base)
+    if scheme is not None:
+        return _scaled_mode(base, scheme, found, extra, quantize, qlora)
+    if quantize in ("fp8", "mxfp4"):
+        raise AdaptkitError(f"{quantize} keeps an {quantize} base in its format; the base {base.path} is not {quantize} "
+                            "(quantizing a dense base to it is not supported yet)", param="quantize")
     qconfig = check_quantization(base.config, base.path / "config.json")
+    if quantize == "same" and not qconfig:
+        raise AdaptkitError(f"same keeps a quantized base in its format, but {base.path} is not quantized",
+                            param="quantize")
     qweights = find_quantized(base.tensors, base.read) if qconfig else {}
     if qlora and qweights:
         raise AdaptkitError("qlora is for dense bases (a 4-bit base already is what QLoRA trained on)", base.path)
@@ -514,6 +560,24 @@ def quant_mode(base: Checkpoint, adapters: list[Adapter], quantize: str | None, 
         to_quantize &= set(base.tensors)
     dense = resolve_dtype(qconfig.get("bnb_4bit_compute_dtype")) if qconfig else None
     return QuantMode(qweights, bool(quantize), qlora, settings, to_quantize, skip, dense)
+
+
+def _scaled_mode(base: Checkpoint, scheme: scaled.Scheme, found: dict, extra: set[str], quantize: str | None,
+                 qlora: bool) -> QuantMode:
+    """An FP8 / MXFP4 base: merged into a dense model, or (quantize "same" or the format's name) kept
+    in its format, merged weights requantized with its own scheme."""
+    if qlora:
+        raise AdaptkitError(f"qlora is for dense bases (a {scheme.name} base already is what the adapter trained on)",
+                            base.path)
+    family = "mxfp4" if scheme.method == "mxfp4" else "fp8"
+    if quantize not in (None, "same", family):
+        raise AdaptkitError(f"the base is {scheme.name}: merge it dense (no quantize) or keep its format with "
+                            f"quantize same, not {quantize}", param="quantize")
+    notes = []
+    if quantize and scheme.static_inputs:
+        notes.append(f"the base's static activation scales ({len(extra)} tensors) are kept as they are: they were "
+                     "calibrated on the base, whose activations the merge changes slightly")
+    return QuantMode({}, bool(quantize), False, None, set(), [], _dense_dtype(base.config), found, extra, notes)
 
 
 # ------------------------------------------------------------------------------ 3. codecs per tensor
@@ -559,9 +623,25 @@ def tensor_jobs(infos, ops: dict[str, list[Op]], mode: QuantMode, out_dtype: tor
     """The jobs of one base shard, in its order, each with its decoder and encoder."""
     jobs = []
     owner = mode.owner
+    by_data = {w.data: w for w in mode.scaled.values()}
+    scales_of = {w.scales: w for w in mode.scaled.values()}
     for info in infos:
         name, job_ops = info.name, ops.get(info.name, [])
-        if name in owner:  # a 4-bit component: dropped (dense output), written by its weight, or copied
+        if name in by_data:  # an FP8 / MXFP4 weight: decoded from its data and scales
+            w = by_data[name]
+            job_ops = ops.get(w.name, [])
+            dec = ScaledRead(info.dtype, weight=w)
+            if mode.quantize and not job_ops:  # kept in its format, untouched: copied byte for byte
+                jobs.append(_dense_job(name, name, info.shape, info.dtype, None, []))
+            elif mode.quantize:  # merged, requantized with the base's own scheme
+                jobs.append(TensorJob(w.name, name, w.shape, dec, ScaledWrite(w), list(job_ops)))
+            else:  # dense output
+                enc = DenseWrite(out_dtype or mode.dense_dtype, measure=bool(job_ops))
+                jobs.append(TensorJob(w.name, name, w.shape, dec, enc, list(job_ops)))
+        elif name in scales_of or name in mode.scaled_extra:  # copied when kept and not rewritten, else dropped
+            if mode.quantize and not (name in scales_of and ops.get(scales_of[name].name)):
+                jobs.append(_dense_job(name, name, info.shape, info.dtype, None, []))
+        elif name in owner:  # a 4-bit component: dropped (dense output), written by its weight, or copied
             if mode.quantize and not ops.get(owner[name].name):
                 jobs.append(_dense_job(name, name, info.shape, info.dtype, None, []))
         elif name in mode.qweights:
@@ -642,12 +722,13 @@ def layout_shards(jobs: list[TensorJob], limit: int) -> tuple[list[OutShard], bo
 
 def output_config(config: dict, mode: QuantMode, out_dtype: torch.dtype | None) -> None:
     """config.json of the output, updated in place: quantization and dtype."""
-    if mode.qweights and not mode.quantize:
+    kept = mode.quantize and (mode.qweights or mode.scaled)  # a quantized base kept in its format
+    if (mode.qweights or mode.scaled) and not mode.quantize:
         config.pop("quantization_config", None)
         out_dtype = out_dtype or mode.dense_dtype
-    if mode.quantize and not mode.qweights:
+    if mode.quantize and not kept:
         config["quantization_config"] = mode.settings.quantization_config(mode.skip)
-    if out_dtype is not None and not (mode.quantize and mode.qweights):
+    if out_dtype is not None and not kept:
         for key in ("dtype", "torch_dtype"):
             if key in config or key == "dtype":
                 config[key] = name_of(out_dtype)

@@ -45,8 +45,8 @@ def check_quantization(config: dict, path) -> dict | None:
         raise AdaptkitError("malformed config.json: quantization_config must be an object", path)
     method = str(q.get("quant_method", "unknown"))
     if method != "bitsandbytes":
-        raise AdaptkitError(f"quant_method {method!r} is not supported: adaptkit merges into dense and bitsandbytes "
-                            "4-bit bases (dequantize the model first)", path)
+        raise AdaptkitError(f"quant_method {method!r} is not supported: adaptkit merges into dense, bitsandbytes "
+                            "4-bit, FP8 (fp8, compressed-tensors) and MXFP4 bases (dequantize the model first)", path)
     if q.get("load_in_8bit") or q.get("_load_in_8bit"):
         raise AdaptkitError("8-bit (LLM.int8) bitsandbytes bases are not supported yet: load the base in 16-bit "
                             "and save it, then merge", path)

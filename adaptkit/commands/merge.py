@@ -69,9 +69,12 @@ def merge(base, adapters, out, *, weights=None, dtype="auto", device="auto", max
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         max_shard_size: re-shard the output (``"5GB"``, ``"500MB"``, bytes); by default the base's
             shard layout is kept.
-        quantize: ``"nf4"`` writes a bitsandbytes 4-bit model: a 4-bit base stays 4-bit (merged
-            layers requantized with its settings), a dense base is quantized as transformers would.
-            Without it a 4-bit base is merged into a dense model (its compute dtype).
+        quantize: write a quantized model. ``"same"`` (or the base's format by name: ``"nf4"``,
+            ``"fp8"``, ``"mxfp4"``) keeps a quantized base in its format: merged layers requantized
+            with its own scheme, the rest copied byte for byte. ``"nf4"`` on a dense base quantizes
+            it as transformers would. Without it a quantized base (bitsandbytes 4-bit, FP8,
+            compressed-tensors FP8, MXFP4) is merged into a dense model: dequant(W) + ΔW in fp32,
+            in its compute dtype (bf16 for FP8/MXFP4 unless config.json names another).
         qlora: merge onto each dense weight's 4-bit round trip, as QLoRA training saw it.
         quant_settings: how to quantize a dense base (``quantize`` or ``qlora``);
             :meth:`QuantSettings.load` reads them from a BitsAndBytesConfig JSON.

@@ -10,10 +10,13 @@ rounding noise, ε·sqrt((W'²)·(x²)/12) per output, is computed alongside, an
 its error stays within ``ROUNDING_FACTOR`` times it (or within ``tolerance``, a relative error,
 when given). Tensors the adapters do not touch must be bit-identical to the base.
 
-4-bit (bitsandbytes) bases and outputs are dequantized with bitsandbytes. A 4-bit output module
-is judged against the error of quantizing the exact merged weight itself, and that error is
-reported; a dense merge checked against a 4-bit base that it was not made from (a merge into the
-16-bit original) fails with the quantization gap named.
+4-bit (bitsandbytes) bases and outputs are dequantized with bitsandbytes, FP8 and MXFP4 ones by
+their formats' definitions (:mod:`adaptkit.scaled`). A 4-bit output module is judged against the
+error of quantizing the exact merged weight itself, and that error is reported; an FP8 or MXFP4
+output module must be what the format's own quantizer makes of the exact merged weight (its
+quantizer is deterministic, so a dropped delta cannot hide in the requantization noise). A dense
+merge checked against a quantized base that it was not made from (a merge into the 16-bit
+original) fails with the quantization gap named.
 
 Model level. Base + adapters unmerged in peft against the merged model in transformers, both in
 fp32 on the same prompts: max |Δlogits|, mean KL(base+adapter ‖ merged), top-1 agreement.
@@ -32,11 +35,11 @@ import torch
 
 from .. import lora
 from ..adapter import Adapter, adapter_weights
-from ..codecs import FourBitRead
+from ..codecs import FourBitRead, ScaledRead
 from ..device import resolve_device
 from ..errors import AdaptkitError
 from ..io.checkpoint import Checkpoint
-from ..plan import plan_merge
+from ..plan import plan_merge, scaled_weights
 from ..quant import check_quantization, dequantize, find_quantized, quantize
 from ..reporting import Collected, Reporter
 from ..io.files import read_json
@@ -172,10 +175,14 @@ def _four_bit_noise(exact: torch.Tensor, like, x: torch.Tensor, double: bool, st
 def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, weights=None,
                  tolerance: float | None = None, device="cpu", seed: int = 0, plan=None, progress=None):
     plan = plan or plan_merge(base, adapters, weights)
-    base_q = {j.source: j.decoder for j in plan.jobs if isinstance(j.decoder, FourBitRead)}  # read by the plan
-    quantized = find_quantized(merged.tensors, merged.read) if check_quantization(merged.config, merged.path) else {}
+    base_q = {j.source: j.decoder for j in plan.jobs if isinstance(j.decoder, (FourBitRead, ScaledRead))}
+    _, scaled_out, scaled_extra = scaled_weights(merged)  # an FP8 / MXFP4 output (merge --quantize same)
+    quantized = {} if scaled_out else (
+        find_quantized(merged.tensors, merged.read) if check_quantization(merged.config, merged.path) else {})
     merged_q = {n: FourBitRead(merged.info(n).dtype, quant=q) for n, q in quantized.items()}
-    skip = {c for d in merged_q.values() for c in d.quant.components}
+    merged_q.update({n: ScaledRead(merged.info(w.data).dtype, weight=w) for n, w in scaled_out.items()})
+    skip = {c for d in merged_q.values() if isinstance(d, FourBitRead) for c in d.quant.components}
+    skip |= {w.scales for w in scaled_out.values()} | scaled_extra
     checks: list[ModuleCheck] = []
     mismatched: list[str] = []
     untouched = 0
@@ -186,7 +193,7 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
             progress(1)
         if job.name in skip:
             continue
-        if job.name not in merged.tensors:
+        if job.name not in merged.tensors and job.name not in merged_q:
             checks.append(ModuleCheck(job.name, "missing", float("inf"), 0.0, 0.0, False, "not in the merged model"))
             continue
         got = _dense(merged, job.name, merged_q)
@@ -197,15 +204,20 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
             continue
         if not job.ops:
             untouched += 1
-            if job.name in merged_q and job.name in base_q:  # 4-bit in both: the packed bytes must match
-                same = all(torch.equal(merged.read(n), base.read(n))
-                           for n in (job.name, *base_q[job.name].quant.components))
+            if job.name in merged_q and job.source in base_q:  # quantized in both: the stored bytes must match
+                names = base_q[job.source].names(job.source)
+                same = all(n in merged.tensors and torch.equal(merged.read(n).reshape(-1).view(torch.uint8),
+                                                               base.read(n).reshape(-1).view(torch.uint8))
+                           for n in names)
             else:
                 same = torch.equal(got, src.to(got.dtype))
             if not same:
                 mismatched.append(job.name)
             continue
         lora_ops = [op for op in job.ops if op.kind == "lora"]
+        if isinstance(merged_q.get(job.name), ScaledRead):  # FP8 / MXFP4 output: the quantizer's bytes
+            checks.append(_check_scaled(job, src, got, merged_q[job.name], tolerance))
+            continue
         if not lora_ops:  # modules_to_save, trainable token rows or a LoRA bias: compared in full
             exp = src.double()
             for op in job.ops:
@@ -257,14 +269,56 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
         if effect < noise and not note:
             note = "the adapter's effect is below the output dtype's rounding noise"
         if err > allowed and job.source in base_q and job.name not in merged_q:
-            note = "differs from the 4-bit base + adapter: was it merged into the 16-bit base? (quantization gap)"
+            what = "4-bit" if isinstance(base_q[job.source], FourBitRead) else base_q[job.source].weight.label
+            note = f"differs from the {what} base + adapter: was it merged into the 16-bit base? (quantization gap)"
         checks.append(ModuleCheck(job.name, kind, err, allowed, noise, err <= allowed, note))
-    if base_q and any(c.note.startswith("differs from the 4-bit base") for c in checks):
-        gaps = [c.rel_error for c in checks if c.note.startswith("differs from the 4-bit base")]
-        warnings.append(f"{len(gaps)} modules differ from the 4-bit base + adapter by {100 * min(gaps):.1f}–"
+    gaps = [c.rel_error for c in checks if c.note.startswith("differs from the") and "quantization gap" in c.note]
+    if base_q and gaps:
+        warnings.append(f"{len(gaps)} modules differ from the quantized base + adapter by {100 * min(gaps):.1f}–"
                         f"{100 * max(gaps):.1f} %: the size of the base's quantization error. A merge into the "
-                        "16-bit original is not what the adapter computes on the 4-bit base (see qlora in docs/nf4.md)")
+                        "16-bit original is not what the adapter computes on the quantized base (see docs/nf4.md, "
+                        "docs/fp8.md)")
     return checks, untouched, mismatched, warnings
+
+
+def _exact(job, src: torch.Tensor) -> torch.Tensor:
+    """The merged tensor by verify's own route (fp64, stored orientation): base + each op from its
+    factors."""
+    exp = src.double()
+    for op in job.ops:
+        if op.kind == "lora":
+            full, _ = _expected(_canonical(exp, op.transposed), [op], None, op.transposed)
+            exp = _canonical(full, op.transposed)
+        elif op.kind == "replace":
+            exp = op.adapter.source.get(op.key).double()
+        elif op.kind == "rows":
+            exp = exp.clone()
+            exp[op.rows] = op.adapter.source.get(op.key).double()
+        elif op.kind == "bias":
+            exp = exp.clone()
+            op.window(exp).add_(op.part_of(op.module.lora_bias).double() * (op.module.scaling * op.weight))
+        elif op.kind == "experts":
+            exp = exp + _expert_expected(op)
+    return exp
+
+
+def _check_scaled(job, src: torch.Tensor, got: torch.Tensor, dec: ScaledRead, tolerance) -> ModuleCheck:
+    """An FP8 / MXFP4 output tensor against what the format's own quantizer makes of the exact merged
+    weight. The merge computes in fp32, verify in fp64, so a value on a rounding boundary may land one
+    step apart: allowed is a quarter of the requantization noise (a dropped or wrong delta moves
+    whole blocks, far more)."""
+    exact = _exact(job, src)
+    want = dec.requantized(exact.float()).double()
+    scale = exact.norm().clamp(min=1e-30)
+    noise = float((want - exact).norm() / scale)
+    err = float((got.double() - want).norm() / scale)
+    if exact.dim() == 3:  # each expert on its own scale, so one cannot hide
+        err = max(err, *(float((got.double()[e] - want[e]).norm() / exact[e].norm().clamp(min=1e-30))
+                         for e in range(exact.shape[0])))
+    allowed = tolerance if tolerance is not None else max(0.25 * noise, 1e-6)
+    kind = next(op.kind for op in reversed(job.ops))
+    return ModuleCheck(job.name, kind, err, allowed, noise, err <= allowed,
+                       f"{dec.weight.label} output: the requantization error is {noise:.2e}")
 
 
 def _noise_vec(exp: torch.Tensor, dtype: torch.dtype) -> float:
@@ -494,6 +548,12 @@ def verify(base, adapters, merged, *, weights=None, prompts: list[str] | None = 
         errs = sorted(c.rel_error for c in q)
         warnings.append(f"{len(q)} modules are 4-bit in the merged model: their requantization error is "
                         f"{errs[len(errs) // 2]:.2e} (median), {errs[-1]:.2e} (worst), as expected of 4-bit weights")
+    q = [c for c in checks if "output: the requantization error" in c.note]
+    if q:
+        errs = sorted(c.rounding_noise for c in q)
+        warnings.append(f"{len(q)} modules are requantized in the merged model ({q[0].note.split(' output')[0]}): "
+                        f"each equals the format's quantizer on the exact merge; that requantization's error is "
+                        f"{errs[len(errs) // 2]:.2e} (median), {errs[-1]:.2e} (worst) of the weight")
     planned = {n for j in plan.jobs for n in j.out_names}
     extra = sorted(set(merged_ck.tensors) - planned - set(base_ck.tensors))
     if extra:
