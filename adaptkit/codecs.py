@@ -184,11 +184,11 @@ class DenseWrite:
 
     def encode(self, name: str, shape, w32: torch.Tensor, device: torch.device, take_buffer):
         """Return (buffer to give back after writing, [(name, tensor)], error or None)."""
-        err = relative_error(w32.to(self.dtype), w32) if self.measure else None
         host = take_buffer()
         view = host[: self.nbytes(shape)].view(self.dtype).view(shape)
         view.copy_(w32, non_blocking=device.type == "cuda")
         _sync(device)
+        err = relative_error(view.to(device) if device.type == "cuda" else view, w32) if self.measure else None
         return host, [(name, view)], err
 
 
@@ -255,7 +255,5 @@ class ScaledWrite:
 
     def encode(self, name: str, shape, w32: torch.Tensor, device: torch.device, take_buffer):
         w = self.weight
-        stored = scaled.quantize(w, w32)
-        back = scaled.dequantize_(w, stored[w.data], stored[w.scales], torch.empty_like(w32))
-        err = relative_error(back, w32)
+        stored, err = scaled.quantize(w, w32, measure=True)
         return None, [(n, stored[n].cpu()) for n in w.stored], err

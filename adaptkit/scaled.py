@@ -305,18 +305,40 @@ def _mul_blocks_(t: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], d
 
 
 def _block_amax(t: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """max |t| per block (…, ⌈R/b0⌉, ⌈C/b1⌉); partial blocks padded with zeros."""
+    """max |t| per block (…, ⌈R/b0⌉, ⌈C/b1⌉), from a max and a min over a view (no copy of ``t``);
+    partial blocks padded with zeros (a copy, for those shapes only)."""
     rows, cols = t.shape[-2:]
     b0, b1 = block
     nr, nc = math.ceil(rows / b0), math.ceil(cols / b1)
-    a = t.abs()
     if nr * b0 != rows or nc * b1 != cols:
-        a = torch.nn.functional.pad(a, (0, nc * b1 - cols, 0, nr * b0 - rows))
-    return a.reshape(*t.shape[:-2], nr, b0, nc, b1).amax(dim=(-3, -1))
+        t = torch.nn.functional.pad(t, (0, nc * b1 - cols, 0, nr * b0 - rows))
+    r = t.reshape(*t.shape[:-2], nr, b0, nc, b1)
+    return torch.maximum(r.amax(dim=(-3, -1)), r.amin(dim=(-3, -1)).neg_())
 
 
 def _e2m1_table(device) -> torch.Tensor:
     return torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+
+
+def _fp8_to_fp32_(out: torch.Tensor, q: torch.Tensor, name: str, check: bool = True) -> torch.Tensor:
+    """``out`` = the e4m3 values of ``q`` times 2^-8, five times faster than torch's own conversion on
+    the CPU: an e4m3 byte's bits (s eeee mmm) moved into fp16's places (s eeeee mmmmmmmmmm, the
+    exponent's top bit 0) are an fp16 whose value is the e4m3 value times 2^(7−15), for normal and
+    subnormal values alike, and fp16 converts to fp32 exactly. e4m3fn's NaN (s1111111) becomes
+    ±1.875 this way, above the largest value (448 · 2^-8 = 1.75): with ``check`` a weight holding
+    one is refused. Done in chunks through one small int16 temporary."""
+    src, dst = q.reshape(-1).view(torch.int8), out.view(-1)
+    h = torch.empty(min(STRIPE_ELEMENTS, src.numel()), dtype=torch.int16, device=q.device)
+    for i in range(0, src.numel(), STRIPE_ELEMENTS):
+        c = h[: min(STRIPE_ELEMENTS, src.numel() - i)].copy_(src[i:i + STRIPE_ELEMENTS])  # sign-extended:
+        c.bitwise_left_shift_(7).bitwise_and_(-16385)  # bit 14 set exactly when the sign is; 0xBFFF keeps bit 15
+        half = c.view(torch.float16)
+        if check:
+            lo, hi = (float(v) for v in torch.aminmax(half))
+            if hi >= 1.875 or lo <= -1.875:
+                raise AdaptkitError(f"{name} holds FP8 NaN values: the checkpoint is damaged")
+        dst[i:i + STRIPE_ELEMENTS].copy_(half)
+    return out
 
 
 def dequantize_(w: ScaledWeight, data: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -339,45 +361,90 @@ def dequantize_(w: ScaledWeight, data: torch.Tensor, scales: torch.Tensor, out: 
         vals.mul_((scales.to(dev).to(torch.float32) - 127.0).exp2().unsqueeze(-1))
         out.copy_(vals.reshape(*lead, n, g * 2 * b).transpose(-1, -2))
         return out
-    out.copy_(data.to(dev))
-    _mul_blocks_(out, _scale_fp32(w, scales.to(dev)), w.block)
+    _fp8_to_fp32_(out, data.to(dev), w.data)
+    _mul_blocks_(out, _scale_fp32(w, scales.to(dev)) * 256.0, w.block)  # 256: see _fp8_to_fp32_
     if w.style == "compressed-tensors" and w.scale_dtype != torch.float32:
         out.copy_(out.to(w.scale_dtype))  # compressed-tensors multiplies in the scale's dtype: x_q.to(scale.dtype) * scale
     return out
 
 
-def quantize(w: ScaledWeight, w32: torch.Tensor) -> dict[str, torch.Tensor]:
+def quantize(w: ScaledWeight, w32: torch.Tensor, measure: bool = False):
     """``w32`` (fp32, dense shape) in the weight's own format: {stored name: tensor}, with the
-    format's own quantizer (see each branch)."""
+    format's own quantizer (see each branch); with ``measure``, also the relative error of what is
+    stored against ``w32``, ‖dequantize(stored) − w32‖ / ‖w32‖."""
     if w.style == "mxfp4":
         blocks, scales = _quantize_mxfp4(w32)
-        return {w.data: blocks, w.scales: scales}
+        out = {w.data: blocks, w.scales: scales}
+        if not measure:
+            return out
+        from .quant import relative_error
+
+        return out, relative_error(dequantize_(w, blocks, scales, torch.empty_like(w32)), w32)
     amax = _block_amax(w32, w.block)
     if w.style == "compressed-tensors":
         # compressed-tensors: calculate_qparams (symmetric: scale = max|x| / (range / 2), rounded to
         # the scale's dtype, zeros replaced by that dtype's eps), then quantize: x / scale, clamped,
-        # cast to FP8
+        # cast to FP8; dequantize: q · scale in the scale's dtype
         scale = (amax / FP8_MAX).to(w.scale_dtype)
         scale = torch.where(scale == 0, torch.tensor(torch.finfo(w.scale_dtype).eps, dtype=w.scale_dtype,
                                                      device=scale.device), scale)
-        q = _mul_blocks_(w32.clone(), scale.to(torch.float32), w.block, divide=True)
-        stored_scale = scale
+        factor, divide, stored_scale, back = scale.to(torch.float32), True, scale, scale.to(torch.float32)
     else:
         # transformers' Fp8Quantize: scale = 448 / max|x| per block (1 where the block is zero), stored
-        # as its inverse; ue8m0 rounds the inverse up to a power of two first
+        # as its inverse; ue8m0 rounds the inverse up to a power of two first; dequantize: q · inverse
         safe = torch.where(amax > 0, amax, torch.ones_like(amax))
         scale = torch.where(amax > 0, FP8_MAX / safe, torch.ones_like(amax))
         inv = 1.0 / scale
         if w.style == "fp8-ue8m0":
             inv = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny))))
             scale = 1.0 / inv
-        q = _mul_blocks_(w32.clone(), scale, w.block)
         if w.scale_dtype == torch.uint8:
             stored_scale = (torch.log2(inv).round() + 127).to(torch.uint8)
         else:
             stored_scale = inv.to(w.scale_dtype)
-    q = q.clamp_(-FP8_MAX, FP8_MAX).to(FP8)
-    return {w.data: q, w.scales: stored_scale.reshape(w.scale_shape)}
+        factor, divide, back = scale, False, _scale_fp32(w, stored_scale)
+    q, err = _quantize_stripes(w, w32, factor, divide, back, measure)
+    out = {w.data: q, w.scales: stored_scale.reshape(w.scale_shape)}
+    return (out, err) if measure else out
+
+
+STRIPE_ELEMENTS = 1 << 20  # a stripe's fp32 temporary: 4 MB, reused (cache-sized work, no weight-sized copy)
+
+
+def _quantize_stripes(w: ScaledWeight, w32: torch.Tensor, factor: torch.Tensor, divide: bool, back: torch.Tensor,
+                      measure: bool) -> tuple[torch.Tensor, float | None]:
+    """Quantize ``w32`` into FP8 stripe by stripe of rows: x · factor (or x / factor) per block,
+    clamped to ±448, cast; with ``measure`` each stripe is dequantized again (q · ``back``, rounded as
+    the format rounds it) to sum the error. Only one stripe-sized temporary is allocated."""
+    rows, cols = w32.shape[-2:]
+    b0, b1 = w.block
+    flat = w32.reshape(-1, rows, cols)
+    nr, nc = factor.shape[-2:] if factor.dim() >= 2 else (1, 1)
+    factor, back = factor.reshape(-1, nr, nc), back.reshape(-1, nr, nc)
+    q = torch.empty(w32.shape, dtype=FP8, device=w32.device)
+    qflat = q.view(-1, rows, cols)
+    height = max(1, min(rows, STRIPE_ELEMENTS // max(cols, 1)))
+    tmp = torch.empty(height * cols, dtype=torch.float32, device=w32.device)
+    err2 = 0.0
+    for i in range(flat.shape[0]):
+        for r0 in range(0, rows, height):
+            r1 = min(rows, r0 + height)
+            x = flat[i, r0:r1]
+            t = tmp[: (r1 - r0) * cols].view(r1 - r0, cols).copy_(x)
+            block_rows = torch.arange(r0, r1, device=w32.device) // b0
+            _mul_blocks_(t, factor[i][block_rows], (1, b1), divide=divide)
+            qflat[i, r0:r1].copy_(t.clamp_(-FP8_MAX, FP8_MAX))
+            if measure:
+                _fp8_to_fp32_(t, qflat[i, r0:r1], w.data, check=False)  # just made from finite values
+                _mul_blocks_(t, back[i][block_rows] * 256.0, (1, b1))
+                if w.style == "compressed-tensors" and w.scale_dtype != torch.float32:
+                    t.copy_(t.to(w.scale_dtype))
+                d = t.sub_(x).reshape(-1)
+                err2 += float(torch.dot(d, d))  # BLAS's blocked sum: fp32 norms of millions drift by 1e-5
+    if not measure:
+        return q, None
+    flat_all = w32.reshape(-1)
+    return q, math.sqrt(err2) / max(math.sqrt(float(torch.dot(flat_all, flat_all))), 1e-30)
 
 
 def _quantize_mxfp4(w32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,6 +475,3 @@ def _quantize_mxfp4(w32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = (ds_bits.squeeze(-1) >> 23).to(torch.uint8)
     return packed.reshape(*lead, n, k // MX_BLOCK, 16), scales
 
-
-def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
-    return float((approx.double() - exact.double()).norm() / exact.double().norm().clamp(min=1e-30))

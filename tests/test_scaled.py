@@ -358,6 +358,12 @@ def test_refusals_are_one_line_and_write_nothing(bases, runner, tmp_path):
     del state["model.layers.0.self_attn.q_proj.weight_scale_inv"]
     save_file(state, noscale / "model.safetensors", metadata={"format": "pt"})
     cases.append((noscale, [], "q_proj.weight is float8_e4m3fn but has no"))
+    nan = tmp_path / "nan"  # e4m3fn's NaN byte in an untouched weight: refused, not read as a number
+    shutil.copytree(base, nan)
+    state = load_dir(nan)
+    state["model.layers.1.self_attn.k_proj.weight"].view(torch.uint8)[3, 5] = 0x7F
+    save_file(state, nan / "model.safetensors", metadata={"format": "pt"})
+    cases.append((nan, [], "model.layers.1.self_attn.k_proj.weight holds FP8 NaN values"))
     for i, (b, flags, needle) in enumerate(cases):
         out = tmp_path / f"out{i}"
         res = invoke(runner, "merge", b, adapter, "-o", out, *flags)
