@@ -45,6 +45,11 @@ def check_quantization(config: dict, path) -> dict | None:
     if not isinstance(q, dict):
         raise AdaptkitError("malformed config.json: quantization_config must be an object", path)
     method = str(q.get("quant_method", "unknown"))
+    if method in ("gptq", "awq"):
+        raise AdaptkitError(f"{method.upper()} int4 bases are refused: their dequantization (packing order, zero-point "
+                            "offsets, act-order g_idx) is defined by gptqmodel / autoawq, which adaptkit does not "
+                            "depend on, and a guessed variant would merge silently wrong; merge into the 16-bit "
+                            "original, or load the base dequantized in transformers and save it first", path)
     if method != "bitsandbytes":
         raise AdaptkitError(f"quant_method {method!r} is not supported: adaptkit merges into dense, bitsandbytes "
                             "4-bit, FP8 (fp8, compressed-tensors) and MXFP4 bases (dequantize the model first)", path)

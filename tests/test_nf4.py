@@ -125,7 +125,7 @@ def test_cli_reports_quantization_error(runner, tmp_path, nf4_base):
 
 
 @pytest.mark.parametrize("qc,msg", [
-    ({"quant_method": "gptq", "bits": 4}, "'gptq' is not supported"),
+    ({"quant_method": "gptq", "bits": 4}, "GPTQ int4 bases are refused"),
     ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "8-bit"),
 ])
 def test_unsupported_quantization_refused(runner, tmp_path, qc, msg):

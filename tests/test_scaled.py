@@ -343,7 +343,9 @@ def test_refusals_are_one_line_and_write_nothing(bases, runner, tmp_path):
     base, adapter = bases["fp8-block"]
     cases = [
         (_edit_config(base, tmp_path / "gptq", lambda q: q.update(quant_method="gptq")), [],
-         "quant_method 'gptq' is not supported"),
+         "GPTQ int4 bases are refused: their dequantization"),
+        (_edit_config(base, tmp_path / "hqq", lambda q: q.update(quant_method="hqq")), [],
+         "quant_method 'hqq' is not supported"),
         (_edit_config(base, tmp_path / "field", lambda q: q.update(new_knob=3)), [], "field 'new_knob' (fp8)"),
         (_edit_config(base, tmp_path / "fp4x", lambda q: q.update(expert_dtype="fp4")), [], "expert_dtype 'fp4'"),
         (base, ["--quantize", "nf4"], "the base is fp8"),
@@ -375,3 +377,14 @@ def test_refusals_are_one_line_and_write_nothing(bases, runner, tmp_path):
     res = invoke(runner, "merge", FIXTURES / "tiny-llama", FIXTURES / "adapters" / "llama-lora", "-o",
                  tmp_path / "dense", "--quantize", "same")
     assert_one_line_error(res, "is not quantized")
+
+
+def test_shipped_fp8_fixture_merges_and_verifies_from_the_cli(runner, tmp_path):
+    """The README's example: the committed tiny FP8 Llama (fixtures/build.py) with the llama LoRA."""
+    base, adapter = FIXTURES / "tiny-llama-fp8", FIXTURES / "adapters" / "llama-lora"
+    for flags in ([], ["--quantize", "same"]):
+        out = tmp_path / ("same" if flags else "dense")
+        res = invoke(runner, "merge", base, adapter, "-o", out, *flags)
+        assert res.exit_code == 0 and "merged 14 modules into 14 of 21 tensors" in res.output, res.output
+        res = invoke(runner, "verify", base, adapter, out, "--no-model")
+        assert res.exit_code == 0 and "verified" in res.output, res.output
