@@ -42,3 +42,22 @@ def test_verify_model_level_on_cuda(tmp_path):
     merge(BASE_OF["llama-dora"], [ADAPTERS["llama-dora"]], tmp_path / "m", device="cuda")
     report = verify(BASE_OF["llama-dora"], [ADAPTERS["llama-dora"]], tmp_path / "m", device="cuda")
     assert report.ok and report.model is not None and report.model.mean_kl < 1e-6
+
+
+@pytest.mark.parametrize("quantize", [None, "same"])
+def test_fp8_cuda_equals_cpu(tmp_path, quantize):
+    """The FP8 codecs on the GPU: the committed block-wise FP8 Llama, dense and kept FP8."""
+    from helpers import FIXTURES
+
+    base, adapter = FIXTURES / "tiny-llama-fp8", ADAPTERS["llama-lora"]
+    merge(base, [adapter], tmp_path / "cpu", device="cpu", quantize=quantize)
+    merge(base, [adapter], tmp_path / "cuda", device="cuda", quantize=quantize)
+    cpu, cuda = load_dir(tmp_path / "cpu"), load_dir(tmp_path / "cuda")
+    assert set(cpu) == set(cuda)
+    for k in cpu:
+        a, b = cpu[k].float(), cuda[k].float()
+        if cpu[k].dtype == torch.float8_e4m3fn:  # a value on a rounding boundary may land one FP8 step apart
+            assert ((a - b).abs() > 0).float().mean() < 1e-3, k
+        else:
+            eps = torch.finfo(cpu[k].dtype).eps
+            assert ((a - b).abs() <= eps * a.abs() + 1e-6).all(), k
