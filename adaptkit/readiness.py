@@ -7,6 +7,8 @@ Each check returns the problems found, each with the adaptkit command that fixes
   biases (the base's architecture is checked by ``convert --to gguf``, which needs the base).
 - mlx-lm takes Linear LoRA inside numbered layers; no DoRA (from PEFT), ``modules_to_save`` or
   embedding LoRA.
+- Activated LoRA (aLoRA): llama-server serves it from a GGUF that carries the invocation tokens;
+  vLLM and mlx-lm do not (:data:`ALORA_SUPPORT`, with the sources each verdict rests on).
 """
 
 from __future__ import annotations
@@ -18,6 +20,19 @@ from .adapter import Adapter
 from .errors import AdaptkitError
 
 TARGETS = {"vllm": "vLLM", "llamacpp": "llama.cpp", "mlx": "mlx-lm"}  # name -> the runtime, for messages
+# Activated LoRA (peft's alora_invocation_tokens: the delta applies only from the invocation tokens on),
+# per runtime, as their repositories stood (searched 2026-12-01):
+ALORA_SUPPORT = {
+    # ggml-org/llama.cpp PR #15327 (merged 2025-09): llama-adapter.cpp reads adapter.alora.invocation_tokens
+    # (a UINT32 array) from the GGUF LoRA; tools/server activates the adapter after the sequence
+    "llamacpp": "llama-server applies it from the invocation tokens on (llama.cpp PR #15327); other llama.cpp "
+                "tools apply a LoRA to every token",
+    # vllm-project/vllm PR #19710 ("[Model] Activated LoRA") was closed unmerged: vLLM would apply the
+    # adapter to every token of the prompt
+    "vllm": "vLLM does not implement activated LoRA (its PR #19710 was closed unmerged) and would apply it to "
+            "every token",
+    "mlx": "mlx-lm does not implement activated LoRA and would apply it to every token",
+}
 VLLM_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
                 "gate_up_proj", "dense", "dense_h_to_4h", "dense_4h_to_h", "query_key_value", "c_attn", "c_proj",
                 "c_fc", "fc1", "fc2", "out_proj", "w1", "w2", "w3", "wqkv", "wo", "embed_tokens", "lm_head"}
@@ -71,11 +86,10 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
         problems.append(Problem("init_lora_weights", f"init_lora_weights={init!r}: on the original base it computes "
                                 "something else than it was trained to", f"adaptkit convert {src} --initial "
                                 "INITIAL_ADAPTER --to peft -o PLAIN  (the plain LoRA of the same change)"))
-    if adapter.alora_tokens:
-        problems.append(Problem("alora", f"aLoRA (invocation tokens {adapter.alora_tokens}): the runtime must implement "
-                                "activated LoRA, which adaptkit has not checked for it",
-                                "serve it with peft (an aLoRA cannot be merged), or with a runtime release that "
-                                "implements activated LoRA"))
+    if adapter.alora_tokens and target != "llamacpp":  # llama.cpp: see ALORA_SUPPORT; the GGUF export carries them
+        problems.append(Problem("alora", f"aLoRA (invocation tokens {adapter.alora_tokens}): {ALORA_SUPPORT[target]}",
+                                f"serve it with peft or llama-server (adaptkit convert {src} --to gguf --base BASE "
+                                "-o A.gguf); an aLoRA cannot be merged"))
     if target == "vllm":
         high = [m for m in mods if m.shape_rank > max_lora_rank]
         if high:

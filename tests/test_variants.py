@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import adaptkit
 from adaptkit.adapter import KNOWN_FIELDS, MATH_FIELDS
 from fixtures import build
-from helpers import assert_one_line_error, invoke, load_dir, peft_merged
+from helpers import FIXTURES, assert_one_line_error, invoke, load_dir, peft_merged
 
 
 def _compare_with_peft(base, adapter, out):
@@ -122,6 +122,24 @@ def test_alora_is_refused_for_merge_and_kept_elsewhere(tmp_path, bases, alora, r
     r = adaptkit.combine([alora], tmp_path / "c", method="linear", rank=2)
     assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["alora_invocation_tokens"] == [5, 6]
     assert r.modules[0].rank == 2
+
+
+def test_alora_runtimes_say_who_serves_it(tmp_path, bases, alora):
+    """llama-server serves an aLoRA from a GGUF carrying the invocation tokens (llama.cpp reads them as
+    a UINT32 array); vLLM and mlx-lm would apply it to every token, so their checks fail."""
+    import gguf
+
+    from adaptkit.readiness import check
+
+    rules = {t: [p.rule for p in check(adaptkit.load_adapter(alora), t).problems] for t in ("vllm", "llamacpp", "mlx")}
+    assert "alora" in rules["vllm"] and "alora" in rules["mlx"] and "alora" not in rules["llamacpp"]
+    adaptkit.convert(alora, tmp_path / "a.gguf", to="gguf", base=bases["llama-tieFalse"])
+    field = gguf.GGUFReader(str(tmp_path / "a.gguf")).fields["adapter.alora.invocation_tokens"]
+    assert [gguf.GGUFValueType(t) for t in field.types] == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32]
+    assert [int(field.parts[i][0]) for i in field.data] == [5, 6]
+    plain = tmp_path / "plain.gguf"
+    adaptkit.convert(FIXTURES / "adapters" / "llama-lora", plain, to="gguf", base=FIXTURES / "tiny-llama")
+    assert "adapter.alora.invocation_tokens" not in gguf.GGUFReader(str(plain)).fields
 
 
 # ------------------------------------------------------------------------- initialisations that rewrite W

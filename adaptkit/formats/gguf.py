@@ -73,6 +73,9 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
     writer.add_string("adapter.type", "lora")
     writer.add_float32("adapter.lora.alpha", alpha)
     writer.add_string("general.name", Path(str(adapter.path)).name)
+    if adapter.alora_tokens:  # llama.cpp's llama-adapter.cpp reads them as a UINT32 array (PR #15327)
+        writer.add_key_value("adapter.alora.invocation_tokens", [int(t) for t in adapter.alora_tokens],
+                             gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32)
     for m in mods:
         gname = names.get_name(m.name)
         if gname is None:
