@@ -9,6 +9,7 @@ The commands of the ``adaptkit`` CLI are these functions; the CLI only parses an
 
 - :func:`merge`: fold adapters into a base model (dense, bitsandbytes 4-bit, QLoRA's round trip).
 - :func:`combine`: fuse adapters (linear, TIES, DARE, magnitude pruning) on exact deltas.
+- :func:`extract`: a LoRA from a fine-tuned model (truncated SVD of each ΔW, the error reported).
 - :func:`convert`: move an adapter between PEFT, raw, kohya, GGUF and mlx-lm layouts.
 - :func:`verify`: prove a merged model computes base + adapters.
 - :func:`inspect`: what an adapter holds, its health, and where it will load.
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "merge": "commands.merge", "MergeResult": "commands.merge",
     "combine": "commands.combine", "CombineResult": "commands.combine",
+    "extract": "commands.extract", "ExtractResult": "commands.extract",
     "convert": "commands.convert", "ConvertResult": "commands.convert",
     "verify": "commands.verify", "VerifyReport": "commands.verify",
     "inspect": "commands.inspect", "AdapterReport": "commands.inspect",

@@ -532,6 +532,67 @@ def combine(adapters, method, weights, weights_csv, density, majority_sign, rank
                  f"{result.seconds:.1f} s on {result.device})")
 
 
+@main.command(short_help="A LoRA from a fine-tuned model: its change, factored per module.", epilog=EXIT_STATUS)
+@click.argument("base")
+@click.argument("finetuned")
+@click.option("-o", "--output", "out", required=True, help="The PEFT adapter folder to write.")
+@click.option("--rank", type=int, default=None, help="One rank for every module: the best rank-R approximation of ΔW.")
+@click.option("--energy", type=float, default=None,
+              help="Instead of --rank: per module, the smallest rank keeping this share of ‖ΔW‖² (e.g. 0.9).")
+@click.option("--max-rank", type=int, default=None, help="With --energy: the largest rank a module may take.")
+@click.option("--embeddings", type=click.Choice(["save", "factor"]), default="save", show_default=True,
+              help="Changed embeddings and output head: saved whole (modules_to_save) or factored into LoRAs "
+                   "too (a resized vocabulary is always saved whole).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Dtype of the factors written.")
+@click.option("--include", default=None, help="Only tensors whose name matches this regular expression.")
+@click.option("--exclude", default=None, help="No tensor whose name matches this regular expression.")
+@device_option()
+@force_option
+@json_option
+def extract(base, finetuned, out, rank, energy, max_rank, embeddings, dtype, include, exclude, device, force,
+            as_json):
+    """A LoRA from a fine-tuned model: OUT + BASE ≈ FINETUNED, as close as the rank allows.
+
+    For every tensor that differs, ΔW = W_ft − W_base (fp32) is factored into its best rank-R
+    approximation (truncated SVD, randomized where R ≪ min(out, in)), with lora_alpha = r so peft
+    loads it as is. Each module's share of ‖ΔW‖² kept is reported (a warning below 90 %). Norms,
+    other 1-D tensors, embeddings and the head (unless --embeddings factor) and a resized
+    vocabulary are saved whole (modules_to_save); identical tensors are skipped. Both models are
+    streamed tensor by tensor. BASE and FINETUNED are model folders or Hub ids.
+
+    \b
+    Examples:
+      adaptkit extract BASE FINETUNED -o my-lora --rank 16
+      adaptkit extract BASE FINETUNED -o my-lora --energy 0.9 --max-rank 64
+      adaptkit verify BASE my-lora FINETUNED --tolerance 0.05   (how close base + LoRA comes)
+    """
+    import adaptkit
+
+    _tune_process()
+    with RichReporter(bars=not as_json) as reporter:
+        result = adaptkit.extract(base, finetuned, out, rank=rank, energy=energy, max_rank=max_rank,
+                                  embeddings=embeddings, dtype=dtype, include=include, exclude=exclude, device=device,
+                                  force=force, reporter=reporter)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("module", "kind", "rank", "energy kept", "rel. error"):
+        table.add_column(col, justify="left" if col in ("module", "kind") else "right", no_wrap=True)
+    for m in result.modules:
+        kept = "saved whole" if m.kind == "saved" else f"{100 * m.energy:.2f} %"
+        table.add_row(m.name, m.kind, str(m.rank) if m.rank else "-", kept,
+                      "-" if m.kind == "saved" else f"{m.rel_error:.2e}")
+    stdout.print(table)
+    loras = result.lora_modules
+    summary = (f"; energy kept: worst {100 * result.worst_energy:.2f} %, median {100 * result.median_energy:.2f} %"
+               if loras else "")
+    stdout.print(f"extracted {len(loras)} LoRA modules and {len(result.modules) - len(loras)} saved whole "
+                 f"({result.identical} tensors unchanged) → {result.out} ({_human_bytes(result.bytes_written)} in "
+                 f"{result.seconds:.1f} s on {result.device}{summary})")
+
+
 @main.command(short_help="Prove that a merged model equals base + adapters.",
               epilog=CHECK_STATUS.format(what="verified", fail="not verified"))
 @click.argument("base")

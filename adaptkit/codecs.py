@@ -4,7 +4,8 @@ A merge job is decode → operations (:mod:`.ops`) → encode. A decoder reads a
 companions) and fills an fp32 buffer; an encoder turns the fp32 result into what is written. A new
 storage format is a new codec here, not a new branch in the merge.
 
-Decoders: :class:`DenseRead` (a tensor as stored), :class:`FourBitRead` (a bitsandbytes NF4/FP4
+Decoders: :class:`DenseRead` (a tensor as stored), :class:`NoRead` (none: replaced whole, in
+another shape), :class:`FourBitRead` (a bitsandbytes NF4/FP4
 weight and its components, dequantized by bitsandbytes), :class:`QLoRARead` (a dense weight seen
 through its 4-bit round trip, as QLoRA training saw it), :class:`ScaledRead` (an FP8 or MXFP4
 weight and its scales, :mod:`.scaled`). Encoders: :class:`DenseWrite` (round once to a dtype),
@@ -67,6 +68,27 @@ class DenseRead:
         """Whether the stored bytes are already what ``encoder`` writes (then they are copied)."""
         return type(self) is DenseRead and type(encoder) is DenseWrite and encoder.dtype == self.dtype \
             and not encoder.measure
+
+
+@dataclass(frozen=True)
+class NoRead(DenseRead):
+    """Nothing read: a tensor the adapter replaces with one of another shape (a vocabulary the
+    fine-tune grew, saved whole), whose first operation writes every value."""
+
+    def names(self, name: str) -> list[str]:
+        return []
+
+    def nbytes(self, shape) -> int:
+        return 0
+
+    def read(self, ckpt, name: str, buf: torch.Tensor):
+        return None
+
+    def decode(self, data, w32: torch.Tensor, device: torch.device):
+        return None
+
+    def load(self, ckpt, name: str, device="cpu") -> torch.Tensor:
+        return ckpt.read(name)
 
 
 @dataclass(frozen=True)

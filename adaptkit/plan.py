@@ -26,7 +26,7 @@ import torch
 from .adapter import Adapter, LoraModule, adapter_weights
 from .architecture import conv1d_modules
 from . import scaled
-from .codecs import DenseRead, DenseWrite, FourBitRead, FourBitWrite, QLoRARead, ScaledRead, ScaledWrite
+from .codecs import DenseRead, DenseWrite, FourBitRead, FourBitWrite, NoRead, QLoRARead, ScaledRead, ScaledWrite
 from .dtypes import FLOAT_DTYPES, name_of, resolve_dtype
 from .errors import AdaptkitError
 from .families import fused_parent, place
@@ -38,6 +38,7 @@ from .quant import QuantizedWeight, QuantSettings, check_quantization, find_quan
 INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                             "tok_embeddings.weight")
 OUTPUT_EMBEDDING = "lm_head.weight"
+VOCAB_TENSORS = INPUT_EMBEDDING_SUFFIXES + (OUTPUT_EMBEDDING, "embed_out.weight")  # rows = the vocabulary
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}  # linear layers are Conv1D
 QUANTIZE = ("nf4", "same", "fp8", "mxfp4")  # "same": the base's own format (its name says the same)
 
@@ -141,6 +142,14 @@ def plan_merge(base: Checkpoint, adapters: list[Adapter], weights: list[float] |
     if limit:
         shards, write_index = layout_shards([j for s in shards for j in s.jobs], limit)
     output_config(config, mode, out_dtype)
+    grown = [j for s in shards for j in s.jobs if isinstance(j.decoder, NoRead)]
+    if grown:  # the vocabulary an adapter grew (modules_to_save of embed_tokens / lm_head, checked above)
+        rows = grown[0].shape[0]
+        for cfg in (config, config.get("text_config")):
+            if isinstance(cfg, dict) and "vocab_size" in cfg:
+                cfg["vocab_size"] = rows
+        warnings.append(f"the adapter grows the vocabulary to {rows} tokens ({', '.join(j.name for j in grown)}): "
+                        "vocab_size is set to it; use the adapter's tokenizer with the merged model")
     return MergePlan(base, adapters, weights, shards, config, write_index, warnings)
 
 
@@ -184,8 +193,17 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
             if shape is None:
                 problems.append(f"{label}: modules_to_save tensor {name} is not in the base")
             elif tuple(adapter.source.shape(key)) != tuple(shape):
-                problems.append(f"{label}: {name} is {list(adapter.source.shape(key))} in the adapter "
-                                f"but {list(shape)} in the base")
+                new = tuple(adapter.source.shape(key))
+                grown = name.endswith(VOCAB_TENSORS) and len(new) == 2 and new[1:] == tuple(shape[1:]) \
+                    and new[0] > shape[0]
+                if grown and (tied or (base.config.get("tie_word_embeddings") and OUTPUT_EMBEDDING not in base)):
+                    problems.append(f"{label}: {name} grows the vocabulary from {shape[0]} to {new[0]} rows on a base "
+                                    "with tied embeddings: not supported yet")
+                elif grown:  # a vocabulary the fine-tune grew: written in its new shape (see tensor_jobs)
+                    ops.setdefault(disk(name), []).append(Op("replace", adapter, weight, key=key))
+                else:
+                    problems.append(f"{label}: {name} is {list(adapter.source.shape(key))} in the adapter "
+                                    f"but {list(shape)} in the base")
             else:
                 ops.setdefault(disk(name), []).append(Op("replace", adapter, weight, key=key))
         overridden, relaid = [], []
@@ -248,6 +266,12 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
         if adapter.unclaimed:
             warnings.append(f"{label}: {len(adapter.unclaimed)} tensors belong to no LoRA module and are ignored "
                             f"(first: {adapter.unclaimed[0]})")
+    rows = {n: _replaced_shape(o)[0] for n, o in ops.items() if _replaced_shape(o) and n.endswith(VOCAB_TENSORS)}
+    vocab = {n: base.info(n).shape[0] for n in base.tensors if n.endswith(VOCAB_TENSORS)}
+    if rows and {rows.get(n, v) for n, v in vocab.items()} != {max(rows.values())}:
+        problems.append("the adapters resize " + ", ".join(f"{n} to {r} rows" for n, r in sorted(rows.items()))
+                        + " but leave " + ", ".join(f"{n} at {v}" for n, v in sorted(vocab.items()) if n not in rows)
+                        + ": the merged model's vocabulary would disagree with itself")
     for label, mods in missing.items():
         total = len(adapters[[str(a.path) for a in adapters].index(label)].modules)
         near = _closest(base, mods[0] + ".weight")
@@ -613,8 +637,17 @@ def tied_embeddings(base: Checkpoint, ops: dict[str, list[Op]], warnings: list[s
     return None, config
 
 
+def _replaced_shape(ops: list[Op]) -> tuple[int, ...] | None:
+    """The shape of the last tensor that replaces this one whole (modules_to_save), if any."""
+    keys = [op for op in ops if op.kind == "replace"]
+    return tuple(keys[-1].adapter.source.shape(keys[-1].key)) if keys else None
+
+
 def _dense_job(name, source, shape, dtype, out_dtype, ops) -> TensorJob:
     target = out_dtype if (out_dtype is not None and dtype in FLOAT_DTYPES) else dtype
+    new = _replaced_shape(ops)
+    if new is not None and new != tuple(shape):  # a grown vocabulary: nothing of the base is read
+        return TensorJob(name, source, new, NoRead(dtype), DenseWrite(target), list(ops))
     return TensorJob(name, source, tuple(shape), DenseRead(dtype), DenseWrite(target), list(ops))
 
 

@@ -39,7 +39,7 @@ from ..codecs import FourBitRead, ScaledRead
 from ..device import resolve_device
 from ..errors import AdaptkitError
 from ..io.checkpoint import Checkpoint
-from ..plan import plan_merge, scaled_weights
+from ..plan import VOCAB_TENSORS, plan_merge, scaled_weights
 from ..quant import check_quantization, dequantize, find_quantized, quantize
 from ..reporting import Collected, Reporter
 from ..io.files import read_json
@@ -198,9 +198,9 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
             continue
         got = _dense(merged, job.name, merged_q)
         src = _dense(base, job.source, base_q)
-        if tuple(got.shape) != tuple(src.shape):
+        if tuple(got.shape) != tuple(job.shape):  # the base's, or a grown vocabulary's the adapter saved
             checks.append(ModuleCheck(job.name, "shape", float("inf"), 0.0, 0.0, False,
-                                      f"shape {list(got.shape)}, base {list(src.shape)}"))
+                                      f"shape {list(got.shape)}, expected {list(job.shape)}"))
             continue
         if not job.ops:
             untouched += 1
@@ -390,6 +390,10 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
             why = f"; {cls.__name__}'s head is not in the checkpoint"
             cls = AutoModel
             ref, missing = _load(base_path, cls, dev)
+        rows = max((a.source.shape(key)[0] for a in adapters for n, key in a.full_tensors.items()
+                    if n.endswith(VOCAB_TENSORS)), default=0)
+        if rows > ref.get_input_embeddings().weight.shape[0]:  # an adapter that grew the vocabulary (extract)
+            ref.resize_token_embeddings(rows, mean_resizing=False)  # its new rows come from the adapter
         names = []
         pm = None
         for i, a in enumerate(adapters):
