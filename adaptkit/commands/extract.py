@@ -204,8 +204,9 @@ def extract(base, finetuned, out, *, rank: int | None = None, energy: float | No
     try:
         plan = _plan(base_ck, ft_ck, keep, drop, embeddings, report)
         results = _stream(plan, base_ck, ft_ck, dev, rank, energy, max_rank, report)
-        modules, tensors, saved, config = _assemble(plan, results, base_ck, ft_ck, rank, energy, out_dtype,
-                                                    str(base), report)
+        label = str(base_ck.path) if isinstance(base, Checkpoint) else str(base)
+        modules, tensors, saved, config = _assemble(plan, results, base_ck, ft_ck, rank, energy, out_dtype, label,
+                                                    report)
         inputs = [base_ck.path, ft_ck.path, *(s.path for s in base_ck.shards), *(s.path for s in ft_ck.shards)]
         with atomic_output_dir(out, force, inputs=inputs) as tmp:
             written = _write(tmp, tensors, saved, ft_ck, config)
@@ -334,9 +335,7 @@ def _stream(plan: _Plan, base: Checkpoint, ft: Checkpoint, dev: torch.device, ra
                     return "excluded"
                 raise AdaptkitError(f"{pair.disk} ({wa.dtype}) changed: only floating-point tensors can be "
                                     "extracted", ft.path)
-            a32 = None if pair.resized else wa.to(dev, torch.float32)
-            b32 = None if pair.resized else wb.to(dev, torch.float32, copy=True)
-            if a32 is not None and torch.equal(a32, b32):
+            if not pair.resized and (torch.equal(wa, wb) if wa.dtype == wb.dtype else torch.equal(wa.float(), wb.float())):
                 return "same"  # equal values in other bytes (another dtype, -0.0)
             if _filtered(pair, keep, drop):
                 return "excluded"
@@ -347,7 +346,7 @@ def _stream(plan: _Plan, base: Checkpoint, ft: Checkpoint, dev: torch.device, ra
                                     "to extract the rest", ft.path)
             if pair.resized or not _factored(pair, plan.embeddings):
                 return "save"
-            delta = b32.sub_(a32)
+            delta = wb.to(dev, torch.float32, copy=True).sub_(wa.to(dev, torch.float32))
             if not bool(torch.isfinite(delta).all()):
                 raise AdaptkitError(f"{pair.disk}: NaN or Inf in the fine-tune's change", ft.path)
             if pair.param != "weight" or delta.dim() != 2:
@@ -467,7 +466,7 @@ def _natural(name: str):
 def _config(factors: dict, biases: dict, saved_modules: set[str], plan: _Plan, base: Checkpoint, base_label: str):
     """peft's LoraConfig: scaling 1 everywhere (lora_alpha = r), rank_pattern/alpha_pattern for modules
     of another rank."""
-    import peft
+    from importlib.metadata import version
 
     ranks = {m: int(f[0].shape[0]) for m, f in factors.items()}
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
@@ -480,7 +479,7 @@ def _config(factors: dict, biases: dict, saved_modules: set[str], plan: _Plan, b
         "target_modules": sorted(factors, key=_natural) or None, "modules_to_save": sorted(saved_modules) or None,
         "lora_bias": bool(biases), "fan_in_fan_out": conv1d, "use_rslora": False, "use_dora": False,
         "bias": "none", "lora_dropout": 0.0, "init_lora_weights": True, "inference_mode": True,
-        "base_model_name_or_path": base_label, "task_type": task, "peft_version": peft.__version__,
+        "base_model_name_or_path": base_label, "task_type": task, "peft_version": version("peft"),
     }
 
 
