@@ -168,6 +168,20 @@ def dtype_option(help_text="Output dtype of floating tensors; auto keeps each te
                         type=click.Choice(["auto", "float16", "bfloat16", "float32"]), help=help_text)
 
 
+def report_option(what: str):
+    return click.option("--report", "report_file", default=None,
+                        help=f"Also draw {what} (.png, .svg or .html; needs adaptkit[plot]).")
+
+
+def _plots_ready(path, param: str = "report") -> None:
+    """Fail on a missing plot extra or a wrong suffix before the work, not after it."""
+    if path:
+        from . import plots
+
+        plots._matplotlib()
+        plots.check_path(path, param)
+
+
 def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")(f)
 
@@ -294,14 +308,20 @@ def main(verbose):
 @main.command(cls=Command, short_help="Show what a LoRA adapter holds, and where it will load.",
               registry=lambda: _runtimes().items(), registry_title="Runtimes (--check)",
               epilog=CHECK_STATUS.format(what="done (and every --check passes)", fail="a --check fails"))
-@click.argument("source")
-@click.option("--svd", is_flag=True, help="Add each module's singular values of ΔW and the ranks holding 90/99 % of "
-                                          "its energy.")
+@click.argument("sources", nargs=-1, required=True, metavar="SOURCE [SOURCE ...]")
+@click.option("--svd", is_flag=True, help="Add each module's singular values of ΔW (a spectrum drawn in block "
+                                          "characters) and the ranks holding 90/99 % of its energy.")
+@click.option("--plot", "plot_file", default=None,
+              help="Draw what the adapters change (.png, .svg or .html): ‖ΔW‖ by layer × module kind and the "
+                   "spectra per module kind; several SOURCEs side by side (needs adaptkit[plot]).")
+@click.option("--compare", is_flag=True,
+              help="Two SOURCEs: the cosine similarity of their ΔW, module by module (a table; with --plot, a "
+                   "heatmap).")
 @click.option("--check", "checks", multiple=True, type=LazyChoice(_runtimes),
               help="Say whether the adapter loads in this runtime, and how to fix it if not (repeatable).")
 @click.option("--max-lora-rank", type=int, default=16, show_default=True, help="vLLM's --max-lora-rank, for --check vllm.")
 @json_option
-def inspect(source, svd, checks, max_lora_rank, as_json):
+def inspect(sources, svd, plot_file, compare, checks, max_lora_rank, as_json):
     """Show what a LoRA adapter holds.
 
     SOURCE is a PEFT adapter folder (adapter_config.json + adapter_model.safetensors or .bin), an
@@ -309,9 +329,23 @@ def inspect(source, svd, checks, max_lora_rank, as_json):
     org/name[@revision]. Prints a summary, one row per adapted module (named as in the base model)
     and health warnings: untrained B, NaN/Inf, shapes that do not fit, ranks that differ from the
     config, tensors that belong to no module.
+
+    \b
+    Examples:
+      adaptkit inspect fixtures/adapters/llama-lora --svd
+      adaptkit inspect fixtures/adapters/llama-lora fixtures/adapters/llama-dora --plot adapters.html
+      adaptkit inspect fixtures/adapters/llama-lora fixtures/adapters/llama-rslora-patterns --compare
     """
     import adaptkit
 
+    if compare and len(sources) != 2:
+        raise AdaptkitError(f"compares two adapters, got {len(sources)}", param="compare")
+    if len(sources) > 1 and not (plot_file or compare):
+        raise AdaptkitError("several adapters are shown together with --plot or --compare", param="sources")
+    if plot_file or compare:
+        _inspect_many(sources, plot_file, compare, as_json)
+        return
+    source = sources[0]
     report = adaptkit.inspect(source, svd=svd, checks=checks, max_lora_rank=max_lora_rank)
     if as_json:
         print_json(report.to_dict())
@@ -486,10 +520,11 @@ def convert(source, to, out, base, initial, dtype, outtype, prefix, force, as_js
 @click.option("--base", default=None, help="Merge the combination into this base model instead of writing an adapter.")
 @dtype_option("With --base: output dtype of floating tensors; auto keeps each tensor's own.")
 @click.option("--max-shard-size", default=None, help="With --base: re-shard the merged model (e.g. 5GB).")
+@report_option("the energy each module kept and, for pruning methods, the share of entries kept")
 @force_option
 @json_option
 def combine(adapters, method, weights, weights_csv, density, majority_sign, rank, energy, seed, device, out, base,
-            dtype, max_shard_size, force, as_json):
+            dtype, max_shard_size, report_file, force, as_json):
     """Fuse several LoRA adapters into one, on exact deltas.
 
     Every method works on each module's full ΔWᵢ = sᵢ·Bᵢ·Aᵢ (peft's add_weighted_adapter works on
@@ -512,12 +547,17 @@ def combine(adapters, method, weights, weights_csv, density, majority_sign, rank
             weights = [float(x) for x in weights_csv.split(",")]
         except ValueError:
             raise AdaptkitError(f"must be comma-separated numbers, got {weights_csv!r}", param="weights") from None
+    _plots_ready(report_file)
     _tune_process()
     with RichReporter(bars=not as_json) as reporter:
         result = adaptkit.combine(list(adapters), out, method=method, weights=list(weights) or None, density=density,
                                   majority_sign=majority_sign, rank=rank, energy=energy, seed=seed, device=device,
                                   base=base, dtype=dtype, max_shard_size=max_shard_size, force=force,
                                   reporter=reporter)
+    if report_file:
+        from . import plots
+
+        plots.plot_combine(result, report_file)
     if as_json:
         print_json(result.to_dict())
         return
@@ -548,10 +588,11 @@ def combine(adapters, method, weights, weights_csv, density, majority_sign, rank
 @click.option("--include", default=None, help="Only tensors whose name matches this regular expression.")
 @click.option("--exclude", default=None, help="No tensor whose name matches this regular expression.")
 @device_option()
+@report_option("the energy each module kept and its rank, by layer and module kind")
 @force_option
 @json_option
-def extract(base, finetuned, out, rank, energy, max_rank, embeddings, dtype, include, exclude, device, force,
-            as_json):
+def extract(base, finetuned, out, rank, energy, max_rank, embeddings, dtype, include, exclude, device, report_file,
+            force, as_json):
     """A LoRA from a fine-tuned model: OUT + BASE ≈ FINETUNED, as close as the rank allows.
 
     For every tensor that differs, ΔW = W_ft − W_base (fp32) is factored into its best rank-R
@@ -569,11 +610,16 @@ def extract(base, finetuned, out, rank, energy, max_rank, embeddings, dtype, inc
     """
     import adaptkit
 
+    _plots_ready(report_file)
     _tune_process()
     with RichReporter(bars=not as_json) as reporter:
         result = adaptkit.extract(base, finetuned, out, rank=rank, energy=energy, max_rank=max_rank,
                                   embeddings=embeddings, dtype=dtype, include=include, exclude=exclude, device=device,
                                   force=force, reporter=reporter)
+    if report_file:
+        from . import plots
+
+        plots.plot_extract(result, report_file)
     if as_json:
         print_json(result.to_dict())
         return
@@ -609,8 +655,9 @@ def extract(base, finetuned, out, rank, energy, max_rank, embeddings, dtype, inc
 @click.option("--write-report", is_flag=True,
               help="Save the report as adaptkit_verify.json in MERGED (a local folder); `adaptkit push` then puts "
                    "its numbers in the model card.")
+@report_option("each tensor's error against what it is allowed, so a near-miss stands out")
 @json_option
-def verify(base, paths, weights, prompts, device, tolerance, no_model, seed, write_report, as_json):
+def verify(base, paths, weights, prompts, device, tolerance, no_model, seed, write_report, report_file, as_json):
     """Prove that MERGED equals BASE + ADAPTERs.
 
     \b
@@ -636,10 +683,15 @@ def verify(base, paths, weights, prompts, device, tolerance, no_model, seed, wri
 
         text = read_bytes(prompts, 16 << 20, "prompts file").decode("utf-8", errors="replace")
         lines = [line.strip() for line in text.splitlines() if line.strip()]
+    _plots_ready(report_file)
     with RichReporter(bars=not as_json, warnings=False) as reporter:  # warnings come after the table
         report = adaptkit.verify(base, list(paths[:-1]), paths[-1], weights=list(weights) or None, prompts=lines,
                                  device=device, tolerance=tolerance, model=not no_model, seed=seed,
                                  write_report=write_report, reporter=reporter)
+    if report_file:
+        from . import plots
+
+        plots.plot_verify(report, report_file)
     if as_json:
         print_json(report.to_dict())
     else:
@@ -696,6 +748,40 @@ def push(folder, repo, private, revision, message, create_pr, as_json):
         stdout.print(f"pushed {len(result.files)} files to {result.repo_id} @ {result.commit[:10]}{card}: {where}")
 
 
+def _inspect_many(sources, plot_file, compare: bool, as_json: bool) -> None:
+    """--plot and --compare: the figures and the cosine table (adaptkit.plots)."""
+    import adaptkit
+    from adaptkit import plots
+
+    _plots_ready(plot_file, "plot")
+    if compare:
+        a, b = (adaptkit.load_adapter(s) for s in sources)
+        cos = plots.cosine(a, b)
+        if not cos:
+            raise AdaptkitError("the two adapters share no module of the same shape: nothing to compare",
+                                param="compare")
+        if plot_file:
+            plots.plot_compare(a, b, plot_file)
+        if as_json:
+            print_json({"cosine": cos, "plot": plot_file})
+            return
+        table = Table(show_edge=False, pad_edge=False)
+        table.add_column("module", no_wrap=True)
+        table.add_column("cosine", justify="right")
+        for name, c in cos.items():
+            table.add_row(name, f"{c:+.4f}")
+        stdout.print(table)
+        stdout.print(f"{len(cos)} modules in common; mean cosine {sum(cos.values()) / len(cos):+.4f}"
+                     + (f" → {plot_file}" if plot_file else ""))
+        return
+    reports = [adaptkit.inspect(s, svd=True) for s in sources]
+    plots.plot_inspect(reports, plot_file)
+    if as_json:
+        print_json({"plot": plot_file, "adapters": [r.path for r in reports]})
+    else:
+        stdout.print(f"{len(reports)} adapter{'s' if len(reports) > 1 else ''} drawn → {plot_file}")
+
+
 def _render_inspect(report, svd: bool) -> None:
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
@@ -725,12 +811,16 @@ def _render_inspect(report, svd: bool) -> None:
         table.add_column("rank@90%", justify="right")
         table.add_column("rank@99%", justify="right")
         table.add_column("top σ", justify="right")
+        table.add_column("spectrum", no_wrap=True)
     for m in report.modules:
         kind = m.kind + (f" ×{m.experts} experts" if m.experts > 1 else "") + (" +DoRA" if m.dora else "") \
             + (" +bias" if m.lora_bias else "")
         row = [m.name, kind, str(m.rank), f"{m.alpha:g}", f"{m.scaling:.4g}", str(m.in_features), str(m.out_features)]
         if svd:
-            row += [str(m.rank_90), str(m.rank_99), f"{m.singular_values[0]:.4g}" if m.singular_values else "-"]
+            from .plots import sparkline
+
+            row += [str(m.rank_90), str(m.rank_99), f"{m.singular_values[0]:.4g}" if m.singular_values else "-",
+                    sparkline(m.singular_values or [], width=32)]
         table.add_row(*row)
     stdout.print()
     stdout.print(table)

@@ -15,7 +15,8 @@ import build_cli_md  # noqa: E402
 
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 DOCSTRING_MODULES = ["adaptkit", "adaptkit.commands.merge", "adaptkit.commands.verify", "adaptkit.commands.combine",
-                     "adaptkit.commands.convert", "adaptkit.commands.inspect", "adaptkit.quant", "adaptkit.reporting"]
+                     "adaptkit.commands.convert", "adaptkit.commands.inspect", "adaptkit.commands.extract",
+                     "adaptkit.quant", "adaptkit.reporting", "adaptkit.plots"]
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def test_docstring_examples_run(in_a_scratch_root, module):
 def test_public_functions_are_documented_with_arguments():
     import adaptkit
 
-    for name in ("merge", "combine", "convert", "verify", "inspect", "pull", "push"):
+    for name in ("merge", "combine", "convert", "extract", "verify", "inspect", "pull", "push"):
         doc = getattr(adaptkit, name).__doc__ or ""
         assert "Args:" in doc and "Returns:" in doc, name
 

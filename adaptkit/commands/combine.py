@@ -35,6 +35,7 @@ class ModuleResult:
     name: str
     rank: int
     retained_energy: float
+    nonzero: float | None = None  # methods on full deltas: the share of ΔW's entries left nonzero (TIES, DARE)
 
 
 @dataclass
@@ -202,14 +203,14 @@ def combine(adapters, out, *, method: str, weights=None, density: float | None =
         args = (weights, spec, dict(density=density, majority_sign=majority_sign), rank, energy, seed, dev)
         first = next(m for m in mods if m is not None)
         if first.experts > 1:
-            a, b, kept = _combine_experts(name, mods, *args)
+            a, b, kept, nonzero = _combine_experts(name, mods, *args)
             experts[name] = replace(first, rank=a.shape[0] // first.experts, alpha=a.shape[0] // first.experts,
                                     scaling=1.0, source=DictSource(Path(name), {"A": a.cpu(), "B": b.cpu()}),
                                     a_key="A", b_key="B")
-            results.append(ModuleResult(name, a.shape[0] // first.experts, kept))
+            results.append(ModuleResult(name, a.shape[0] // first.experts, kept, nonzero))
             report.advance(1)
             continue
-        a, b, kept = _combine_module(name, mods, *args)
+        a, b, kept, nonzero = _combine_module(name, mods, *args)
         r_out = a.shape[0]
         kind = first.kind
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A.weight",
@@ -217,7 +218,7 @@ def combine(adapters, out, *, method: str, weights=None, density: float | None =
         tensors[f"{name}.{a_key}"] = a.cpu()
         tensors[f"{name}.{b_key}"] = b.cpu()
         alphas[name] = float(r_out)
-        results.append(ModuleResult(name, r_out, kept))
+        results.append(ModuleResult(name, r_out, kept, nonzero))
         report.advance(1)
     low = [m for m in results if m.retained_energy < 0.9]
     if low:
@@ -254,11 +255,12 @@ def combine(adapters, out, *, method: str, weights=None, density: float | None =
 
 
 def _combine_module(name, mods, weights, spec, parameters, rank, energy, seed, dev):
-    """(A, B, energy kept) of one module's combination, scaling folded in (alpha = r)."""
+    """(A, B, energy kept, share of entries nonzero or None) of one module's combination, scaling folded
+    in (alpha = r)."""
     present = [(m, w) for m, w in zip(mods, weights) if m is not None]
     if spec.on_factors is not None:  # exact on the factors; reduced from the product when a rank is asked for
         a, b = spec.on_factors([(m.A, m.B, m.scaling * w) for m, w in present], dev)
-        kept = 1.0
+        kept, nonzero = 1.0, None
         if not bool(torch.isfinite(b).all()):
             raise AdaptkitError(f"{name}: the weighted factors are not finite (the weights overflow fp32)")
         if rank is not None or energy is not None:
@@ -269,13 +271,14 @@ def _combine_module(name, mods, weights, spec, parameters, rank, energy, seed, d
         deltas = [m.delta(dev) if m is not None else zeros for m in mods]
         gen = torch.Generator().manual_seed(module_seed(seed, name)) if spec.random else None
         full = spec.fn(deltas, weights, generator=gen, **parameters)
+        nonzero = float(torch.count_nonzero(full)) / max(full.numel(), 1)
         if not bool(torch.isfinite(full).all()):
             raise AdaptkitError(f"{name}: the combined delta is not finite (the adapters' values overflow fp32)")
         r = rank if rank is not None else max(m.shape_rank for m, _ in present)
         a, b, kept = factor(full, rank=None if energy is not None else r, energy=energy)
     if not bool(torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise AdaptkitError(f"{name}: the combined delta is not finite (the adapters' values overflow fp32)")
-    return a, b, kept
+    return a, b, kept, nonzero
 
 
 def _combine_experts(name, mods, weights, spec, parameters, rank, energy, seed, dev):
@@ -288,10 +291,11 @@ def _combine_experts(name, mods, weights, spec, parameters, rank, energy, seed, 
     for e in range(n):
         views = [_expert_view(m, e) if m is not None else None for m in mods]
         parts.append(_combine_module(f"{name}.{e}", views, weights, spec, parameters, rank, energy, seed, dev))
-    r = max(a.shape[0] for a, _, _ in parts)
-    a = torch.stack([torch.nn.functional.pad(pa, (0, 0, 0, r - pa.shape[0])) for pa, _, _ in parts])  # (E, r, in)
-    b = torch.stack([torch.nn.functional.pad(pb, (0, r - pb.shape[1])) for _, pb, _ in parts], dim=2)  # (out, r, E)
-    return (*lora.pack_experts(a, b), min(k for _, _, k in parts))
+    r = max(p[0].shape[0] for p in parts)
+    a = torch.stack([torch.nn.functional.pad(p[0], (0, 0, 0, r - p[0].shape[0])) for p in parts])  # (E, r, in)
+    b = torch.stack([torch.nn.functional.pad(p[1], (0, r - p[1].shape[1])) for p in parts], dim=2)  # (out, r, E)
+    nonzero = [p[3] for p in parts if p[3] is not None]
+    return (*lora.pack_experts(a, b), min(p[2] for p in parts), sum(nonzero) / len(nonzero) if nonzero else None)
 
 
 def _expert_view(m, e: int):
