@@ -122,6 +122,12 @@ def test_cli_reports_quantization_error(runner, tmp_path, nf4_base):
     res = runner.invoke(main, ["merge", str(nf4_base), str(ADAPTERS["llama-lora"]), "-o", str(tmp_path / "h"),
                                "--quantize", "nf4"])
     assert "requantized to 4-bit" in res.stdout and "worst" in res.stdout
+    # --quantize same keeps a 4-bit base 4-bit too: the same files as --quantize nf4
+    res = runner.invoke(main, ["merge", str(nf4_base), str(ADAPTERS["llama-lora"]), "-o", str(tmp_path / "s"),
+                               "--quantize", "same"])
+    assert res.exit_code == 0, res.output
+    nf4, same = load_dir(tmp_path / "h"), load_dir(tmp_path / "s")
+    assert set(nf4) == set(same) and all(torch.equal(nf4[k], same[k]) for k in nf4)
 
 
 @pytest.mark.parametrize("qc,msg", [
