@@ -459,7 +459,7 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
               epilog=EXIT_STATUS)
 @click.argument("source")
 @click.option("--to", "to", required=True, type=LazyChoice(_targets), help="The format to write (below).")
-@click.option("-o", "--output", "out", required=True, help="A folder for --to peft and mlx, a file otherwise.")
+@click.option("-o", "--output", "out", required=True, help="A folder for --to peft, mlx and vllm, a file otherwise.")
 @click.option("--base", default=None, help="The base model: maps kohya names (underscores) back to module names, "
                                            "gives gguf (required) and mlx their model config, and lays the LoRA out "
                                            "as the base stores its projections (split q/k/v LoRA onto Phi-3's fused "
@@ -471,28 +471,33 @@ def merge(base, adapters, out, weights, device, dtype, max_shard_size, quantize,
 @click.option("--outtype", type=click.Choice(["f32", "f16", "bf16"]), default="f32", show_default=True,
               help="Tensor type of a GGUF adapter.")
 @click.option("--prefix", default="lora_te_", show_default=True, help="Name prefix of a kohya output.")
+@click.option("--pad-rank", type=int, default=None,
+              help="For --to vllm: zero-pad every module to this rank (exact), e.g. the one a server runs with.")
 @force_option
 @json_option
-def convert(source, to, out, base, initial, dtype, outtype, prefix, force, as_json):
+def convert(source, to, out, base, initial, dtype, outtype, prefix, pad_rank, force, as_json):
     """Move an adapter between layouts without changing its ΔW.
 
     SOURCE is a PEFT folder (safetensors or legacy .bin), a raw .safetensors file with PEFT names,
     a kohya file (lora_te_/lora_unet_ names, .lora_down/.lora_up/.alpha), an mlx-lm folder, or a Hub
     id. Each module keeps its exact scaling: kohya files get a per-module alpha (rsLoRA and
     rank/alpha patterns included); PEFT folders get rank_pattern/alpha_pattern where modules
-    differ; GGUF (llama.cpp) and MLX outputs hold one alpha or scale, so each module's own scaling
-    is folded into its lora_b. Without a config or alphas, alpha = r is assumed, with a warning.
+    differ; GGUF (llama.cpp), MLX and vLLM outputs hold one alpha or scale, so each module's own
+    scaling is folded into its lora_b (MLX: smaller ranks zero-padded to one, DoRA as mlx-lm's dora,
+    num_layers from --base). Without a config or alphas, alpha = r is assumed, with a warning.
 
     \b
     Examples:
       adaptkit convert fixtures/adapters/llama-lora --to kohya -o out/llama-lora.safetensors
       adaptkit convert out/llama-lora.safetensors --to peft -o out/llama-lora-peft
       adaptkit convert some-kohya.safetensors --to peft --base path/to/base -o out/adapter
+      adaptkit convert fixtures/adapters/llama-rslora-patterns --to vllm -o out/for-vllm
+      adaptkit convert fixtures/adapters/llama-rslora-patterns --to mlx --base fixtures/tiny-llama -o out/mlx
     """
     import adaptkit
 
     result = adaptkit.convert(source, out, to=to, base=base, initial=initial, dtype=dtype, outtype=outtype,
-                              prefix=prefix, force=force, reporter=RichReporter(bars=False))
+                              prefix=prefix, pad_rank=pad_rank, force=force, reporter=RichReporter(bars=False))
     if as_json:
         print_json(result.to_dict())
     else:

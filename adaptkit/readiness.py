@@ -1,12 +1,16 @@
 """Will this adapter load where people serve models? Rules of vLLM, llama.cpp and mlx-lm.
 
-Each check returns the problems found, each with the adaptkit command that fixes it.
-- vLLM rejects ``modules_to_save``, DoRA, ranks above ``max_lora_rank`` (16 by default), LoRA biases
-  and modules outside the linear projections it knows.
+Each check returns the problems found, each with the adaptkit command that fixes it. Where a rule
+rests on a runtime's code, the file and version are named beside it.
+- vLLM rejects ``modules_to_save``, DoRA, ranks above ``max_lora_rank`` (16 by default; it accepts
+  only :data:`VLLM_MAX_RANKS`), LoRA biases and modules outside the linear projections it knows;
+  its ``PEFTHelper`` (vllm/lora/peft_helper.py) applies one scaling, lora_alpha / r, to every
+  module, so per-module scalings (rank_pattern, alpha_pattern) need ``convert --to vllm``.
 - llama.cpp (GGUF) takes Linear LoRA; no DoRA, no ``modules_to_save``, no embedding LoRA, no
   biases (the base's architecture is checked by ``convert --to gguf``, which needs the base).
-- mlx-lm takes Linear LoRA inside numbered layers; no DoRA (from PEFT), ``modules_to_save`` or
-  embedding LoRA.
+- mlx-lm takes Linear LoRA inside numbered layers, DoRA included (mlx-lm 0.32 ``tuner/dora.py``:
+  ``convert --to mlx`` writes ``fine_tune_type: dora``); no ``modules_to_save`` or embedding LoRA;
+  one rank for every module (``convert --to mlx`` pads to it).
 - Activated LoRA (aLoRA): llama-server serves it from a GGUF that carries the invocation tokens;
   vLLM and mlx-lm do not (:data:`ALORA_SUPPORT`, with the sources each verdict rests on).
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from . import lora
 from .adapter import Adapter
 from .errors import AdaptkitError
 
@@ -36,6 +41,14 @@ ALORA_SUPPORT = {
 VLLM_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
                 "gate_up_proj", "dense", "dense_h_to_4h", "dense_4h_to_h", "query_key_value", "c_attn", "c_proj",
                 "c_fc", "fc1", "fc2", "out_proj", "w1", "w2", "w3", "wqkv", "wo", "embed_tokens", "lm_head"}
+
+
+VLLM_MAX_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig.max_lora_rank choices
+
+
+def vllm_rank(r: int) -> int:
+    """The smallest ``--max-lora-rank`` vLLM accepts that holds rank ``r``."""
+    return next((v for v in VLLM_MAX_RANKS if v >= r), r)
 
 
 @dataclass
@@ -65,7 +78,7 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
     merge_fix = f"adaptkit merge BASE {src} -o MERGED  (serve the merged model)"
     if adapter.full_tensors:
         problems.append(Problem("modules_to_save", f"full tensors {', '.join(sorted(adapter.full_tensors))}", merge_fix))
-    if adapter.use_dora:
+    if adapter.use_dora and target != "mlx":
         dora = [m.name for m in mods if m.use_dora]
         problems.append(Problem("dora", f"{len(dora)} DoRA modules (first: {dora[0]})", merge_fix))
     biased = [m.name for m in mods if m.bias_key]
@@ -98,7 +111,15 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
                 "max_lora_rank", f"{len(high)} modules above rank {max_lora_rank} (up to {worst.shape_rank} in "
                 f"{worst.name})", f"adaptkit combine {src} --method linear --rank {max_lora_rank} -o REDUCED  "
                 f"(best rank-{max_lora_rank} approximation, energy kept is reported), or start vLLM with "
-                f"--max-lora-rank {max(m.shape_rank for m in high)}"))
+                f"--max-lora-rank {vllm_rank(max(m.shape_rank for m in high))}"))
+        own = lora.scaling(adapter.lora_alpha, adapter.r, adapter.use_rslora)  # what PEFTHelper applies
+        off = [m for m in mods if m.kind == "linear" and not m.param and abs(m.scaling - own) > 1e-12 * abs(own)]
+        if off:
+            problems.append(Problem(
+                "scaling", f"vLLM applies one scaling, lora_alpha / r = {own:g}, to every module (its PEFTHelper "
+                f"reads r, lora_alpha and use_rslora only); {len(off)} modules have another (first: {off[0].name}, "
+                f"{off[0].scaling:g})", f"adaptkit convert {src} --to vllm -o VLLM  (each module's scaling folded "
+                "into its lora_B, exact)"))
         odd = sorted({m.name.rsplit(".", 1)[-1] for m in mods} - VLLM_MODULES)
         if odd:
             problems.append(Problem("target_modules", f"modules vLLM does not adapt: {', '.join(odd)}", merge_fix))

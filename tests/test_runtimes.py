@@ -1,13 +1,14 @@
 """GGUF (llama.cpp) and MLX exports, and the readiness checks for vLLM, llama.cpp and mlx-lm."""
 
 import json
+import shutil
 
 import pytest
 import torch
-from helpers import ADAPTERS, TINY_LLAMA, peft_deltas
+from helpers import ADAPTERS, TINY_LLAMA, load_dir, peft_deltas
 from safetensors.torch import load_file
 
-from adaptkit import convert, load_adapter
+from adaptkit import convert, load_adapter, merge
 from adaptkit.cli import main
 from adaptkit.formats.gguf import permute_rows, read_gguf_deltas, unpermute_rows
 
@@ -80,10 +81,11 @@ def test_mlx_round_trip_and_layout(tmp_path, name):
     assert "self_attn.q_proj" in cfg["lora_parameters"]["keys"]
     t = load_file(out / "adapters.safetensors")
     a = load_adapter(ADAPTERS[name])
-    scale = cfg["lora_parameters"]["scale"]
+    scale, rank = cfg["lora_parameters"]["scale"], cfg["lora_parameters"]["rank"]
+    assert rank == max(m.shape_rank for m in a.modules.values())  # one rank: mlx-lm refuses any other
     for m in a.modules.values():
         la, lb = t[f"{m.name}.lora_a"], t[f"{m.name}.lora_b"]
-        assert la.shape == (m.in_features, m.shape_rank) and lb.shape == (m.shape_rank, m.out_features)
+        assert la.shape == (m.in_features, rank) and lb.shape == (rank, m.out_features)  # smaller ones zero-padded
         # mlx-lm's forward: x @ lora_a @ lora_b * scale == (ΔW x)ᵀ
         assert torch.allclose(scale * (la @ lb), m.delta().T, atol=1e-6), m.name
     convert(out, tmp_path / "back", to="peft")
@@ -106,8 +108,15 @@ def test_checks_report_each_rule(runner, tmp_path):
     code, checks = run("llama-lora", "vllm", rank=4)
     assert code == 1 and checks["vllm"]["problems"][0]["rule"] == "max_lora_rank"
     assert "--rank 4" in checks["vllm"]["problems"][0]["fix"]
+    assert "--max-lora-rank 8" in checks["vllm"]["problems"][0]["fix"]  # a value vLLM accepts
+    code, checks = run("llama-lora", "vllm", rank=2)
+    assert "--max-lora-rank 8" in checks["vllm"]["problems"][0]["fix"]
     code, checks = run("llama-dora", "vllm", "llamacpp", "mlx")
-    assert code == 1 and all(any(p["rule"] == "dora" for p in c["problems"]) for c in checks.values())
+    assert code == 1 and all(any(p["rule"] == "dora" for p in checks[t]["problems"]) for t in ("vllm", "llamacpp"))
+    assert checks["mlx"]["ok"]  # mlx-lm's dora (convert --to mlx writes it)
+    code, checks = run("llama-rslora-patterns", "vllm", "mlx")  # vLLM applies one lora_alpha / r to all
+    assert code == 1 and [p["rule"] for p in checks["vllm"]["problems"]] == ["scaling"] and checks["mlx"]["ok"]
+    assert "--to vllm" in checks["vllm"]["problems"][0]["fix"]
     code, checks = run("llama-embed-mts", "vllm", "llamacpp")
     assert any(p["rule"] == "modules_to_save" for p in checks["vllm"]["problems"])
     assert any(p["rule"] == "embedding" for p in checks["llamacpp"]["problems"])
@@ -122,3 +131,117 @@ def test_rank_reduction_fix_makes_vllm_happy(runner, tmp_path):
     combine([ADAPTERS["llama-lora"]], tmp_path / "r4", method="linear", rank=4)
     assert check(load_adapter(tmp_path / "r4"), "vllm", max_lora_rank=4).ok
     assert not check(load_adapter(ADAPTERS["llama-lora"]), "vllm", max_lora_rank=4).ok
+
+
+def _vllm_like_deltas(folder):
+    """ΔW per module as vLLM computes it: one scaling from r, lora_alpha and use_rslora (its
+    PEFTHelper), rank_pattern and alpha_pattern ignored."""
+    import math
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    s = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
+    t = load_file(folder / "adapter_model.safetensors")
+    out = {}
+    for key in t:
+        if key.endswith(".lora_A.weight"):
+            mod = key[len("base_model.model."): -len(".lora_A.weight")]
+            out[mod] = s * (t[key.replace("lora_A", "lora_B")].double() @ t[key].double())
+    return out
+
+
+def test_vllm_export_is_exact_under_one_scaling(runner, tmp_path):
+    from helpers import peft_deltas
+
+    src = ADAPTERS["llama-rslora-patterns"]
+    want = {n: d.double() for n, d in peft_deltas(TINY_LLAMA, src).items()}
+    wrong = _vllm_like_deltas(src)  # what vLLM makes of the PEFT folder itself: scaled wrongly
+    assert max(float((wrong[n] - want[n]).norm() / want[n].norm()) for n in want) > 0.1
+    res = runner.invoke(main, ["convert", str(src), "--to", "vllm", "-o", str(tmp_path / "v")])
+    assert res.exit_code == 0, res.output
+    got = _vllm_like_deltas(tmp_path / "v")
+    assert set(got) == set(want)
+    for n in want:
+        assert torch.allclose(got[n], want[n], atol=1e-7, rtol=1e-6), n
+    from adaptkit.readiness import check
+
+    assert check(load_adapter(tmp_path / "v"), "vllm").ok
+    res = runner.invoke(main, ["convert", str(src), "--to", "vllm", "-o", str(tmp_path / "p"), "--pad-rank", "16"])
+    assert res.exit_code == 0, res.output
+    t = load_file(tmp_path / "p" / "adapter_model.safetensors")
+    assert {v.shape[0] for k, v in t.items() if "lora_A" in k} == {16}
+    assert all(torch.allclose(d, want[n], atol=1e-7, rtol=1e-6) for n, d in _vllm_like_deltas(tmp_path / "p").items())
+    for args, needle in ((["--pad-rank", "2"], "below the adapter's largest rank 8"),
+                         (["--to", "peft", "--pad-rank", "16"], "--pad-rank"),):
+        to = [] if "--to" in args else ["--to", "vllm"]
+        res = runner.invoke(main, ["convert", str(src), *to, *args, "-o", str(tmp_path / "x")])
+        assert res.exit_code == 2 and needle in res.stderr, res.stderr
+    for name, rule in (("llama-dora", "dora"), ("llama-embed-mts", "modules_to_save")):
+        res = runner.invoke(main, ["convert", str(ADAPTERS[name]), "--to", "vllm", "-o", str(tmp_path / name)])
+        assert res.exit_code == 2 and rule in res.stderr and not (tmp_path / name).exists()
+
+
+def test_mlx_export_dora_and_num_layers(runner, tmp_path):
+    res = runner.invoke(main, ["convert", str(ADAPTERS["llama-lora"]), "--to", "mlx", "-o", str(tmp_path / "nb")])
+    if (TINY_LLAMA / "config.json").exists() and res.exit_code == 0:  # the adapter's own base_model was found
+        assert json.loads((tmp_path / "nb" / "adapter_config.json").read_text())["num_layers"] == 2
+    nobase = tmp_path / "nobase"
+    shutil.copytree(ADAPTERS["llama-lora"], nobase)
+    cfg = json.loads((nobase / "adapter_config.json").read_text())
+    (nobase / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": None}))
+    res = runner.invoke(main, ["convert", str(nobase), "--to", "mlx", "-o", str(tmp_path / "m")])
+    assert res.exit_code == 2 and "base model" in res.stderr and not (tmp_path / "m").exists()
+    convert(ADAPTERS["llama-dora"], tmp_path / "d", to="mlx", base=TINY_LLAMA)
+    cfg = json.loads((tmp_path / "d" / "adapter_config.json").read_text())
+    assert cfg["fine_tune_type"] == "dora"
+    t = load_file(tmp_path / "d" / "adapters.safetensors")
+    a = load_adapter(ADAPTERS["llama-dora"])
+    for m in a.modules.values():
+        assert torch.equal(t[f"{m.name}.m"], m.magnitude.float()), m.name
+    back = load_adapter(tmp_path / "d")  # mlx → adaptkit: DoRA kept, the same merge
+    assert all(back.modules[n].use_dora for n in a.modules)
+    merge(TINY_LLAMA, ADAPTERS["llama-dora"], tmp_path / "m1", dtype="float32")
+    merge(TINY_LLAMA, tmp_path / "d", tmp_path / "m2", dtype="float32")
+    m1, m2 = load_dir(tmp_path / "m1"), load_dir(tmp_path / "m2")
+    assert all(torch.allclose(m1[k], m2[k], atol=1e-6) for k in m1)
+
+
+@pytest.fixture(scope="module")
+def mlx_base(tmp_path_factory):
+    """A tiny fp32 Llama mlx-lm can load (its rope_theta at the top level, as mlx-lm reads it)."""
+    pytest.importorskip("mlx_lm")
+    from fixtures import build
+
+    path = tmp_path_factory.mktemp("mlx") / "llama32"
+    build.build_model(build.llama_config(), path, dtype=torch.float32)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.setdefault("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize("name", ["llama-lora", "llama-rslora-patterns", "llama-dora"])
+def test_mlx_lm_itself_computes_what_peft_does(tmp_path, mlx_base, name):
+    """The real runtime (mlx-lm on the CPU): mlx_lm loads every export, and its logits match peft's
+    unmerged model within mlx-lm's own base-vs-base noise."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model
+    from peft import PeftModel
+
+    from fixtures import build
+
+    out = tmp_path / "mlx"
+    convert(ADAPTERS[name], out, to="mlx", base=mlx_base)
+    ids = np.random.default_rng(0).integers(3, 250, size=(1, 12))
+    base_mlx, _ = load_model(mlx_base)
+    base_logits = np.array(base_mlx(mx.array(ids)).astype(mx.float32))
+    adapted = load_adapters(load_model(mlx_base)[0], str(out))
+    got = np.array(adapted(mx.array(ids)).astype(mx.float32))
+    with torch.no_grad():
+        plain = build.load_model(mlx_base)(torch.tensor(ids)).logits.numpy()
+        want = PeftModel.from_pretrained(build.load_model(mlx_base), ADAPTERS[name]).eval()(torch.tensor(ids)).logits.numpy()
+    noise = float(np.abs(base_logits - plain).max())  # mlx-lm against transformers, no adapter
+    err, effect = float(np.abs(got - want).max()), float(np.abs(want - plain).max())
+    print(f"\nmlx-lm {name}: max |Δlogits| vs peft {err:.2e}, base vs base {noise:.2e}, the adapter's effect {effect:.2e}")
+    assert err <= max(10 * noise, 1e-4) and effect > 100 * err, (err, noise, effect)

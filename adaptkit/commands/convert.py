@@ -44,7 +44,8 @@ class ConvertResult:
 
 
 def convert(source, out, *, to: str, base=None, initial=None, dtype=None, outtype: str = "f32",
-            prefix: str = DEFAULT_PREFIX, force: bool = False, reporter: Reporter | None = None) -> ConvertResult:
+            prefix: str = DEFAULT_PREFIX, pad_rank: int | None = None, force: bool = False,
+            reporter: Reporter | None = None) -> ConvertResult:
     """Write the adapter ``source`` in another layout at ``out``, its ΔW unchanged.
 
     Args:
@@ -67,6 +68,8 @@ def convert(source, out, *, to: str, base=None, initial=None, dtype=None, outtyp
             ``path_initial_model_for_weight_conversion``).
         outtype: tensor type of a GGUF adapter: ``f32``, ``f16`` or ``bf16``.
         prefix: the kohya name prefix (``lora_te_``, ``lora_unet_``…).
+        pad_rank: for ``vllm``, zero-pad every module to this rank (exact; e.g. the one rank a
+            multi-LoRA server is started with).
         force: replace an existing ``out``.
         reporter: receives warnings.
 
@@ -112,10 +115,10 @@ def convert(source, out, *, to: str, base=None, initial=None, dtype=None, outtyp
             inputs.append(guess)
         elif target.base == "required":
             raise AdaptkitError(f"{to} needs the base model's config: give base", adapter.path)
-        else:
-            report.warn("no base model: mlx-lm's num_layers set to the adapter's last layer + 1 (give the base "
-                        "if the model has more layers)")
-    options = dict(dtype=torch_dtype, prefix=prefix, outtype=outtype,
+    if pad_rank is not None and (to != "vllm" or isinstance(pad_rank, bool) or not isinstance(pad_rank, int)
+                                 or pad_rank < 1):
+        raise AdaptkitError("is a positive rank, for to='vllm'", param="pad_rank")
+    options = dict(dtype=torch_dtype, prefix=prefix, outtype=outtype, pad_rank=pad_rank,
                    base_config=base_ck.config if base_ck is not None else None,
                    base_path=base_ck.path if base_ck is not None else None)
     if target.suffix is None:

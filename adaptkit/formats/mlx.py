@@ -3,8 +3,13 @@
 mlx-lm's LoRALinear computes y = W·x + scale · (x @ lora_a) @ lora_b with lora_a (in × r) and
 lora_b (r × out), the transposes of PEFT's A and B, and one absolute ``scale`` in
 ``lora_parameters`` (no alpha). Each module's own scaling sₘ is folded into its lora_b so one scale
-is exact: lora_b = (sₘ / scale) · Bᵀ. LoRA goes on the last ``num_layers`` layers for the ``keys``
-listed (module paths inside a layer); weights it finds no tensor for start at zero (no change).
+is exact: lora_b = (sₘ / scale) · Bᵀ. mlx-lm builds every LoRA layer with the one ``rank`` of the
+config and refuses a tensor of another shape (mlx-lm 0.32, ``tuner/utils.py`` ``load_adapters``):
+modules of a smaller rank are padded with zeros, which adds nothing to ΔW. LoRA goes on the last
+``num_layers`` layers for the ``keys`` listed (module paths inside a layer), so ``num_layers`` must be
+the model's layer count (from the base's config; never guessed); weights it finds no tensor for
+start at zero (no change). DoRA is mlx-lm's ``fine_tune_type: dora`` (``tuner/dora.py``: the
+magnitude ``m`` over ‖W + scale·lora_bᵀ·lora_aᵀ‖ per output row, peft's formula).
 """
 
 from __future__ import annotations
@@ -38,31 +43,51 @@ def is_mlx_dir(path: Path) -> bool:
         return False
 
 
+def layer_count(config: dict | None) -> int | None:
+    """The model's layer count, from its config (a multimodal model's ``text_config`` too)."""
+    for cfg in (config or {}, (config or {}).get("text_config") or {}):
+        n = cfg.get("num_hidden_layers") if isinstance(cfg, dict) else None
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
+
+
 def write(adapter: Adapter, out: Path, *, base_config: dict | None = None, **_) -> dict:
-    """``adapters.safetensors`` + ``adapter_config.json`` as mlx-lm reads them. mlx-lm adapts the last
-    ``num_layers`` layers: the base's layer count when its config is given, else the adapter's last
-    layer + 1."""
-    num_layers = int((base_config or {}).get("num_hidden_layers", 0) or 0) or None
+    """``adapters.safetensors`` + ``adapter_config.json`` as mlx-lm reads them: one rank (smaller ones
+    zero-padded), one scale (folded into lora_b), DoRA as ``dora``, ``num_layers`` the base's layer
+    count (mlx-lm adapts the last ``num_layers`` layers)."""
     from safetensors.torch import save_file
 
     from ..readiness import require
 
     require(adapter, "mlx")  # Linear LoRA inside numbered layers only
+    num_layers = layer_count(base_config)
+    if num_layers is None:
+        raise AdaptkitError("mlx-lm adapts the last num_layers layers of the model: give the base (its config.json "
+                            "says how many layers it has; adaptkit does not guess it)", adapter.path)
     mods = list(adapter.modules.values())
+    dora = {m.use_dora for m in mods}
+    if len(dora) > 1:
+        raise AdaptkitError("some modules use DoRA and some do not: mlx-lm's fine_tune_type is one for all",
+                            adapter.path)
+    dora = dora.pop()
     scale = Counter(m.scaling for m in mods).most_common(1)[0][0]
-    tensors, keys, layers = {}, set(), []
+    rank = max(m.shape_rank for m in mods)
+    tensors, keys = {}, set()
     for m in mods:
         match = _LAYER.match(m.name)
         keys.add(match["key"])
-        layers.append(int(match["i"]))
-        tensors[f"{m.name}.lora_a"] = m.A.to(torch.float32).T.contiguous()
-        tensors[f"{m.name}.lora_b"] = lora.fold(m.B.to(torch.float32).T, m.scaling, scale).contiguous()
-    # mlx-lm adapts the last num_layers layers: the model's layer count covers every layer
-    n = num_layers or (max(layers) + 1)
+        if int(match["i"]) >= num_layers:
+            raise AdaptkitError(f"{m.name} is beyond the base's {num_layers} layers", adapter.path)
+        pad = rank - m.shape_rank  # zero rows of A, columns of B: B·A is unchanged
+        tensors[f"{m.name}.lora_a"] = torch.nn.functional.pad(m.A.to(torch.float32).T, (0, pad)).contiguous()
+        tensors[f"{m.name}.lora_b"] = torch.nn.functional.pad(
+            lora.fold(m.B.to(torch.float32).T, m.scaling, scale), (0, 0, 0, pad)).contiguous()
+        if dora:
+            tensors[f"{m.name}.m"] = m.magnitude.to(torch.float32).contiguous()
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "mlx"})
-    rank = Counter(m.shape_rank for m in mods).most_common(1)[0][0]
-    config = {"fine_tune_type": "lora", "num_layers": n,
+    config = {"fine_tune_type": "dora" if dora else "lora", "num_layers": num_layers,
               "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": sorted(keys)},
               "base_model_name_or_path": adapter.config.get("base_model_name_or_path")}
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -73,8 +98,8 @@ def read(path: Path, base_names=None) -> Adapter:
     """An mlx-lm adapter folder."""
     config = read_json(path / CONFIG, "adapter config")
     ftype = config.get("fine_tune_type", "lora")
-    if ftype != "lora":
-        raise AdaptkitError(f"mlx-lm fine_tune_type {ftype!r} is not supported (LoRA only)", path / CONFIG)
+    if ftype not in ("lora", "dora"):
+        raise AdaptkitError(f"mlx-lm fine_tune_type {ftype!r} is not supported (lora and dora)", path / CONFIG)
     params = config.get("lora_parameters") or {}
     scale = params.get("scale", 20.0) if isinstance(params, dict) else None  # 20: mlx-lm's default scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -92,6 +117,12 @@ def read(path: Path, base_names=None) -> Adapter:
             tensors[f"{mod}.lora_A.weight"] = a
             tensors[f"{mod}.lora_B.weight"] = b
             alphas[mod] = scale * a.shape[0]  # scaling = alpha / r = scale
+            if ftype == "dora":
+                if mod + ".m" not in source.keys():
+                    raise AdaptkitError(f"{mod}: a DoRA module without its magnitude m", path / WEIGHTS)
+                tensors[f"{mod}.lora_magnitude_vector"] = source.get(mod + ".m")
+        elif key.endswith(".m") and ftype == "dora":
+            continue
         elif not key.endswith(".lora_b"):
             raise AdaptkitError(f"unexpected tensor {key!r} in an mlx-lm adapter", path / WEIGHTS)
     cfg = {"peft_type": "LORA", "base_model_name_or_path": config.get("base_model_name_or_path")}
