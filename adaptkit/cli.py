@@ -178,8 +178,7 @@ def _plots_ready(path, param: str = "report") -> None:
     if path:
         from . import plots
 
-        plots._matplotlib()
-        plots.check_path(path, param)
+        plots.ready(path, param)
 
 
 def json_option(f):

@@ -260,6 +260,13 @@ def _finish(fig, path, title: str, rows=None):
     return fig
 
 
+def ready(path, param: str = "plot") -> Path:
+    """Refuse, before any work, a plot that cannot be written: the extra missing, or a path that
+    does not end in one of :data:`FORMATS`."""
+    _matplotlib()
+    return check_path(path, param)
+
+
 def check_path(path, param: str = "plot") -> Path:
     """A plot's path, refused (one line) unless it ends in one of :data:`FORMATS`."""
     path = Path(path)
