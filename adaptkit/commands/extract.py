@@ -412,9 +412,11 @@ def _assemble(plan: _Plan, results: dict, base: Checkpoint, ft: Checkpoint, rank
     for module in saved_modules:  # a module saved whole carries every change of its own
         factors.pop(module, None)
         biases.pop(module, None)
-    # peft's lora_bias is one flag for every LoRA module, and cannot merge into a layer without a bias
+    # peft's lora_bias is one flag for every LoRA module; it cannot merge into a layer without a bias,
+    # and peft refuses it on embedding LoRAs
     orphan = sorted(m for m in biases if m not in factors)
-    lacking = [m for m in factors if factors[m][3] == "lora" and m + ".bias" not in {p.memory for p in by_module[m]}]
+    lacking = [m for m in factors if factors[m][3] == "embedding"
+               or m + ".bias" not in {p.memory for p in by_module[m]}]
     if biases and (orphan or lacking):
         moved = sorted(biases)
         for module in moved:
