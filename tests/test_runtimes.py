@@ -58,6 +58,18 @@ def test_gguf_permutation_round_trips():
     assert torch.equal(p[:16][0::2], head[:8]) and torch.equal(p[:16][1::2], head[8:])
 
 
+def test_gguf_base_config_without_architectures(tmp_path):
+    """A base whose config.json has no ``architectures``: its model_type says what it is."""
+    bare = tmp_path / "base"
+    shutil.copytree(TINY_LLAMA, bare)
+    cfg = json.loads((bare / "config.json").read_text())
+    cfg.pop("architectures", None)
+    (bare / "config.json").write_text(json.dumps(cfg))
+    convert(ADAPTERS["llama-lora"], tmp_path / "a.gguf", to="gguf", base=TINY_LLAMA)
+    convert(ADAPTERS["llama-lora"], tmp_path / "b.gguf", to="gguf", base=bare)
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
 def test_gguf_refusals(runner, tmp_path):
     res = runner.invoke(main, ["convert", str(ADAPTERS["llama-dora"]), "--to", "gguf", "--base", str(TINY_LLAMA),
                                "-o", str(tmp_path / "d.gguf")])

@@ -44,8 +44,14 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM"}
+
+
 def base_architecture(config: dict, path) -> tuple[str, bool]:
-    arch = (config.get("architectures") or [None])[0]
+    """The gguf architecture of a base config and whether its q/k rows are permuted; a config
+    without ``architectures`` is told by its ``model_type``."""
+    arch = (config.get("architectures") or [None])[0] or MODEL_TYPES.get(str(config.get("model_type")))
     if arch not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise AdaptkitError(f"GGUF export supports {supported}; the base is {arch or 'of unknown architecture'}", path)
