@@ -106,24 +106,28 @@ def _canonical(t: torch.Tensor, transposed: bool) -> torch.Tensor:
     return t.T if transposed else t
 
 
-def _expected(w: torch.Tensor, ops, x: torch.Tensor | None, transposed: bool) -> tuple[torch.Tensor, str]:
-    """Base + adapters, fp64, canonical (out, in) orientation, written from the factors: applied to
-    probes x (columns), or, with ``x`` None, the merged weight itself."""
+def _expected(w: torch.Tensor, ops, x: torch.Tensor | None, transposed: bool,
+              wx: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+    """Base + adapters in ``w``'s dtype (fp64, or fp32 for 16-bit outputs), canonical (out, in)
+    orientation, written from the factors: applied to probes x (columns), or, with ``x`` None, the
+    merged weight itself. ``wx``: W·x when the caller has it already."""
+    dt = w.dtype
+
     def on(t):
         return t if x is None else t @ x
 
     kind = "lora"
     cur = w
-    y = on(cur)
+    y = wx if wx is not None else on(cur)
     ref_w = w  # DoRA norms are taken on the weight before any adapter (as peft does)
     for op in ops:
         if op.kind == "replace":
-            cur = _canonical(op.adapter.source.get(op.key).double(), transposed)
+            cur = _canonical(op.adapter.source.get(op.key).to(dt), transposed)
             ref_w, y = cur, on(cur)
             kind = "replace"
             continue
         m = op.module
-        a, b = m.A.double(), op.part_of(m.B).double()  # a split base's part: its rows of B
+        a, b = m.A.to(dt), op.part_of(m.B).to(dt)  # a split base's part: its rows of B
         s = m.scaling * op.weight
         dx = s * (b @ on(a))
         y = y.clone()
@@ -133,7 +137,7 @@ def _expected(w: torch.Tensor, ops, x: torch.Tensor | None, transposed: bool) ->
             # ‖W + ΔW‖² per row = ‖W‖² + 2 s (W Aᵀ)·B + s² B (A Aᵀ) Bᵀ, from the factors
             wr = op.window(_canonical(ref_w, op.transposed))
             norm2 = (wr * wr).sum(1) + 2 * s * ((wr @ a.T) * b).sum(1) + s * s * ((b @ (a @ a.T)) * b).sum(1)
-            factor = op.part_of(m.magnitude).double() / norm2.clamp(min=0).sqrt()
+            factor = op.part_of(m.magnitude).to(dt) / norm2.clamp(min=0).sqrt()
             rows.copy_(factor[:, None] * (rows + dx))
         else:
             rows.add_(dx)
@@ -169,7 +173,7 @@ def _four_bit_noise(exact: torch.Tensor, like, x: torch.Tensor, double: bool, st
     stored = _canonical(exact, transposed).float()
     packed, comps = quantize(stored, like, double, storage)
     diff = dequantize(packed, comps, "cpu").double() - stored.double()
-    return float((_canonical(diff, transposed) @ x).norm())
+    return float((_canonical(diff, transposed) @ x.double()).norm())
 
 
 def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, weights=None,
@@ -245,10 +249,14 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
             checks.append(ModuleCheck(job.name, kind, err, allowed, noise, err <= allowed))
             continue
         transposed = lora_ops[0].transposed
-        w = _canonical(src.double(), transposed)
-        wm = _canonical(got.double(), transposed)
-        x = torch.randn(w.shape[1], PROBES, generator=gen, dtype=torch.float64)
-        y_exp, kind = _expected(w, job.ops, x, transposed)
+        # the probe products in fp64 where the output is fp32 (its rounding noise is fp32's); for a
+        # 16-bit output fp32 products are a thousand times finer than its noise, at a quarter of the cost
+        cdt = torch.float64 if got.dtype in (torch.float32, torch.float64) else torch.float32
+        w = _canonical(src.to(cdt), transposed)
+        wm = _canonical(got.to(cdt), transposed)
+        x = torch.randn(w.shape[1], PROBES, generator=gen, dtype=torch.float64).to(cdt)
+        wx = w @ x
+        y_exp, kind = _expected(w, job.ops, x, transposed, wx=wx)
         y_got = wm @ x
         norm = y_exp.norm().clamp(min=1e-30)
         err = float((y_got - y_exp).norm() / norm)
@@ -265,7 +273,7 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
         allowed = tolerance if tolerance is not None else max(ROUNDING_FACTOR * noise, 1e-6)
         if job.name in merged_q and tolerance is None:
             allowed = max(1.05 * noise, 1e-6)  # the same quantizer on the same weight: at most a hair above
-        effect = float((y_exp - w @ x).norm() / norm)
+        effect = float((y_exp - wx).norm() / norm)
         if effect < noise and not note:
             note = "the adapter's effect is below the output dtype's rounding noise"
         if err > allowed and job.source in base_q and job.name not in merged_q:
