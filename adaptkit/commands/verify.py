@@ -223,18 +223,7 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
             checks.append(_check_scaled(job, src, got, merged_q[job.name], tolerance))
             continue
         if not lora_ops:  # modules_to_save, trainable token rows or a LoRA bias: compared in full
-            exp = src.double()
-            for op in job.ops:
-                if op.kind == "replace":
-                    exp = op.adapter.source.get(op.key).double()
-                elif op.kind == "rows":
-                    exp = exp.clone()
-                    exp[op.rows] = op.adapter.source.get(op.key).double()
-                elif op.kind == "bias":
-                    exp = exp.clone()
-                    op.window(exp).add_(op.part_of(op.module.lora_bias).double() * (op.module.scaling * op.weight))
-                elif op.kind == "experts":
-                    exp = exp + _expert_expected(op)
+            exp = _exact(job, src)
             err = float((got.double() - exp).norm() / exp.norm().clamp(min=1e-30))
             if exp.dim() == 3:  # a fused expert tensor: each expert on its own scale, so one cannot hide
                 err = max(err, *(float((got.double()[e] - exp[e]).norm() / exp[e].norm().clamp(min=1e-30))
