@@ -11,16 +11,14 @@ equal weights), next to the best possible rank-16 error (Eckart–Young).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import sys
-from pathlib import Path
 
 import torch
 
-from common import ROOT, SHAPES, build_adapter, build_base, run
+from common import ROOT, SHAPES, build_adapter, build_base, parser, run
 
 PEFT_SCRIPT = r"""
 import sys, time, json, torch
@@ -70,12 +68,8 @@ def quality(adapters, ours, peft_out, peft_ab, modules):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=SHAPES, default="tinyllama")
+    ap = parser(__doc__, "tinyllama", "cpu")
     ap.add_argument("--layers", type=int, default=None, help="adapt only the first N layers (quicker on a CPU)")
-    ap.add_argument("--workdir", type=Path, default=ROOT / "bench-work")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
     s = SHAPES[args.shape]
     work = args.workdir / args.shape

@@ -168,6 +168,24 @@ def build_adapter(path: Path, s: dict, r: int = 16, seed: int = 1, layers=None):
         "bias": "none", "task_type": "CAUSAL_LM", "base_model_name_or_path": "base"}))
 
 
+def parser(doc: str, shape: str, device: str):
+    """The options every benchmark takes: --shape, --workdir, --device, --json-out."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=SHAPES, default=shape)
+    ap.add_argument("--workdir", type=Path, default=ROOT / "bench-work")
+    ap.add_argument("--device", default=device)
+    ap.add_argument("--json-out", type=Path)
+    return ap
+
+
+def child_env() -> dict:
+    """The environment of each measured process: this checkout importable, one shared bytecode cache."""
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "PYTHONPYCACHEPREFIX": os.environ.get("PYTHONPYCACHEPREFIX", "/tmp/pycache")}
+
+
 def evict(*paths: Path):
     """Drop folders' pages from the page cache (no root needed): every run starts cold."""
     os.sync()

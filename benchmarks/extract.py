@@ -17,9 +17,7 @@ full-rank perturbation and a rank-8 component, everything else unchanged. Then, 
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, SHAPES, TARGETS, evict, model_config, run, tensor_shapes
+from common import SHAPES, TARGETS, child_env, evict, model_config, parser, run, tensor_shapes
 
 RANK = 16
 
@@ -94,15 +92,11 @@ def quality(base: Path, ft: Path, adapters: dict[str, Path], sample: int) -> dic
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=SHAPES, default="tinyllama")
-    ap.add_argument("--workdir", type=Path, default=ROOT / "bench-work")
-    ap.add_argument("--device", default="cpu")
+    ap = parser(__doc__, "tinyllama", "cpu")
     ap.add_argument("--mergekit", default=shutil.which("mergekit-extract-lora"),
                     help="The mergekit-extract-lora executable (default: on PATH).")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--sample", type=int, default=14, help="Modules whose error is compared with the optimum.")
-    ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
     s = SHAPES[args.shape]
     work = args.workdir / f"{args.shape}-extract"
@@ -111,8 +105,7 @@ def main():
         t0 = time.perf_counter()
         build_pair(base, ft, s, args.device)
         print(f"built {args.shape} base and fine-tune in {time.perf_counter() - t0:.1f} s", flush=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PYTHONPYCACHEPREFIX": os.environ.get("PYTHONPYCACHEPREFIX", "/tmp/pycache")}
+    env = child_env()
     bytes_read = sum(p.stat().st_size for f in (base, ft) for p in f.glob("*.safetensors"))
     res = {"shape": args.shape, "device": args.device, "bytes_read": bytes_read,
            "read_floor_s": min(read_floor(base, ft) for _ in range(2))}

@@ -14,7 +14,6 @@ Peak RSS of each child comes from wait4. Prints a table and writes JSON (--json-
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, SHAPES, build_adapter, build_base, disk_bandwidth, evict, run
+from common import ROOT, SHAPES, build_adapter, build_base, disk_bandwidth, evict, parser, run
 
 PEFT_SCRIPT = r"""
 import sys, time, json, torch
@@ -65,12 +64,8 @@ def compare(out_a: Path, out_b: Path, names: list[str]) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=SHAPES, default="tinyllama")
-    ap.add_argument("--workdir", type=Path, default=ROOT / "bench-work")
-    ap.add_argument("--device", default="cpu")
+    ap = parser(__doc__, "tinyllama", "cpu")
     ap.add_argument("--skip-peft", action="store_true")
-    ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
     s = SHAPES[args.shape]
     work = args.workdir / args.shape

@@ -19,9 +19,7 @@ transformers' Fp8Quantize) and an r=16 all-linear adapter, then measures in one 
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -29,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, SHAPES, TARGETS, build_adapter, disk_bandwidth, evict, llama_config, run, tensor_shapes
+from common import (ROOT, SHAPES, TARGETS, build_adapter, child_env, disk_bandwidth, evict, llama_config, parser,
+                    run, tensor_shapes)
 
 BLOCK = (128, 128)
 
@@ -137,11 +136,7 @@ print(json.dumps({"seconds": time.perf_counter() - t0}))
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=SHAPES, default="llama7b")
-    ap.add_argument("--workdir", type=Path, default=ROOT / "bench-work")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--json-out", type=Path)
+    ap = parser(__doc__, "llama7b", "cuda")
     ap.add_argument("--skip-peer", action="store_true", help="Leave out the transformers + peft dense merge.")
     args = ap.parse_args()
     s = SHAPES[args.shape]
@@ -152,8 +147,7 @@ def main():
         build_fp8_base(base, s, args.device)
         build_adapter(adapter, s)
         print(f"built FP8 {args.shape} in {time.perf_counter() - t0:.1f} s", flush=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PYTHONPYCACHEPREFIX": os.environ.get("PYTHONPYCACHEPREFIX", "/tmp/pycache")}
+    env = child_env()
     run([sys.executable, "-c", "import torch, transformers, peft, adaptkit.commands.merge"], env=env)  # warm caches
     base_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     read_bw, write_bw = disk_bandwidth(work)

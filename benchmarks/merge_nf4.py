@@ -18,9 +18,7 @@ all-linear adapter, then measures in one run:
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -28,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, SHAPES, TARGETS, build_adapter, disk_bandwidth, evict, llama_config, run, tensor_shapes
+from common import (ROOT, SHAPES, TARGETS, build_adapter, child_env, disk_bandwidth, evict, llama_config, parser,
+                    run, tensor_shapes)
 
 
 def build_nf4_base(path: Path, s: dict, device: str, shard_gb: float = 2.0):
@@ -132,11 +131,7 @@ torch.cuda.synchronize() if torch.cuda.is_available() else None
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=SHAPES, default="llama7b")
-    ap.add_argument("--workdir", type=Path, default=ROOT / "bench-work")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--json-out", type=Path)
+    ap = parser(__doc__, "llama7b", "cuda")
     ap.add_argument("--skip-peft", action="store_true", help="Measure adaptkit only.")
     args = ap.parse_args()
     s = SHAPES[args.shape]
@@ -147,8 +142,7 @@ def main():
         build_nf4_base(base, s, args.device)
         build_adapter(adapter, s)
         print(f"built NF4 {args.shape} in {time.perf_counter() - t0:.1f} s", flush=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PYTHONPYCACHEPREFIX": os.environ.get("PYTHONPYCACHEPREFIX", "/tmp/pycache")}
+    env = child_env()
     # compile-and-cache the imports once (bitsandbytes pulls in torch._dynamo): every step below
     # then starts as it would on a machine that has run Python before
     run([sys.executable, "-c", "import torch, bitsandbytes.functional, transformers, peft, adaptkit.merge"], env=env)
