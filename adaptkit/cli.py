@@ -181,6 +181,18 @@ def _plots_ready(path, param: str = "report") -> None:
         plots.ready(path, param)
 
 
+def _reported(result, report_file, draw: str, as_json: bool) -> bool:
+    """Draw ``--report`` with ``adaptkit.plots.<draw>`` and print ``--json``; True when the JSON was
+    printed (nothing else is rendered then)."""
+    if report_file:
+        from . import plots
+
+        getattr(plots, draw)(result, report_file)
+    if as_json:
+        print_json(result.to_dict())
+    return as_json
+
+
 def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")(f)
 
@@ -558,12 +570,7 @@ def combine(adapters, method, weights, weights_csv, density, majority_sign, rank
                                   majority_sign=majority_sign, rank=rank, energy=energy, seed=seed, device=device,
                                   base=base, dtype=dtype, max_shard_size=max_shard_size, force=force,
                                   reporter=reporter)
-    if report_file:
-        from . import plots
-
-        plots.plot_combine(result, report_file)
-    if as_json:
-        print_json(result.to_dict())
+    if _reported(result, report_file, "plot_combine", as_json):
         return
     table = Table(show_edge=False, pad_edge=False)
     for col in ("module", "rank", "energy kept"):
@@ -620,12 +627,7 @@ def extract(base, finetuned, out, rank, energy, max_rank, embeddings, dtype, inc
         result = adaptkit.extract(base, finetuned, out, rank=rank, energy=energy, max_rank=max_rank,
                                   embeddings=embeddings, dtype=dtype, include=include, exclude=exclude, device=device,
                                   force=force, reporter=reporter)
-    if report_file:
-        from . import plots
-
-        plots.plot_extract(result, report_file)
-    if as_json:
-        print_json(result.to_dict())
+    if _reported(result, report_file, "plot_extract", as_json):
         return
     table = Table(show_edge=False, pad_edge=False)
     for col in ("module", "kind", "rank", "energy kept", "rel. error"):
@@ -692,13 +694,7 @@ def verify(base, paths, weights, prompts, device, tolerance, no_model, seed, wri
         report = adaptkit.verify(base, list(paths[:-1]), paths[-1], weights=list(weights) or None, prompts=lines,
                                  device=device, tolerance=tolerance, model=not no_model, seed=seed,
                                  write_report=write_report, reporter=reporter)
-    if report_file:
-        from . import plots
-
-        plots.plot_verify(report, report_file)
-    if as_json:
-        print_json(report.to_dict())
-    else:
+    if not _reported(report, report_file, "plot_verify", as_json):
         _render_verify(report)
     sys.exit(0 if report.ok else 1)
 
