@@ -48,15 +48,34 @@ def _meta_model(config_json: str):
         return None
 
 
-def conv1d_modules(config: dict) -> set[str] | None:
-    """Names of the modules that are transformers' ``Conv1D`` (weight stored (in, out)), or None when
-    transformers cannot build the model."""
+def module_kinds(config: dict) -> dict[str, str] | None:
+    """Each module's kind as transformers builds the model: ``linear`` (nn.Linear), ``conv1d``
+    (transformers' Conv1D, weight stored (in, out)), ``embedding`` (nn.Embedding) or ``other``; None
+    when transformers cannot build it."""
+    from torch import nn
     from transformers.pytorch_utils import Conv1D
 
     model = meta_model(config, required=False)
     if model is None:
         return None
-    return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+    kinds = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Conv1D):
+            kinds[name] = "conv1d"
+        elif isinstance(module, nn.Linear):
+            kinds[name] = "linear"
+        elif isinstance(module, nn.Embedding):
+            kinds[name] = "embedding"
+        else:
+            kinds[name] = "other"
+    return kinds
+
+
+def conv1d_modules(config: dict) -> set[str] | None:
+    """Names of the modules that are transformers' ``Conv1D`` (weight stored (in, out)), or None when
+    transformers cannot build the model."""
+    kinds = module_kinds(config)
+    return None if kinds is None else {name for name, kind in kinds.items() if kind == "conv1d"}
 
 
 def checkpoint_renames(config: dict, disk_names) -> dict[str, str]:

@@ -266,7 +266,7 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
         if adapter.unclaimed:
             warnings.append(f"{label}: {len(adapter.unclaimed)} tensors belong to no LoRA module and are ignored "
                             f"(first: {adapter.unclaimed[0]})")
-    rows = {n: _replaced_shape(o)[0] for n, o in ops.items() if _replaced_shape(o) and n.endswith(VOCAB_TENSORS)}
+    rows = {n: shape[0] for n, o in ops.items() if n.endswith(VOCAB_TENSORS) and (shape := _replaced_shape(o))}
     vocab = {n: base.info(n).shape[0] for n in base.tensors if n.endswith(VOCAB_TENSORS)}
     if rows and {rows.get(n, v) for n, v in vocab.items()} != {max(rows.values())}:
         problems.append("the adapters resize " + ", ".join(f"{n} to {r} rows" for n, r in sorted(rows.items()))
@@ -537,7 +537,7 @@ def scaled_weights(base: Checkpoint) -> tuple[scaled.Scheme | None, dict[str, sc
             found = scaled.find_scaled(scheme, infos, base.path)
             if not found:
                 raise AdaptkitError(f"config.json says {scheme.name} but no tensor is stored that way", path)
-            cached = (scheme, found, scaled.companions(scheme, infos, found))
+            cached = (scheme, found, scaled.companions(infos, found))
         base._scaled = cached
     return cached
 

@@ -163,14 +163,14 @@ def plot_inspect(reports, path=None):
     line per layer, with the median rank holding 90 % / 99 % of the energy marked."""
     Figure = _matplotlib()
     reports = reports if isinstance(reports, (list, tuple)) else [reports]
-    kinds = [_order(spectra(r)) for r in reports]
-    rows = 1 + max(len(k) for k in kinds)
+    per_report = [spectra(r) for r in reports]
+    rows = 1 + max(len(k) for k in per_report)
     fig = Figure(figsize=(5.2 * len(reports), 2.2 + 1.6 * rows), layout="constrained")
     axes = fig.subplots(rows, len(reports), squeeze=False,
                         gridspec_kw={"height_ratios": [2.2] + [1.6] * (rows - 1)})
     for col, report in enumerate(reports):
         _heat(fig, axes[0][col], layer_grid(report), Path(report.path).name)
-        for row, (kind, lines) in enumerate(spectra(report).items(), start=1):
+        for row, (kind, lines) in enumerate(per_report[col].items(), start=1):
             ax = axes[row][col]
             for layer, s, _, _ in lines:
                 ax.semilogy(range(1, len(s) + 1), [max(x, 1e-12) for x in s], lw=0.8, alpha=0.6)
@@ -183,7 +183,7 @@ def plot_inspect(reports, path=None):
             ax.tick_params(which="both", labelsize=7)
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.legend(fontsize=6, loc="upper right")
-        for row in range(1 + len(kinds[col]), rows):
+        for row in range(1 + len(per_report[col]), rows):
             axes[row][col].set_visible(False)
     return _finish(fig, path, "adaptkit inspect", _inspect_table(reports))
 

@@ -35,6 +35,7 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 MX_BLOCK = 32
+STRIPE_ELEMENTS = 1 << 20  # values per step of the FP8 conversions: a 4 MB temporary, reused (cache-sized work)
 
 
 @dataclass(frozen=True)
@@ -265,7 +266,7 @@ def find_scaled(scheme: Scheme, infos: dict, path=None) -> dict[str, ScaledWeigh
     return out
 
 
-def companions(scheme: Scheme, infos: dict, weights: dict[str, ScaledWeight]) -> set[str]:
+def companions(infos: dict, weights: dict[str, ScaledWeight]) -> set[str]:
     """Stored tensors that belong to the quantized layers and mean nothing in a dense model: static
     activation scales (``X.activation_scale``, ``X.input_scale``)."""
     out = set()
@@ -407,8 +408,6 @@ def quantize(w: ScaledWeight, w32: torch.Tensor, measure: bool = False):
     out = {w.data: q, w.scales: stored_scale.reshape(w.scale_shape)}
     return (out, err) if measure else out
 
-
-STRIPE_ELEMENTS = 1 << 20  # a stripe's fp32 temporary: 4 MB, reused (cache-sized work, no weight-sized copy)
 
 
 def _quantize_stripes(w: ScaledWeight, w32: torch.Tensor, factor: torch.Tensor, divide: bool, back: torch.Tensor,

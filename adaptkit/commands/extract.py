@@ -36,6 +36,7 @@ from ..io.files import is_regular
 from ..io.output import atomic_output_dir, check_output
 from ..io.pipeline import Pool, run_stream
 from ..io.safetensors_file import StreamingWriter
+from ..plan import INPUT_EMBEDDING_SUFFIXES, VOCAB_TENSORS
 from ..reporting import Collected, Reporter
 from .inputs import open_base
 
@@ -45,8 +46,8 @@ LOW_ENERGY = 0.9  # below this share of ‖ΔW‖² kept, a module is named in a
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
                    "chat_template.json", "spiece.model")
-EMBEDDING_SUFFIXES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
-HEADS = ("lm_head", "embed_out")
+EMBEDDINGS_BY_NAME = tuple(s.rsplit(".", 1)[0] for s in INPUT_EMBEDDING_SUFFIXES)  # module names, not tensors
+HEADS = tuple(s.rsplit(".", 1)[0] for s in VOCAB_TENSORS if s not in INPUT_EMBEDDING_SUFFIXES)  # lm_head, embed_out
 
 
 @dataclass
@@ -124,34 +125,10 @@ def _options(rank, energy, max_rank, embeddings, dtype, include, exclude):
     return patterns
 
 
-def _module_kinds(config: dict) -> dict[str, str] | None:
-    """Each module's kind as transformers builds the model (meta device): linear, conv1d, embedding or
-    other; None when transformers cannot build it."""
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
-
-    from ..architecture import meta_model
-
-    model = meta_model(config, required=False)
-    if model is None:
-        return None
-    kinds = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, Conv1D):
-            kinds[name] = "conv1d"
-        elif isinstance(mod, nn.Linear):
-            kinds[name] = "linear"
-        elif isinstance(mod, nn.Embedding):
-            kinds[name] = "embedding"
-        else:
-            kinds[name] = "other"
-    return kinds
-
-
 def _kind_by_name(module: str, shape) -> str:
     """The kind of a module transformers does not describe, from its name and shape."""
     last = module.rsplit(".", 1)[-1]
-    if last in EMBEDDING_SUFFIXES:
+    if last in EMBEDDINGS_BY_NAME:
         return "embedding"
     return "linear" if len(shape) == 2 else "other"
 
@@ -250,7 +227,7 @@ class _Plan:
 
 def _plan(base: Checkpoint, ft: Checkpoint, keep, drop, embeddings: str, report) -> _Plan:
     """Which tensors to compare, and what each is: checks both models against each other first."""
-    from ..architecture import checkpoint_renames
+    from ..architecture import checkpoint_renames, module_kinds
 
     for key in ("model_type", "architectures"):
         a, b = base.config.get(key), ft.config.get(key)
@@ -270,9 +247,9 @@ def _plan(base: Checkpoint, ft: Checkpoint, keep, drop, embeddings: str, report)
         report.warn("the fine-tune stores other dtypes than the base (" + ", ".join(
             sorted({f"{str(a).removeprefix('torch.')} → {str(b).removeprefix('torch.')}" for a, b in dtypes if a != b}))
                     + "): tensors are compared by value")
-    kinds = _module_kinds(base.config)
+    kinds = module_kinds(base.config)
     memory_of = {disk: mem for mem, disk in checkpoint_renames(base.config, base.tensors).items()}
-    plan = _Plan([], embeddings)
+    plan = _Plan([], embeddings, (keep, drop))
     for name, (_, info) in base.tensors.items():
         if name not in ft.tensors:
             continue
@@ -291,7 +268,6 @@ def _plan(base: Checkpoint, ft: Checkpoint, keep, drop, embeddings: str, report)
             resized = True
         plan.pairs.append(_Pair(name, memory, module, param, kind, resized))
         plan.bytes += info.nbytes + other.nbytes
-    plan.filters = (keep, drop)
     return plan
 
 
