@@ -173,12 +173,12 @@ def report_option(what: str):
                         help=f"Also draw {what} (.png, .svg or .html; needs adaptkit[plot]).")
 
 
-def _plots_ready(path, param: str = "report") -> None:
-    """Fail on a missing plot extra or a wrong suffix before the work, not after it."""
+def _plots_ready(path, inputs, param: str = "report") -> None:
+    """Fail on a missing plot extra, a wrong suffix or a plot inside an input before the work."""
     if path:
         from . import plots
 
-        plots.ready(path, param)
+        plots.ready(path, param, [str(i) for i in inputs if i])
 
 
 def _reported(result, report_file, draw: str, as_json: bool) -> bool:
@@ -563,7 +563,7 @@ def combine(adapters, method, weights, weights_csv, density, majority_sign, rank
             weights = [float(x) for x in weights_csv.split(",")]
         except ValueError:
             raise AdaptkitError(f"must be comma-separated numbers, got {weights_csv!r}", param="weights") from None
-    _plots_ready(report_file)
+    _plots_ready(report_file, [*adapters, base])
     _tune_process()
     with RichReporter(bars=not as_json) as reporter:
         result = adaptkit.combine(list(adapters), out, method=method, weights=list(weights) or None, density=density,
@@ -621,7 +621,7 @@ def extract(base, finetuned, out, rank, energy, max_rank, embeddings, dtype, inc
     """
     import adaptkit
 
-    _plots_ready(report_file)
+    _plots_ready(report_file, [base, finetuned])
     _tune_process()
     with RichReporter(bars=not as_json) as reporter:
         result = adaptkit.extract(base, finetuned, out, rank=rank, energy=energy, max_rank=max_rank,
@@ -689,7 +689,7 @@ def verify(base, paths, weights, prompts, device, tolerance, no_model, seed, wri
 
         text = read_bytes(prompts, 16 << 20, "prompts file").decode("utf-8", errors="replace")
         lines = [line.strip() for line in text.splitlines() if line.strip()]
-    _plots_ready(report_file)
+    _plots_ready(report_file, [base, *paths])
     with RichReporter(bars=not as_json, warnings=False) as reporter:  # warnings come after the table
         report = adaptkit.verify(base, list(paths[:-1]), paths[-1], weights=list(weights) or None, prompts=lines,
                                  device=device, tolerance=tolerance, model=not no_model, seed=seed,
@@ -753,7 +753,7 @@ def _inspect_many(sources, plot_file, compare: bool, as_json: bool) -> None:
     import adaptkit
     from adaptkit import plots
 
-    _plots_ready(plot_file, "plot")
+    _plots_ready(plot_file, sources, "plot")
     if compare:
         a, b = (adaptkit.load_adapter(s) for s in sources)
         cos = plots.cosine(a, b)

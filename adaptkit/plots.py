@@ -157,7 +157,7 @@ def _heat(fig, ax, grid: Grid, title: str, cmap: str = "viridis", vmin=None, vma
     fig.colorbar(im, ax=ax, label=grid.label, shrink=0.8)
 
 
-def plot_inspect(reports, path=None):
+def plot_inspect(reports, path=None, inputs=None):
     """Per adapter (``adaptkit.inspect(…, svd=True)`` reports; several side by side): a heatmap of
     ‖ΔW‖_F by layer × module kind, and per module kind the normalised singular value spectra, one
     line per layer, with the median rank holding 90 % / 99 % of the energy marked."""
@@ -185,10 +185,11 @@ def plot_inspect(reports, path=None):
             ax.legend(fontsize=6, loc="upper right")
         for row in range(1 + len(per_report[col]), rows):
             axes[row][col].set_visible(False)
-    return _finish(fig, path, "adaptkit inspect", _inspect_table(reports))
+    inputs = [r.path for r in reports] if inputs is None else inputs
+    return _finish(fig, path, "adaptkit inspect", _inspect_table(reports), inputs)
 
 
-def plot_compare(a, b, path=None):
+def plot_compare(a, b, path=None, inputs=None):
     """The cosine similarity of two adapters' ΔW per module (layer × module kind)."""
     Figure = _matplotlib()
     cos = cosine(a, b)
@@ -196,10 +197,11 @@ def plot_compare(a, b, path=None):
     fig = Figure(figsize=(6, 2.4 + 0.18 * len(grid.layers)), layout="constrained")
     _heat(fig, fig.subplots(), grid, f"{Path(str(a.path)).name} vs {Path(str(b.path)).name}", cmap="RdBu",
           vmin=-1, vmax=1)
-    return _finish(fig, path, "adaptkit inspect --compare", [(n, f"{c:+.4f}") for n, c in cos.items()])
+    return _finish(fig, path, "adaptkit inspect --compare", [(n, f"{c:+.4f}") for n, c in cos.items()],
+                   [a.path, b.path] if inputs is None else inputs)
 
 
-def plot_combine(result, path=None):
+def plot_combine(result, path=None, inputs=None):
     """What a combine kept per module: the share of ‖ΔW‖² its rank reduction kept and, for the
     pruning methods, the share of entries left nonzero."""
     Figure = _matplotlib()
@@ -211,10 +213,11 @@ def plot_combine(result, path=None):
     for ax, grid in zip(axes, panels):
         _heat(fig, ax, grid, f"{result.method}: {grid.label}", vmin=0, vmax=1)
     return _finish(fig, path, "adaptkit combine", [(m.name, f"rank {m.rank}", f"{m.retained_energy:.4f}")
-                                                   for m in result.modules])
+                                                   for m in result.modules],
+                   result.adapters if inputs is None else inputs)
 
 
-def plot_extract(result, path=None):
+def plot_extract(result, path=None, inputs=None):
     """What an extraction kept: each module's share of ‖ΔW‖² (layer × module kind) and its rank."""
     Figure = _matplotlib()
     loras = result.lora_modules
@@ -224,10 +227,11 @@ def plot_extract(result, path=None):
     for ax, grid in zip(fig.subplots(1, 2), panels):
         _heat(fig, ax, grid, f"extract: {grid.label}", vmin=0 if grid.label == "rank" else None,
               vmax=1 if grid.label == "energy kept" else None)
-    return _finish(fig, path, "adaptkit extract", [(m.name, f"rank {m.rank}", f"{m.energy:.4f}") for m in loras])
+    return _finish(fig, path, "adaptkit extract", [(m.name, f"rank {m.rank}", f"{m.energy:.4f}") for m in loras],
+                   [result.base, result.finetuned] if inputs is None else inputs)
 
 
-def plot_verify(report, path=None):
+def plot_verify(report, path=None, inputs=None):
     """Each checked tensor's error against what it is allowed (rounding noise, or the tolerance):
     a near-miss stands out just under the line at 1."""
     Figure = _matplotlib()
@@ -243,7 +247,8 @@ def plot_verify(report, path=None):
     ax.invert_yaxis()
     ax.set_xlabel("error / allowed")
     ax.set_title(f"verify: {'verified' if report.ok else 'NOT verified'}", fontsize=9)
-    return _finish(fig, path, "adaptkit verify", [(m.name, m.kind, f"{r:.3g}") for m, r in zip(mods, ratios)])
+    return _finish(fig, path, "adaptkit verify", [(m.name, m.kind, f"{r:.3g}") for m, r in zip(mods, ratios)],
+                   [report.base, *report.adapters, report.merged] if inputs is None else inputs)
 
 
 def _inspect_table(reports):
@@ -254,17 +259,20 @@ def _inspect_table(reports):
     return rows
 
 
-def _finish(fig, path, title: str, rows=None):
+def _finish(fig, path, title: str, rows=None, inputs=()):
     if path is not None:
-        save(fig, path, title, rows)
+        save(fig, path, title, rows, inputs)
     return fig
 
 
-def ready(path, param: str = "plot") -> Path:
-    """Refuse, before any work, a plot that cannot be written: the extra missing, or a path that
-    does not end in one of :data:`FORMATS`."""
+def ready(path, param: str = "plot", inputs=()) -> Path:
+    """Refuse, before any work, a plot that cannot be written: the extra missing, a path that does
+    not end in one of :data:`FORMATS`, or one that is or lies inside an input (``inputs``)."""
+    from .io.output import check_output
+
     _matplotlib()
-    return check_path(path, param)
+    check_path(path, param)
+    return check_output(path, True, inputs, folder=False)
 
 
 def check_path(path, param: str = "plot") -> Path:
@@ -276,14 +284,15 @@ def check_path(path, param: str = "plot") -> Path:
     return path
 
 
-def save(fig, path, title: str = "adaptkit", rows=None) -> Path:
+def save(fig, path, title: str = "adaptkit", rows=None, inputs=()) -> Path:
     """Write a figure as ``.png``, ``.svg`` or ``.html`` (the SVG inlined, with ``rows`` — the numbers
-    behind it — as a table below; nothing external is referenced)."""
+    behind it — as a table below; nothing external is referenced). An existing plot is replaced;
+    a path that is or lies inside one of ``inputs`` is refused."""
     path = check_path(path)
     suffix = path.suffix.lower()
     from .io.output import atomic_output_file
 
-    with atomic_output_file(path, force=True) as tmp:
+    with atomic_output_file(path, force=True, inputs=inputs) as tmp:
         if suffix == ".png":
             fig.savefig(tmp, format="png", dpi=110)
         elif suffix == ".svg":

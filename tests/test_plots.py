@@ -139,6 +139,28 @@ def test_cli_inspect_plot_compare_and_terminal_spectrum(runner, tmp_path):
                           "share no module")
 
 
+def test_a_plot_is_never_written_into_an_input(runner, tmp_path):
+    from tests.helpers import snapshot
+
+    base = tmp_path / "base"
+    import shutil
+
+    shutil.copytree(BASE_OF["llama-lora"], base)
+    adaptkit.merge(base, ADAPTERS["llama-lora"], tmp_path / "m")
+    before = snapshot(base, ADAPTERS["llama-lora"], tmp_path / "m")
+    for args in (["verify", base, ADAPTERS["llama-lora"], tmp_path / "m", "--no-model", "--report", base / "v.png"],
+                 ["verify", base, ADAPTERS["llama-lora"], tmp_path / "m", "--no-model", "--report",
+                  tmp_path / "m" / "v.svg"],
+                 ["inspect", ADAPTERS["llama-lora"], "--plot", ADAPTERS["llama-lora"] / "p.html"],
+                 ["extract", base, tmp_path / "m", "-o", tmp_path / "e", "--rank", "2", "--report", base / "e.png"]):
+        assert_one_line_error(invoke(runner, *args), "input")
+    assert snapshot(base, ADAPTERS["llama-lora"], tmp_path / "m") == before and not (tmp_path / "e").exists()
+    report = adaptkit.verify(base, ADAPTERS["llama-lora"], tmp_path / "m", model=False)
+    with pytest.raises(adaptkit.AdaptkitError, match="input"):  # the library refuses it too
+        plots.plot_verify(report, base / "v.png")
+    assert snapshot(base) == {k: v for k, v in before.items() if k.startswith(str(base))}
+
+
 def test_a_missing_extra_is_one_line(runner, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     res = invoke(runner, "inspect", ADAPTERS["llama-lora"], "--plot", tmp_path / "p.png")

@@ -73,6 +73,8 @@ class ExtractResult:
     out: str
     device: str
     modules: list[ModuleExtract]
+    base: str  # the base and the fine-tune, as given
+    finetuned: str
     identical: int  # tensors the fine-tune left as they were (skipped)
     excluded: list[str]  # changed tensors left out by include/exclude: the adapter does not carry them
     bytes_read: int
@@ -196,7 +198,8 @@ def extract(base, finetuned, out, *, rank: int | None = None, energy: float | No
         worst = min(low, key=lambda m: m.energy)
         report.warn(f"{len(low)} modules keep less than {LOW_ENERGY:.0%} of their change (worst: {worst.name}, "
                     f"{worst.energy:.1%} at rank {worst.rank}): a higher rank or energy keeps more")
-    return ExtractResult(out=str(out), device=str(dev), modules=modules, identical=plan.identical,
+    return ExtractResult(out=str(out), device=str(dev), modules=modules, base=str(given[0]),
+                         finetuned=str(given[1]), identical=plan.identical,
                          excluded=plan.excluded, bytes_read=plan.bytes, bytes_written=written,
                          seconds=time.perf_counter() - t0,
                          peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
