@@ -280,6 +280,14 @@ def companions(infos: dict, weights: dict[str, ScaledWeight]) -> set[str]:
 
 # ----------------------------------------------------------------------------------------- the math
 
+def _finite_scales(w: ScaledWeight, scales: torch.Tensor) -> torch.Tensor:
+    """``scales`` (fp32), refused when one is NaN or infinite (a damaged checkpoint; E8M0's 255 is
+    NaN): the values they scale would be, and an untouched layer is not range-checked later."""
+    if not bool(torch.isfinite(scales).all()):
+        raise AdaptkitError(f"{w.scales} holds NaN or infinite scales: the checkpoint is damaged")
+    return scales
+
+
 def _scale_fp32(w: ScaledWeight, scales: torch.Tensor) -> torch.Tensor:
     if scales.dtype == torch.uint8:  # ue8m0 stored as bytes: 2^(b − 127)
         return (scales.to(torch.float32) - 127.0).exp2()
@@ -359,11 +367,11 @@ def dequantize_(w: ScaledWeight, data: torch.Tensor, scales: torch.Tensor, out: 
         vals = torch.empty(*lead, n, g, 2 * b, dtype=torch.float32, device=dev)
         vals[..., 0::2] = lut[(blocks & 0x0F).long()]
         vals[..., 1::2] = lut[(blocks >> 4).long()]
-        vals.mul_((scales.to(dev).to(torch.float32) - 127.0).exp2().unsqueeze(-1))
+        vals.mul_(_finite_scales(w, (scales.to(dev).to(torch.float32) - 127.0).exp2()).unsqueeze(-1))
         out.copy_(vals.reshape(*lead, n, g * 2 * b).transpose(-1, -2))
         return out
     _fp8_to_fp32_(out, data.to(dev), w.data)
-    _mul_blocks_(out, _scale_fp32(w, scales.to(dev)) * 256.0, w.block)  # 256: see _fp8_to_fp32_
+    _mul_blocks_(out, _finite_scales(w, _scale_fp32(w, scales.to(dev))) * 256.0, w.block)  # 256: see _fp8_to_fp32_
     if w.style == "compressed-tensors" and w.scale_dtype != torch.float32:
         out.copy_(out.to(w.scale_dtype))  # compressed-tensors multiplies in the scale's dtype: x_q.to(scale.dtype) * scale
     return out

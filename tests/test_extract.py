@@ -261,6 +261,7 @@ def test_cli_and_its_errors(models, runner, tmp_path):
         ([models["base"], models["rank4"], "--rank", "4", "--energy", "0.9"], "give one of rank"),
         ([models["base"], models["rank4"]], "give one of rank"),
         ([models["base"], models["rank4"], "--energy", "1.5"], "--energy: must be in (0, 1]"),
+        ([models["base"], models["rank4"], "--rank", "4", "--max-rank", "2"], "--max-rank: caps the ranks energy"),
         ([models["base"], models["rank4"], "--rank", "2", "--include", "("], "--include: not a regular expression"),
         ([models["base"], other, "--rank", "2"], "model_type"),
         ([models["base"], models["base"], "--rank", "2"], "nothing to extract"),

@@ -366,6 +366,12 @@ def test_refusals_are_one_line_and_write_nothing(bases, runner, tmp_path):
     state["model.layers.1.self_attn.k_proj.weight"].view(torch.uint8)[3, 5] = 0x7F
     save_file(state, nan / "model.safetensors", metadata={"format": "pt"})
     cases.append((nan, [], "model.layers.1.self_attn.k_proj.weight holds FP8 NaN values"))
+    bad_scale = tmp_path / "nanscale"  # a NaN scale on an untouched layer: refused, not written as NaN
+    shutil.copytree(base, bad_scale)
+    state = load_file(bad_scale / "model.safetensors")
+    state["model.layers.1.self_attn.k_proj.weight_scale_inv"][0, 0] = float("nan")
+    save_file(state, bad_scale / "model.safetensors", metadata={"format": "pt"})
+    cases.append((bad_scale, [], "k_proj.weight_scale_inv holds NaN or infinite scales"))
     for i, (b, flags, needle) in enumerate(cases):
         out = tmp_path / f"out{i}"
         res = invoke(runner, "merge", b, adapter, "-o", out, *flags)

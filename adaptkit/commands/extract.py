@@ -108,6 +108,8 @@ def _options(rank, energy, max_rank, embeddings, dtype, include, exclude):
     if (rank is None) == (energy is None):
         raise AdaptkitError("give one of rank (a fixed rank for every module) or energy (each module's smallest "
                             "rank keeping that share of ‖ΔW‖²)", param="rank")
+    if max_rank is not None and energy is None:
+        raise AdaptkitError("caps the ranks energy picks; with rank every module takes that rank", param="max_rank")
     for value, name in ((rank, "rank"), (max_rank, "max_rank")):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise AdaptkitError(f"must be a positive integer, got {value!r}", param=name)
