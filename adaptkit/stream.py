@@ -4,6 +4,8 @@ Tensors that need no compute are copied file-to-file by the kernel. The others g
 three-thread pipeline (:mod:`.io.pipeline`): the reader fills reusable byte buffers (pinned on
 CUDA), the compute thread decodes into one reused fp32 buffer on the device, applies the job's
 operations and encodes, the writer appends to the output shards (:mod:`.io.safetensors_file`).
+On the CPU a dense tensor with one plain LoRA (or a cast alone) skips the fp32 buffer: :func:`.ops.merge_rows` merges
+it a block of rows at a time from the read buffer into the output buffer, on every core.
 Memory stays at a few buffers of the largest merged tensor.
 """
 
@@ -20,7 +22,7 @@ from .io.pipeline import Pool, run_stream
 from .codecs import DenseRead, DenseWrite
 from .io.safetensors_file import (ReservedHeaderWriter, StreamingWriter, header_reserve, itemsize, numel,
                                   tensor_bytes)
-from .ops import apply_ops
+from .ops import RowWorkers, apply_ops, finite_limit, fused_op, merge_rows
 from .plan import MergePlan, OutShard, TensorJob
 
 OUTPUT_BUFFER_BUDGET = 160 << 20  # bytes of merged tensors that may wait for the writer
@@ -33,10 +35,11 @@ def _pool(nbytes: int, count: int, pin: bool) -> Pool:
 
 
 def fits(w32: torch.Tensor, out_dtype: torch.dtype) -> bool:
-    """Whether every value is finite and within ``out_dtype``'s range (false for NaN)."""
+    """Whether every value rounds to a finite value of ``out_dtype`` (false for NaN): peft's
+    safe_merge check on the merged weight, taken before rounding. See :func:`.ops.finite_limit`."""
     lo, hi = (float(x) for x in torch.aminmax(w32))
-    limit = torch.finfo(out_dtype).max if out_dtype.is_floating_point else float("inf")
-    return -limit <= lo and hi <= limit
+    limit = finite_limit(out_dtype)
+    return -limit < lo and hi < limit
 
 
 def check_finite(w32: torch.Tensor, job: TensorJob, out_dtype: torch.dtype) -> None:
@@ -47,9 +50,26 @@ def check_finite(w32: torch.Tensor, job: TensorJob, out_dtype: torch.dtype) -> N
     if not job.ops or not w32.is_floating_point() or w32.numel() == 0:
         return
     if not fits(w32, out_dtype):
-        names = ", ".join(sorted({str(op.adapter.path) for op in job.ops}))
-        raise AdaptkitError(f"merging {names} into {job.name} gives NaN or Inf values (in {out_dtype}): "
-                            f"the adapter seems broken or overflows this dtype")
+        raise _overflow(job, out_dtype)
+
+
+def _overflow(job: TensorJob, out_dtype: torch.dtype) -> AdaptkitError:
+    names = ", ".join(sorted({str(op.adapter.path) for op in job.ops}))
+    return AdaptkitError(f"merging {names} into {job.name} gives NaN or Inf values (in {out_dtype}): "
+                         f"the adapter seems broken or overflows this dtype")
+
+
+def direct(job: TensorJob, dev: torch.device) -> tuple[bool, object]:
+    """Whether a job goes from the read buffer straight into the output buffer on the CPU, and how:
+    a dense 2-D tensor with one plain LoRA into a dense dtype (its op: :func:`.ops.merge_rows`), or
+    a dense tensor with no op in another dense dtype (None: a cast)."""
+    if dev.type != "cpu" or type(job.decoder) is not DenseRead or type(job.encoder) is not DenseWrite \
+            or job.encoder.measure or numel(job.shape) == 0 or not job.decoder.dtype.is_floating_point:
+        return False, None
+    if not job.ops:
+        return True, None
+    op = fused_op(job.ops)
+    return (op is not None and len(job.shape) == 2), op
 
 
 def batches(jobs: list[TensorJob], shard_of: dict[int, OutShard]) -> list[list[TensorJob]]:
@@ -98,7 +118,14 @@ def stream_plan(plan: MergePlan, tmp: Path, dev: torch.device, progress, errors:
     n_out = max(3, min(8, OUTPUT_BUFFER_BUDGET // max(largest_out, 1)))
     in_pool = _pool(largest_in, 3, pin=cuda)
     out_pool = _pool(largest_out, n_out, pin=cuda)
-    work = torch.empty(largest_numel, dtype=torch.float32, device=dev)  # the fp32 accumulator, reused
+    rowwise = {}
+    for g in computed:
+        routes = [direct(j, dev) for j in g]
+        if all(ok for ok, _ in routes):
+            rowwise.update((id(j), op) for j, (_, op) in zip(g, routes))
+    work = torch.empty(largest_numel, dtype=torch.float32, device=dev) \
+        if any(id(g[0]) not in rowwise for g in computed) else None  # the fp32 accumulator, reused
+    workers = RowWorkers() if rowwise else None
     writers: dict[str, object] = {}
     remaining = {s.file: len(s.jobs) for s in plan.shards}
     total = 0
@@ -149,8 +176,31 @@ def stream_plan(plan: MergePlan, tmp: Path, dev: torch.device, progress, errors:
         host, [(_, out)], _ = g[0].encoder.encode(g[0].name, (total,), flat, dev, out_pool.take)
         return host, [(job.name, out[start:stop].view(job.shape)) for job, start, stop in zip(g, bounds, bounds[1:])]
 
+    def compute_direct(g: list[TensorJob], buf, stored):
+        """See :func:`direct`: each tensor from the read buffer into its place in the output buffer."""
+        host = out_pool.take()
+        items, pos = [], 0
+        try:
+            for job, st in zip(g, stored):
+                out = host[pos: pos + job.out_bytes].view(job.encoder.dtype).view(job.shape)
+                op = rowwise[id(job)]
+                if op is None:
+                    out.copy_(st)
+                elif not merge_rows(st, out, op, workers):
+                    raise _overflow(job, job.encoder.result_dtype)
+                items.append((job.name, out))
+                pos += job.out_bytes
+        except BaseException:
+            out_pool.give(host)
+            raise
+        finally:
+            in_pool.give(buf)
+        return host, items
+
     def compute(g: list[TensorJob], data):
         buf, stored = data
+        if id(g[0]) in rowwise:
+            return compute_direct(g, buf, stored)
         if len(g) > 1 and all(j.ops for j in g) and len({(j.decoder.dtype, j.encoder.dtype) for j in g}) == 1 \
                 and not any(j.encoder.measure for j in g):
             return compute_run(g, buf)
@@ -238,6 +288,8 @@ def stream_plan(plan: MergePlan, tmp: Path, dev: torch.device, progress, errors:
                    on_stop=lambda: (in_pool.close(), out_pool.close()))
     finally:
         torch.set_num_threads(threads)
+        if workers is not None:
+            workers.close()
         ahead.close()
         for w in writers.values():
             w.abort()

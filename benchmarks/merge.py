@@ -9,6 +9,9 @@ layout, then times, each in its own process with cold page cache for the base (p
            write bandwidth, both measured here in the same run;
   adaptkit `adaptkit merge BASE ADAPTER -o OUT --device D` + sync;
   peft     load (transformers) → PeftModel.from_pretrained → merge_and_unload → save_pretrained + sync.
+`--pairs N` repeats the (cp, adaptkit) pair N times and reports each ratio and their median (the
+disk of a VM swings between runs); `--verify` also times `adaptkit verify --no-model` and `adaptkit
+verify` on adaptkit's output (both cold), as ratios to the merge.
 Peak RSS of each child comes from wait4. Prints a table and writes JSON (--json-out).
 """
 
@@ -23,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, SHAPES, build_adapter, build_base, disk_bandwidth, evict, parser, run
+import statistics
+
+from common import SHAPES, build_adapter, build_base, child_env, disk_bandwidth, evict, parser, run
 
 PEFT_SCRIPT = r"""
 import sys, time, json, torch
@@ -66,6 +71,8 @@ def compare(out_a: Path, out_b: Path, names: list[str]) -> float:
 def main():
     ap = parser(__doc__, "tinyllama", "cpu")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--pairs", type=int, default=1, help="(cp, adaptkit) pairs to run; the median ratio is reported")
+    ap.add_argument("--verify", action="store_true", help="also time adaptkit verify (--no-model, then full)")
     args = ap.parse_args()
     s = SHAPES[args.shape]
     work = args.workdir / args.shape
@@ -78,7 +85,7 @@ def main():
         print(f"built {args.shape} base in {time.perf_counter() - t0:.1f} s", flush=True)
     base_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     adapter_bytes = sum(p.stat().st_size for p in adapter.glob("*.safetensors"))  # read too (0.5 GB for moe)
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = child_env()
     results = {"shape": args.shape, "device": args.device, "base_bytes": base_bytes, "adapter_bytes": adapter_bytes,
                "machine": f"{os.cpu_count()} cores", "torch": torch.__version__}
     if torch.cuda.is_available():
@@ -88,14 +95,30 @@ def main():
 
     for d in ("out-cp", "out-adaptkit", "out-peft"):
         shutil.rmtree(work / d, ignore_errors=True)
-    evict(base)
-    results["copy"] = run(["cp", "-r", str(base), str(work / "out-cp")])
-    shutil.rmtree(work / "out-cp")
-    evict(base, adapter)
-    r = run([sys.executable, "-m", "adaptkit", "merge", str(base), str(adapter), "-o", str(work / "out-adaptkit"),
-             "--device", args.device, "--json"], env=env)
-    r["summary"] = json.loads(r.pop("stdout"))
-    results["adaptkit"] = r
+    merge = [sys.executable, "-m", "adaptkit", "merge", str(base), str(adapter), "-o", str(work / "out-adaptkit"),
+             "--device", args.device, "--json"]
+    pairs = []
+    for k in range(max(1, args.pairs)):
+        evict(base)
+        cp = run(["cp", "-r", str(base), str(work / "out-cp")])
+        cp.pop("stdout", None)
+        shutil.rmtree(work / "out-cp")
+        if k:
+            shutil.rmtree(work / "out-adaptkit")
+        evict(base, adapter)
+        r = run(merge, env=env)
+        r["summary"] = json.loads(r.pop("stdout"))
+        pairs.append({"copy": cp, "adaptkit": r, "ratio": r["seconds"] / cp["seconds"]})
+    results["pairs"] = pairs
+    results["median_ratio"] = statistics.median(p["ratio"] for p in pairs)
+    results["copy"], results["adaptkit"] = pairs[0]["copy"], pairs[0]["adaptkit"]
+    if args.verify:
+        for label, extra in (("verify_no_model", ["--no-model"]), ("verify", [])):
+            evict(base, adapter, work / "out-adaptkit")
+            r = run([sys.executable, "-m", "adaptkit", "verify", str(base), str(adapter), str(work / "out-adaptkit"),
+                     "--device", args.device, "--json", *extra], env=env)
+            r["summary"] = json.loads(r.pop("stdout"))
+            results[label] = r
     if not args.skip_peft:
         evict(base, adapter)
         r = run([sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(work / "out-peft"), args.device], env=env)
@@ -106,7 +129,6 @@ def main():
             if s.get("kind") == "moe" else ["model.layers.1.mlp.down_proj.weight"])
         results["max_abs_diff_vs_peft"] = compare(work / "out-adaptkit", work / "out-peft", names)
         shutil.rmtree(work / "out-peft")
-    results["copy"].pop("stdout", None)
     shutil.rmtree(work / "out-adaptkit")
 
     ak, cp = results["adaptkit"], results["copy"]
@@ -118,6 +140,15 @@ def main():
     for label, r in rows:
         print(f"{label:16} {r['seconds']:8.1f} {r['peak_rss_bytes'] / 1e9:8.2f} GB {r['seconds'] / cp['seconds']:6.2f}x "
               f"{r['seconds'] / results['physical_floor_s']:8.2f}x")
+    if len(pairs) > 1:
+        print("pairs (adaptkit / cp -r): " + ", ".join(f"{p['adaptkit']['seconds']:.1f}/{p['copy']['seconds']:.1f} s "
+                                                      f"= {p['ratio']:.2f}x" for p in pairs)
+              + f"; median {results['median_ratio']:.2f}x")
+    for label in ("verify_no_model", "verify"):
+        if label in results:
+            v = results[label]
+            print(f"{label.replace('_', ' '):16} {v['seconds']:8.1f} {v['peak_rss_bytes'] / 1e9:8.2f} GB "
+                  f"{v['seconds'] / ak['seconds']:6.2f}x the merge (pair 1)")
     summary = ak["summary"]
     print(f"adaptkit: {summary['tensors']} tensors, {summary['seconds'] * 1e6 / summary['tensors']:.0f} µs per tensor "
           f"(read + merge + write, inside the merge)")
