@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import ADAPTERS, BASE_OF, TINY_LLAMA
+from helpers import ADAPTERS, BASE_OF, TINY_LLAMA, load_dir
 from safetensors.torch import load_file, save_file
 
 from adaptkit import merge, verify
@@ -134,3 +134,37 @@ def test_paths_with_square_brackets_print_verbatim(runner, tmp_path):
     assert res.exit_code == 1 and str(ad) in res.stdout
     res = runner.invoke(main, ["verify", str(TINY_LLAMA), str(ad), str(out), "--no-model"])
     assert res.exit_code == 0 and "verified" in res.stdout
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["llama-lora", "gpt2-lora", "llama-rslora-patterns", "phi3-fused"])
+def test_the_blocked_probe_route_agrees_with_the_whole_tensor_route(tmp_path, monkeypatch, name, dtype):
+    """16-bit merges of plain LoRAs take verify._probe_rows (fp32 blocks on every core; transposed
+    GPT-2 Conv1D and a fused Phi-3 among them): the same probes, errors, noise and verdicts as the
+    whole-tensor route, and a dropped delta is caught by both."""
+    from adaptkit.commands import verify as verify_mod
+    from helpers import FAMILY_ADAPTERS, FAMILY_BASE_OF
+
+    adapter = ADAPTERS.get(name) or FAMILY_ADAPTERS[name]
+    base = BASE_OF.get(name) or FAMILY_BASE_OF[name]
+    out = tmp_path / "m"
+    merge(base, [adapter], out, dtype=dtype)
+    calls = []
+    real = verify_mod._probe_rows
+    monkeypatch.setattr(verify_mod, "_probe_rows", lambda *a: calls.append(1) or real(*a))
+    blocked = verify(base, [adapter], out, model=False)
+    assert calls, "the blocked route was not taken"
+    monkeypatch.setattr(verify_mod, "_row_probed", lambda *a: False)
+    whole = verify(base, [adapter], out, model=False)
+    assert blocked.ok and whole.ok
+    pairs = list(zip(blocked.modules, whole.modules))
+    assert pairs and all(a.name == b.name and a.ok == b.ok for a, b in pairs)
+    for a, b in pairs:
+        assert a.rel_error == pytest.approx(b.rel_error, rel=1e-3, abs=1e-9), a.name
+        assert a.rounding_noise == pytest.approx(b.rounding_noise, rel=1e-4), a.name
+    victim = next(m.name for m in blocked.modules if m.kind == "lora")
+    original = load_dir(base)[victim]
+    _tamper(out, victim, lambda t: original.to(t.dtype))  # that module's delta dropped
+    monkeypatch.undo()
+    dropped = verify(base, [adapter], out, model=False)
+    assert not dropped.ok and [m.name for m in dropped.modules if not m.ok] == [victim]

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -39,6 +41,7 @@ from ..codecs import FourBitRead, ScaledRead
 from ..device import resolve_device
 from ..errors import AdaptkitError
 from ..io.checkpoint import Checkpoint
+from ..ops import ROW_ALIGN, ROW_BLOCK_BYTES, RowWorkers
 from ..plan import VOCAB_TENSORS, plan_merge, scaled_weights
 from ..quant import check_quantization, dequantize, find_quantized, quantize
 from ..reporting import Collected, Reporter
@@ -176,6 +179,71 @@ def _four_bit_noise(exact: torch.Tensor, like, x: torch.Tensor, double: bool, st
     return float((_canonical(diff, transposed) @ x.double()).norm())
 
 
+def _prefetched(jobs, load):
+    """(job, load(job)) for each job, in order, the next job's ``load`` running in a thread while the
+    caller works on this one (reads overlap the probes); ``load`` returns None for a job it skips."""
+    with ThreadPoolExecutor(1, thread_name_prefix="adaptkit-verify-read") as pool:
+        pending = pool.submit(load, jobs[0]) if jobs else None
+        try:
+            for k, job in enumerate(jobs):
+                done = pending.result()
+                pending = pool.submit(load, jobs[k + 1]) if k + 1 < len(jobs) else None
+                yield job, done
+        finally:
+            if pending is not None:
+                pending.cancel()
+
+
+def _probe_rows(src: torch.Tensor, got: torch.Tensor, x: torch.Tensor, transposed: bool, workers: RowWorkers):
+    """W·x, (W' − W)·x and Σᵢⱼ W'ᵢⱼ² Σₚ xⱼₚ² (the rounding-noise sum of :func:`check_layers`: the same
+    number as ((W'∘W')·(x∘x)).sum()) in fp32, canonical (out, in) orientation, for the 16-bit base
+    ``src`` and merged ``got`` as stored: a block of stored rows at a time, upcast in cache (never a
+    tensor-sized fp32 copy), the blocks shared among ``workers``."""
+    rows, cols = src.shape
+    probes = x.shape[1]
+    c = (x * x).sum(1)  # Σₚ x², per input
+    step = max(ROW_ALIGN, ROW_BLOCK_BYTES // (4 * max(cols, 1)) // ROW_ALIGN * ROW_ALIGN)
+    starts = list(range(0, rows, step))
+    out_f = cols if transposed else rows
+    wx = torch.zeros(out_f, probes)
+    dwx = torch.zeros(out_f, probes)
+
+    def part(span):
+        acc_wx = torch.zeros(out_f, probes) if transposed else None
+        acc_dwx = torch.zeros(out_f, probes) if transposed else None
+        noise = 0.0
+        for i in span:
+            j = min(i + step, rows)
+            wb, gb = src[i:j].float(), got[i:j].float()
+            if transposed:  # stored (in, out): these rows are inputs
+                noise += float(gb.square().sum(1) @ c[i:j])
+                acc_wx.addmm_(wb.T, x[i:j])
+                acc_dwx.addmm_(gb.sub_(wb).T, x[i:j])
+            else:
+                noise += float((gb.square() @ c).sum())
+                torch.mm(wb, x, out=wx[i:j])
+                torch.mm(gb.sub_(wb), x, out=dwx[i:j])
+        return acc_wx, acc_dwx, noise
+
+    n = min(workers.count, len(starts))
+    bounds = [len(starts) * k // n for k in range(n + 1)]
+    total = 0.0
+    for acc_wx, acc_dwx, noise in workers.map(part, [starts[a:b] for a, b in zip(bounds, bounds[1:])]):
+        total += noise
+        if transposed:
+            wx += acc_wx
+            dwx += acc_dwx
+    return wx, dwx, total
+
+
+def _row_probed(job, got: torch.Tensor, src: torch.Tensor) -> bool:
+    """Whether :func:`_probe_rows` checks this job: plain LoRAs only (no DoRA, nothing replaced) on a
+    2-D weight, 16-bit in the merged model, dense in both."""
+    return all(op.kind == "lora" and not op.module.use_dora for op in job.ops) and got.dim() == 2 \
+        and got.dtype in (torch.float16, torch.bfloat16) and src.dtype in (torch.float16, torch.bfloat16, torch.float32) \
+        and src.shape == got.shape
+
+
 def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, weights=None,
                  tolerance: float | None = None, device="cpu", seed: int = 0, plan=None, progress=None):
     plan = plan or plan_merge(base, adapters, weights)
@@ -192,83 +260,27 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
     untouched = 0
     warnings: list[str] = list(plan.warnings)
     gen = torch.Generator().manual_seed(seed)
-    for job in plan.jobs:
-        if progress:
-            progress(1)
-        if job.name in skip:
-            continue
-        if job.name not in merged.tensors and job.name not in merged_q:
-            checks.append(ModuleCheck(job.name, "missing", float("inf"), 0.0, 0.0, False, "not in the merged model"))
-            continue
-        got = _dense(merged, job.name, merged_q)
-        src = _dense(base, job.source, base_q)
-        if tuple(got.shape) != tuple(job.shape):  # the base's, or a grown vocabulary's the adapter saved
-            checks.append(ModuleCheck(job.name, "shape", float("inf"), 0.0, 0.0, False,
-                                      f"shape {list(got.shape)}, expected {list(job.shape)}"))
-            continue
-        if not job.ops:
-            untouched += 1
-            if job.name in merged_q and job.source in base_q:  # quantized in both: the stored bytes must match
-                names = base_q[job.source].names(job.source)
-                same = all(n in merged.tensors and torch.equal(merged.read(n).reshape(-1).view(torch.uint8),
-                                                               base.read(n).reshape(-1).view(torch.uint8))
-                           for n in names)
-            else:
-                same = torch.equal(got, src.to(got.dtype))
-            if not same:
-                mismatched.append(job.name)
-            continue
-        lora_ops = [op for op in job.ops if op.kind == "lora"]
-        if isinstance(merged_q.get(job.name), ScaledRead):  # FP8 / MXFP4 output: the quantizer's bytes
-            checks.append(_check_scaled(job, src, got, merged_q[job.name], tolerance))
-            continue
-        if not lora_ops:  # modules_to_save, trainable token rows or a LoRA bias: compared in full
-            exp = _exact(job, src)
-            err = float((got.double() - exp).norm() / exp.norm().clamp(min=1e-30))
-            if exp.dim() == 3:  # a fused expert tensor: each expert on its own scale, so one cannot hide
-                err = max(err, *(float((got.double()[e] - exp[e]).norm() / exp[e].norm().clamp(min=1e-30))
-                                 for e in range(exp.shape[0])))
-            for op in job.ops:  # replaced rows on their own scale: a few tokens in a large vocabulary still count
-                if op.kind == "rows":
-                    rows = exp[op.rows]
-                    err = max(err, float((got.double()[op.rows] - rows).norm() / rows.norm().clamp(min=1e-30)))
-            noise = _noise_vec(exp, got.dtype)
-            allowed = tolerance if tolerance is not None else max(ROUNDING_FACTOR * noise, 1e-12)
-            kind = next(op.kind for op in reversed(job.ops))
-            checks.append(ModuleCheck(job.name, kind, err, allowed, noise, err <= allowed))
-            continue
-        transposed = lora_ops[0].transposed
-        # the probe products in fp64 where the output is fp32 (its rounding noise is fp32's); for a
-        # 16-bit output fp32 products are a thousand times finer than its noise, at a quarter of the cost
-        cdt = torch.float64 if got.dtype in (torch.float32, torch.float64) else torch.float32
-        w = _canonical(src.to(cdt), transposed)
-        wm = _canonical(got.to(cdt), transposed)
-        x = torch.randn(w.shape[1], PROBES, generator=gen, dtype=torch.float64).to(cdt)
-        wx = w @ x
-        y_exp, kind = _expected(w, job.ops, x, transposed, wx=wx)
-        y_got = wm @ x
-        norm = y_exp.norm().clamp(min=1e-30)
-        err = float((y_got - y_exp).norm() / norm)
-        note = ""
-        if job.name in merged_q:  # a 4-bit output: its noise is quantizing the exact merged weight
-            q = merged_q[job.name].quant
-            exact_w, _ = _expected(w, job.ops, None, transposed)
-            double = any(c.endswith(".nested_absmax") for c in q.components)
-            noise = _four_bit_noise(exact_w, q, x, double, merged.info(job.name).dtype, transposed) / float(norm)
-            note = "4-bit output: the error is its requantization"
-        else:
-            eps = torch.finfo(got.dtype).eps if got.is_floating_point() else 0.0
-            noise = float(((wm * wm) @ (x * x)).sum().sqrt() * eps / (12 ** 0.5) / norm)
-        allowed = tolerance if tolerance is not None else max(ROUNDING_FACTOR * noise, 1e-6)
-        if job.name in merged_q and tolerance is None:
-            allowed = max(1.05 * noise, 1e-6)  # the same quantizer on the same weight: at most a hair above
-        effect = float((y_exp - wx).norm() / norm)
-        if effect < noise and not note:
-            note = "the adapter's effect is below the output dtype's rounding noise"
-        if err > allowed and job.source in base_q and job.name not in merged_q:
-            what = "4-bit" if isinstance(base_q[job.source], FourBitRead) else base_q[job.source].weight.label
-            note = f"differs from the {what} base + adapter: was it merged into the 16-bit base? (quantization gap)"
-        checks.append(ModuleCheck(job.name, kind, err, allowed, noise, err <= allowed, note))
+    workers = RowWorkers(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+
+    def load(job):
+        if job.name in skip or (job.name not in merged.tensors and job.name not in merged_q):
+            return None
+        return _dense(merged, job.name, merged_q), _dense(base, job.source, base_q)
+
+    try:
+        for job, loaded in _prefetched(plan.jobs, load):
+            if progress:
+                progress(1)
+            if job.name in skip:
+                continue
+            if loaded is None:
+                checks.append(ModuleCheck(job.name, "missing", float("inf"), 0.0, 0.0, False, "not in the merged model"))
+                continue
+            got, src = loaded
+            untouched += _check_job(job, got, src, merged, base, base_q, merged_q, gen, tolerance, workers, checks,
+                                    mismatched)
+    finally:
+        workers.close()
     gaps = [c.rel_error for c in checks if c.note.startswith("differs from the") and "quantization gap" in c.note]
     if base_q and gaps:
         warnings.append(f"{len(gaps)} modules differ from the quantized base + adapter by {100 * min(gaps):.1f}–"
@@ -276,6 +288,99 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
                         "16-bit original is not what the adapter computes on the quantized base (see docs/nf4.md, "
                         "docs/fp8.md)")
     return checks, untouched, mismatched, warnings
+
+
+def _check_job(job, got, src, merged, base, base_q, merged_q, gen, tolerance, workers, checks, mismatched) -> bool:
+    """One tensor of the layer-level check: its verdict appended to ``checks`` (or its name to
+    ``mismatched``: an untouched tensor that differs from the base). Returns whether it was an
+    untouched tensor."""
+    if tuple(got.shape) != tuple(job.shape):  # the base's, or a grown vocabulary's the adapter saved
+        checks.append(ModuleCheck(job.name, "shape", float("inf"), 0.0, 0.0, False,
+                                  f"shape {list(got.shape)}, expected {list(job.shape)}"))
+        return False
+    if not job.ops:
+        if job.name in merged_q and job.source in base_q:  # quantized in both: the stored bytes must match
+            names = base_q[job.source].names(job.source)
+            same = all(n in merged.tensors and torch.equal(merged.read(n).reshape(-1).view(torch.uint8),
+                                                           base.read(n).reshape(-1).view(torch.uint8))
+                       for n in names)
+        else:
+            same = torch.equal(got, src.to(got.dtype))
+        if not same:
+            mismatched.append(job.name)
+        return True
+    lora_ops = [op for op in job.ops if op.kind == "lora"]
+    if isinstance(merged_q.get(job.name), ScaledRead):  # FP8 / MXFP4 output: the quantizer's bytes
+        checks.append(_check_scaled(job, src, got, merged_q[job.name], tolerance))
+        return False
+    if not lora_ops:  # modules_to_save, trainable token rows or a LoRA bias: compared in full
+        exp = _exact(job, src)
+        err = float((got.double() - exp).norm() / exp.norm().clamp(min=1e-30))
+        if exp.dim() == 3:  # a fused expert tensor: each expert on its own scale, so one cannot hide
+            err = max(err, *(float((got.double()[e] - exp[e]).norm() / exp[e].norm().clamp(min=1e-30))
+                             for e in range(exp.shape[0])))
+        for op in job.ops:  # replaced rows on their own scale: a few tokens in a large vocabulary still count
+            if op.kind == "rows":
+                rows = exp[op.rows]
+                err = max(err, float((got.double()[op.rows] - rows).norm() / rows.norm().clamp(min=1e-30)))
+        noise = _noise_vec(exp, got.dtype)
+        allowed = tolerance if tolerance is not None else max(ROUNDING_FACTOR * noise, 1e-12)
+        kind = next(op.kind for op in reversed(job.ops))
+        checks.append(ModuleCheck(job.name, kind, err, allowed, noise, err <= allowed))
+        return False
+    transposed = lora_ops[0].transposed
+    if job.name not in merged_q and job.source not in base_q and _row_probed(job, got, src):
+        checks.append(_check_rows(job, got, src, gen, tolerance, workers, transposed))
+        return False
+    # the probe products in fp64 where the output is fp32 (its rounding noise is fp32's); for a
+    # 16-bit output fp32 products are a thousand times finer than its noise, at a quarter of the cost
+    cdt = torch.float64 if got.dtype in (torch.float32, torch.float64) else torch.float32
+    w = _canonical(src.to(cdt), transposed)
+    wm = _canonical(got.to(cdt), transposed)
+    x = torch.randn(w.shape[1], PROBES, generator=gen, dtype=torch.float64).to(cdt)
+    wx = w @ x
+    y_exp, kind = _expected(w, job.ops, x, transposed, wx=wx)
+    y_got = wm @ x
+    norm = y_exp.norm().clamp(min=1e-30)
+    err = float((y_got - y_exp).norm() / norm)
+    note = ""
+    if job.name in merged_q:  # a 4-bit output: its noise is quantizing the exact merged weight
+        q = merged_q[job.name].quant
+        exact_w, _ = _expected(w, job.ops, None, transposed)
+        double = any(c.endswith(".nested_absmax") for c in q.components)
+        noise = _four_bit_noise(exact_w, q, x, double, merged.info(job.name).dtype, transposed) / float(norm)
+        note = "4-bit output: the error is its requantization"
+    else:
+        eps = torch.finfo(got.dtype).eps if got.is_floating_point() else 0.0
+        noise = float(((wm * wm) @ (x * x)).sum().sqrt() * eps / (12 ** 0.5) / norm)
+    allowed = tolerance if tolerance is not None else max(ROUNDING_FACTOR * noise, 1e-6)
+    if job.name in merged_q and tolerance is None:
+        allowed = max(1.05 * noise, 1e-6)  # the same quantizer on the same weight: at most a hair above
+    effect = float((y_exp - wx).norm() / norm)
+    if effect < noise and not note:
+        note = "the adapter's effect is below the output dtype's rounding noise"
+    if err > allowed and job.source in base_q and job.name not in merged_q:
+        what = "4-bit" if isinstance(base_q[job.source], FourBitRead) else base_q[job.source].weight.label
+        note = f"differs from the {what} base + adapter: was it merged into the 16-bit base? (quantization gap)"
+    checks.append(ModuleCheck(job.name, kind, err, allowed, noise, err <= allowed, note))
+    return False
+
+
+def _check_rows(job, got, src, gen, tolerance, workers, transposed) -> ModuleCheck:
+    """The probe check of a 16-bit merge of plain LoRAs into a dense base, by :func:`_probe_rows`:
+    the same probes, expected outputs and noise as the general route, in fp32, a block at a time."""
+    in_f = got.shape[0] if transposed else got.shape[1]
+    x = torch.randn(in_f, PROBES, generator=gen, dtype=torch.float64).float()
+    wx, dwx, noise2 = _probe_rows(src, got, x, transposed, workers)
+    y_exp, kind = _expected(wx, job.ops, x, transposed, wx=wx)  # plain LoRAs: from W·x and the factors alone
+    effect_y = y_exp - wx
+    norm = y_exp.norm().clamp(min=1e-30)
+    err = float((dwx - effect_y).norm() / norm)  # = ‖W'x − (Wx + Σ s·B(Ax))‖ / ‖…‖
+    noise = float(max(noise2, 0.0) ** 0.5 * torch.finfo(got.dtype).eps / (12 ** 0.5) / norm)
+    allowed = tolerance if tolerance is not None else max(ROUNDING_FACTOR * noise, 1e-6)
+    effect = float(effect_y.norm() / norm)
+    note = "the adapter's effect is below the output dtype's rounding noise" if effect < noise else ""
+    return ModuleCheck(job.name, kind, err, allowed, noise, err <= allowed, note)
 
 
 def _exact(job, src: torch.Tensor) -> torch.Tensor:
