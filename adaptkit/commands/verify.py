@@ -463,8 +463,15 @@ def _load(path: Path, cls, dev: torch.device):
 
 
 def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, weights, prompts: list[str] | None,
-                seed: int = 0, kl_tolerance: float = 1e-3, device: torch.device | str = "cpu") -> ModelCheck:
+                seed: int = 0, kl_tolerance: float = 1e-3, device: torch.device | str = "cpu",
+                progress=None) -> ModelCheck:
     """Base + adapters (peft, unmerged) against the merged model (transformers), in fp32.
+
+    One model is in memory at a time: the reference runs every prompt and is freed before the merged
+    model loads (fp32 is the smallest dtype here that leaves the comparison to the merge alone: a
+    16-bit forward pass would add its own rounding to both sides, ~1e-3 of the logits). Prompts of
+    one length run as one batch. ``progress(1)`` after each load and each run
+    (:data:`MODEL_STEPS`).
 
     Both load with the class the base's config names. When it has a head, its outputs (logits) are
     compared: the check passes when the mean KL divergence is within ``kl_tolerance`` (top-1
@@ -473,6 +480,7 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
     checkpoint), outputs of random weights would be compared: the backbone (``AutoModel``) is loaded
     instead and its last hidden states are compared, relative to the adapters' own effect on them.
     The prompts include the token ids the adapters' trainable tokens replace."""
+    import gc
     import warnings
 
     from transformers import AutoModel
@@ -512,15 +520,33 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
                     if name in mod.scaling:
                         mod.scaling[name] *= w
         pm.eval()
-        merged, _ = _load(merged_path, cls, dev)
-    batches, source = _prompts(base_path, merged.config, adapters, prompts, seed)
-    diffs, kls, agree, total, errs, position_kls = [], [], 0, 0, [], []
+    step = progress or (lambda n: None)
+    step(1)
+    batches, source = _prompts(base_path, ref.config, adapters, prompts, seed)
+    runs = _runs(batches)
     with torch.no_grad():
-        for ids in batches:
-            ids = ids.to(dev)
-            out_a, out_b = pm(input_ids=ids), merged(input_ids=ids)
-            if getattr(out_a, "logits", None) is not None:
-                a, b = out_a.logits.double(), out_b.logits.double()
+        want, plain = [], []
+        for ids in runs:
+            out = pm(input_ids=ids.to(dev))
+            heads = getattr(out, "logits", None) is not None
+            want.append(out.logits if heads else out.last_hidden_state)
+            if not heads:
+                with pm.disable_adapter():
+                    plain.append(pm(input_ids=ids.to(dev)).last_hidden_state)
+        step(1)
+        del pm, ref, out
+        gc.collect()
+        with warnings.catch_warnings(), _quiet_transformers(hf_logging):
+            warnings.simplefilter("ignore")
+            merged, _ = _load(merged_path, cls, dev)
+        step(1)
+        got = [(o.logits if heads else o.last_hidden_state) for o in (merged(input_ids=ids.to(dev)) for ids in runs)]
+        step(1)
+    diffs, kls, agree, total, errs, position_kls = [], [], 0, 0, [], []
+    for k in range(len(runs)):
+        for row in range(runs[k].shape[0]):  # each prompt on its own, as if run alone
+            if heads:
+                a, b = want[k][row:row + 1].double(), got[k][row:row + 1].double()
                 pa, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
                 kl = (pa.exp() * (pa - lb)).sum(-1)
                 kls.append(float(kl.mean()))
@@ -528,10 +554,9 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
                 agree += int((a.argmax(-1) == b.argmax(-1)).sum())
                 total += int(a.argmax(-1).numel())
             else:
-                a, b = out_a.last_hidden_state.double(), out_b.last_hidden_state.double()
-                with pm.disable_adapter():
-                    plain = pm(input_ids=ids).last_hidden_state.double()
-                errs.append((float((a - b).norm()), float((a - plain).norm()), float(a.norm())))
+                a, b = want[k][row:row + 1].double(), got[k][row:row + 1].double()
+                base_h = plain[k][row:row + 1].double()
+                errs.append((float((a - b).norm()), float((a - base_h).norm()), float(a.norm())))
             diffs.append(float((a - b).abs().max()))
     if kls:
         mean_kl, top1 = sum(kls) / len(kls), agree / total
@@ -550,6 +575,18 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
     return ModelCheck(len(batches), sum(ids.numel() for ids in batches), max(diffs), 0.0, 1.0, ok, source,
                       f"hidden states ({type(merged).__name__}{why}): relative error {rel:.2e}, the adapters move "
                       f"them by {effect / max(norm, 1e-30):.2e}")
+
+
+MODEL_STEPS = 4  # loading the reference, running it, loading the merged model, running it
+
+
+def _runs(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The prompts as forward passes: those of one length stacked into one batch (each model's
+    weights are streamed once per pass, not once per prompt)."""
+    by_len: dict[int, list[torch.Tensor]] = {}
+    for ids in batches:
+        by_len.setdefault(ids.shape[-1], []).append(ids)
+    return [torch.cat(group, 0) for group in by_len.values()]
 
 
 def _prompts(base_path, config, adapters: list[Adapter], prompts, seed: int):
@@ -666,14 +703,14 @@ def verify(base, adapters, merged, *, weights=None, prompts: list[str] | None = 
         warnings.append(f"the merged model has {len(extra)} tensors the base lacks (first: {extra[0]})")
     model_check = None
     if model and _transformers_knows(base_ck):
-        report.start("model-level check: loading base + adapters and the merged model", None)
+        report.start("model-level check (load and run base + adapters, then the merged model)", MODEL_STEPS, "steps")
         with tempfile.TemporaryDirectory(prefix="adaptkit-verify-") as tmp:
             # a LoRA trained on the other fused/split projection layout: peft would load it only in part,
             # so the reference gets it re-laid out in the base's layout (families.relayout, exact)
             refs = [_in_layout_of(base_ck, a, Path(tmp) / str(i)) for i, a in enumerate(loaded)]
             if all(isinstance(r, Adapter) for r in refs):
                 model_check = check_model(base_ck.path, refs, merged_ck.path, weights, prompts, seed=seed,
-                                          device=dev)
+                                          device=dev, progress=report.advance)
             else:
                 warnings.append(f"model-level check skipped: {next(r for r in refs if isinstance(r, str))}; every "
                                 "merged tensor was checked at the layer level")
