@@ -40,6 +40,7 @@ from ..adapter import Adapter, adapter_weights
 from ..codecs import FourBitRead, ScaledRead
 from ..device import resolve_device
 from ..errors import AdaptkitError
+from ..io import readahead
 from ..io.checkpoint import Checkpoint
 from ..ops import ROW_ALIGN, ROW_BLOCK_BYTES, RowWorkers
 from ..plan import VOCAB_TENSORS, plan_merge, scaled_weights
@@ -262,10 +263,28 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
     gen = torch.Generator().manual_seed(seed)
     workers = RowWorkers(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
 
+    def ranges(job):
+        """The file ranges of the job's tensors (and their companions), merged then base."""
+        out = []
+        if job.name in skip or (job.name not in merged.tensors and job.name not in merged_q):
+            return out
+        for ck, name, decoders in ((merged, job.name, merged_q), (base, job.source, base_q)):
+            dec = decoders.get(name)
+            for n in (dec.names(name) if dec is not None else [name]):
+                if n in ck.tensors and ck.tensors[n][0].kind == "safetensors":
+                    shard, info = ck.tensors[n]
+                    out.append((shard.path, info.offset, info.nbytes))
+        return out
+
+    job_ranges = {id(j): ranges(j) for j in plan.jobs}
+    ahead = readahead.Readahead([r for j in plan.jobs for r in job_ranges[id(j)]]).start()  # the disk never idles
+
     def load(job):
         if job.name in skip or (job.name not in merged.tensors and job.name not in merged_q):
             return None
-        return _dense(merged, job.name, merged_q), _dense(base, job.source, base_q)
+        pair = _dense(merged, job.name, merged_q), _dense(base, job.source, base_q)
+        ahead.consumed(sum(n for _, _, n in job_ranges[id(job)]))
+        return pair
 
     try:
         for job, loaded in _prefetched(plan.jobs, load):
@@ -280,6 +299,7 @@ def check_layers(base: Checkpoint, adapters: list[Adapter], merged: Checkpoint, 
             untouched += _check_job(job, got, src, merged, base, base_q, merged_q, gen, tolerance, workers, checks,
                                     mismatched)
     finally:
+        ahead.close()
         workers.close()
     gaps = [c.rel_error for c in checks if c.note.startswith("differs from the") and "quantization gap" in c.note]
     if base_q and gaps:
