@@ -6,7 +6,9 @@ rests on a runtime's code, the file and version are named beside it.
   only :data:`VLLM_MAX_RANKS`), LoRA biases and modules outside the linear projections it knows;
   its ``PEFTHelper`` (vllm/lora/peft_helper.py) applies one scaling, lora_alpha / r, to every
   module, so per-module scalings (rank_pattern, alpha_pattern) need ``convert --to vllm``.
-- llama.cpp (GGUF) takes Linear LoRA; no DoRA, no ``modules_to_save``, no embedding LoRA, no
+- llama.cpp (GGUF) takes Linear LoRA and a LoRA on the input embedding (``token_embd``: since PR
+  #11131, llama.cpp ``src/llama-graph.cpp`` ``build_inp_embd`` adds scale · B · A[token], and
+  ``src/llama-adapter.cpp`` checks its flipped shapes); no DoRA, no ``modules_to_save``, no
   biases (the base's architecture is checked by ``convert --to gguf``, which needs the base).
 - mlx-lm takes Linear LoRA inside numbered layers, DoRA included (mlx-lm 0.32 ``tuner/dora.py``:
   ``convert --to mlx`` writes ``fine_tune_type: dora``); no ``modules_to_save`` or embedding LoRA;
@@ -124,7 +126,8 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
         if odd:
             problems.append(Problem("target_modules", f"modules vLLM does not adapt: {', '.join(odd)}", merge_fix))
     else:
-        emb = [m.name for m in mods if m.kind == "embedding"]
+        emb = [m.name for m in mods if m.kind == "embedding"
+               and not (target == "llamacpp" and m.name.endswith("embed_tokens"))]
         if emb:
             problems.append(Problem("embedding", f"embedding LoRA on {', '.join(emb)}", merge_fix))
         if target == "mlx":

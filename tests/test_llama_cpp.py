@@ -51,6 +51,7 @@ ARCHS = {
     "mistral": (_mistral, LINEAR),
     "gemma": (_gemma, LINEAR),
     "phi3": (phi3_config, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    "llama-token-embd": (llama_config, LINEAR + ["embed_tokens"]),  # token_embd LoRA (llama.cpp PR #11131)
 }
 
 
@@ -103,9 +104,9 @@ def _adapter(base: Path, out: Path, targets) -> Path:
                      rank_pattern={f"layers.1.self_attn.{targets[0]}": 4}, alpha_pattern={"layers.0.mlp.down_proj": 3})
     pm = get_peft_model(model, cfg)
     for name, p in pm.named_parameters():
-        if "lora_B" in name:
+        if "lora_B" in name or "lora_embedding_A" in name:  # peft starts both at zero
             torch.nn.init.normal_(p, std=0.3)
-    pm.save_pretrained(out)
+    pm.save_pretrained(out, save_embedding_layers=False)
     return out
 
 

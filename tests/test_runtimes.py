@@ -131,7 +131,7 @@ def test_checks_report_each_rule(runner, tmp_path):
     assert "--to vllm" in checks["vllm"]["problems"][0]["fix"]
     code, checks = run("llama-embed-mts", "vllm", "llamacpp")
     assert any(p["rule"] == "modules_to_save" for p in checks["vllm"]["problems"])
-    assert any(p["rule"] == "embedding" for p in checks["llamacpp"]["problems"])
+    assert [p["rule"] for p in checks["llamacpp"]["problems"]] == ["modules_to_save"]  # token_embd LoRA is fine there
     code, checks = run("gpt2-lora", "mlx")
     assert code == 1 and any(p["rule"] == "conv1d" for p in checks["mlx"]["problems"])
 
@@ -257,3 +257,32 @@ def test_mlx_lm_itself_computes_what_peft_does(tmp_path, mlx_base, name):
     err, effect = float(np.abs(got - want).max()), float(np.abs(want - plain).max())
     print(f"\nmlx-lm {name}: max |Δlogits| vs peft {err:.2e}, base vs base {noise:.2e}, the adapter's effect {effect:.2e}")
     assert err <= max(10 * noise, 1e-4) and effect > 100 * err, (err, noise, effect)
+
+
+def test_gguf_token_embd_lora_is_laid_out_as_llama_cpp_reads_it(tmp_path):
+    """An input-embedding LoRA goes to token_embd (llama.cpp adds scale · B · A[token]: A stored
+    (vocab, r), B (hidden, r), its loader's flipped shape check), and rebuilds peft's ΔW."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]))
+    for n, p in pm.named_parameters():
+        if "lora_embedding_A" in n or "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.2)
+    pm.save_pretrained(tmp_path / "ad", save_embedding_layers=False)  # else peft saves the base embedding too
+    from adaptkit.readiness import check
+
+    assert check(load_adapter(tmp_path / "ad"), "llamacpp").ok
+    assert not check(load_adapter(tmp_path / "ad"), "mlx").ok
+    out = tmp_path / "a.gguf"
+    convert(tmp_path / "ad", out, to="gguf", base=TINY_LLAMA)
+    shapes = {t.name: [int(x) for x in t.shape] for t in gguf.GGUFReader(str(out)).tensors}
+    vocab, hidden = LLAMA_CFG["vocab_size"], LLAMA_CFG["hidden_size"]
+    a, b = shapes["token_embd.weight.lora_a"], shapes["token_embd.weight.lora_b"]
+    assert b[1] == hidden and a[1] == vocab and a[0] == b[0] == 4  # model ne = (hidden, vocab)
+    got = read_gguf_deltas(out, LLAMA_CFG)
+    ref = peft_deltas(TINY_LLAMA, tmp_path / "ad")
+    d = ref["model.embed_tokens"]
+    assert d.shape == (hidden, vocab) and torch.allclose(got["token_embd.weight"], d, atol=1e-6 * d.abs().max().item())

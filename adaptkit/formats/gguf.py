@@ -88,6 +88,8 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
             raise AdaptkitError(f"gguf has no name for module {m.name} in {arch_name}", adapter.path)
         a = m.A.to(torch.float32)
         b = lora.fold(m.B.to(torch.float32), m.scaling, alpha / m.shape_rank)
+        if m.kind == "embedding":  # token_embd: llama.cpp adds scale · B · A[token] (get_rows of A, (vocab, r))
+            a = a.T.contiguous()
         if permute and m.name.endswith("q_proj"):
             b = permute_rows(b, n_head)
         elif permute and m.name.endswith("k_proj"):
@@ -129,9 +131,11 @@ def read_gguf_deltas(path: Path, base_config: dict) -> dict[str, torch.Tensor]:
         if name.endswith(".lora_a"):
             stem = name[: -len(".lora_a")]
             a, b = t[name], t[stem + ".lora_b"]
+            if stem.startswith("token_embd"):  # stored (vocab, r): A[token] rows, see write
+                a = a.T
             if permute and ".attn_q." in stem:
                 b = unpermute_rows(b, n_head)
             elif permute and ".attn_k." in stem:
                 b = unpermute_rows(b, n_kv)
-            out[stem] = (alpha / a.shape[0]) * (b @ a)
+            out[stem] = (alpha / a.shape[0]) * (b @ a)  # canonical (out, in): (hidden, vocab) for token_embd
     return out
