@@ -4,8 +4,9 @@ Tensors that need no compute are copied file-to-file by the kernel. The others g
 three-thread pipeline (:mod:`.io.pipeline`): the reader fills reusable byte buffers (pinned on
 CUDA), the compute thread decodes into one reused fp32 buffer on the device, applies the job's
 operations and encodes, the writer appends to the output shards (:mod:`.io.safetensors_file`).
-On the CPU a dense tensor with one plain LoRA (or a cast alone) skips the fp32 buffer: :func:`.ops.merge_rows` merges
-it a block of rows at a time from the read buffer into the output buffer, on every core.
+On the CPU a dense tensor with one plain LoRA (or a cast alone) skips the fp32 buffer:
+:func:`.ops.merge_rows` merges it a block of rows at a time from the read buffer into the output
+buffer, on all cores but one (:class:`.ops.RowWorkers`; the last is left to the kernel's writing).
 Memory stays at a few buffers of the largest merged tensor.
 """
 
