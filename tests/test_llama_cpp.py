@@ -106,7 +106,7 @@ def _adapter(base: Path, out: Path, targets) -> Path:
     for name, p in pm.named_parameters():
         if "lora_B" in name or "lora_embedding_A" in name:  # peft starts both at zero
             torch.nn.init.normal_(p, std=0.3)
-    pm.save_pretrained(out, save_embedding_layers=False)
+    pm.save_pretrained(out)
     return out
 
 

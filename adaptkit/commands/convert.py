@@ -10,6 +10,7 @@ into its B (:func:`adaptkit.lora.fold`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,22 @@ class ConvertResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _without_base_copies(adapter: Adapter, base_ck: Checkpoint) -> tuple[Adapter, list[str]]:
+    """The adapter without the full tensors that only repeat the base's own values (peft's
+    ``save_embedding_layers`` copy: replacing a tensor with itself changes nothing), and their names."""
+    import torch
+
+    keep, same = {}, []
+    for name, key in adapter.full_tensors.items():
+        saved = adapter.source.get(key)
+        if name in base_ck.tensors and tuple(saved.shape) == tuple(base_ck.info(name).shape) \
+                and torch.equal(saved.to(torch.float64), base_ck.read(name).to(torch.float64)):
+            same.append(name)
+        else:
+            keep[name] = key
+    return (dataclasses.replace(adapter, full_tensors=keep) if same else adapter), same
 
 
 def convert(source, out, *, to: str, base=None, initial=None, dtype=None, outtype: str = "f32",
@@ -108,6 +125,11 @@ def convert(source, out, *, to: str, base=None, initial=None, dtype=None, outtyp
         if moved:
             report.warn(f"{len(moved)} modules re-laid out to the base's fused/split projections (first: {moved[0]}); "
                         "every ΔW kept")
+    if base_ck is not None and adapter.full_tensors:
+        adapter, same = _without_base_copies(adapter, base_ck)
+        if same:
+            report.warn(f"{len(same)} saved tensors equal the base's own (peft saves the base embedding beside an "
+                        f"embedding LoRA): left out, exactly ({', '.join(same[:3])})")
     if target.base != "no" and base_ck is None:
         guess = Path(str(adapter.base_model or ""))
         if adapter.base_model and (guess / "config.json").exists():
