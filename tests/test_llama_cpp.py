@@ -45,12 +45,50 @@ def _gemma():
                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
+def _qwen2():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
+def _qwen3():
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
+def _gemma3():
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                            sliding_window=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _granite():
+    from transformers import GraniteConfig
+
+    return GraniteConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                         logits_scaling=4.0, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         tie_word_embeddings=False)
+
+
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ARCHS = {
     "llama": (llama_config, LINEAR),
     "mistral": (_mistral, LINEAR),
     "gemma": (_gemma, LINEAR),
     "phi3": (phi3_config, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    "qwen2": (_qwen2, LINEAR),
+    "qwen3": (_qwen3, LINEAR),
+    "gemma3": (_gemma3, LINEAR),
+    "granite": (_granite, LINEAR),
     "llama-token-embd": (llama_config, LINEAR + ["embed_tokens"]),  # token_embd LoRA (llama.cpp PR #11131)
 }
 
@@ -149,7 +187,9 @@ def test_llama_cpp_computes_what_peft_does(tmp_path, lc, arch):
                 f"LoRA vs merged in llama.cpp {np.abs(with_lora - merged).max() / scale:.2e}, effect {effect:.2f}")
     assert effect > 0.1  # the adapter moves the logits: a dropped or mis-scaled module would show
     assert err <= max(2 * noise, 2e-5), (err, noise)
-    assert np.abs(with_lora - merged).max() / scale <= max(2 * noise, 2e-5)
+    # the LoRA applied by llama.cpp equals the merged weights run by llama.cpp, whatever llama.cpp's own
+    # distance to transformers (gemma3's tiny model: 0.85 of the largest logit on both, not the LoRA's doing)
+    assert np.abs(with_lora - merged).max() / scale <= 2e-5
 
 
 def test_llama_export_lora_equals_adaptkit_merge(tmp_path, lc):

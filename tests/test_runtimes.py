@@ -289,3 +289,15 @@ def test_gguf_token_embd_lora_is_laid_out_as_llama_cpp_reads_it(tmp_path):
     ref = peft_deltas(TINY_LLAMA, tmp_path / "ad")
     d = ref["model.embed_tokens"]
     assert d.shape == (hidden, vocab) and torch.allclose(got["token_embd.weight"], d, atol=1e-6 * d.abs().max().item())
+
+
+@pytest.mark.parametrize("config, want", [
+    ({"architectures": ["Qwen3ForCausalLM"]}, ("qwen3", False)),
+    ({"architectures": ["GraniteForCausalLM"]}, ("granite", True)),  # llama.cpp's GraniteModel is a LlamaModel
+    ({"model_type": "gemma3_text"}, ("gemma3", False)),
+])
+def test_gguf_architectures_beyond_the_first_six(config, want):
+    from adaptkit.formats.gguf import PERMUTED, base_architecture
+
+    assert base_architecture(config, "base") == want
+    assert ("granite" in PERMUTED) and ("qwen3" not in PERMUTED)

@@ -24,7 +24,12 @@ ARCHITECTURES = {
     "LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
     "Qwen2ForCausalLM": ("qwen2", False), "GemmaForCausalLM": ("gemma", False),
     "Gemma2ForCausalLM": ("gemma2", False), "Phi3ForCausalLM": ("phi3", False),
+    # llama.cpp's converter (llama-cpp-python 0.3.36's vendor/llama.cpp/conversion: qwen.py Qwen3Model,
+    # gemma.py Gemma3Model, granite.py GraniteModel(LlamaModel), which permutes q/k as llama does)
+    "Qwen3ForCausalLM": ("qwen3", False), "Gemma3ForCausalLM": ("gemma3", False),
+    "GraniteForCausalLM": ("granite", True),
 }
+PERMUTED = {arch for arch, permute in ARCHITECTURES.values() if permute}  # gguf archs whose q/k rows are permuted
 
 
 def _gguf():
@@ -45,7 +50,8 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM"}
+               "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "granite": "GraniteForCausalLM"}
 
 
 def base_architecture(config: dict, path) -> tuple[str, bool]:
@@ -116,7 +122,7 @@ def read_gguf_deltas(path: Path, base_config: dict) -> dict[str, torch.Tensor]:
     fields = {f.name: f for f in reader.fields.values()}
     alpha = float(fields["adapter.lora.alpha"].parts[fields["adapter.lora.alpha"].data[0]][0])
     arch = bytes(fields["general.architecture"].parts[fields["general.architecture"].data[0]]).decode()
-    permute = arch == "llama"
+    permute = arch in PERMUTED
     n_head = int(base_config.get("num_attention_heads", 0))
     n_kv = int(base_config.get("num_key_value_heads") or n_head)
     t = {}
