@@ -344,3 +344,24 @@ def test_a_merged_tensor_beyond_the_output_dtype_fails_naming_it(runner, tmp_pat
     res = invoke(runner, "merge", TINY_LLAMA, ad, "-o", tmp_path / "o")
     assert_one_line_error(res, "into model.layers.1.self_attn.k_proj.weight gives NaN or Inf", "float16")
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
+
+
+def test_untouched_tensors_copy_without_the_kernel_once_it_refuses(tmp_path, monkeypatch):
+    """A base on another file system (copy_file_range: EXDEV): each output file asks once, then copies
+    through its reused buffer; the bytes are the base's."""
+    import errno
+    import os
+
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    out = tmp_path / "out"
+    merge(TINY_LLAMA, [ADAPTERS["llama-lora"]], out)
+    ours, base = load_dir(out), load_dir(TINY_LLAMA)
+    untouched = [k for k in base if "norm" in k or "embed" in k]
+    assert untouched and all(torch.equal(ours[k], base[k]) for k in untouched)
+    assert 0 < len(calls) <= len(list(out.glob("*.safetensors")))

@@ -206,6 +206,7 @@ def build_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metada
 
 
 WRITEBACK_EVERY = 64 << 20
+COPY_CHUNK = 8 << 20  # the read/write copy's buffer, where the kernel cannot copy
 
 
 class _OutputFile:
@@ -250,19 +251,27 @@ class _OutputFile:
             done += os.write(self._fd, mv[done:])
 
     def _copy_in(self, src_fd: int, src_offset: int, nbytes: int) -> None:
-        """Copy ``nbytes`` of another file to this file's position, by the kernel where it can."""
+        """Copy ``nbytes`` of another file to this file's position, by the kernel where it can.
+
+        Where it cannot (the base on another file system: EXDEV; another OS) the file stops asking
+        and copies through one reused buffer of :data:`COPY_CHUNK` (a fresh 64 MB buffer per chunk
+        measured 0.3–0.8 GB/s into the page cache, a reused 8 MB one 1.5–3.5 GB/s)."""
         done = 0
         while done < nbytes:
             n = 0
-            try:
-                n = os.copy_file_range(src_fd, self._fd, nbytes - done, src_offset + done)
-            except (OSError, AttributeError):
-                n = 0
-            if n <= 0:  # no kernel copy here (other OS, cross-device on old kernels): read and write
-                chunk = min(nbytes - done, 64 << 20)
-                buf = bytearray(chunk)
-                read_into(src_fd, src_offset + done, memoryview(buf))
-                self._write_all(memoryview(buf))
+            if getattr(self, "_kernel_copy", True):
+                try:
+                    n = os.copy_file_range(src_fd, self._fd, nbytes - done, src_offset + done)
+                except (OSError, AttributeError):
+                    self._kernel_copy = False
+                    n = 0
+            if n <= 0:  # read and write
+                buf = getattr(self, "_copy_buf", None)
+                if buf is None:
+                    buf = self._copy_buf = memoryview(bytearray(COPY_CHUNK))
+                chunk = min(nbytes - done, COPY_CHUNK)
+                read_into(src_fd, src_offset + done, buf[:chunk])
+                self._write_all(buf[:chunk])
                 n = chunk
             done += n
 
