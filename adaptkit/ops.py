@@ -191,10 +191,23 @@ class RowWorkers:
             buf = self._local.buf = torch.empty(n, dtype=torch.float32)
         return buf[:n]
 
-    def map(self, fn, parts: list) -> list:
-        if self._pool is None or len(parts) == 1:
-            return [fn(p) for p in parts]
-        return list(self._pool.map(fn, parts))
+    @staticmethod
+    def step(cols: int, block_bytes: int | None = None) -> int:
+        """Rows per block of a tensor with ``cols`` columns: ``block_bytes`` (default
+        :data:`ROW_BLOCK_BYTES`) of fp32, a multiple of :data:`ROW_ALIGN` rows (see :func:`merge_rows`)."""
+        return max(ROW_ALIGN, (block_bytes or ROW_BLOCK_BYTES) // (4 * max(cols, 1)) // ROW_ALIGN * ROW_ALIGN)
+
+    def share(self, fn, items: list) -> list:
+        """``fn`` on each worker's run of consecutive ``items`` (as many runs as workers, at most one
+        per item): the results, in order."""
+        n = min(self.count, len(items))
+        if n == 0:
+            return []
+        bounds = [len(items) * k // n for k in range(n + 1)]
+        runs = [items[x:y] for x, y in zip(bounds, bounds[1:])]
+        if self._pool is None or n == 1:
+            return [fn(r) for r in runs]
+        return list(self._pool.map(fn, runs))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -223,7 +236,7 @@ def merge_rows(src: torch.Tensor, dst: torch.Tensor, op: Op, workers: RowWorkers
     scale = op.scale  # refuses a scale that is not finite
     rows, cols = src.shape
     lo, hi = op.into if op.into is not None else (0, rows)  # the rows the delta lands on
-    step = max(ROW_ALIGN, (block_bytes or ROW_BLOCK_BYTES) // (4 * max(cols, 1)) // ROW_ALIGN * ROW_ALIGN)
+    step = RowWorkers.step(cols, block_bytes)
     blocks = [(i, min(i + step, stop), merged) for start, stop, merged in ((0, lo, False), (lo, hi, True), (hi, rows, False))
               for i in range(start, stop, step)]
 
@@ -240,6 +253,4 @@ def merge_rows(src: torch.Tensor, dst: torch.Tensor, op: Op, workers: RowWorkers
             ok = _finite(dst[i:j], t) and ok
         return ok
 
-    n = min(workers.count, len(blocks))
-    bounds = [len(blocks) * k // n for k in range(n + 1)]
-    return all(workers.map(part, [blocks[x:y] for x, y in zip(bounds, bounds[1:])]))
+    return all(workers.share(part, blocks))

@@ -42,7 +42,7 @@ from ..device import resolve_device
 from ..errors import AdaptkitError
 from ..io import readahead
 from ..io.checkpoint import Checkpoint
-from ..ops import ROW_ALIGN, ROW_BLOCK_BYTES, RowWorkers
+from ..ops import RowWorkers
 from ..plan import VOCAB_TENSORS, plan_merge, scaled_weights
 from ..quant import check_quantization, dequantize, find_quantized, quantize
 from ..reporting import Collected, Reporter
@@ -203,7 +203,7 @@ def _probe_rows(src: torch.Tensor, got: torch.Tensor, x: torch.Tensor, transpose
     rows, cols = src.shape
     probes = x.shape[1]
     c = (x * x).sum(1)  # Σₚ x², per input
-    step = max(ROW_ALIGN, ROW_BLOCK_BYTES // (4 * max(cols, 1)) // ROW_ALIGN * ROW_ALIGN)
+    step = RowWorkers.step(cols)
     starts = list(range(0, rows, step))
     out_f = cols if transposed else rows
     wx = torch.zeros(out_f, probes)
@@ -226,10 +226,8 @@ def _probe_rows(src: torch.Tensor, got: torch.Tensor, x: torch.Tensor, transpose
                 torch.mm(gb.sub_(wb), x, out=dwx[i:j])
         return acc_wx, acc_dwx, noise
 
-    n = min(workers.count, len(starts))
-    bounds = [len(starts) * k // n for k in range(n + 1)]
     total = 0.0
-    for acc_wx, acc_dwx, noise in workers.map(part, [starts[a:b] for a, b in zip(bounds, bounds[1:])]):
+    for acc_wx, acc_dwx, noise in workers.share(part, starts):
         total += noise
         if transposed:
             wx += acc_wx

@@ -222,6 +222,8 @@ class _OutputFile:
         self._f = open(self.path, "wb", buffering=0)
         self._fd = self._f.fileno()
         self._handed = 0  # bytes from the start already handed to the disk
+        self._kernel_copy = True  # copy_file_range until it is refused
+        self._copy_buf: memoryview | None = None  # the read/write copy's buffer, made on first use
 
     def _written(self) -> None:
         """Every WRITEBACK_EVERY bytes, start writing back what was written so far (asynchronously).
@@ -259,16 +261,16 @@ class _OutputFile:
         done = 0
         while done < nbytes:
             n = 0
-            if getattr(self, "_kernel_copy", True):
+            if self._kernel_copy:
                 try:
                     n = os.copy_file_range(src_fd, self._fd, nbytes - done, src_offset + done)
                 except (OSError, AttributeError):
                     self._kernel_copy = False
                     n = 0
             if n <= 0:  # read and write
-                buf = getattr(self, "_copy_buf", None)
-                if buf is None:
-                    buf = self._copy_buf = memoryview(bytearray(COPY_CHUNK))
+                if self._copy_buf is None:
+                    self._copy_buf = memoryview(bytearray(COPY_CHUNK))
+                buf = self._copy_buf
                 chunk = min(nbytes - done, COPY_CHUNK)
                 read_into(src_fd, src_offset + done, buf[:chunk])
                 self._write_all(buf[:chunk])
