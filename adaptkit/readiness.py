@@ -86,7 +86,9 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
     biased = [m.name for m in mods if m.bias_key]
     if biased:
         problems.append(Problem("lora_bias", f"{len(biased)} modules with a LoRA bias (first: {biased[0]})", merge_fix))
-    experts = [m.name for m in mods if m.kind == "param" or m.param]
+    # llama.cpp applies a LoRA on a 3-D expert tensor expert by expert (llama.cpp in llama-cpp-python 0.3.36:
+    # src/llama-graph.cpp llm_graph_context::build_lora_mm_id); the GGUF export lays the factors out
+    experts = [m.name for m in mods if (m.kind == "param" or m.param) and target != "llamacpp"]
     if experts:
         why = ("vLLM loads such LoRAs only for some MoE models and releases, which adaptkit has not checked"
                if target == "vllm" else "which adaptkit does not export for this runtime yet")

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.build import llama_config, phi3_config
+from fixtures.build import gpt_oss_config, llama_config, mixtral_config, phi3_config, qwen2_moe_config, qwen3_moe_config
 
 ROOT = os.environ.get("ADAPTKIT_LLAMA_CPP")
 pytestmark = [pytest.mark.llama_cpp,
@@ -79,7 +79,26 @@ def _granite():
                          tie_word_embeddings=False)
 
 
+def _olmoe():
+    from transformers import OlmoeConfig
+
+    # no GQA: llama.cpp's olmoe wants attn_k_norm over the whole hidden size, as OLMoE's models have it
+    return OlmoeConfig(vocab_size=256, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
+                       max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _qwen3_moe():
+    # llama.cpp's qwen3moe always renormalises the top-k routing weights (src/models/qwen3moe.cpp passes
+    # norm_w = true to build_moe_ffn), as Qwen3-30B-A3B's config does; transformers' default is not to
+    config = qwen3_moe_config()
+    config.norm_topk_prob = True
+    return config
+
+
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]  # transformers 5's fused expert parameters
 ARCHS = {
     "llama": (llama_config, LINEAR),
     "mistral": (_mistral, LINEAR),
@@ -90,6 +109,14 @@ ARCHS = {
     "gemma3": (_gemma3, LINEAR),
     "granite": (_granite, LINEAR),
     "llama-token-embd": (llama_config, LINEAR + ["embed_tokens"]),  # token_embd LoRA (llama.cpp PR #11131)
+    # MoE: LoRAs on every expert (peft target_parameters), laid out as ffn_{gate,up,down}_exps
+    "qwen3-moe": (_qwen3_moe, ATTENTION, EXPERTS),
+    "mixtral": (mixtral_config, ATTENTION, EXPERTS),
+    "olmoe": (_olmoe, ATTENTION, EXPERTS),
+    "gpt-oss": (gpt_oss_config, ATTENTION, EXPERTS),  # experts stored fused (E, in, out), gate/up interleaved
+    # the shared expert and its gate (nn.Linear), the router (a 2-D parameter) and the routed experts
+    "qwen2-moe": (qwen2_moe_config, ATTENTION + ["shared_expert.gate_proj", "shared_expert.down_proj",
+                                                 "shared_expert_gate"], EXPERTS + ["mlp.gate.weight"]),
 }
 
 
@@ -111,11 +138,23 @@ def lc(tmp_path_factory):
     return llama_cpp, root / "vendor/llama.cpp", work / "sp.model"
 
 
-def _gguf_base(lc, folder: Path, out: Path) -> Path:
-    """llama.cpp's own converter on an HF folder (f32)."""
+SPM_VOCAB = {"qwen3-moe", "qwen2-moe", "olmoe", "gpt-oss"}  # converters that read only a GPT-2 BPE vocabulary
+CONVERT = """import runpy, sys
+sys.argv[0] = sys.argv.pop(1)
+sys.path.insert(0, sys.argv.pop(1))
+if sys.argv.pop(1) == "spm":  # the tokenizer does not matter to these tests (token ids go in): read ours
+    from conversion.base import TextModel
+    TextModel._set_vocab_gpt2 = TextModel._set_vocab_sentencepiece
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _gguf_base(lc, folder: Path, out: Path, vocab: str = "own") -> Path:
+    """llama.cpp's own converter on an HF folder (f32); ``vocab="spm"`` makes it read the sentencepiece
+    tokenizer where it would want a GPT-2 one."""
     _, src, _ = lc
-    res = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(folder), "--outtype", "f32",
-                          "--outfile", str(out)], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-c", CONVERT, str(src / "convert_hf_to_gguf.py"), str(src), vocab,
+                          str(folder), "--outtype", "f32", "--outfile", str(out)], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(src / "gguf-py")})
     assert res.returncode == 0, res.stderr[-2000:]
     return out
@@ -132,14 +171,20 @@ def _base(lc, tmp_path: Path, arch: str) -> Path:
     return folder
 
 
-def _adapter(base: Path, out: Path, targets) -> Path:
+def _adapter(base: Path, out: Path, targets, parameters=None) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=targets,
-                     rank_pattern={f"layers.1.self_attn.{targets[0]}": 4}, alpha_pattern={"layers.0.mlp.down_proj": 3})
+    ranks = {f"layers.1.self_attn.{targets[0]}": 4}
+    if parameters:  # patterns on the experts too (peft matches them on module.parameter; its "did not match"
+        # warning for them looks only at module names)
+        ranks["layers.1.mlp.experts.gate_up_proj"] = 4
+        extra = dict(target_parameters=parameters, alpha_pattern={"mlp.experts.down_proj": 3})
+    else:
+        extra = dict(alpha_pattern={"layers.0.mlp.down_proj": 3})
+    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=targets, rank_pattern=ranks, **extra)
     pm = get_peft_model(model, cfg)
     for name, p in pm.named_parameters():
         if "lora_B" in name or "lora_embedding_A" in name:  # peft starts both at zero
@@ -160,15 +205,23 @@ def _llama_logits(lc, model: Path, lora: Path | None = None) -> np.ndarray:
     return np.array(llm.scores[: len(IDS)])
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_llama_cpp_computes_what_peft_does(tmp_path, lc, arch):
+def _check(lc, tmp_path: Path, base: Path, adapter: Path, vocab: str, label: str, peft: bool = True) -> None:
+    """llama.cpp + our GGUF of ``adapter`` computes what peft's unmerged model does, and what llama.cpp
+    computes on the adaptkit-merged weights (only the latter where peft cannot load the adapter)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = _base(lc, tmp_path, arch)
-    adapter = _adapter(base, tmp_path / "adapter", ARCHS[arch][1])
-    base_gguf = _gguf_base(lc, base, tmp_path / "base.gguf")
+    base_gguf = _gguf_base(lc, base, tmp_path / "base.gguf", vocab)
     _adaptkit("convert", adapter, "--to", "gguf", "--base", base, "-o", tmp_path / "adapter.gguf")
+    if not peft:
+        _adaptkit("merge", base, adapter, "-o", tmp_path / "merged", "--dtype", "float32")
+        merged = _llama_logits(lc, _gguf_base(lc, tmp_path / "merged", tmp_path / "merged.gguf", vocab))
+        with_lora, plain = _llama_logits(lc, base_gguf, tmp_path / "adapter.gguf"), _llama_logits(lc, base_gguf)
+        scale = np.abs(merged).max()
+        err, effect = np.abs(with_lora - merged).max() / scale, np.abs(merged - plain).max() / scale
+        print(label, f"LoRA vs merged in llama.cpp {err:.2e}, effect {effect:.2f}")
+        assert effect > 0.1 and err <= 2e-5
+        return
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval()
     with torch.no_grad():
         want = ref(input_ids=torch.tensor([IDS])).logits[0].double().numpy()
@@ -179,17 +232,56 @@ def test_llama_cpp_computes_what_peft_does(tmp_path, lc, arch):
     # llama.cpp's own noise on these weights: the merged model (adaptkit merge, fp32, through the
     # same converter) run in llama.cpp against peft (gemma's GELU goes through an f16 table there)
     _adaptkit("merge", base, adapter, "-o", tmp_path / "merged", "--dtype", "float32")
-    merged = _llama_logits(lc, _gguf_base(lc, tmp_path / "merged", tmp_path / "merged.gguf"))
+    merged = _llama_logits(lc, _gguf_base(lc, tmp_path / "merged", tmp_path / "merged.gguf", vocab))
     noise = np.abs(merged - want).max() / scale
     err = np.abs(with_lora - want).max() / scale
     effect = np.abs(want - plain).max() / scale
-    print(arch, f"llama.cpp base+LoRA vs peft {err:.2e}, merged model in llama.cpp vs peft {noise:.2e}, "
-                f"LoRA vs merged in llama.cpp {np.abs(with_lora - merged).max() / scale:.2e}, effect {effect:.2f}")
+    print(label, f"llama.cpp base+LoRA vs peft {err:.2e}, merged model in llama.cpp vs peft {noise:.2e}, "
+                 f"LoRA vs merged in llama.cpp {np.abs(with_lora - merged).max() / scale:.2e}, effect {effect:.2f}")
     assert effect > 0.1  # the adapter moves the logits: a dropped or mis-scaled module would show
     assert err <= max(2 * noise, 2e-5), (err, noise)
     # the LoRA applied by llama.cpp equals the merged weights run by llama.cpp, whatever llama.cpp's own
     # distance to transformers (gemma3's tiny model: 0.85 of the largest logit on both, not the LoRA's doing)
     assert np.abs(with_lora - merged).max() / scale <= 2e-5
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_llama_cpp_computes_what_peft_does(tmp_path, lc, arch):
+    base = _base(lc, tmp_path, arch)
+    adapter = _adapter(base, tmp_path / "adapter", *ARCHS[arch][1:])
+    _check(lc, tmp_path, base, adapter, "spm" if arch in SPM_VOCAB else "own", arch)
+
+
+def test_llama_cpp_takes_per_expert_linear_loras_stacked(tmp_path, lc):
+    """A transformers-4 era Mixtral LoRA on each expert's nn.Linear (as peft 0.13 saved it): stacked into
+    ffn_*_exps, expert ranks differing (zero-padded) and one expert without a LoRA (zeros). peft 0.21
+    cannot load this one (transformers stacks the experts' factors on load, which needs every expert
+    at one rank), so llama.cpp on the adaptkit-merged weights is the reference: that merge is checked
+    against the factors in tests/test_families.py."""
+    import json
+
+    from safetensors.torch import save_file
+
+    base = _base(lc, tmp_path, "mixtral")
+    gen = torch.Generator().manual_seed(0)
+    tensors, ranks = {}, {}
+    for layer in range(2):
+        for e in range(3):  # expert 3 has none
+            for w, (o, i) in {"w1": (48, 64), "w2": (64, 48), "w3": (48, 64)}.items():
+                p = f"base_model.model.model.layers.{layer}.block_sparse_moe.experts.{e}.{w}"
+                r = 2 if e == 1 else 4
+                if r != 4:
+                    ranks[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}"] = r
+                tensors[p + ".lora_A.weight"] = 0.3 * torch.randn(r, i, generator=gen)
+                tensors[p + ".lora_B.weight"] = 0.3 * torch.randn(o, r, generator=gen)
+    ad = tmp_path / "lora"
+    ad.mkdir()
+    save_file(tensors, ad / "adapter_model.safetensors")
+    (ad / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "rank_pattern": ranks,
+        "alpha_pattern": {"model.layers.0.block_sparse_moe.experts.0.w2": 2}, "target_modules": ["w1", "w2", "w3"],
+        "peft_version": "0.13.2"}))
+    _check(lc, tmp_path, base, ad, "own", "mixtral per-expert linears", peft=False)
 
 
 def test_llama_export_lora_equals_adaptkit_merge(tmp_path, lc):

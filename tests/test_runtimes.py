@@ -301,3 +301,100 @@ def test_gguf_architectures_beyond_the_first_six(config, want):
 
     assert base_architecture(config, "base") == want
     assert ("granite" in PERMUTED) and ("qwen3" not in PERMUTED)
+
+
+@pytest.mark.parametrize("name", ["qwen3-moe-experts", "gpt-oss-experts"])
+def test_gguf_expert_loras_are_laid_out_as_llama_cpp_converts_experts(tmp_path, name):
+    """A LoRA on transformers 5's fused expert parameters (peft target_parameters): llama.cpp applies
+    a (E, r, in) / b (E, out, r) per expert on ffn_{gate,up,down}_exps (E, out, in), which its converter
+    makes from the checkpoint: Qwen3-MoE's per-expert tensors stacked (gate and up: the halves of
+    gate_up_proj), gpt-oss's fused (E, in, out) ones transposed, gate and up interleaved (rows ::2 and
+    1::2). The same transformation applied to peft's merge_and_unload ΔW gives what llama.cpp adds."""
+    from helpers import FAMILY_ADAPTERS, FAMILY_BASE_OF, peft_merged
+
+    from fixtures.build import load_model
+
+    base, ad = FAMILY_BASE_OF[name], FAMILY_ADAPTERS[name]
+    out = tmp_path / "a.gguf"
+    convert(ad, out, to="gguf", base=base)
+    cfg = json.loads((base / "config.json").read_text())
+    E = cfg.get("num_experts") or cfg["num_local_experts"]
+    inter, hidden = cfg.get("moe_intermediate_size") or cfg["intermediate_size"], cfg["hidden_size"]
+    r = json.loads((ad / "adapter_config.json").read_text())["r"]
+    shapes = {t.name: [int(x) for x in t.shape] for t in gguf.GGUFReader(str(out)).tensors}
+    assert shapes["blk.0.ffn_gate_exps.weight.lora_a"] == [hidden, r, E]  # ggml ne, innermost first
+    assert shapes["blk.0.ffn_gate_exps.weight.lora_b"] == [r, inter, E]
+    assert shapes["blk.1.ffn_down_exps.weight.lora_b"] == [r, hidden, E]
+    got = read_gguf_deltas(out, cfg)
+    _, merged = peft_merged(base, [ad])
+    ref, plain = merged.state_dict(), load_model(base).state_dict()
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}.mlp.experts."
+        gate_up = ref[p + "gate_up_proj"] - plain[p + "gate_up_proj"]
+        down = ref[p + "down_proj"] - plain[p + "down_proj"]
+        if name == "gpt-oss-experts":  # (E, H, 2I), (E, I, H) as stored
+            gate_up, down = gate_up.transpose(-1, -2), down.transpose(-1, -2)
+            gate, up = gate_up[:, ::2], gate_up[:, 1::2]
+        else:
+            gate, up = gate_up[:, :inter], gate_up[:, inter:]
+        for gname, want in (("ffn_gate_exps", gate), ("ffn_up_exps", up), ("ffn_down_exps", down)):
+            d = got[f"blk.{layer}.{gname}.weight"]
+            assert d.shape == want.shape and torch.allclose(d, want, atol=1e-5 * want.abs().max().item()), gname
+
+
+def test_gguf_stacks_per_expert_linear_loras_zero_padded(tmp_path):
+    """Per-expert nn.Linear LoRAs (transformers-4 era Mixtral): one ffn_*_exps tensor per projection,
+    each expert padded with zeros to the largest rank, an expert without a LoRA all zeros: exact."""
+    from safetensors.torch import save_file
+
+    from fixtures import build
+
+    build.build_model(build.mixtral_config(), tmp_path / "base", dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    tensors, ranks = {}, {}
+    for e in (0, 2):  # experts 1 and 3 without a LoRA
+        p = f"base_model.model.model.layers.1.block_sparse_moe.experts.{e}.w2"
+        r = 4 if e == 0 else 2
+        if r != 4:
+            ranks[p.removeprefix("base_model.model.")] = r
+        tensors[p + ".lora_A.weight"] = torch.randn(r, 48, generator=gen)
+        tensors[p + ".lora_B.weight"] = torch.randn(64, r, generator=gen)
+    (tmp_path / "ad").mkdir()
+    save_file(tensors, tmp_path / "ad" / "adapter_model.safetensors")
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "rank_pattern": ranks, "target_modules": ["w2"],
+        "use_rslora": True, "peft_version": "0.13.2"}))
+    out = tmp_path / "a.gguf"
+    convert(tmp_path / "ad", out, to="gguf", base=tmp_path / "base")
+    shapes = {t.name: [int(x) for x in t.shape] for t in gguf.GGUFReader(str(out)).tensors}
+    assert shapes == {"blk.1.ffn_down_exps.weight.lora_a": [48, 4, 4], "blk.1.ffn_down_exps.weight.lora_b": [4, 64, 4]}
+    got = read_gguf_deltas(out, json.loads((tmp_path / "base" / "config.json").read_text()))["blk.1.ffn_down_exps.weight"]
+    for e in range(4):
+        p = f"base_model.model.model.layers.1.block_sparse_moe.experts.{e}.w2"
+        if p + ".lora_A.weight" not in tensors:
+            assert torch.count_nonzero(got[e]) == 0
+            continue
+        a, b = tensors[p + ".lora_A.weight"], tensors[p + ".lora_B.weight"]
+        want = 8 / a.shape[0] ** 0.5 * b @ a  # rsLoRA: alpha / sqrt(r), each expert its own r
+        assert torch.allclose(got[e], want, atol=1e-5 * want.abs().max().item()), e
+
+
+def test_gguf_refuses_a_base_storing_expert_gate_and_up_fused(runner, tmp_path):
+    """A Qwen3-MoE checkpoint with gate_up_proj stored fused (as transformers holds it in memory):
+    llama.cpp's converters split or keep that per model, so the export refuses rather than guesses."""
+    from helpers import FAMILY_ADAPTERS, FAMILY_BASE_OF, assert_one_line_error
+    from safetensors.torch import save_file
+
+    from fixtures.build import load_model
+
+    base = FAMILY_BASE_OF["qwen3-moe-experts"]
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    state = {k: v.contiguous() for k, v in load_model(base).state_dict().items() if k != "lm_head.weight"
+             or not json.loads((base / "config.json").read_text()).get("tie_word_embeddings")}
+    save_file(state, fused / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(base / "config.json", fused / "config.json")
+    res = runner.invoke(main, ["convert", str(FAMILY_ADAPTERS["qwen3-moe-experts"]), "--to", "gguf", "--base",
+                               str(fused), "-o", str(tmp_path / "a.gguf")])
+    assert_one_line_error(res, "gate and up fused", "gate_up_proj")
+    assert not (tmp_path / "a.gguf").exists()

@@ -140,9 +140,13 @@ def convert(source, out, *, to: str, base=None, initial=None, dtype=None, outtyp
     if pad_rank is not None and (to != "vllm" or isinstance(pad_rank, bool) or not isinstance(pad_rank, int)
                                  or pad_rank < 1):
         raise AdaptkitError("is a positive rank, for to='vllm'", param="pad_rank")
+    if to == "gguf" and base_ck is not None:  # which expert parameter each target_parameters LoRA adapts
+        from ..plan import resolve_parameters
+
+        resolve_parameters(base_ck, [adapter])
     options = dict(dtype=torch_dtype, prefix=prefix, outtype=outtype, pad_rank=pad_rank,
                    base_config=base_ck.config if base_ck is not None else None,
-                   base_path=base_ck.path if base_ck is not None else None)
+                   base_path=base_ck.path if base_ck is not None else None, base=base_ck)
     if target.suffix is None:
         with atomic_output_dir(out, force, inputs=inputs) as tmp:
             target.write(adapter, tmp, **options)

@@ -6,10 +6,20 @@ can have per-module ranks, alphas and rsLoRA, so each module's own scaling sₘ 
 lora_b: lora_b' = lora_b · sₘ / (alpha / rₘ). Tensors keep PEFT's shapes (lora_a r × in, lora_b
 out × r) under gguf's own names (``blk.0.attn_q.weight.lora_a``). For llama-family models the
 converter permutes the rows of q and k for RoPE; lora_b's rows get the same permutation.
+
+MoE experts: llama.cpp's converter stacks the checkpoint's per-expert tensors into one 3-D tensor per
+projection (``blk.N.ffn_{gate,up,down}_exps``, numpy (E, out, in)), and its graph applies a LoRA on
+it expert by expert (``llm_graph_context::build_lora_mm_id``: mul_mat_id(b, mul_mat_id(a, x)) with
+``a`` (E, r, in), ``b`` (E, out, r), one rank for the tensor). A ``target_parameters`` LoRA on a
+transformers-5 expert parameter is laid out there from the base's own on-disk tensors (gate beside
+up: each gets its rows of every expert's ΔW); per-expert ``nn.Linear`` LoRAs (transformers-4 era
+Mixtral) are stacked, each expert zero-padded to the largest rank and experts without a LoRA zero:
+exact either way.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +38,13 @@ ARCHITECTURES = {
     # gemma.py Gemma3Model, granite.py GraniteModel(LlamaModel), which permutes q/k as llama does)
     "Qwen3ForCausalLM": ("qwen3", False), "Gemma3ForCausalLM": ("gemma3", False),
     "GraniteForCausalLM": ("granite", True),
+    # MoE (same converter): qwen.py Qwen2MoeModel / Qwen3MoeModel(Qwen2MoeModel) and olmo.py OlmoeModel stack
+    # mlp.experts.N.{gate,up,down}_proj into mlp.experts.{…}; llama.py LlamaModel stacks Mixtral's
+    # block_sparse_moe.experts.N.w{1,2,3} (and permutes q/k as for llama)
+    "Qwen2MoeForCausalLM": ("qwen2moe", False), "Qwen3MoeForCausalLM": ("qwen3moe", False),
+    "OlmoeForCausalLM": ("olmoe", False), "MixtralForCausalLM": ("llama", True),
+    # gpt_oss.py GptOssModel: experts stored fused and (E, in, out), split and transposed there (see _expert_parts)
+    "GptOssForCausalLM": ("gpt-oss", False),
 }
 PERMUTED = {arch for arch, permute in ARCHITECTURES.values() if permute}  # gguf archs whose q/k rows are permuted
 
@@ -51,7 +68,9 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "granite": "GraniteForCausalLM"}
+               "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "granite": "GraniteForCausalLM",
+               "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+               "mixtral": "MixtralForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 
 
 def base_architecture(config: dict, path) -> tuple[str, bool]:
@@ -64,8 +83,109 @@ def base_architecture(config: dict, path) -> tuple[str, bool]:
     return ARCHITECTURES[arch]
 
 
-def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32", base_path=None, **_) -> dict:
-    """Write ``adapter`` as a llama.cpp LoRA; return the metadata written."""
+_EXPERT = re.compile(r"\.experts\.(\d+)(?=\.)")  # a per-expert tensor or module: ….experts.3.gate_proj
+
+
+def _stacked(name: str) -> tuple[str, int | None]:
+    """The name llama.cpp's converter gives the stack of a per-expert tensor or module (the expert
+    index dropped, as its MoE models' modify_tensors build ``merged_name``) and the expert; a name
+    of no single expert unchanged, with None."""
+    m = _EXPERT.search(name)
+    return (name[: m.start()] + ".experts" + name[m.end():], int(m.group(1))) if m else (name, None)
+
+
+def _expert_parts(m, base, arch: str, path) -> list[tuple[str, int, slice, slice]]:
+    """Where a LoRA on a 3-D expert parameter lands in what llama.cpp converts: each (checkpoint
+    tensor it becomes, without ``.weight``; expert, or -1 for all; rows of ΔW (B's); columns (A's))."""
+    from ..plan import _expert_orientation, expert_parameters
+
+    shapes, fused = expert_parameters(base)
+    shape = shapes.get(m.weight_name)
+    every = slice(None)
+    if shape is None or len(shape) != 3 or shape[0] != m.experts:
+        raise AdaptkitError(f"{m.name}: the base has no expert parameter of {m.experts} experts there", path)
+    transposed = _expert_orientation(m, tuple(shape[1:]), base)
+    stored = m.weight_name in base.tensors
+    if arch == "gpt-oss" and stored and transposed:
+        # gpt_oss.py GptOssModel.modify_tensors: gate_up_proj (E, H, 2I) transposed, gate = rows ::2, up = rows
+        # 1::2 (interleaved); down_proj (E, I, H) transposed. ΔW is (out, in) already: the same rows.
+        stem = m.weight_name.removesuffix(".weight")
+        if stem.endswith("gate_up_proj"):
+            root = stem.removesuffix("gate_up_proj")
+            return [(root + "gate_proj", -1, slice(0, None, 2), every), (root + "up_proj", -1, slice(1, None, 2), every)]
+        return [(stem, -1, every, every)]
+    if transposed is not False:
+        raise AdaptkitError(f"{m.name}: the base stores these experts as (E, in, out), which llama.cpp's converter "
+                            f"re-lays out per model ({arch} not checked): not exported to GGUF (merge instead)", path)
+    if stored:  # stored 3-D as in memory
+        if m.weight_name.endswith("gate_up_proj"):
+            raise AdaptkitError(f"{m.name}: a base storing gate and up fused is converted per model by llama.cpp "
+                                "(split or kept): not exported to GGUF (merge instead)", path)
+        return [(m.weight_name.removesuffix(".weight"), -1, every, every)]
+    sources = fused.get(m.weight_name)
+    if not sources:
+        raise AdaptkitError(f"{m.name}: cannot tell which on-disk tensors hold this parameter", path)
+    sizes = {(e, part): base.info(d).shape[concat - 1] if concat is not None else 0
+             for d, e, part, _, concat in sources}
+    out = []
+    for disk, e, part, _, concat in sources:
+        start = sum(sizes[(e, p)] for p in range(part))
+        span = slice(start, start + sizes[(e, part)]) if concat is not None else every
+        out.append((disk.removesuffix(".weight"), e, span if concat == 1 else every, span if concat == 2 else every))
+    return out
+
+
+def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float, path) -> dict[str, tuple]:
+    """Every (a, b) llama.cpp reads, by the checkpoint name it converts, in llama.cpp's orientation and
+    with llama.cpp's one scale (alpha / rank of the tensor) folded in: 2-D (r, in), (out, r); experts
+    stacked (E, r, in), (E, out, r)."""
+    plain: dict[str, tuple] = {}
+    stacks: dict[str, dict[int, tuple]] = {}  # stacked name -> expert -> (A_e, s_e·B_e)
+    experts = {}  # stacked name -> E
+    for m in adapter.modules.values():
+        a, b = m.A.to(torch.float32), m.B.to(torch.float32)
+        if m.param and m.experts > 1:
+            if base is None:
+                raise AdaptkitError("LoRAs on MoE experts need the base model itself for GGUF: give base", path)
+            a3, b3 = lora.expert_factors(a, b, m.experts)  # (E, r, in), (out, r, E)
+            for disk, e, rows, cols in _expert_parts(m, base, arch, path):
+                name, _ = _stacked(disk)
+                for k in (range(m.experts) if e == -1 else [e]):
+                    a_e, b_e = a3[k][:, cols], b3[:, :, k][rows]
+                    stacks.setdefault(name, {})[k] = (a_e, m.scaling * b_e)
+                experts[name] = m.experts
+            continue
+        module = m.name.removesuffix(".weight") if m.param else m.name  # a 2-D parameter (Qwen2-MoE's router)
+        if m.kind == "embedding":  # token_embd: llama.cpp adds scale · B · A[token] (get_rows of A, (vocab, r))
+            plain[module] = (a.T.contiguous(), lora.fold(b, m.scaling, alpha / m.shape_rank))
+            continue
+        name, e = _stacked(module)
+        if e is not None:
+            stacks.setdefault(name, {})[e] = (a, m.scaling * b)
+            experts[name] = int(base_config.get("num_local_experts") or base_config.get("num_experts") or 0)
+            continue
+        plain[module] = (a, lora.fold(b, m.scaling, alpha / m.shape_rank))
+    for name, parts in stacks.items():
+        count = experts[name]
+        if count < max(parts) + 1:
+            raise AdaptkitError(f"{name}: LoRAs on expert {max(parts)}, but the base config has {count} experts", path)
+        r = max(a_e.shape[0] for a_e, _ in parts.values())
+        (a0, b0) = next(iter(parts.values()))
+        if any(a_e.shape[1] != a0.shape[1] or b_e.shape[0] != b0.shape[0] for a_e, b_e in parts.values()):
+            raise AdaptkitError(f"{name}: the experts' LoRAs differ in shape", path)
+        a3 = torch.zeros(count, r, a0.shape[1])
+        b3 = torch.zeros(count, b0.shape[0], r)
+        for e, (a_e, sb_e) in parts.items():  # zero rows/columns past an expert's own rank: exact
+            a3[e, : a_e.shape[0]] = a_e
+            b3[e, :, : a_e.shape[0]] = sb_e / (alpha / r)
+        plain[name] = (a3, b3)
+    return plain
+
+
+def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32", base_path=None, base=None,
+          **_) -> dict:
+    """Write ``adapter`` as a llama.cpp LoRA; return the metadata written. ``base`` (the base
+    :class:`~adaptkit.io.checkpoint.Checkpoint`) places LoRAs on MoE expert parameters."""
     from ..readiness import require
 
     gguf = _gguf()
@@ -77,8 +197,9 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
     n_head = int(base_config.get("num_attention_heads", 0))
     n_kv = int(base_config.get("num_key_value_heads") or n_head)
     mods = list(adapter.modules.values())
-    ranks = {m.shape_rank for m in mods}
+    ranks = {m.shape_rank // m.experts for m in mods}
     alpha = float(adapter.config.get("lora_alpha") or next(iter(ranks)))
+    tensors = _tensors(adapter, base, base_config, arch_name, alpha, adapter.path)
     dtype = {"f32": np.float32, "f16": np.float16, "bf16": None}[outtype]
     writer = gguf.GGUFWriter(str(out), arch_name)
     writer.add_string("general.type", "adapter")
@@ -88,17 +209,13 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
     if adapter.alora_tokens:  # llama.cpp's llama-adapter.cpp reads them as a UINT32 array (PR #15327)
         writer.add_key_value("adapter.alora.invocation_tokens", [int(t) for t in adapter.alora_tokens],
                              gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32)
-    for m in mods:
-        gname = names.get_name(m.name)
+    for module, (a, b) in tensors.items():
+        gname = names.get_name(module)
         if gname is None:
-            raise AdaptkitError(f"gguf has no name for module {m.name} in {arch_name}", adapter.path)
-        a = m.A.to(torch.float32)
-        b = lora.fold(m.B.to(torch.float32), m.scaling, alpha / m.shape_rank)
-        if m.kind == "embedding":  # token_embd: llama.cpp adds scale · B · A[token] (get_rows of A, (vocab, r))
-            a = a.T.contiguous()
-        if permute and m.name.endswith("q_proj"):
+            raise AdaptkitError(f"gguf has no name for module {module} in {arch_name}", adapter.path)
+        if permute and module.endswith("q_proj"):
             b = permute_rows(b, n_head)
-        elif permute and m.name.endswith("k_proj"):
+        elif permute and module.endswith("k_proj"):
             b = permute_rows(b, n_kv)
         for suffix, t in (("lora_a", a), ("lora_b", b)):
             name = f"{gname}.weight.{suffix}"
@@ -111,12 +228,12 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"general.architecture": arch_name, "adapter.lora.alpha": alpha, "tensors": 2 * len(mods)}
+    return {"general.architecture": arch_name, "adapter.lora.alpha": alpha, "tensors": 2 * len(tensors)}
 
 
 def read_gguf_deltas(path: Path, base_config: dict) -> dict[str, torch.Tensor]:
-    """ΔW per gguf tensor name as llama.cpp computes it (alpha / rank · B·A), q/k rows un-permuted
-    back to HF order: for tests and checks."""
+    """ΔW per gguf tensor name as llama.cpp computes it (alpha / rank · B·A, per expert on a 3-D
+    ``*_exps`` tensor), q/k rows un-permuted back to HF order: for tests and checks."""
     gguf = _gguf()
     reader = gguf.GGUFReader(str(path))
     fields = {f.name: f for f in reader.fields.values()}
@@ -143,5 +260,5 @@ def read_gguf_deltas(path: Path, base_config: dict) -> dict[str, torch.Tensor]:
                 b = unpermute_rows(b, n_head)
             elif permute and ".attn_k." in stem:
                 b = unpermute_rows(b, n_kv)
-            out[stem] = (alpha / a.shape[0]) * (b @ a)  # canonical (out, in): (hidden, vocab) for token_embd
+            out[stem] = (alpha / a.shape[-2]) * (b @ a)  # canonical (out, in) ((E, out, in) for experts)
     return out
