@@ -11,6 +11,7 @@ on that LoRA equals `adaptkit merge` converted by the same converter.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -96,6 +97,16 @@ def _qwen3_moe():
     return config
 
 
+def _tiny(cls: str, **over):
+    """A tiny config of the transformers class ``cls`` (the sizes every case here shares)."""
+    import transformers
+
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+              tie_word_embeddings=False)
+    return getattr(transformers, cls)(**{**kw, **over})
+
+
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]  # transformers 5's fused expert parameters
@@ -109,6 +120,20 @@ ARCHS = {
     "gemma3": (_gemma3, LINEAR),
     "granite": (_granite, LINEAR),
     "llama-token-embd": (llama_config, LINEAR + ["embed_tokens"]),  # token_embd LoRA (llama.cpp PR #11131)
+    # read off llama.cpp's converter registry (formats/gguf.py ARCHITECTURES), one case each
+    "arcee": (lambda: _tiny("ArceeConfig"), ATTENTION + ["up_proj", "down_proj"]),
+    "smollm3": (lambda: _tiny("SmolLM3Config"), LINEAR),
+    "olmo": (lambda: _tiny("OlmoConfig", num_key_value_heads=4), LINEAR),
+    "olmo2": (lambda: _tiny("Olmo2Config", num_key_value_heads=4), LINEAR),
+    "olmo3": (lambda: _tiny("Olmo3Config", num_key_value_heads=4, sliding_window=16), LINEAR),
+    "starcoder2": (lambda: _tiny("Starcoder2Config"), ATTENTION + ["c_fc", "c_proj"]),
+    "cohere": (lambda: _tiny("CohereConfig", tie_word_embeddings=True), LINEAR),  # command-r has no output tensor
+    "exaone4": (lambda: _tiny("Exaone4Config", sliding_window=16), LINEAR),
+    "seed-oss": (lambda: _tiny("SeedOssConfig", head_dim=16), LINEAR),
+    # phi.py Phi2Model writes feed_forward_length = 4 * hidden_size
+    "phi2": (lambda: _tiny("PhiConfig", num_key_value_heads=4, intermediate_size=256), ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]),
+    "gpt-neox": (lambda: _tiny("GPTNeoXConfig", rotary_pct=0.5),
+                 ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
     # MoE: LoRAs on every expert (peft target_parameters), laid out as ffn_{gate,up,down}_exps
     "qwen3-moe": (_qwen3_moe, ATTENTION, EXPERTS),
     "mixtral": (mixtral_config, ATTENTION, EXPERTS),
@@ -138,22 +163,30 @@ def lc(tmp_path_factory):
     return llama_cpp, root / "vendor/llama.cpp", work / "sp.model"
 
 
-SPM_VOCAB = {"qwen3-moe", "qwen2-moe", "olmoe", "gpt-oss"}  # converters that read only a GPT-2 BPE vocabulary
+# llama.cpp's converter, made to read our sentencepiece tokenizer where it would want a GPT-2 BPE one
+# (it recognises those only by hashes of known models' tokenizers); the tokenizer does not matter to these
+# tests, which feed token ids
 CONVERT = """import runpy, sys
 sys.argv[0] = sys.argv.pop(1)
 sys.path.insert(0, sys.argv.pop(1))
-if sys.argv.pop(1) == "spm":  # the tokenizer does not matter to these tests (token ids go in): read ours
-    from conversion.base import TextModel
-    TextModel._set_vocab_gpt2 = TextModel._set_vocab_sentencepiece
+from conversion.base import TextModel
+from conversion.exaone import Exaone4Model
+TextModel._set_vocab_gpt2 = TextModel._set_vocab_sentencepiece
+Exaone4Model.set_vocab = TextModel._set_vocab_sentencepiece  # it reads a BPE vocabulary itself
+from conversion.gptneox import GPTNeoXModel
+init = GPTNeoXModel.__init__
+def neox_init(self, *args, **kwargs):  # it reads rotary_pct, which transformers 5's config keeps in rope_parameters
+    init(self, *args, **kwargs)
+    self.hparams.setdefault("rotary_pct", self.hparams["rope_parameters"]["partial_rotary_factor"])
+GPTNeoXModel.__init__ = neox_init
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def _gguf_base(lc, folder: Path, out: Path, vocab: str = "own") -> Path:
-    """llama.cpp's own converter on an HF folder (f32); ``vocab="spm"`` makes it read the sentencepiece
-    tokenizer where it would want a GPT-2 one."""
+def _gguf_base(lc, folder: Path, out: Path) -> Path:
+    """llama.cpp's own converter on an HF folder (f32)."""
     _, src, _ = lc
-    res = subprocess.run([sys.executable, "-c", CONVERT, str(src / "convert_hf_to_gguf.py"), str(src), vocab,
+    res = subprocess.run([sys.executable, "-c", CONVERT, str(src / "convert_hf_to_gguf.py"), str(src),
                           str(folder), "--outtype", "f32", "--outfile", str(out)], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(src / "gguf-py")})
     assert res.returncode == 0, res.stderr[-2000:]
@@ -205,17 +238,17 @@ def _llama_logits(lc, model: Path, lora: Path | None = None) -> np.ndarray:
     return np.array(llm.scores[: len(IDS)])
 
 
-def _check(lc, tmp_path: Path, base: Path, adapter: Path, vocab: str, label: str, peft: bool = True) -> None:
+def _check(lc, tmp_path: Path, base: Path, adapter: Path, label: str, peft: bool = True) -> None:
     """llama.cpp + our GGUF of ``adapter`` computes what peft's unmerged model does, and what llama.cpp
     computes on the adaptkit-merged weights (only the latter where peft cannot load the adapter)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base_gguf = _gguf_base(lc, base, tmp_path / "base.gguf", vocab)
+    base_gguf = _gguf_base(lc, base, tmp_path / "base.gguf")
     _adaptkit("convert", adapter, "--to", "gguf", "--base", base, "-o", tmp_path / "adapter.gguf")
     if not peft:
         _adaptkit("merge", base, adapter, "-o", tmp_path / "merged", "--dtype", "float32")
-        merged = _llama_logits(lc, _gguf_base(lc, tmp_path / "merged", tmp_path / "merged.gguf", vocab))
+        merged = _llama_logits(lc, _gguf_base(lc, tmp_path / "merged", tmp_path / "merged.gguf"))
         with_lora, plain = _llama_logits(lc, base_gguf, tmp_path / "adapter.gguf"), _llama_logits(lc, base_gguf)
         scale = np.abs(merged).max()
         err, effect = np.abs(with_lora - merged).max() / scale, np.abs(merged - plain).max() / scale
@@ -232,7 +265,7 @@ def _check(lc, tmp_path: Path, base: Path, adapter: Path, vocab: str, label: str
     # llama.cpp's own noise on these weights: the merged model (adaptkit merge, fp32, through the
     # same converter) run in llama.cpp against peft (gemma's GELU goes through an f16 table there)
     _adaptkit("merge", base, adapter, "-o", tmp_path / "merged", "--dtype", "float32")
-    merged = _llama_logits(lc, _gguf_base(lc, tmp_path / "merged", tmp_path / "merged.gguf", vocab))
+    merged = _llama_logits(lc, _gguf_base(lc, tmp_path / "merged", tmp_path / "merged.gguf"))
     noise = np.abs(merged - want).max() / scale
     err = np.abs(with_lora - want).max() / scale
     effect = np.abs(want - plain).max() / scale
@@ -241,15 +274,22 @@ def _check(lc, tmp_path: Path, base: Path, adapter: Path, vocab: str, label: str
     assert effect > 0.1  # the adapter moves the logits: a dropped or mis-scaled module would show
     assert err <= max(2 * noise, 2e-5), (err, noise)
     # the LoRA applied by llama.cpp equals the merged weights run by llama.cpp, whatever llama.cpp's own
-    # distance to transformers (gemma3's tiny model: 0.85 of the largest logit on both, not the LoRA's doing)
-    assert np.abs(with_lora - merged).max() / scale <= 2e-5
+    # distance to transformers (gemma3's tiny model: 0.85 of the largest logit on both, not the LoRA's doing).
+    # Where llama.cpp's CPU GELU rounds its input to f16 for a table lookup (ggml-cpu/vec.h GGML_GELU_FP16)
+    # and the model's own noise is that rounding, the two fp32 orders of B·(A·x) + W·x and (W + ΔW)·x land
+    # on different f16 steps: there a tenth of that noise is the bound
+    bound = max(2e-5, noise / 10) if label in F16_GELU else 2e-5
+    assert np.abs(with_lora - merged).max() / scale <= bound
+
+
+F16_GELU = {"starcoder2", "phi2", "gpt-neox"}  # GELU-tanh MLPs (gemma's too, but there the LoRA stays within 2e-5)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_llama_cpp_computes_what_peft_does(tmp_path, lc, arch):
     base = _base(lc, tmp_path, arch)
     adapter = _adapter(base, tmp_path / "adapter", *ARCHS[arch][1:])
-    _check(lc, tmp_path, base, adapter, "spm" if arch in SPM_VOCAB else "own", arch)
+    _check(lc, tmp_path, base, adapter, arch)
 
 
 def test_llama_cpp_takes_per_expert_linear_loras_stacked(tmp_path, lc):
@@ -258,8 +298,6 @@ def test_llama_cpp_takes_per_expert_linear_loras_stacked(tmp_path, lc):
     cannot load this one (transformers stacks the experts' factors on load, which needs every expert
     at one rank), so llama.cpp on the adaptkit-merged weights is the reference: that merge is checked
     against the factors in tests/test_families.py."""
-    import json
-
     from safetensors.torch import save_file
 
     base = _base(lc, tmp_path, "mixtral")
@@ -281,7 +319,7 @@ def test_llama_cpp_takes_per_expert_linear_loras_stacked(tmp_path, lc):
         "peft_type": "LORA", "r": 4, "lora_alpha": 8, "rank_pattern": ranks,
         "alpha_pattern": {"model.layers.0.block_sparse_moe.experts.0.w2": 2}, "target_modules": ["w1", "w2", "w3"],
         "peft_version": "0.13.2"}))
-    _check(lc, tmp_path, base, ad, "own", "mixtral per-expert linears", peft=False)
+    _check(lc, tmp_path, base, ad, "mixtral per-expert linears", peft=False)
 
 
 def test_llama_export_lora_equals_adaptkit_merge(tmp_path, lc):

@@ -29,24 +29,37 @@ from .. import lora
 from ..adapter import Adapter
 from ..errors import AdaptkitError
 
-# HF architectures -> gguf architecture name; True where q/k rows are permuted (llama's RoPE layout)
+# HF architecture -> (gguf architecture, how llama.cpp's converter reorders the rows of attention weights:
+# "rope" permutes q/k from HF's rotate-half layout (llama's ``permute``), "neox-qkv" regroups GPT-NeoX's
+# per-head [q k v] rows of query_key_value into [Q; K; V], "" keeps them). Each entry is read off llama.cpp's
+# converter (llama-cpp-python 0.3.36's vendor/llama.cpp/conversion/*.py: the class registered for the HF
+# architecture and its modify_tensors) and run in llama.cpp by tests/test_llama_cpp.py; an architecture not
+# listed is refused rather than guessed.
 ARCHITECTURES = {
-    "LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
-    "Qwen2ForCausalLM": ("qwen2", False), "GemmaForCausalLM": ("gemma", False),
-    "Gemma2ForCausalLM": ("gemma2", False), "Phi3ForCausalLM": ("phi3", False),
-    # llama.cpp's converter (llama-cpp-python 0.3.36's vendor/llama.cpp/conversion: qwen.py Qwen3Model,
-    # gemma.py Gemma3Model, granite.py GraniteModel(LlamaModel), which permutes q/k as llama does)
-    "Qwen3ForCausalLM": ("qwen3", False), "Gemma3ForCausalLM": ("gemma3", False),
-    "GraniteForCausalLM": ("granite", True),
-    # MoE (same converter): qwen.py Qwen2MoeModel / Qwen3MoeModel(Qwen2MoeModel) and olmo.py OlmoeModel stack
+    # llama.py LlamaModel (undo_permute) and its subclasses ArceeModel, SmolLM3Model; granite.py
+    # GraniteModel(LlamaModel); olmo.py OlmoModel permutes q/k itself
+    "LlamaForCausalLM": ("llama", "rope"), "MistralForCausalLM": ("llama", "rope"),
+    "ArceeForCausalLM": ("arcee", "rope"), "SmolLM3ForCausalLM": ("smollm3", "rope"),
+    "GraniteForCausalLM": ("granite", "rope"), "OlmoForCausalLM": ("olmo", "rope"),
+    # renames only (no modify_tensors of their own, or one that leaves attention and MLP weights as they are)
+    "Qwen2ForCausalLM": ("qwen2", ""), "Qwen3ForCausalLM": ("qwen3", ""),
+    "GemmaForCausalLM": ("gemma", ""), "Gemma2ForCausalLM": ("gemma2", ""), "Gemma3ForCausalLM": ("gemma3", ""),
+    "Phi3ForCausalLM": ("phi3", ""), "PhiForCausalLM": ("phi2", ""),
+    "Olmo2ForCausalLM": ("olmo2", ""), "Olmo3ForCausalLM": ("olmo2", ""),  # olmo.py Olmo2Model registers both
+    "Starcoder2ForCausalLM": ("starcoder2", ""), "CohereForCausalLM": ("command-r", ""),
+    "Exaone4ForCausalLM": ("exaone4", ""), "SeedOssForCausalLM": ("seed_oss", ""),
+    # gptneox.py GPTNeoXModel: query_key_value regrouped (see neox_qkv_rows)
+    "GPTNeoXForCausalLM": ("gptneox", "neox-qkv"),
+    # MoE: qwen.py Qwen2MoeModel / Qwen3MoeModel(Qwen2MoeModel) and olmo.py OlmoeModel stack
     # mlp.experts.N.{gate,up,down}_proj into mlp.experts.{…}; llama.py LlamaModel stacks Mixtral's
     # block_sparse_moe.experts.N.w{1,2,3} (and permutes q/k as for llama)
-    "Qwen2MoeForCausalLM": ("qwen2moe", False), "Qwen3MoeForCausalLM": ("qwen3moe", False),
-    "OlmoeForCausalLM": ("olmoe", False), "MixtralForCausalLM": ("llama", True),
+    "Qwen2MoeForCausalLM": ("qwen2moe", ""), "Qwen3MoeForCausalLM": ("qwen3moe", ""),
+    "OlmoeForCausalLM": ("olmoe", ""), "MixtralForCausalLM": ("llama", "rope"),
     # gpt_oss.py GptOssModel: experts stored fused and (E, in, out), split and transposed there (see _expert_parts)
-    "GptOssForCausalLM": ("gpt-oss", False),
+    "GptOssForCausalLM": ("gpt-oss", ""),
 }
-PERMUTED = {arch for arch, permute in ARCHITECTURES.values() if permute}  # gguf archs whose q/k rows are permuted
+PERMUTED = {arch for arch, rows in ARCHITECTURES.values() if rows == "rope"}  # gguf archs whose q/k rows are permuted
+NEOX_QKV = {arch for arch, rows in ARCHITECTURES.values() if rows == "neox-qkv"}
 
 
 def _gguf():
@@ -66,17 +79,23 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "granite": "GraniteForCausalLM",
-               "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-               "mixtral": "MixtralForCausalLM", "gpt_oss": "GptOssForCausalLM"}
+def neox_qkv_rows(w: torch.Tensor, n_head: int, inverse: bool = False) -> torch.Tensor:
+    """gptneox.py's regrouping of query_key_value's rows: HF holds them per head [q k v] (n_head, 3,
+    head_dim), llama.cpp [Q; K; V] (3, n_head, head_dim); ``inverse`` goes back."""
+    head_dim = w.shape[0] // n_head // 3
+    shape = (3, n_head, head_dim) if inverse else (n_head, 3, head_dim)
+    return w.reshape(*shape, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
 
 
-def base_architecture(config: dict, path) -> tuple[str, bool]:
-    """The gguf architecture of a base config and whether its q/k rows are permuted; a config
-    without ``architectures`` is told by its ``model_type``."""
-    arch = (config.get("architectures") or [None])[0] or MODEL_TYPES.get(str(config.get("model_type")))
+def base_architecture(config: dict, path) -> tuple[str, str]:
+    """The gguf architecture of a base config and how its attention rows are reordered (see
+    :data:`ARCHITECTURES`); a config without ``architectures`` is told by its ``model_type``, through
+    transformers' own table of causal LMs."""
+    arch = (config.get("architectures") or [None])[0]
+    if not arch and config.get("model_type"):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(config["model_type"]))
     if arch not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise AdaptkitError(f"GGUF export supports {supported}; the base is {arch or 'of unknown architecture'}", path)
@@ -189,7 +208,7 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
     from ..readiness import require
 
     gguf = _gguf()
-    arch_name, permute = base_architecture(base_config, base_path)
+    arch_name, rows = base_architecture(base_config, base_path)
     require(adapter, "llamacpp")
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
     n_layers = int(base_config.get("num_hidden_layers", 0))
@@ -213,10 +232,12 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
         gname = names.get_name(module)
         if gname is None:
             raise AdaptkitError(f"gguf has no name for module {module} in {arch_name}", adapter.path)
-        if permute and module.endswith("q_proj"):
+        if rows == "rope" and module.endswith("q_proj"):
             b = permute_rows(b, n_head)
-        elif permute and module.endswith("k_proj"):
+        elif rows == "rope" and module.endswith("k_proj"):
             b = permute_rows(b, n_kv)
+        elif rows == "neox-qkv" and module.endswith("query_key_value"):
+            b = neox_qkv_rows(b, n_head)
         for suffix, t in (("lora_a", a), ("lora_b", b)):
             name = f"{gname}.weight.{suffix}"
             if outtype == "bf16":
@@ -260,5 +281,7 @@ def read_gguf_deltas(path: Path, base_config: dict) -> dict[str, torch.Tensor]:
                 b = unpermute_rows(b, n_head)
             elif permute and ".attn_k." in stem:
                 b = unpermute_rows(b, n_kv)
+            elif arch in NEOX_QKV and ".attn_qkv." in stem:
+                b = neox_qkv_rows(b, n_head, inverse=True)
             out[stem] = (alpha / a.shape[-2]) * (b @ a)  # canonical (out, in) ((E, out, in) for experts)
     return out
