@@ -58,8 +58,8 @@ ARCHITECTURES = {
     # gpt_oss.py GptOssModel: experts stored fused and (E, in, out), split and transposed there (see _expert_parts)
     "GptOssForCausalLM": ("gpt-oss", ""),
 }
-PERMUTED = {arch for arch, rows in ARCHITECTURES.values() if rows == "rope"}  # gguf archs whose q/k rows are permuted
-NEOX_QKV = {arch for arch, rows in ARCHITECTURES.values() if rows == "neox-qkv"}
+ROWS = dict(ARCHITECTURES.values())  # gguf architecture -> its row reordering (one per gguf architecture)
+PERMUTED = {arch for arch, rows in ROWS.items() if rows == "rope"}  # gguf archs whose q/k rows are permuted
 
 
 def _gguf():
@@ -85,6 +85,18 @@ def neox_qkv_rows(w: torch.Tensor, n_head: int, inverse: bool = False) -> torch.
     head_dim = w.shape[0] // n_head // 3
     shape = (3, n_head, head_dim) if inverse else (n_head, 3, head_dim)
     return w.reshape(*shape, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
+
+
+def reorder_rows(b: torch.Tensor, tensor: str, rows: str, n_head: int, n_kv: int,
+                 inverse: bool = False) -> torch.Tensor:
+    """lora_B of gguf ``tensor`` (``blk.N.attn_q``…) with its rows ordered as llama.cpp's converter
+    orders that weight (``rows`` as in :data:`ARCHITECTURES`); ``inverse`` goes back to HF's order."""
+    kind = tensor.split(".")[2] if tensor.startswith("blk.") else ""
+    if rows == "rope" and kind in ("attn_q", "attn_k"):
+        return (unpermute_rows if inverse else permute_rows)(b, n_head if kind == "attn_q" else n_kv)
+    if rows == "neox-qkv" and kind == "attn_qkv":
+        return neox_qkv_rows(b, n_head, inverse)
+    return b
 
 
 def base_architecture(config: dict, path) -> tuple[str, str]:
@@ -232,12 +244,7 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
         gname = names.get_name(module)
         if gname is None:
             raise AdaptkitError(f"gguf has no name for module {module} in {arch_name}", adapter.path)
-        if rows == "rope" and module.endswith("q_proj"):
-            b = permute_rows(b, n_head)
-        elif rows == "rope" and module.endswith("k_proj"):
-            b = permute_rows(b, n_kv)
-        elif rows == "neox-qkv" and module.endswith("query_key_value"):
-            b = neox_qkv_rows(b, n_head)
+        b = reorder_rows(b, gname, rows, n_head, n_kv)
         for suffix, t in (("lora_a", a), ("lora_b", b)):
             name = f"{gname}.weight.{suffix}"
             if outtype == "bf16":
@@ -260,7 +267,6 @@ def read_gguf_deltas(path: Path, base_config: dict) -> dict[str, torch.Tensor]:
     fields = {f.name: f for f in reader.fields.values()}
     alpha = float(fields["adapter.lora.alpha"].parts[fields["adapter.lora.alpha"].data[0]][0])
     arch = bytes(fields["general.architecture"].parts[fields["general.architecture"].data[0]]).decode()
-    permute = arch in PERMUTED
     n_head = int(base_config.get("num_attention_heads", 0))
     n_kv = int(base_config.get("num_key_value_heads") or n_head)
     t = {}
@@ -277,11 +283,6 @@ def read_gguf_deltas(path: Path, base_config: dict) -> dict[str, torch.Tensor]:
             a, b = t[name], t[stem + ".lora_b"]
             if stem.startswith("token_embd"):  # stored (vocab, r): A[token] rows, see write
                 a = a.T
-            if permute and ".attn_q." in stem:
-                b = unpermute_rows(b, n_head)
-            elif permute and ".attn_k." in stem:
-                b = unpermute_rows(b, n_kv)
-            elif arch in NEOX_QKV and ".attn_qkv." in stem:
-                b = neox_qkv_rows(b, n_head, inverse=True)
+            b = reorder_rows(b, stem, ROWS[arch], n_head, n_kv, inverse=True)
             out[stem] = (alpha / a.shape[-2]) * (b @ a)  # canonical (out, in) ((E, out, in) for experts)
     return out
