@@ -145,6 +145,7 @@ def expert_term(op: Op, device) -> torch.Tensor:
 
 ROW_BLOCK_BYTES = 1 << 20  # fp32 rows computed at once: with their slice of B they stay in the L2 cache
 ROW_ALIGN = 8  # rows per block are a multiple of this (see merge_rows)
+ALIGN_FLOATS = 16  # torch's CPU allocations are 64-byte aligned: 16 fp32 values
 
 
 def finite_limit(dtype: torch.dtype) -> float:
@@ -185,11 +186,13 @@ class RowWorkers:
         self._pool = ThreadPoolExecutor(self.count, thread_name_prefix="adaptkit-rows",
                                         initializer=torch.set_num_threads, initargs=(1,)) if self.count > 1 else None
 
-    def scratch(self, n: int) -> torch.Tensor:
+    def scratch(self, n: int, shift: int = 0) -> torch.Tensor:
+        """This thread's fp32 scratch of ``n`` values starting ``shift`` values past the buffer's
+        (64-byte aligned) start."""
         buf = getattr(self._local, "buf", None)
-        if buf is None or buf.numel() < n:
-            buf = self._local.buf = torch.empty(n, dtype=torch.float32)
-        return buf[:n]
+        if buf is None or buf.numel() < n + shift:
+            buf = self._local.buf = torch.empty(n + shift, dtype=torch.float32)
+        return buf[shift:shift + n]
 
     @staticmethod
     def step(cols: int, block_bytes: int | None = None) -> int:
@@ -224,9 +227,11 @@ def merge_rows(src: torch.Tensor, dst: torch.Tensor, op: Op, workers: RowWorkers
     2 + 2 bytes of memory traffic per fp16 parameter instead of ~20. ``block_bytes``: the fp32
     block's size (default :data:`ROW_BLOCK_BYTES`).
 
-    Blocks hold a multiple of :data:`ROW_ALIGN` rows counted from the first row the delta lands on:
-    MKL then computes every entry as it does in the product of the whole tensor, so the bits are
-    those of :func:`apply_ops` (tests/test_rows.py). Only a tensor whose row count is not a multiple
+    Blocks hold a multiple of :data:`ROW_ALIGN` rows counted from the first row the delta lands on,
+    each placed in the scratch at the 64-byte alignment it has in a whole fp32 copy of ``src``
+    (MKL picks its kernel by the output's alignment: a window starting at an odd row of an odd-width
+    tensor came out one fp32 ulp off before): MKL then computes every entry as it does in the
+    product of the whole tensor, so the bits are those of :func:`apply_ops` (tests/test_rows.py). Only a tensor whose row count is not a multiple
     of 8 can differ, in its last few rows, by the last bit of fp32 before rounding, as MKL's result
     there already does between one and two threads.
     """
@@ -243,7 +248,9 @@ def merge_rows(src: torch.Tensor, dst: torch.Tensor, op: Op, workers: RowWorkers
     def part(group: list[tuple[int, int, bool]]) -> bool:
         ok = True
         for i, j, merged in group:
-            t = workers.scratch((j - i) * cols).view(j - i, cols)
+            # at the 64-byte alignment row i has in a whole fp32 copy of src: MKL's addmm kernel
+            # follows the output's alignment, and its bits with it
+            t = workers.scratch((j - i) * cols, (i * cols) % ALIGN_FLOATS).view(j - i, cols)
             t.copy_(src[i:j])
             if merged and op.transposed:  # rows of the stored (in, out) weight are columns of A
                 lora.add_delta_(t, a[:, i:j], b, scale, True)
