@@ -30,73 +30,6 @@ pytestmark = [pytest.mark.llama_cpp,
 IDS = [1, 5, 9, 17, 33, 60, 100, 7, 12, 44, 3, 250]
 
 
-def _mistral():
-    from transformers import MistralConfig
-
-    return MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-
-
-def _gemma():
-    from transformers import GemmaConfig
-
-    return GemmaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-
-def _qwen2():
-    from transformers import Qwen2Config
-
-    return Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-
-
-def _qwen3():
-    from transformers import Qwen3Config
-
-    return Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-
-
-def _gemma3():
-    from transformers import Gemma3TextConfig
-
-    return Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-                            sliding_window=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-
-def _granite():
-    from transformers import GraniteConfig
-
-    return GraniteConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
-                         logits_scaling=4.0, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         tie_word_embeddings=False)
-
-
-def _olmoe():
-    from transformers import OlmoeConfig
-
-    # no GQA: llama.cpp's olmoe wants attn_k_norm over the whole hidden size, as OLMoE's models have it
-    return OlmoeConfig(vocab_size=256, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
-                       max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-
-def _qwen3_moe():
-    # llama.cpp's qwen3moe always renormalises the top-k routing weights (src/models/qwen3moe.cpp passes
-    # norm_w = true to build_moe_ffn), as Qwen3-30B-A3B's config does; transformers' default is not to
-    config = qwen3_moe_config()
-    config.norm_topk_prob = True
-    return config
-
-
 def _tiny(cls: str, **over):
     """A tiny config of the transformers class ``cls`` (the sizes every case here shares)."""
     import transformers
@@ -105,6 +38,44 @@ def _tiny(cls: str, **over):
               num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
               tie_word_embeddings=False)
     return getattr(transformers, cls)(**{**kw, **over})
+
+
+def _mistral():
+    return _tiny("MistralConfig")
+
+
+def _gemma():
+    return _tiny("GemmaConfig", head_dim=16, tie_word_embeddings=True)
+
+
+def _qwen2():
+    return _tiny("Qwen2Config", pad_token_id=None)
+
+
+def _qwen3():
+    return _tiny("Qwen3Config", head_dim=16, pad_token_id=None)
+
+
+def _gemma3():
+    return _tiny("Gemma3TextConfig", head_dim=16, sliding_window=16, tie_word_embeddings=True)
+
+
+def _granite():
+    return _tiny("GraniteConfig", embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                 logits_scaling=4.0)
+
+
+def _olmoe():
+    # no GQA: llama.cpp's olmoe wants attn_k_norm over the whole hidden size, as OLMoE's models have it
+    return _tiny("OlmoeConfig", intermediate_size=48, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2)
+
+
+def _qwen3_moe():
+    # llama.cpp's qwen3moe always renormalises the top-k routing weights (src/models/qwen3moe.cpp passes
+    # norm_w = true to build_moe_ffn), as Qwen3-30B-A3B's config does; transformers' default is not to
+    config = qwen3_moe_config()
+    config.norm_topk_prob = True
+    return config
 
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -131,7 +102,8 @@ ARCHS = {
     "exaone4": (lambda: _tiny("Exaone4Config", sliding_window=16), LINEAR),
     "seed-oss": (lambda: _tiny("SeedOssConfig", head_dim=16), LINEAR),
     # phi.py Phi2Model writes feed_forward_length = 4 * hidden_size
-    "phi2": (lambda: _tiny("PhiConfig", num_key_value_heads=4, intermediate_size=256), ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]),
+    "phi2": (lambda: _tiny("PhiConfig", num_key_value_heads=4, intermediate_size=256),
+             ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]),
     "gpt-neox": (lambda: _tiny("GPTNeoXConfig", rotary_pct=0.5),
                  ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
     # MoE: LoRAs on every expert (peft target_parameters), laid out as ffn_{gate,up,down}_exps
@@ -246,10 +218,13 @@ def _check(lc, tmp_path: Path, base: Path, adapter: Path, label: str, peft: bool
 
     base_gguf = _gguf_base(lc, base, tmp_path / "base.gguf")
     _adaptkit("convert", adapter, "--to", "gguf", "--base", base, "-o", tmp_path / "adapter.gguf")
+    with_lora = _llama_logits(lc, base_gguf, tmp_path / "adapter.gguf")
+    # llama.cpp's own noise on these weights: the merged model (adaptkit merge, fp32, through the
+    # same converter) run in llama.cpp against peft (gemma's GELU goes through an f16 table there)
+    _adaptkit("merge", base, adapter, "-o", tmp_path / "merged", "--dtype", "float32")
+    merged = _llama_logits(lc, _gguf_base(lc, tmp_path / "merged", tmp_path / "merged.gguf"))
     if not peft:
-        _adaptkit("merge", base, adapter, "-o", tmp_path / "merged", "--dtype", "float32")
-        merged = _llama_logits(lc, _gguf_base(lc, tmp_path / "merged", tmp_path / "merged.gguf"))
-        with_lora, plain = _llama_logits(lc, base_gguf, tmp_path / "adapter.gguf"), _llama_logits(lc, base_gguf)
+        plain = _llama_logits(lc, base_gguf)
         scale = np.abs(merged).max()
         err, effect = np.abs(with_lora - merged).max() / scale, np.abs(merged - plain).max() / scale
         print(label, f"LoRA vs merged in llama.cpp {err:.2e}, effect {effect:.2f}")
@@ -261,11 +236,6 @@ def _check(lc, tmp_path: Path, base: Path, adapter: Path, label: str, peft: bool
         with ref.disable_adapter():
             plain = ref(input_ids=torch.tensor([IDS])).logits[0].double().numpy()
     scale = np.abs(want).max()
-    with_lora = _llama_logits(lc, base_gguf, tmp_path / "adapter.gguf")
-    # llama.cpp's own noise on these weights: the merged model (adaptkit merge, fp32, through the
-    # same converter) run in llama.cpp against peft (gemma's GELU goes through an f16 table there)
-    _adaptkit("merge", base, adapter, "-o", tmp_path / "merged", "--dtype", "float32")
-    merged = _llama_logits(lc, _gguf_base(lc, tmp_path / "merged", tmp_path / "merged.gguf"))
     noise = np.abs(merged - want).max() / scale
     err = np.abs(with_lora - want).max() / scale
     effect = np.abs(want - plain).max() / scale
