@@ -16,6 +16,13 @@ import torch
 from .errors import AdaptkitError
 
 
+def named_class(config: dict) -> str | None:
+    """The transformers class a config.json names (its first ``architectures`` entry); None when it
+    names none, or when ``architectures`` is not a list of names (a bare string is not read letter by letter)."""
+    names = config.get("architectures")
+    return names[0] if isinstance(names, list) and names and isinstance(names[0], str) else None
+
+
 def meta_model(config: dict, required: bool = True):
     """The transformers model of ``config`` on the meta device; None (or a one-line error when
     ``required``) when transformers cannot build it from this config."""
@@ -40,8 +47,8 @@ def _meta_model(config_json: str):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             hf_config = AutoConfig.for_model(**cfg)
-            arch = (cfg.get("architectures") or [None])[0]
-            cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+            arch = named_class(cfg)
+            cls = getattr(transformers, arch, None) if arch else None
             with torch.device("meta"):
                 return cls._from_config(hf_config) if cls is not None else AutoModelForCausalLM.from_config(hf_config)
     except Exception:  # noqa: BLE001 - an unknown or custom-code architecture, a config it rejects

@@ -70,6 +70,21 @@ def test_gguf_base_config_without_architectures(tmp_path):
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
 
 
+@pytest.mark.parametrize("edit, says", [
+    ({"architectures": "LlamaForCausalLM"}, "not a list of class names"),  # a bare string, not read as "L"
+    ({"architectures": None, "model_type": "nosuch"}, "model_type 'nosuch', which names no causal LM"),
+])
+def test_gguf_base_config_malformed_or_unknown(runner, tmp_path, edit, says):
+    bare = tmp_path / "base"
+    shutil.copytree(TINY_LLAMA, bare)
+    cfg = {**json.loads((bare / "config.json").read_text()), **edit}
+    (bare / "config.json").write_text(json.dumps(cfg))
+    res = runner.invoke(main, ["convert", str(ADAPTERS["llama-lora"]), "--to", "gguf", "--base", str(bare),
+                               "-o", str(tmp_path / "a.gguf")])
+    assert res.exit_code == 2 and says in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "a.gguf").exists()
+
+
 def test_gguf_refusals(runner, tmp_path):
     res = runner.invoke(main, ["convert", str(ADAPTERS["llama-dora"]), "--to", "gguf", "--base", str(TINY_LLAMA),
                                "-o", str(tmp_path / "d.gguf")])

@@ -29,6 +29,7 @@ import torch
 
 from .. import __version__
 from ..adapter import PEFT_PREFIX
+from ..architecture import named_class
 from ..device import resolve_device
 from ..errors import AdaptkitError
 from ..io.checkpoint import Checkpoint
@@ -454,7 +455,7 @@ def _config(factors: dict, biases: dict, saved_modules: set[str], plan: _Plan, b
     ranks = {m: int(f[0].shape[0]) for m, f in factors.items()}
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
     pattern = {m: v for m, v in sorted(ranks.items()) if v != r}
-    arch = (base.config.get("architectures") or [""])[0]
+    arch = named_class(base.config) or ""
     task = "CAUSAL_LM" if arch.endswith("ForCausalLM") else None
     conv1d = any(p.kind == "conv1d" for p in plan.pairs if p.module in factors)
     return {

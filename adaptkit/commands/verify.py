@@ -37,6 +37,7 @@ import torch
 
 from .. import lora
 from ..adapter import Adapter, adapter_weights
+from ..architecture import named_class
 from ..codecs import FourBitRead, ScaledRead
 from ..device import resolve_device
 from ..errors import AdaptkitError
@@ -466,8 +467,8 @@ def _model_class(config: dict):
     names none transformers knows)."""
     import transformers
 
-    arch = (config.get("architectures") or [None])[0]
-    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    arch = named_class(config)
+    cls = getattr(transformers, arch, None) if arch else None
     return cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModelForCausalLM
 
 

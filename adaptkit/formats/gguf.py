@@ -103,14 +103,21 @@ def base_architecture(config: dict, path) -> tuple[str, str]:
     """The gguf architecture of a base config and how its attention rows are reordered (see
     :data:`ARCHITECTURES`); a config without ``architectures`` is told by its ``model_type``, through
     transformers' own table of causal LMs."""
-    arch = (config.get("architectures") or [None])[0]
-    if not arch and config.get("model_type"):
+    from ..architecture import named_class
+
+    arch, model_type = named_class(config), config.get("model_type")
+    if arch is None and config.get("architectures"):
+        raise AdaptkitError(f"config.json: architectures is {config['architectures']!r}, not a list of class names",
+                            path)
+    if not arch and model_type:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(config["model_type"]))
+        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(model_type))
     if arch not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
-        raise AdaptkitError(f"GGUF export supports {supported}; the base is {arch or 'of unknown architecture'}", path)
+        what = arch or (f"of model_type {model_type!r}, which names no causal LM of transformers" if model_type
+                        else "of unknown architecture")
+        raise AdaptkitError(f"GGUF export supports {supported}; the base is {what}", path)
     return ARCHITECTURES[arch]
 
 
