@@ -231,9 +231,9 @@ def merge_rows(src: torch.Tensor, dst: torch.Tensor, op: Op, workers: RowWorkers
     each placed in the scratch at the 64-byte alignment it has in a whole fp32 copy of ``src``
     (MKL picks its kernel by the output's alignment: a window starting at an odd row of an odd-width
     tensor came out one fp32 ulp off before): MKL then computes every entry as it does in the
-    product of the whole tensor, so the bits are those of :func:`apply_ops` (tests/test_rows.py). Only a tensor whose row count is not a multiple
-    of 8 can differ, in its last few rows, by the last bit of fp32 before rounding, as MKL's result
-    there already does between one and two threads.
+    product of the whole tensor, so the bits are those of :func:`apply_ops` (tests/test_rows.py).
+    Only a tensor whose row count is not a multiple of 8 can differ, in its last few rows, by the
+    last bit of fp32 before rounding, as MKL's result there already does between one and two threads.
     """
     m = op.module
     a = m.A.to(torch.float32)
