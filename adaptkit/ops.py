@@ -4,7 +4,7 @@ Each operation names its inputs (an adapter module, a saved tensor) and applies 
 :mod:`.lora`. :func:`apply_ops` runs a tensor's operations in order; a lone plain LoRA is one fused
 ``addmm_`` (W += s·B@A, ΔW never materialised), anything else goes through ΔW.
 
-On the CPU a lone plain LoRA from a dense tensor into a dense one takes :func:`merge_rows`: the same
+On the CPU a lone plain LoRA from a dense (out, in) tensor into a dense one takes :func:`merge_rows`: the same
 arithmetic a block of rows at a time, from the stored bytes straight into the output buffer, the
 blocks shared among :class:`RowWorkers` (same bits, a fraction of the memory traffic).
 """
@@ -71,7 +71,10 @@ def _fused(ops: list[Op]) -> Op | None:
 def fused_op(ops: list[Op]) -> Op | None:
     """The op :func:`merge_rows` can carry out for a tensor with these ``ops``, or None."""
     op = _fused(ops)
-    if op is None or (op.transposed and op.into is not None):
+    # a base stored (in, out) (Conv1D, experts stored transposed) is not blocked: MKL's addmm with A's
+    # columns as the output's rows gives other fp32 bits for a block of rows than for the whole tensor
+    # (about a quarter of random shapes, widths that are multiples of 16 too), so it stays on the buffer route
+    if op is None or op.transposed:
         return None
     return op
 
@@ -235,6 +238,8 @@ def merge_rows(src: torch.Tensor, dst: torch.Tensor, op: Op, workers: RowWorkers
     Only a tensor whose row count is not a multiple of 8 can differ, in its last few rows, by the
     last bit of fp32 before rounding, as MKL's result there already does between one and two threads.
     """
+    if op.transposed:
+        raise ValueError("merge_rows takes no base stored (in, out): see fused_op")
     m = op.module
     a = m.A.to(torch.float32)
     b = op.part_of(m.B).to(torch.float32)
@@ -252,9 +257,7 @@ def merge_rows(src: torch.Tensor, dst: torch.Tensor, op: Op, workers: RowWorkers
             # follows the output's alignment, and its bits with it
             t = workers.scratch((j - i) * cols, (i * cols) % ALIGN_FLOATS).view(j - i, cols)
             t.copy_(src[i:j])
-            if merged and op.transposed:  # rows of the stored (in, out) weight are columns of A
-                lora.add_delta_(t, a[:, i:j], b, scale, True)
-            elif merged:
+            if merged:
                 lora.add_delta_(t, a, b[i - lo:j - lo], scale, False)
             dst[i:j].copy_(t)
             ok = _finite(dst[i:j], t) and ok
