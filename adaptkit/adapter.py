@@ -454,7 +454,7 @@ def build_adapter(path: Path, weights_path: Path, config: dict, source: TensorSo
 
     notes: list[str] = []
     problems: list[str] = config_problems(config)
-    params = _targeted_parameters(config.get("target_parameters"), parts, problems)
+    params = _targeted_parameters(config.get("target_parameters"), config.get("target_modules"), parts, problems)
     token_rows = _token_rows(config.get("trainable_token_indices"), token_keys, source, problems)
     modules: dict[str, LoraModule] = {}
     assumed_alpha = []
@@ -547,22 +547,43 @@ def module_scale(config: dict, name: str, shape_rank: int, fmt: str, infer_alpha
     return rank, alpha, scaling, problem
 
 
-def _targeted_parameters(targets, parts: dict, problems: list[str]) -> dict[str, tuple[str, ...]]:
+def _module_targeted(target_modules, module: str) -> bool:
+    """Whether peft's ``target_modules`` names ``module`` (peft's check_target_module_exists: a list
+    matches a name or its last parts, a string is a regex matched in full); "all-linear" tells nothing."""
+    if isinstance(target_modules, str):
+        if target_modules.lower() == "all-linear":
+            return False
+        try:
+            return re.fullmatch(target_modules, module) is not None
+        except re.error:
+            return False
+    return any(isinstance(t, str) and (module == t or module.endswith("." + t)) for t in target_modules or ())
+
+
+def _targeted_parameters(targets, target_modules, parts: dict, problems: list[str]) -> dict[str, tuple[str, ...]]:
     """The parameters each ``target_parameters`` LoRA may adapt, by the key it is saved under.
 
     peft wraps a module once per targeted parameter (``module.base_layer…base_layer.lora_A``); the
     config's list does not keep the wrapping order, so which wrapper adapts which parameter is told by
-    the shapes, against the base (:meth:`Adapter.resolve_parameters`)."""
+    the shapes, against the base (:meth:`Adapter.resolve_parameters`).
+
+    A target names ``module.parameter`` or its last parts, as peft matches it (``key == target`` or
+    ``key.endswith("." + target)``): a bare ``gate_up_proj`` is any module's parameter of that name.
+    peft 0.21 writes bare ones itself when it turns a transformers-4 style ``target_modules``
+    (``gate_proj``, ``up_proj``, ``down_proj``, ``gate``) into parameters of a transformers-5 MoE model
+    (peft/utils/transformers_weight_conversion.py ``_convert_peft_config_moe``). A module that
+    ``target_modules`` names is a module LoRA, never a parameter's: peft refuses to wrap both."""
     if not targets:
         return {}
-    if not isinstance(targets, list) or not all(isinstance(t, str) and "." in t for t in targets):
-        problems.append("target_parameters must be a list of module.parameter names")
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t.strip(".") == t and t for t in targets):
+        problems.append("target_parameters must be a list of parameter names (module.parameter or its last parts)")
         return {}
-    specs = [t.rsplit(".", 1) for t in targets]
+    specs = [t.rsplit(".", 1) if "." in t else ("", t) for t in targets]
     out = {}
     for mod in parts:
         module = _unwrapped(mod)
-        here = tuple(param for suffix, param in specs if module == suffix or module.endswith("." + suffix))
+        here = tuple(dict.fromkeys(param for suffix, param in specs if module == suffix or module.endswith(
+            "." + suffix) or (not suffix and not _module_targeted(target_modules, module))))
         if here:
             out[mod] = here
     return out

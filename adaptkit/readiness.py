@@ -9,7 +9,8 @@ rests on a runtime's code, the file and version are named beside it.
 - llama.cpp (GGUF) takes Linear LoRA and a LoRA on the input embedding (``token_embd``: since PR
   #11131, llama.cpp ``src/llama-graph.cpp`` ``build_inp_embd`` adds scale · B · A[token], and
   ``src/llama-adapter.cpp`` checks its flipped shapes); no DoRA, no ``modules_to_save``, no
-  biases (the base's architecture is checked by ``convert --to gguf``, which needs the base).
+  biases (the base's architecture is checked by ``convert --to gguf``, which needs the base, as are
+  the tensors an architecture's graph multiplies without a LoRA: formats/gguf.py ``UNAPPLIED``).
 - mlx-lm takes Linear LoRA inside numbered layers, DoRA included (mlx-lm 0.32 ``tuner/dora.py``:
   ``convert --to mlx`` writes ``fine_tune_type: dora``); no ``modules_to_save`` or embedding LoRA;
   one rank for every module (``convert --to mlx`` pads to it).

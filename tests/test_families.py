@@ -128,6 +128,56 @@ def test_shared_experts_their_gate_and_the_router_merge_as_peft_merges_them(tmp_
     assert adaptkit.verify(tmp_path / "base", ad, tmp_path / "m").ok
 
 
+def test_a_lora_peft_moved_onto_the_experts_merges_as_peft_merges_it(tmp_path):
+    """The everyday MoE LoRA: target_modules naming gate_proj, up_proj and down_proj on a transformers-5
+    Qwen3-MoE. peft 0.21 rewrites that config itself (transformers_weight_conversion.py
+    _convert_peft_config_moe): bare target_parameters ``gate_up_proj``, ``down_proj`` (which it matches on
+    the parameter's last name), gate and up as one rank-2r factor pair with alpha doubled by a regex
+    pattern. adaptkit once refused such an adapter; it merges as peft merges it."""
+    import json
+
+    build.build_model(build.qwen3_moe_config(), tmp_path / "base", dtype=torch.float32)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
+                             target_modules=["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    config = json.loads((ad / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == ["down_proj", "gate_up_proj"]  # what the case is about
+    assert config["rank_pattern"] == {r".*\.gate_up_proj": 4}
+    result = adaptkit.merge(tmp_path / "base", ad, tmp_path / "m")
+    assert result.modules_merged == 8 and not result.warnings
+    _, ref = peft_merged(tmp_path / "base", [ad])
+    mine, base = build.load_model(tmp_path / "m").state_dict(), build.load_model(tmp_path / "base").state_dict()
+    changed = [n for n, t in ref.state_dict().items() if not torch.equal(t, base[n])]
+    assert sum(".mlp.experts." in n for n in changed) == 4 and len(changed) == 8
+    for name, t in ref.state_dict().items():
+        assert torch.allclose(mine[name], t, rtol=1e-6, atol=1e-7), name
+    info = adaptkit.inspect(ad)
+    assert {m.name.rsplit(".", 1)[1]: m.experts for m in info.modules if m.experts > 1} == {"down_proj": 4,
+                                                                                            "gate_up_proj": 4}
+    assert adaptkit.verify(tmp_path / "base", ad, tmp_path / "m").ok
+
+
+def test_a_deepseek_v3_lora_merges_as_peft_merges_it(tmp_path):
+    """DeepSeek-V3 (and Kimi-K2, which has its layout): multi-head latent attention, a dense first layer,
+    then routed experts per expert on disk, a shared expert and a router whose weight is a parameter;
+    a LoRA on the attention output, the router and every routed expert."""
+    build.build_model(build.deepseek_v3_config(), tmp_path / "base", dtype=torch.float32)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=4, lora_alpha=8, use_rslora=True,
+                             target_modules=["o_proj", "q_b_proj", "kv_b_proj"],
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                                                "mlp.gate.weight"],
+                             rank_pattern={"layers.1.self_attn.o_proj": 2}, alpha_pattern={"mlp.experts.down_proj": 3})
+    result = adaptkit.merge(tmp_path / "base", ad, tmp_path / "m")
+    assert result.modules_merged == 9 and not result.warnings
+    _, ref = peft_merged(tmp_path / "base", [ad])
+    mine, base = build.load_model(tmp_path / "m").state_dict(), build.load_model(tmp_path / "base").state_dict()
+    changed = {n for n, t in ref.state_dict().items() if not torch.equal(t, base[n])}
+    assert {"model.layers.1.mlp.gate.weight", "model.layers.1.mlp.experts.down_proj",
+            "model.layers.0.self_attn.kv_b_proj.weight"} <= changed and len(changed) == 9
+    for name, t in ref.state_dict().items():
+        assert torch.allclose(mine[name], t, rtol=1e-6, atol=1e-7), name
+    assert adaptkit.verify(tmp_path / "base", ad, tmp_path / "m").ok
+
+
 def test_verify_catches_one_experts_delta_dropped(tmp_path, moe):
     from safetensors.torch import load_file, save_file
 

@@ -447,3 +447,61 @@ def test_gguf_refuses_a_base_storing_expert_gate_and_up_fused(runner, tmp_path):
                                str(fused), "-o", str(tmp_path / "a.gguf")])
     assert_one_line_error(res, "gate and up fused", "gate_up_proj")
     assert not (tmp_path / "a.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    from fixtures import build
+
+    root = tmp_path_factory.mktemp("deepseek")
+    build.build_model(build.deepseek_v3_config(), root / "base", dtype=torch.float32)
+    return root / "base"
+
+
+def test_gguf_deepseek_v3_loras_land_where_llama_cpp_applies_them(tmp_path, deepseek):
+    """DeepSeek-V3 as llama.cpp's deepseek2: the attention output, the dense first MLP, the router
+    (ffn_gate_inp) and the routed experts stacked into ffn_*_exps carry what peft's merge adds."""
+    from fixtures.build import build_adapter, load_model
+    from helpers import peft_merged
+
+    ad = build_adapter(deepseek, tmp_path / "ad", r=4, lora_alpha=8, use_rslora=True, target_modules=["o_proj"],
+                       target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"],
+                       alpha_pattern={"mlp.experts.down_proj": 3})
+    out = tmp_path / "a.gguf"
+    convert(ad, out, to="gguf", base=deepseek)
+    cfg = json.loads((deepseek / "config.json").read_text())
+    got = read_gguf_deltas(out, cfg)
+    assert sorted(got) == ["blk.0.attn_output.weight", "blk.1.attn_output.weight", "blk.1.ffn_down_exps.weight",
+                           "blk.1.ffn_gate_exps.weight", "blk.1.ffn_gate_inp.weight", "blk.1.ffn_up_exps.weight"]
+    _, merged = peft_merged(deepseek, [ad])
+    ref, plain = merged.state_dict(), load_model(deepseek).state_dict()
+    delta = {k: ref[k] - plain[k] for k in ref}
+    inter = cfg["moe_intermediate_size"]
+    p = "model.layers.1."
+    want = {"blk.0.attn_output.weight": delta["model.layers.0.self_attn.o_proj.weight"],
+            "blk.1.attn_output.weight": delta[p + "self_attn.o_proj.weight"],
+            "blk.1.ffn_gate_inp.weight": delta[p + "mlp.gate.weight"],
+            "blk.1.ffn_gate_exps.weight": delta[p + "mlp.experts.gate_up_proj"][:, :inter],
+            "blk.1.ffn_up_exps.weight": delta[p + "mlp.experts.gate_up_proj"][:, inter:],
+            "blk.1.ffn_down_exps.weight": delta[p + "mlp.experts.down_proj"]}
+    for name, w in want.items():
+        assert got[name].shape == w.shape and torch.allclose(got[name], w, atol=1e-5 * w.abs().max().item()), name
+
+
+@pytest.mark.parametrize("module, tensor", [("q_b_proj", "blk.0.attn_q_b"), ("kv_b_proj", "blk.0.attn_kv_b"),
+                                            ("kv_a_proj_with_mqa", "blk.0.attn_kv_a_mqa"), ("lm_head", "output")])
+def test_gguf_refuses_loras_llama_cpp_would_drop(runner, tmp_path, deepseek, module, tensor):
+    """llama.cpp's deepseek2 graph multiplies the latent-attention projections and the output head with
+    plain ggml_mul_mat (src/models/deepseek2.cpp), never adding a LoRA there: such a GGUF would load
+    and run without that delta, so the export refuses it, naming the module and the tensor."""
+    from fixtures.build import build_adapter
+
+    ad = build_adapter(deepseek, tmp_path / "ad", r=2, lora_alpha=4, target_modules=["o_proj", module])
+    res = runner.invoke(main, ["convert", str(ad), "--to", "gguf", "--base", str(deepseek), "-o",
+                               str(tmp_path / "a.gguf")])
+    # (on lm_head, peft saves the base's head beside the LoRA: a warning line says it is left out)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    error = [line for line in res.stderr.splitlines() if not line.startswith("warning: ")]
+    assert len(error) == 1 and error[0].startswith("error: ")
+    assert all(word in error[0] for word in (module, tensor, "without its LoRA", "adaptkit merge"))
+    assert not list(tmp_path.glob("*.gguf"))

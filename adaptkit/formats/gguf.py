@@ -57,9 +57,21 @@ ARCHITECTURES = {
     "OlmoeForCausalLM": ("olmoe", ""), "MixtralForCausalLM": ("llama", "rope"),
     # gpt_oss.py GptOssModel: experts stored fused and (E, in, out), split and transposed there (see _expert_parts)
     "GptOssForCausalLM": ("gpt-oss", ""),
+    # deepseek.py DeepseekV2Model (DeepSeek-V2/V3, Kimi-K2): experts stacked as above, kv_b_proj split into
+    # k_b/v_b (attention LoRAs there are refused: see UNAPPLIED), q/k rows kept
+    "DeepseekV2ForCausalLM": ("deepseek2", ""), "DeepseekV3ForCausalLM": ("deepseek2", ""),
 }
 ROWS = dict(ARCHITECTURES.values())  # gguf architecture -> its row reordering (one per gguf architecture)
 PERMUTED = {arch for arch, rows in ROWS.items() if rows == "rope"}  # gguf archs whose q/k rows are permuted
+# gguf tensors that llama.cpp's graph of an architecture multiplies with a plain ggml_mul_mat, not through
+# build_lora_mm: a LoRA there would load and be dropped without a word, so the export refuses it. Read off
+# llama-cpp-python 0.3.36's vendor/llama.cpp/src/models/*.cpp (the other exported architectures apply a LoRA
+# on every tensor they map)
+UNAPPLIED = {
+    # deepseek2.cpp: wq_a, wq_b and wq (q_proj when q_lora_rank is null), wkv_a_mqa, wkv_b, wk_b and wv_b
+    # (the converter's split of kv_b_proj; wv_b goes in as build_attn_mha's v_mla) and the output head
+    "deepseek2": {"attn_q_a", "attn_q_b", "attn_q", "attn_kv_a_mqa", "attn_kv_b", "attn_k_b", "attn_v_b", "output"},
+}
 
 
 def _gguf():
@@ -239,6 +251,18 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
     alpha = float(adapter.config.get("lora_alpha") or next(iter(ranks)))
     tensors = _tensors(adapter, base, base_config, arch_name, alpha, adapter.path)
     dtype = {"f32": np.float32, "f16": np.float16, "bf16": None}[outtype]
+    gnames = {}
+    for module in tensors:
+        gname = names.get_name(module)
+        if gname is None:
+            raise AdaptkitError(f"gguf has no name for module {module} in {arch_name}", adapter.path)
+        kind = gname.split(".")[2] if gname.startswith("blk.") else gname
+        if kind in UNAPPLIED.get(arch_name, ()):
+            raise AdaptkitError(f"{module}: llama.cpp's {arch_name} graph multiplies {gname} without its LoRA "
+                                f"(src/models/{arch_name}.cpp: ggml_mul_mat, not build_lora_mm), so this adapter "
+                                "would run without that delta (fix: adaptkit merge BASE ADAPTER -o MERGED and convert "
+                                "the merged model)", adapter.path)
+        gnames[module] = gname
     writer = gguf.GGUFWriter(str(out), arch_name)
     writer.add_string("general.type", "adapter")
     writer.add_string("adapter.type", "lora")
@@ -248,9 +272,7 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
         writer.add_key_value("adapter.alora.invocation_tokens", [int(t) for t in adapter.alora_tokens],
                              gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32)
     for module, (a, b) in tensors.items():
-        gname = names.get_name(module)
-        if gname is None:
-            raise AdaptkitError(f"gguf has no name for module {module} in {arch_name}", adapter.path)
+        gname = gnames[module]
         b = reorder_rows(b, gname, rows, n_head, n_kv)
         for suffix, t in (("lora_a", a), ("lora_b", b)):
             name = f"{gname}.weight.{suffix}"
