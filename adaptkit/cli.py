@@ -331,8 +331,11 @@ def main(verbose):
 @click.option("--check", "checks", multiple=True, type=LazyChoice(_runtimes),
               help="Say whether the adapter loads in this runtime, and how to fix it if not (repeatable).")
 @click.option("--max-lora-rank", type=int, default=16, show_default=True, help="vLLM's --max-lora-rank, for --check vllm.")
+@click.option("--base", default=None, metavar="BASE",
+              help="The base model (folder or Hub id): tells what MoE expert LoRAs adapt from its checkpoint, and "
+                   "lets --check leave out saved tensors that only repeat the base's (peft's embedding copy).")
 @json_option
-def inspect(sources, svd, plot_file, compare, checks, max_lora_rank, as_json):
+def inspect(sources, svd, plot_file, compare, checks, max_lora_rank, base, as_json):
     """Show what a LoRA adapter holds.
 
     SOURCE is a PEFT adapter folder (adapter_config.json + adapter_model.safetensors or .bin), an
@@ -357,7 +360,7 @@ def inspect(sources, svd, plot_file, compare, checks, max_lora_rank, as_json):
         _inspect_many(sources, plot_file, compare, as_json)
         return
     source = sources[0]
-    report = adaptkit.inspect(source, svd=svd, checks=checks, max_lora_rank=max_lora_rank)
+    report = adaptkit.inspect(source, svd=svd, checks=checks, max_lora_rank=max_lora_rank, base=base)
     if as_json:
         print_json(report.to_dict())
     else:

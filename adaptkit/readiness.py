@@ -80,7 +80,11 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
     mods = list(adapter.modules.values())
     merge_fix = f"adaptkit merge BASE {src} -o MERGED  (serve the merged model)"
     if adapter.full_tensors:
-        problems.append(Problem("modules_to_save", f"full tensors {', '.join(sorted(adapter.full_tensors))}", merge_fix))
+        copies = [n for n in adapter.full_tensors if n.removesuffix(".weight") in adapter.modules]
+        why = (f" ({len(copies)} beside their own LoRA: peft's save_embedding_layers copy, harmless if it equals the "
+               "base's; --base BASE tells)") if copies else ""
+        problems.append(Problem("modules_to_save", f"full tensors {', '.join(sorted(adapter.full_tensors))}{why}",
+                                merge_fix))
     if adapter.use_dora and target != "mlx":
         dora = [m.name for m in mods if m.use_dora]
         problems.append(Problem("dora", f"{len(dora)} DoRA modules (first: {dora[0]})", merge_fix))

@@ -311,12 +311,25 @@ def test_gguf_token_embd_lora_is_laid_out_as_llama_cpp_reads_it(tmp_path):
     ({"architectures": ["GraniteForCausalLM"]}, ("granite", "rope")),  # llama.cpp's GraniteModel is a LlamaModel
     ({"model_type": "gemma3_text"}, ("gemma3", "")),  # through transformers' causal-LM table
     ({"model_type": "olmo3"}, ("olmo2", "")),  # olmo.py's Olmo2Model registers Olmo3 too
+    ({"architectures": ["DeepseekV3ForCausalLM"]}, ("deepseek2", "")),
+    ({"architectures": ["Glm4ForCausalLM"], "rope_parameters": {"partial_rotary_factor": 0.5}}, ("glm4", "")),
+    ({"model_type": "ernie4_5"}, ("ernie4_5", "")),
 ])
 def test_gguf_architectures_beyond_the_first_six(config, want):
     from adaptkit.formats.gguf import PERMUTED, base_architecture
 
     assert base_architecture(config, "base") == want
     assert ("granite" in PERMUTED) and ("qwen3" not in PERMUTED)
+
+
+def test_gguf_refuses_a_glm4_with_m_rope():
+    """glm.py permutes GLM-4's q/k rows only under M-RoPE; that re-layout is not mirrored, so refused."""
+    from adaptkit.errors import AdaptkitError
+    from adaptkit.formats.gguf import base_architecture
+
+    with pytest.raises(AdaptkitError, match="M-RoPE"):
+        base_architecture({"architectures": ["Glm4ForCausalLM"], "rope_parameters": {"mrope_section": [8, 12, 12]}},
+                          "base")
 
 
 def test_gguf_gpt_neox_query_key_value_regrouped_as_llama_cpp_converts_it(tmp_path):
@@ -505,3 +518,25 @@ def test_gguf_refuses_loras_llama_cpp_would_drop(runner, tmp_path, deepseek, mod
     assert len(error) == 1 and error[0].startswith("error: ")
     assert all(word in error[0] for word in (module, tensor, "without its LoRA", "adaptkit merge"))
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_check_llamacpp_tells_peft_embedding_copy_from_a_trained_one_given_the_base(runner, tmp_path):
+    """peft saves the base's embedding beside an embedding LoRA (save_embedding_layers). Without the base
+    the check cannot know it is only a copy and says so; with --base a copy equal to the base's is left
+    out (llama.cpp then takes the adapter, as the GGUF export does), a changed one is still refused."""
+    from safetensors.torch import load_file, save_file
+
+    from fixtures.build import build_adapter
+
+    ad = build_adapter(TINY_LLAMA, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"])
+    alone = runner.invoke(main, ["inspect", str(ad), "--check", "llamacpp", "--json"])
+    check = json.loads(alone.stdout)["checks"]["llamacpp"]
+    assert alone.exit_code == 1 and not check["ok"] and "--base BASE tells" in check["problems"][0]["detail"]
+    given = runner.invoke(main, ["inspect", str(ad), "--check", "llamacpp", "--base", str(TINY_LLAMA), "--json"])
+    assert given.exit_code == 0 and json.loads(given.stdout)["checks"]["llamacpp"]["ok"]
+    tensors = load_file(ad / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("embed_tokens.base_layer.weight"))
+    tensors[key] = tensors[key] + 0.01  # trained (or resized) embedding: not the base's
+    save_file(tensors, ad / "adapter_model.safetensors")
+    changed = runner.invoke(main, ["inspect", str(ad), "--check", "llamacpp", "--base", str(TINY_LLAMA), "--json"])
+    assert changed.exit_code == 1 and not json.loads(changed.stdout)["checks"]["llamacpp"]["ok"]

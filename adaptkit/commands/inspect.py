@@ -114,7 +114,7 @@ def _few(items: list[str], n: int = 3) -> str:
     return ", ".join(items[:n]) + more
 
 
-def inspect(source, *, svd: bool = False, checks=(), max_lora_rank: int = 16,
+def inspect(source, *, svd: bool = False, checks=(), max_lora_rank: int = 16, base=None,
             reporter: Reporter | None = None) -> AdapterReport:
     """What a LoRA adapter holds: peft type, base model, r, α, scaling, DoRA, targets, one row per
     module (named as in the base model) and health warnings (untrained B, NaN/Inf, shapes that do
@@ -128,6 +128,10 @@ def inspect(source, *, svd: bool = False, checks=(), max_lora_rank: int = 16,
         checks: runtimes to check the adapter against (:data:`adaptkit.readiness.TARGETS`:
             ``vllm``, ``llamacpp``, ``mlx``); each result names the rules broken and the fix.
         max_lora_rank: vLLM's ``--max-lora-rank``, for the ``vllm`` check.
+        base: the base model (folder or Hub id), optional: names what each ``target_parameters``
+            LoRA adapts from its checkpoint, and leaves out of the checks the saved tensors that
+            only repeat the base's (peft's copy of an embedding it saves beside an embedding LoRA),
+            as the exports do.
         reporter: receives the health warnings.
 
     Returns:
@@ -139,11 +143,30 @@ def inspect(source, *, svd: bool = False, checks=(), max_lora_rank: int = 16,
         >>> r.r, r.lora_alpha, r.scaling, len(r.modules), r.checks[0].ok
         (8, 16, 2.0, 14, False)
     """
-    adapter = open_adapter(source)
-    _resolve_from_base(adapter)
-    report = inspect_adapter(adapter, svd=svd)
-    report.checks = [check(adapter, target, max_lora_rank) for target in checks]
     collected = Collected(reporter)
+    base_ck = None
+    if base is not None:
+        from ..io.checkpoint import Checkpoint
+        from .inputs import resolve
+
+        base_ck = Checkpoint.open(resolve(base))
+    adapter = open_adapter(source, base_names=list(base_ck.tensors) if base_ck is not None else None)
+    if base_ck is not None:
+        from ..plan import resolve_parameters
+
+        resolve_parameters(base_ck, [adapter])
+    else:
+        _resolve_from_base(adapter)
+    report = inspect_adapter(adapter, svd=svd)
+    checked = adapter
+    if base_ck is not None and adapter.full_tensors:
+        from .convert import _without_base_copies
+
+        checked, same = _without_base_copies(adapter, base_ck)
+        if same:
+            report.warnings.append(f"{len(same)} saved tensors equal the base's own (peft's copy of an embedding "
+                                   f"beside its LoRA): nothing to serve, left out of the checks ({', '.join(same[:3])})")
+    report.checks = [check(checked, target, max_lora_rank) for target in checks]
     for w in report.warnings:
         collected.warn(w)
     return report

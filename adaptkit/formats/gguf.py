@@ -60,6 +60,10 @@ ARCHITECTURES = {
     # deepseek.py DeepseekV2Model (DeepSeek-V2/V3, Kimi-K2): experts stacked as above, kv_b_proj split into
     # k_b/v_b (attention LoRAs there are refused: see UNAPPLIED), q/k rows kept
     "DeepseekV2ForCausalLM": ("deepseek2", ""), "DeepseekV3ForCausalLM": ("deepseek2", ""),
+    # glm.py Glm4Model: renames (gate_up_proj stays fused as ffn_up); it permutes q/k only under M-RoPE
+    # (rope_parameters.mrope_section), which base_architecture refuses; ernie.py Ernie4_5Model: renames (its
+    # split of a fused qkv_proj/up_gate_proj concerns Baidu's own checkpoints, transformers' hold them apart)
+    "Glm4ForCausalLM": ("glm4", ""), "Ernie4_5ForCausalLM": ("ernie4_5", ""),
 }
 ROWS = dict(ARCHITECTURES.values())  # gguf architecture -> its row reordering (one per gguf architecture)
 PERMUTED = {arch for arch, rows in ROWS.items() if rows == "rope"}  # gguf archs whose q/k rows are permuted
@@ -130,6 +134,10 @@ def base_architecture(config: dict, path) -> tuple[str, str]:
         what = arch or (f"of model_type {model_type!r}, which names no causal LM of transformers" if model_type
                         else "of unknown architecture")
         raise AdaptkitError(f"GGUF export supports {supported}; the base is {what}", path)
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if ARCHITECTURES[arch][0] == "glm4" and isinstance(rope, dict) and "mrope_section" in rope:
+        raise AdaptkitError("config.json: a GLM-4 with M-RoPE (rope mrope_section), whose q/k rows llama.cpp's "
+                            "converter re-lays out: not exported to GGUF (merge instead)", path)
     return ARCHITECTURES[arch]
 
 
