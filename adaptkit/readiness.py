@@ -2,6 +2,8 @@
 
 Each check returns the problems found, each with the adaptkit command that fixes it. Where a rule
 rests on a runtime's code, the file and version are named beside it.
+- vLLM reads LoRAs on MoE experts as per-expert pairs for models storing experts apart
+  (``convert --to vllm --base BASE`` writes them); a router's LoRA is sent to the merge.
 - vLLM rejects ``modules_to_save``, DoRA, ranks above ``max_lora_rank`` (16 by default; it accepts
   only :data:`VLLM_MAX_RANKS`), LoRA biases and modules outside the linear projections it knows;
   its ``PEFTHelper`` (vllm/lora/peft_helper.py) applies one scaling, lora_alpha / r, to every
@@ -93,12 +95,19 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
         problems.append(Problem("lora_bias", f"{len(biased)} modules with a LoRA bias (first: {biased[0]})", merge_fix))
     # llama.cpp applies a LoRA on a 3-D expert tensor expert by expert (llama.cpp in llama-cpp-python 0.3.36:
     # src/llama-graph.cpp llm_graph_context::build_lora_mm_id); the GGUF export lays the factors out
+    # vLLM: models whose checkpoints keep experts apart (is_3d_moe_weight False) read expert LoRAs per expert
+    # and projection (vllm/lora/lora_model.py, PackedLoRALayerWeights.pack_moe); convert --to vllm lays them out
     experts = [m.name for m in mods if (m.kind == "param" or m.param) and target != "llamacpp"]
     if experts:
-        why = ("vLLM loads such LoRAs only for some MoE models and releases, which adaptkit has not checked"
-               if target == "vllm" else "which adaptkit does not export for this runtime yet")
+        routers = [m.name for m in mods if m.param and m.experts == 1]
+        if target == "vllm" and not routers:
+            why, fix = ("vLLM reads them only as per-expert pairs (experts.N.gate_proj…), for models storing experts "
+                        "apart", f"adaptkit convert {src} --to vllm --base BASE -o VLLM  (per-expert pairs, exact)")
+        else:
+            why, fix = ("which adaptkit does not export for this runtime" + (" (a router's)" if routers else ""),
+                        merge_fix)
         problems.append(Problem("target_parameters", f"{len(experts)} LoRAs on parameters (MoE experts; first: "
-                                f"{experts[0]}): {why}", merge_fix))
+                                f"{experts[0]}): {why}", fix))
     if adapter.token_rows:
         ids = sum(len(ids) for ids, _ in adapter.token_rows.values())
         problems.append(Problem("trainable_tokens", f"{ids} trainable token rows on {', '.join(adapter.token_rows)}",
@@ -129,7 +138,7 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
                 f"reads r, lora_alpha and use_rslora only); {len(off)} modules have another (first: {off[0].name}, "
                 f"{off[0].scaling:g})", f"adaptkit convert {src} --to vllm -o VLLM  (each module's scaling folded "
                 "into its lora_B, exact)"))
-        odd = sorted({m.name.rsplit(".", 1)[-1] for m in mods} - VLLM_MODULES)
+        odd = sorted({m.name.rsplit(".", 1)[-1] for m in mods if not m.param and m.kind != "param"} - VLLM_MODULES)
         if odd:
             problems.append(Problem("target_modules", f"modules vLLM does not adapt: {', '.join(odd)}", merge_fix))
     else:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import adaptkit
+import adaptkit.cli
 from adaptkit.architecture import checkpoint_renames
 from adaptkit.io.checkpoint import Checkpoint
 from fixtures import build
@@ -464,12 +465,74 @@ def test_a_transformers_4_era_mixtral_lora_on_per_expert_linears_merges_and_veri
     assert report.ok and report.model.ok and report.model.compared == "logits (MixtralForCausalLM)"
 
 
-def test_runtime_checks_send_expert_loras_to_the_merge_but_for_llama_cpp():
+def test_runtime_checks_send_expert_loras_to_their_exports_or_the_merge():
     """llama.cpp applies a LoRA on its 3-D expert tensors (the GGUF export lays it out: test_runtimes,
-    test_llama_cpp); vLLM and mlx-lm are sent to the merge."""
+    test_llama_cpp); vLLM reads per-expert pairs (convert --to vllm --base); mlx-lm is sent to the merge."""
     report = adaptkit.inspect(FAMILY_ADAPTERS["qwen3-moe-experts"], checks=["vllm", "llamacpp", "mlx"])
     assert [c.target for c in report.checks if c.ok] == ["llamacpp"]
-    for check in report.checks[::2]:
-        problem = next(p for p in check.problems if p.rule == "target_parameters")
-        assert not check.ok and problem.fix.startswith("adaptkit merge BASE")
-        assert ("not checked" in problem.detail) == (check.target == "vllm")
+    fixes = {c.target: next(p.fix for p in c.problems if p.rule == "target_parameters") for c in report.checks[::2]}
+    assert fixes["vllm"].startswith("adaptkit convert") and "--to vllm --base BASE" in fixes["vllm"]
+    assert fixes["mlx"].startswith("adaptkit merge BASE")
+
+
+def _vllm_deltas(folder):
+    """What vLLM computes from a PEFT folder: one scaling lora_alpha / r (PEFTHelper) for every pair."""
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    scale = cfg["lora_alpha"] / cfg["r"]
+    t = load_file(folder / "adapter_model.safetensors")
+    return {k[len("base_model.model."):-len(".lora_A.weight")]: scale * t[k.replace("lora_A", "lora_B")] @ t[k]
+            for k in t if k.endswith(".lora_A.weight")}, t
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe", "deepseek-v3"])
+def test_expert_loras_go_to_vllm_as_per_expert_pairs(tmp_path, family):
+    """peft 0.21 saves an expert LoRA on transformers 5's fused parameters; vLLM's Qwen-MoE/DeepSeek
+    classes read one pair per expert and projection, every one present. The export writes that: a
+    vLLM-shaped reader (one global alpha / r) rebuilds every expert's ΔW of peft's merge exactly,
+    zeros where a projection had no LoRA, all at one rank."""
+    import json
+
+    config = build.qwen3_moe_config() if family == "qwen3-moe" else build.deepseek_v3_config()
+    build.build_model(config, tmp_path / "base", dtype=torch.float32)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=4, lora_alpha=8, use_rslora=True,
+                             target_modules=["o_proj"], target_parameters=["mlp.experts.down_proj"],
+                             rank_pattern={"layers.1.self_attn.o_proj": 2})
+    adaptkit.convert(ad, tmp_path / "vllm", to="vllm", base=tmp_path / "base")
+    got, tensors = _vllm_deltas(tmp_path / "vllm")
+    expert_ranks = {t.shape[0] for k, t in tensors.items() if ".experts." in k and k.endswith("lora_A.weight")}
+    assert expert_ranks == {4}  # one rank for every expert pair (vLLM stacks them)
+    _, merged = peft_merged(tmp_path / "base", [ad])
+    ref, plain = merged.state_dict(), build.load_model(tmp_path / "base").state_dict()
+    layers = [1] if family == "deepseek-v3" else [0, 1]  # DeepSeek's first layer is dense
+    experts = 0
+    for layer in layers:
+        down = ref[f"model.layers.{layer}.mlp.experts.down_proj"] - plain[f"model.layers.{layer}.mlp.experts.down_proj"]
+        for e in range(down.shape[0]):
+            p = f"model.layers.{layer}.mlp.experts.{e}."
+            assert torch.allclose(got[p + "down_proj"], down[e], atol=1e-6 * down.abs().max().item())
+            assert not got[p + "gate_proj"].any() and not got[p + "up_proj"].any()  # present, zero
+            experts += 1
+    o = ref["model.layers.1.self_attn.o_proj.weight"] - plain["model.layers.1.self_attn.o_proj.weight"]
+    assert torch.allclose(got["model.layers.1.self_attn.o_proj"], o, atol=1e-6 * o.abs().max().item())
+    assert len(got) == 2 + 3 * experts
+    cfg = json.loads((tmp_path / "vllm" / "adapter_config.json").read_text())
+    assert {"down_proj", "gate_proj", "up_proj", "o_proj"} == set(cfg["target_modules"]) and not cfg["rank_pattern"]
+
+
+def test_vllm_export_refuses_fused_expert_bases_and_routers(runner, tmp_path):
+    """gpt-oss keeps its experts fused on disk, which vLLM reads in a 3-D layout adaptkit has not
+    checked; a router's LoRA (a 2-D parameter) neither: both refused in one line, nothing written."""
+    res = runner.invoke(adaptkit.cli.main, ["convert", str(FAMILY_ADAPTERS["gpt-oss-experts"]), "--to", "vllm",
+                                            "--base", str(FAMILY_BASE_OF["gpt-oss-experts"]), "-o", str(tmp_path / "v")])
+    assert_one_line_error(res, "fused", "3-D")
+    build.build_model(build.qwen2_moe_config(), tmp_path / "base", dtype=torch.float32)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4, target_modules=["q_proj"],
+                             target_parameters=["mlp.gate.weight", "mlp.experts.down_proj"])
+    res = runner.invoke(adaptkit.cli.main, ["convert", str(ad), "--to", "vllm", "--base", str(tmp_path / "base"),
+                                            "-o", str(tmp_path / "v")])
+    assert_one_line_error(res, "router")
+    assert not (tmp_path / "v").exists()

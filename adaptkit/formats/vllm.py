@@ -7,13 +7,23 @@ alphas is scaled wrongly there. This writer folds each module's own scaling sₘ
 (B' = sₘ·B, :func:`adaptkit.lora.fold`) and writes ``lora_alpha`` = ``r``, so the one scaling vLLM
 applies is 1 and every module computes its own ΔW. ``pad_rank`` zero-pads every module to one rank
 (exact: zero rows of A, zero columns of B add nothing). What vLLM cannot load at all
-(modules_to_save, DoRA, LoRA biases, trainable tokens, aLoRA, LoRAs on expert parameters) is refused
-with the reason (:mod:`adaptkit.readiness`).
+(modules_to_save, DoRA, LoRA biases, trainable tokens, aLoRA) is refused with the reason
+(:mod:`adaptkit.readiness`).
+
+MoE experts: vLLM's model classes for checkpoints that store experts apart (``is_3d_moe_weight``
+False: Qwen2/3-MoE, Mixtral, OLMoE, DeepSeek…) read expert LoRAs as one 2-D pair per expert and
+projection, ``….experts.{e}.{gate_proj,up_proj,down_proj}.lora_{A,B}.weight``, every projection of
+every expert present (``vllm/lora/lora_model.py``, ``PackedLoRALayerWeights.pack_moe``). A peft 0.21
+LoRA on transformers 5's fused expert parameters (``experts.gate_up_proj``: rows of every expert's
+ΔW) is written that way from the base's own checkpoint: each expert's A, its B's rows for gate and
+for up, zero pairs for a projection without a LoRA, every expert at the adapter's largest rank
+(exact). Bases storing experts fused (gpt-oss), which vLLM reads in a 3-D layout, are refused.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -22,11 +32,51 @@ from .. import lora
 from ..adapter import PEFT_PREFIX, Adapter
 from ..errors import AdaptkitError
 
-FIXED_BY_EXPORT = {"scaling", "max_lora_rank"}  # what this writer makes right; everything else is refused
+# what this writer makes right; everything else is refused
+FIXED_BY_EXPORT = {"scaling", "max_lora_rank", "target_parameters"}
+_PER_EXPERT = re.compile(r"^(?P<stem>.+\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)\.weight$")
 
 
-def write(adapter: Adapter, out: Path, *, pad_rank: int | None = None, dtype: torch.dtype | None = None, **_) -> dict:
-    """``adapter_config.json`` + ``adapter_model.safetensors`` with one scaling (1) for vLLM."""
+def _expert_pairs(adapter: Adapter, base, path) -> tuple[dict[str, tuple], dict[str, tuple[int, int]]]:
+    """Each expert LoRA as per-expert pairs (A_e, s·B_e) by on-disk module name, and the (out, in) of
+    every per-expert projection of the layers they touch (to fill the ones without a LoRA)."""
+    from .gguf import _expert_parts
+
+    pairs: dict[str, tuple] = {}
+    stems = set()
+    for m in adapter.modules.values():
+        if not (m.param and m.experts > 1):
+            continue
+        if base is None:
+            raise AdaptkitError("LoRAs on MoE experts need the base model for vLLM (its per-expert tensor names): "
+                                "give base", path)
+        a3, b3 = lora.expert_factors(m.A.to(torch.float32), m.B.to(torch.float32), m.experts)
+        try:
+            parts = _expert_parts(m, base, "vllm", path)
+        except AdaptkitError:
+            parts = []
+        for disk, e, rows, cols in parts:
+            hit = _PER_EXPERT.match(disk + ".weight")
+            if e < 0 or hit is None:
+                parts = []
+                break
+            pairs[disk] = (a3[e][:, cols], m.scaling * b3[:, :, e][rows])
+            stems.add(hit["stem"])
+        if not parts:
+            raise AdaptkitError(f"{m.name}: the base stores these experts fused, which vLLM reads in its 3-D MoE "
+                                "layout (gpt-oss…), not written by adaptkit: merge instead", path)
+    shapes = {}
+    for name in base.tensors if stems else ():
+        hit = _PER_EXPERT.match(name)
+        if hit and hit["stem"] in stems:
+            shapes[name.removesuffix(".weight")] = tuple(base.info(name).shape)
+    return pairs, shapes
+
+
+def write(adapter: Adapter, out: Path, *, pad_rank: int | None = None, dtype: torch.dtype | None = None, base=None,
+          **_) -> dict:
+    """``adapter_config.json`` + ``adapter_model.safetensors`` with one scaling (1) for vLLM; ``base``
+    (a :class:`~adaptkit.io.checkpoint.Checkpoint`) lays out LoRAs on MoE expert parameters."""
     from safetensors.torch import save_file
 
     from ..readiness import check
@@ -35,28 +85,40 @@ def write(adapter: Adapter, out: Path, *, pad_rank: int | None = None, dtype: to
     if problems:
         p = problems[0]
         raise AdaptkitError(f"vLLM cannot take this adapter: {p.rule}: {p.detail} (fix: {p.fix})", adapter.path)
-    mods = list(adapter.modules.values())
+    router = next((m.name for m in adapter.modules.values() if m.param and m.experts == 1), None)
+    if router:  # vLLM's LoRA on a router (a replicated gate) differs per release and model: not checked
+        raise AdaptkitError(f"{router}: a LoRA on a 2-D parameter (a router), which adaptkit has not checked vLLM "
+                            "loads: merge instead", adapter.path)
+    experts, shapes = _expert_pairs(adapter, base, adapter.path)
+    mods = [m for m in adapter.modules.values() if not (m.param and m.experts > 1)]
     if any(m.kind != "linear" or m.fan_in_fan_out for m in mods):
         odd = next(m.name for m in mods if m.kind != "linear" or m.fan_in_fan_out)
         raise AdaptkitError(f"{odd}: only nn.Linear LoRAs are written for vLLM (embedding and Conv1D LoRAs are not)",
                             adapter.path)
-    top = max(m.shape_rank for m in mods)
+    top = max([m.shape_rank for m in mods] + [a.shape[0] for a, _ in experts.values()])
     rank = pad_rank if pad_rank is not None else top
     if rank < top:
         raise AdaptkitError(f"pad_rank {pad_rank} is below the adapter's largest rank {top}", param="pad_rank")
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     tensors = {}
+
+    def put(name: str, a: torch.Tensor, b: torch.Tensor, pad: int) -> None:
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = cast(torch.nn.functional.pad(a, (0, 0, 0, pad))).contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = cast(torch.nn.functional.pad(b, (0, pad))).contiguous()
+
     for m in mods:
-        pad = (rank - m.shape_rank) if pad_rank is not None else 0
-        a = torch.nn.functional.pad(m.A.to(torch.float32), (0, 0, 0, pad))
-        b = torch.nn.functional.pad(lora.fold(m.B.to(torch.float32), m.scaling, 1.0), (0, pad))
-        tensors[f"{PEFT_PREFIX}{m.name}.lora_A.weight"] = cast(a).contiguous()
-        tensors[f"{PEFT_PREFIX}{m.name}.lora_B.weight"] = cast(b).contiguous()
+        put(m.name, m.A.to(torch.float32), lora.fold(m.B.to(torch.float32), m.scaling, 1.0),
+            (rank - m.shape_rank) if pad_rank is not None else 0)
+    for name, (out_f, in_f) in sorted(shapes.items()):  # every expert and projection, at one rank (vLLM stacks them)
+        a, b = experts.get(name, (torch.zeros(0, in_f), torch.zeros(out_f, 0)))
+        put(name, a, b, rank - a.shape[0])
+    mods = mods + [m for m in adapter.modules.values() if m.param and m.experts > 1]  # for target_modules
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA", "r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {},
-        "alpha_pattern": {}, "target_modules": sorted({m.name.rsplit(".", 1)[-1] for m in mods}), "use_dora": False,
+        "alpha_pattern": {}, "target_modules": sorted({m.name.rsplit(".", 1)[-1] for m in mods if not m.param}
+                                                       | {n.rsplit(".", 1)[-1] for n in shapes}), "use_dora": False,
         "lora_bias": False, "fan_in_fan_out": False, "modules_to_save": None, "bias": "none", "lora_dropout": 0.0,
         "init_lora_weights": True, "inference_mode": True, "task_type": adapter.config.get("task_type") or "CAUSAL_LM",
         "base_model_name_or_path": adapter.config.get("base_model_name_or_path"),
