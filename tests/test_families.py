@@ -157,6 +157,23 @@ def test_a_lora_peft_moved_onto_the_experts_merges_as_peft_merges_it(tmp_path):
     assert adaptkit.verify(tmp_path / "base", ad, tmp_path / "m").ok
 
 
+def test_a_rank_pattern_peft_saves_behind_its_own_is_refused_as_peft_cannot_load_it(runner, tmp_path):
+    """peft 0.21's rewrite adds its ``.*\\.gate_up_proj`` rank key after the user's own; the saved config
+    sorts its keys, so on loading peft's key wins and gives another rank than the tensors have (peft
+    itself fails to load it). adaptkit refuses it in one line rather than pick a rank."""
+    from peft import PeftModel
+
+    build.build_model(build.qwen3_moe_config(), tmp_path / "base", dtype=torch.float32)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
+                             target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"],
+                             rank_pattern={"layers.1.mlp.experts.gate_up_proj": 2})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(build.load_model(tmp_path / "base"), ad)
+    res = invoke(runner, "merge", tmp_path / "base", ad, "-o", tmp_path / "m")
+    assert_one_line_error(res, "model.layers.1.mlp.experts.gate_up_proj", "tensors have rank 8", "fix r or rank_pattern")
+    assert not (tmp_path / "m").exists()
+
+
 def test_a_deepseek_v3_lora_merges_as_peft_merges_it(tmp_path):
     """DeepSeek-V3 (and Kimi-K2, which has its layout): multi-head latent attention, a dense first layer,
     then routed experts per expert on disk, a shared expert and a router whose weight is a parameter;
