@@ -15,7 +15,8 @@ rests on a runtime's code, the file and version are named beside it.
   the tensors an architecture's graph multiplies without a LoRA: formats/gguf.py ``UNAPPLIED``).
 - mlx-lm takes Linear LoRA inside numbered layers, DoRA included (mlx-lm 0.32 ``tuner/dora.py``:
   ``convert --to mlx`` writes ``fine_tune_type: dora``); no ``modules_to_save`` or embedding LoRA;
-  one rank for every module (``convert --to mlx`` pads to it).
+  one rank for every module (``convert --to mlx`` pads to it); LoRAs on MoE experts on its stacked
+  ``switch_mlp`` (``convert --to mlx --base BASE`` lays them out).
 - Activated LoRA (aLoRA): llama-server serves it from a GGUF that carries the invocation tokens;
   vLLM and mlx-lm do not (:data:`ALORA_SUPPORT`, with the sources each verdict rests on).
 """
@@ -103,6 +104,9 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
         if target == "vllm" and not routers:
             why, fix = ("vLLM reads them only as per-expert pairs (experts.N.gate_proj…), for models storing experts "
                         "apart", f"adaptkit convert {src} --to vllm --base BASE -o VLLM  (per-expert pairs, exact)")
+        elif target == "mlx" and not routers:
+            why, fix = ("mlx-lm reads them on its stacked switch_mlp layers (Qwen-MoE, OLMoE, DeepSeek-V3, Mixtral)",
+                        f"adaptkit convert {src} --to mlx --base BASE -o MLX  (laid out from the base, exact)")
         else:
             why, fix = ("which adaptkit does not export for this runtime" + (" (a router's)" if routers else ""),
                         merge_fix)

@@ -484,12 +484,13 @@ def test_a_transformers_4_era_mixtral_lora_on_per_expert_linears_merges_and_veri
 
 def test_runtime_checks_send_expert_loras_to_their_exports_or_the_merge():
     """llama.cpp applies a LoRA on its 3-D expert tensors (the GGUF export lays it out: test_runtimes,
-    test_llama_cpp); vLLM reads per-expert pairs (convert --to vllm --base); mlx-lm is sent to the merge."""
+    test_llama_cpp); vLLM reads per-expert pairs (convert --to vllm --base), mlx-lm its switch_mlp
+    (convert --to mlx --base; mlx-lm itself runs the export in test_runtimes)."""
     report = adaptkit.inspect(FAMILY_ADAPTERS["qwen3-moe-experts"], checks=["vllm", "llamacpp", "mlx"])
     assert [c.target for c in report.checks if c.ok] == ["llamacpp"]
     fixes = {c.target: next(p.fix for p in c.problems if p.rule == "target_parameters") for c in report.checks[::2]}
     assert fixes["vllm"].startswith("adaptkit convert") and "--to vllm --base BASE" in fixes["vllm"]
-    assert fixes["mlx"].startswith("adaptkit merge BASE")
+    assert fixes["mlx"].startswith("adaptkit convert") and "--to mlx --base BASE" in fixes["mlx"]
 
 
 def _vllm_deltas(folder):

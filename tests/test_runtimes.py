@@ -274,6 +274,65 @@ def test_mlx_lm_itself_computes_what_peft_does(tmp_path, mlx_base, name):
     assert err <= max(10 * noise, 1e-4) and effect > 100 * err, (err, noise, effect)
 
 
+@pytest.mark.parametrize("family", ["qwen3-moe", "deepseek-v3"])
+def test_mlx_lm_itself_runs_expert_loras_as_peft_does(tmp_path, family):
+    """A peft LoRA on transformers 5's fused expert parameters, exported onto mlx-lm's switch_mlp
+    (lora_a (E, r, in), lora_b (E, out, r)) from the base's per-expert checkpoint: mlx-lm loads it and
+    its logits match peft's unmerged model within mlx-lm's own base-vs-base noise; rank and alpha
+    patterns, rsLoRA and DeepSeek's dense first layer included."""
+    pytest.importorskip("mlx_lm")
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model
+    from peft import PeftModel
+
+    from fixtures import build
+
+    config = build.qwen3_moe_config() if family == "qwen3-moe" else build.deepseek_v3_config()
+    base = tmp_path / "base"
+    build.build_model(config, base, dtype=torch.float32)
+    cfg = json.loads((base / "config.json").read_text())  # what mlx-lm's ModelArgs read under their old names
+    cfg.setdefault("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    cfg.setdefault("num_experts", cfg.get("num_local_experts"))
+    (base / "config.json").write_text(json.dumps(cfg))
+    ad = build.build_adapter(base, tmp_path / "lora", r=4, lora_alpha=8, use_rslora=True, target_modules=["o_proj"],
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                             rank_pattern={"layers.1.self_attn.o_proj": 2}, alpha_pattern={"mlp.experts.down_proj": 3})
+    convert(ad, tmp_path / "mlx", to="mlx", base=base)
+    t = load_file(tmp_path / "mlx" / "adapters.safetensors")
+    assert tuple(t["model.layers.1.mlp.switch_mlp.gate_proj.lora_a"].shape) == (4, 4, 64)  # (E, r, in)
+    assert tuple(t["model.layers.1.mlp.switch_mlp.down_proj.lora_b"].shape) == (4, 64, 4)  # (E, out, r)
+    ids = np.random.default_rng(0).integers(3, 250, size=(1, 12))
+    base_logits = np.array(load_model(base)[0](mx.array(ids)).astype(mx.float32))
+    got = np.array(load_adapters(load_model(base)[0], str(tmp_path / "mlx"))(mx.array(ids)).astype(mx.float32))
+    with torch.no_grad():
+        plain = build.load_model(base)(torch.tensor(ids)).logits.numpy()
+        want = PeftModel.from_pretrained(build.load_model(base), ad).eval()(torch.tensor(ids)).logits.numpy()
+    noise = float(np.abs(base_logits - plain).max())
+    err, effect = float(np.abs(got - want).max()), float(np.abs(want - plain).max())
+    print(f"\nmlx-lm {family} experts: vs peft {err:.2e}, base vs base {noise:.2e}, effect {effect:.2e}")
+    assert err <= max(10 * noise, 1e-4) and effect > 100 * err, (err, noise, effect)
+
+
+def test_mlx_refuses_what_mlx_lm_would_not_load_on_experts(runner, tmp_path):
+    """A fused-expert base (gpt-oss) and DeepSeek's kv_b_proj (mlx-lm splits it into other modules):
+    refused in one line, nothing written."""
+    from helpers import FAMILY_ADAPTERS, FAMILY_BASE_OF, assert_one_line_error
+
+    from fixtures import build
+
+    res = runner.invoke(main, ["convert", str(FAMILY_ADAPTERS["gpt-oss-experts"]), "--to", "mlx", "--base",
+                               str(FAMILY_BASE_OF["gpt-oss-experts"]), "-o", str(tmp_path / "a")])
+    assert_one_line_error(res, "switch_mlp")
+    build.build_model(build.deepseek_v3_config(), tmp_path / "base", dtype=torch.float32)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4, target_modules=["kv_b_proj"])
+    res = runner.invoke(main, ["convert", str(ad), "--to", "mlx", "--base", str(tmp_path / "base"), "-o",
+                               str(tmp_path / "b")])
+    assert_one_line_error(res, "kv_b_proj", "merge instead")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_gguf_token_embd_lora_is_laid_out_as_llama_cpp_reads_it(tmp_path):
     """An input-embedding LoRA goes to token_embd (llama.cpp adds scale · B · A[token]: A stored
     (vocab, r), B (hidden, r), its loader's flipped shape check), and rebuilds peft's ΔW."""

@@ -10,6 +10,15 @@ modules of a smaller rank are padded with zeros, which adds nothing to ΔW. LoRA
 the model's layer count (from the base's config; never guessed); weights it finds no tensor for
 start at zero (no change). DoRA is mlx-lm's ``fine_tune_type: dora`` (``tuner/dora.py``: the
 magnitude ``m`` over ‖W + scale·lora_bᵀ·lora_aᵀ‖ per output row, peft's formula).
+
+MoE experts: mlx-lm's Qwen2/3-MoE, OLMoE, DeepSeek-V3 and Mixtral stack the checkpoint's per-expert
+tensors into one ``SwitchLinear`` per projection (their ``sanitize``: ``mlp.experts.N.gate_proj`` →
+``mlp.switch_mlp.gate_proj``; Mixtral's ``block_sparse_moe.experts.N.w1/w3/w2`` →
+``block_sparse_moe.switch_mlp.gate_proj/up_proj/down_proj``), and its ``LoRASwitchLinear``
+(``tuner/lora.py``) holds lora_a (E, r, in) and lora_b (E, out, r), not transposed, at the same one
+rank and scale. A peft ``target_parameters`` LoRA on the fused expert parameters is laid out there
+from the base's own checkpoint (gate and up take their rows of each expert's ΔW). mlx-lm's
+DeepSeek-V3 splits ``kv_b_proj`` into other modules, so a LoRA there is refused.
 """
 
 from __future__ import annotations
@@ -52,28 +61,84 @@ def layer_count(config: dict | None) -> int | None:
     return None
 
 
-def write(adapter: Adapter, out: Path, *, base_config: dict | None = None, **_) -> dict:
+MOE_TYPES = {"qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "mixtral"}  # mlx-lm models read off their sanitize
+_MIXTRAL = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_PER_EXPERT = re.compile(r"^(?P<stem>.+)\.experts\.(?P<e>\d+)\.(?P<proj>[^.]+)$")
+
+
+def _switch_factors(adapter: Adapter, base, base_config: dict | None, path) -> dict[str, list]:
+    """Each expert LoRA's per-expert (A_e (r, in), sₘ·B_e (out, r)), by mlx-lm's switch_mlp module."""
+    from .gguf import _expert_parts
+
+    out: dict[str, list] = {}
+    for m in adapter.modules.values():
+        if not (m.param and m.experts > 1):
+            continue
+        model_type = (base_config or {}).get("model_type")
+        if base is None or model_type not in MOE_TYPES:
+            raise AdaptkitError(f"{m.name}: LoRAs on MoE experts go to mlx-lm's switch_mlp for "
+                                f"{', '.join(sorted(MOE_TYPES))} models, given the base (this one: "
+                                f"{model_type or 'none given'})", path)
+        a3, b3 = lora.expert_factors(m.A.to(torch.float32), m.B.to(torch.float32), m.experts)
+        for disk, e, rows, cols in _expert_parts(m, base, "mlx", path):
+            hit = _PER_EXPERT.match(disk)
+            if e < 0 or hit is None:
+                raise AdaptkitError(f"{m.name}: the base stores these experts fused, not as mlx-lm's models read "
+                                    "them: merge instead", path)
+            proj = _MIXTRAL.get(hit["proj"], hit["proj"]) if model_type == "mixtral" else hit["proj"]
+            stack = out.setdefault(f"{hit['stem']}.switch_mlp.{proj}", [None] * m.experts)
+            stack[e] = (a3[e][:, cols], m.scaling * b3[:, :, e][rows])
+    for name, stack in out.items():
+        if any(x is None for x in stack):
+            raise AdaptkitError(f"{name}: not every expert has its LoRA", path)
+    return out
+
+
+def write(adapter: Adapter, out: Path, *, base_config: dict | None = None, base=None, **_) -> dict:
     """``adapters.safetensors`` + ``adapter_config.json`` as mlx-lm reads them: one rank (smaller ones
     zero-padded), one scale (folded into lora_b), DoRA as ``dora``, ``num_layers`` the base's layer
     count (mlx-lm adapts the last ``num_layers`` layers)."""
     from safetensors.torch import save_file
 
-    from ..readiness import require
+    from ..readiness import check
 
-    require(adapter, "mlx")  # Linear LoRA inside numbered layers only
+    problems = [p for p in check(adapter, "mlx").problems if p.rule != "target_parameters"
+                or any(m.param and m.experts == 1 for m in adapter.modules.values())]
+    if problems:  # Linear LoRA inside numbered layers, and expert LoRAs (below), only
+        p = problems[0]
+        raise AdaptkitError(f"mlx-lm cannot take this adapter: {p.rule}: {p.detail} (fix: {p.fix})", adapter.path)
     num_layers = layer_count(base_config)
     if num_layers is None:
         raise AdaptkitError("mlx-lm adapts the last num_layers layers of the model: give the base (its config.json "
                             "says how many layers it has; adaptkit does not guess it)", adapter.path)
-    mods = list(adapter.modules.values())
+    if (base_config or {}).get("model_type") in ("deepseek_v2", "deepseek_v3"):
+        kv_b = next((m.name for m in adapter.modules.values() if m.name.endswith("kv_b_proj")), None)
+        if kv_b:  # mlx-lm's deepseek models split it into embed_q / unembed_out in sanitize
+            raise AdaptkitError(f"{kv_b}: mlx-lm's DeepSeek splits kv_b_proj into other modules, where this LoRA "
+                                "would not load: merge instead", adapter.path)
+    switch = _switch_factors(adapter, base, base_config, adapter.path)
+    mods = [m for m in adapter.modules.values() if not (m.param and m.experts > 1)]
+    if not mods and not switch:
+        raise AdaptkitError("no LoRA modules to write", adapter.path)
     dora = {m.use_dora for m in mods}
     if len(dora) > 1:
         raise AdaptkitError("some modules use DoRA and some do not: mlx-lm's fine_tune_type is one for all",
                             adapter.path)
-    dora = dora.pop()
-    scale = Counter(m.scaling for m in mods).most_common(1)[0][0]
-    rank = max(m.shape_rank for m in mods)
+    dora = dora.pop() if dora else False
+    if dora and switch:
+        raise AdaptkitError("DoRA beside expert LoRAs: mlx-lm has no DoRA on its switch_mlp", adapter.path)
+    scalings = [m.scaling for m in mods] + [m.scaling for m in adapter.modules.values() if m.param]
+    scale = Counter(scalings).most_common(1)[0][0]
+    rank = max([m.shape_rank for m in mods] + [a.shape[0] for stack in switch.values() for a, _ in stack])
     tensors, keys = {}, set()
+    for name, stack in switch.items():
+        match = _LAYER.match(name)
+        keys.add(match["key"])
+        pad = [rank - a.shape[0] for a, _ in stack]
+        tensors[f"{name}.lora_a"] = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, k))
+                                                 for (a, _), k in zip(stack, pad)]).contiguous()
+        tensors[f"{name}.lora_b"] = torch.stack([torch.nn.functional.pad(sb / scale, (0, k))
+                                                 for (_, sb), k in zip(stack, pad)]).contiguous()
     for m in mods:
         match = _LAYER.match(m.name)
         keys.add(match["key"])
@@ -112,6 +177,9 @@ def read(path: Path, base_names=None) -> Adapter:
             mod = key[: -len(".lora_a")]
             if mod + ".lora_b" not in source.keys():
                 raise AdaptkitError(f"{mod}: lora_a without lora_b", path / WEIGHTS)
+            if len(source.shape(key)) != 2:
+                raise AdaptkitError(f"{mod}: a LoRA on mlx-lm's stacked experts (switch_mlp) is not read back by "
+                                    "adaptkit", path / WEIGHTS)
             a = source.get(key).T.contiguous()
             b = source.get(mod + ".lora_b").T.contiguous()
             tensors[f"{mod}.lora_A.weight"] = a
