@@ -57,6 +57,26 @@ def vllm_rank(r: int) -> int:
     return next((v for v in VLLM_MAX_RANKS if v >= r), r)
 
 
+PER_EXPERT = re.compile(r"^(?P<stem>.+\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)\.weight$")  # a per-expert tensor
+
+
+def missing_expert_pair(names) -> str | None:
+    """The first (expert, projection) pair a full set of per-expert modules lacks, or None."""
+    groups: dict[str, tuple[set, set, set]] = {}
+    for name in names:
+        hit = PER_EXPERT.match(name + ".weight")
+        experts, projs, have = groups.setdefault(hit["stem"], (set(), set(), set()))
+        experts.add(int(hit["e"]))
+        projs.add(hit["proj"])
+        have.add((int(hit["e"]), hit["proj"]))
+    for stem, (experts, projs, have) in sorted(groups.items()):
+        for e in range(max(experts) + 1):
+            for proj in sorted(projs):
+                if (e, proj) not in have:
+                    return f"{stem}.{e}.{proj}"
+    return None
+
+
 @dataclass
 class Problem:
     rule: str
@@ -142,6 +162,15 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
                 f"reads r, lora_alpha and use_rslora only); {len(off)} modules have another (first: {off[0].name}, "
                 f"{off[0].scaling:g})", f"adaptkit convert {src} --to vllm -o VLLM  (each module's scaling folded "
                 "into its lora_B, exact)"))
+        per_expert = [m for m in mods if m.kind == "linear" and not m.param and re.search(r"\.experts\.\d+\.", m.name)]
+        if per_expert:  # vLLM stacks them per projection (PackedLoRALayerWeights.pack_moe): all there, one rank
+            gap = missing_expert_pair([m.name for m in per_expert])
+            if gap or len({m.shape_rank for m in per_expert}) > 1:
+                what = f"no LoRA on {gap}" if gap else "their ranks differ"
+                problems.append(Problem("moe_experts", f"{len(per_expert)} per-expert LoRAs, {what}: vLLM stacks one "
+                                        "pair per expert and projection, all present, at one rank",
+                                        f"adaptkit convert {src} --to vllm --base BASE -o VLLM  (zero pairs and "
+                                        "padding, exact)"))
         odd = sorted({m.name.rsplit(".", 1)[-1] for m in mods if not m.param and m.kind != "param"} - VLLM_MODULES)
         if odd:
             problems.append(Problem("target_modules", f"modules vLLM does not adapt: {', '.join(odd)}", merge_fix))

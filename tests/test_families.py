@@ -554,3 +554,47 @@ def test_vllm_export_refuses_fused_expert_bases_and_routers(runner, tmp_path):
                                             "-o", str(tmp_path / "v")])
     assert_one_line_error(res, "router")
     assert not (tmp_path / "v").exists()
+
+
+def test_per_expert_linear_loras_go_to_vllm_complete_and_at_one_rank(tmp_path):
+    """A transformers-4 era Mixtral LoRA on some experts' w2 only, at two ranks: vLLM's Mixtral stacks
+    w1, w2, w3 of every expert (pack_moe), so inspect --check vllm flags it and the export fills zero
+    pairs from the base and pads the ranks: a vLLM-shaped reader gets each expert's own ΔW back."""
+    import json
+
+    from safetensors.torch import save_file
+
+    build.build_model(build.mixtral_config(), tmp_path / "base", dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    tensors, ranks = {}, {}
+    for e, r in ((0, 4), (2, 2)):  # experts 1 and 3 without a LoRA
+        p = f"base_model.model.model.layers.1.block_sparse_moe.experts.{e}.w2"
+        if r != 4:
+            ranks[p.removeprefix("base_model.model.")] = r
+        tensors[p + ".lora_A.weight"] = torch.randn(r, 48, generator=gen)
+        tensors[p + ".lora_B.weight"] = torch.randn(64, r, generator=gen)
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    save_file(tensors, ad / "adapter_model.safetensors")
+    (ad / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "rank_pattern": ranks, "target_modules": ["w2"],
+        "use_rslora": True, "peft_version": "0.13.2"}))
+    check = adaptkit.inspect(ad, checks=["vllm"]).checks[0]
+    problem = next(p for p in check.problems if p.rule == "moe_experts")
+    assert "experts.1.w2" in problem.detail and "--to vllm --base BASE" in problem.fix
+    adaptkit.convert(ad, tmp_path / "v", to="vllm", base=tmp_path / "base")
+    got, out = _vllm_deltas(tmp_path / "v")
+    stem = "model.layers.1.block_sparse_moe.experts."
+    assert set(got) == {f"{stem}{e}.{w}" for e in range(4) for w in ("w1", "w2", "w3")}
+    assert {t.shape[0] for k, t in out.items() if k.endswith("lora_A.weight")} == {4}
+    for e in range(4):
+        key = f"base_model.model.{stem}{e}.w2"
+        if key + ".lora_A.weight" in tensors:
+            a, b = tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"]
+            want = 8 / a.shape[0] ** 0.5 * b @ a  # rsLoRA, each expert its own r
+            assert torch.allclose(got[f"{stem}{e}.w2"], want, atol=1e-5 * want.abs().max().item()), e
+        else:
+            assert not got[f"{stem}{e}.w2"].any()
+        assert not got[f"{stem}{e}.w1"].any() and not got[f"{stem}{e}.w3"].any()
+    res = adaptkit.inspect(tmp_path / "v", checks=["vllm"]).checks[0]
+    assert res.ok, res.problems

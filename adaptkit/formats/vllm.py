@@ -31,10 +31,10 @@ import torch
 from .. import lora
 from ..adapter import PEFT_PREFIX, Adapter
 from ..errors import AdaptkitError
+from ..readiness import PER_EXPERT, check, missing_expert_pair
 
 # what this writer makes right; everything else is refused
-FIXED_BY_EXPORT = {"scaling", "max_lora_rank", "target_parameters"}
-_PER_EXPERT = re.compile(r"^(?P<stem>.+\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)\.weight$")
+FIXED_BY_EXPORT = {"scaling", "max_lora_rank", "target_parameters", "moe_experts"}
 
 
 def _expert_pairs(adapter: Adapter, base, path) -> tuple[dict[str, tuple], dict[str, tuple[int, int]]]:
@@ -56,7 +56,7 @@ def _expert_pairs(adapter: Adapter, base, path) -> tuple[dict[str, tuple], dict[
         except AdaptkitError:
             parts = []
         for disk, e, rows, cols in parts:
-            hit = _PER_EXPERT.match(disk + ".weight")
+            hit = PER_EXPERT.match(disk + ".weight")
             if e < 0 or hit is None:
                 parts = []
                 break
@@ -65,11 +65,24 @@ def _expert_pairs(adapter: Adapter, base, path) -> tuple[dict[str, tuple], dict[
         if not parts:
             raise AdaptkitError(f"{m.name}: the base stores these experts fused, which vLLM reads in its 3-D MoE "
                                 "layout (gpt-oss…), not written by adaptkit: merge instead", path)
+    # per-expert nn.Linear LoRAs (transformers-4 era: experts.N.w1…) are such pairs already
+    for m in adapter.modules.values():
+        hit = PER_EXPERT.match(m.name + ".weight") if m.kind == "linear" and not m.param else None
+        if hit:
+            pairs[m.name] = (m.A.to(torch.float32), m.scaling * m.B.to(torch.float32))
+            stems.add(hit["stem"])
     shapes = {}
-    for name in base.tensors if stems else ():
-        hit = _PER_EXPERT.match(name)
-        if hit and hit["stem"] in stems:
-            shapes[name.removesuffix(".weight")] = tuple(base.info(name).shape)
+    if base is not None:
+        for name in base.tensors if stems else ():
+            hit = PER_EXPERT.match(name)
+            if hit and hit["stem"] in stems:
+                shapes[name.removesuffix(".weight")] = tuple(base.info(name).shape)
+    else:  # without the base, only an adapter holding every expert's every projection is complete
+        shapes = {name: (b.shape[0], a.shape[1]) for name, (a, b) in pairs.items()}
+        gap = missing_expert_pair(shapes)
+        if gap:
+            raise AdaptkitError(f"{gap}: vLLM needs a LoRA pair for every expert and projection; give base to fill "
+                                "the missing ones with zeros", path)
     return pairs, shapes
 
 
@@ -78,8 +91,6 @@ def write(adapter: Adapter, out: Path, *, pad_rank: int | None = None, dtype: to
     """``adapter_config.json`` + ``adapter_model.safetensors`` with one scaling (1) for vLLM; ``base``
     (a :class:`~adaptkit.io.checkpoint.Checkpoint`) lays out LoRAs on MoE expert parameters."""
     from safetensors.torch import save_file
-
-    from ..readiness import check
 
     problems = [p for p in check(adapter, "vllm").problems if p.rule not in FIXED_BY_EXPORT]
     if problems:
@@ -90,7 +101,7 @@ def write(adapter: Adapter, out: Path, *, pad_rank: int | None = None, dtype: to
         raise AdaptkitError(f"{router}: a LoRA on a 2-D parameter (a router), which adaptkit has not checked vLLM "
                             "loads: merge instead", adapter.path)
     experts, shapes = _expert_pairs(adapter, base, adapter.path)
-    mods = [m for m in adapter.modules.values() if not (m.param and m.experts > 1)]
+    mods = [m for m in adapter.modules.values() if not (m.param and m.experts > 1) and m.name not in experts]
     if any(m.kind != "linear" or m.fan_in_fan_out for m in mods):
         odd = next(m.name for m in mods if m.kind != "linear" or m.fan_in_fan_out)
         raise AdaptkitError(f"{odd}: only nn.Linear LoRAs are written for vLLM (embedding and Conv1D LoRAs are not)",
@@ -112,7 +123,7 @@ def write(adapter: Adapter, out: Path, *, pad_rank: int | None = None, dtype: to
     for name, (out_f, in_f) in sorted(shapes.items()):  # every expert and projection, at one rank (vLLM stacks them)
         a, b = experts.get(name, (torch.zeros(0, in_f), torch.zeros(out_f, 0)))
         put(name, a, b, rank - a.shape[0])
-    mods = mods + [m for m in adapter.modules.values() if m.param and m.experts > 1]  # for target_modules
+
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
