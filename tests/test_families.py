@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import adaptkit
-import adaptkit.cli
 from adaptkit.architecture import checkpoint_renames
 from adaptkit.io.checkpoint import Checkpoint
 from fixtures import build
@@ -544,14 +543,13 @@ def test_expert_loras_go_to_vllm_as_per_expert_pairs(tmp_path, family):
 def test_vllm_export_refuses_fused_expert_bases_and_routers(runner, tmp_path):
     """gpt-oss keeps its experts fused on disk, which vLLM reads in a 3-D layout adaptkit has not
     checked; a router's LoRA (a 2-D parameter) neither: both refused in one line, nothing written."""
-    res = runner.invoke(adaptkit.cli.main, ["convert", str(FAMILY_ADAPTERS["gpt-oss-experts"]), "--to", "vllm",
-                                            "--base", str(FAMILY_BASE_OF["gpt-oss-experts"]), "-o", str(tmp_path / "v")])
+    res = invoke(runner, "convert", FAMILY_ADAPTERS["gpt-oss-experts"], "--to", "vllm", "--base",
+                 FAMILY_BASE_OF["gpt-oss-experts"], "-o", tmp_path / "v")
     assert_one_line_error(res, "fused", "3-D")
     build.build_model(build.qwen2_moe_config(), tmp_path / "base", dtype=torch.float32)
     ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4, target_modules=["q_proj"],
                              target_parameters=["mlp.gate.weight", "mlp.experts.down_proj"])
-    res = runner.invoke(adaptkit.cli.main, ["convert", str(ad), "--to", "vllm", "--base", str(tmp_path / "base"),
-                                            "-o", str(tmp_path / "v")])
+    res = invoke(runner, "convert", ad, "--to", "vllm", "--base", tmp_path / "base", "-o", tmp_path / "v")
     assert_one_line_error(res, "router")
     assert not (tmp_path / "v").exists()
 

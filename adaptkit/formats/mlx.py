@@ -34,6 +34,7 @@ import torch
 from .. import lora
 from ..adapter import Adapter, build_adapter
 from ..errors import AdaptkitError
+from ..readiness import PER_EXPERT, check
 from ..io.files import read_json
 from .sources import DictSource, open_source
 
@@ -63,7 +64,6 @@ def layer_count(config: dict | None) -> int | None:
 
 MOE_TYPES = {"qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "mixtral"}  # mlx-lm models read off their sanitize
 _MIXTRAL = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-_PER_EXPERT = re.compile(r"^(?P<stem>.+)\.experts\.(?P<e>\d+)\.(?P<proj>[^.]+)$")
 
 
 def _switch_factors(adapter: Adapter, base, base_config: dict | None, path) -> dict[str, list]:
@@ -81,12 +81,12 @@ def _switch_factors(adapter: Adapter, base, base_config: dict | None, path) -> d
                                 f"{model_type or 'none given'})", path)
         a3, b3 = lora.expert_factors(m.A.to(torch.float32), m.B.to(torch.float32), m.experts)
         for disk, e, rows, cols in _expert_parts(m, base, "mlx", path):
-            hit = _PER_EXPERT.match(disk)
+            hit = PER_EXPERT.match(disk + ".weight")
             if e < 0 or hit is None:
                 raise AdaptkitError(f"{m.name}: the base stores these experts fused, not as mlx-lm's models read "
                                     "them: merge instead", path)
             proj = _MIXTRAL.get(hit["proj"], hit["proj"]) if model_type == "mixtral" else hit["proj"]
-            stack = out.setdefault(f"{hit['stem']}.switch_mlp.{proj}", [None] * m.experts)
+            stack = out.setdefault(f"{hit['stem'].removesuffix('.experts')}.switch_mlp.{proj}", [None] * m.experts)
             stack[e] = (a3[e][:, cols], m.scaling * b3[:, :, e][rows])
     for name, stack in out.items():
         if any(x is None for x in stack):
@@ -99,8 +99,6 @@ def write(adapter: Adapter, out: Path, *, base_config: dict | None = None, base=
     zero-padded), one scale (folded into lora_b), DoRA as ``dora``, ``num_layers`` the base's layer
     count (mlx-lm adapts the last ``num_layers`` layers)."""
     from safetensors.torch import save_file
-
-    from ..readiness import check
 
     problems = [p for p in check(adapter, "mlx").problems if p.rule != "target_parameters"
                 or any(m.param and m.experts == 1 for m in adapter.modules.values())]

@@ -23,7 +23,6 @@ for up, zero pairs for a projection without a LoRA, every expert at the adapter'
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
