@@ -162,7 +162,7 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
                 f"reads r, lora_alpha and use_rslora only); {len(off)} modules have another (first: {off[0].name}, "
                 f"{off[0].scaling:g})", f"adaptkit convert {src} --to vllm -o VLLM  (each module's scaling folded "
                 "into its lora_B, exact)"))
-        per_expert = [m for m in mods if m.kind == "linear" and not m.param and re.search(r"\.experts\.\d+\.", m.name)]
+        per_expert = [m for m in mods if m.kind == "linear" and not m.param and PER_EXPERT.match(m.name + ".weight")]
         if per_expert:  # vLLM stacks them per projection (PackedLoRALayerWeights.pack_moe): all there, one rank
             gap = missing_expert_pair([m.name for m in per_expert])
             if gap or len({m.shape_rank for m in per_expert}) > 1:

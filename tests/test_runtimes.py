@@ -274,7 +274,7 @@ def test_mlx_lm_itself_computes_what_peft_does(tmp_path, mlx_base, name):
     assert err <= max(10 * noise, 1e-4) and effect > 100 * err, (err, noise, effect)
 
 
-@pytest.mark.parametrize("family", ["qwen3-moe", "deepseek-v3"])
+@pytest.mark.parametrize("family", ["qwen3-moe", "deepseek-v3", "mixtral", "olmoe"])
 def test_mlx_lm_itself_runs_expert_loras_as_peft_does(tmp_path, family):
     """A peft LoRA on transformers 5's fused expert parameters, exported onto mlx-lm's switch_mlp
     (lora_a (E, r, in), lora_b (E, out, r)) from the base's per-expert checkpoint: mlx-lm loads it and
@@ -289,7 +289,14 @@ def test_mlx_lm_itself_runs_expert_loras_as_peft_does(tmp_path, family):
 
     from fixtures import build
 
-    config = build.qwen3_moe_config() if family == "qwen3-moe" else build.deepseek_v3_config()
+    from transformers import OlmoeConfig
+
+    # Mixtral's experts are block_sparse_moe.experts.N.w1/w2/w3 on disk, mlx-lm's block_sparse_moe.switch_mlp
+    config = {"qwen3-moe": build.qwen3_moe_config, "deepseek-v3": build.deepseek_v3_config, "mixtral":
+              build.mixtral_config, "olmoe": lambda: OlmoeConfig(
+                  vocab_size=256, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)}[family]()
     base = tmp_path / "base"
     build.build_model(config, base, dtype=torch.float32)
     cfg = json.loads((base / "config.json").read_text())  # what mlx-lm's ModelArgs read under their old names
@@ -301,8 +308,9 @@ def test_mlx_lm_itself_runs_expert_loras_as_peft_does(tmp_path, family):
                              rank_pattern={"layers.1.self_attn.o_proj": 2}, alpha_pattern={"mlp.experts.down_proj": 3})
     convert(ad, tmp_path / "mlx", to="mlx", base=base)
     t = load_file(tmp_path / "mlx" / "adapters.safetensors")
-    assert tuple(t["model.layers.1.mlp.switch_mlp.gate_proj.lora_a"].shape) == (4, 4, 64)  # (E, r, in)
-    assert tuple(t["model.layers.1.mlp.switch_mlp.down_proj.lora_b"].shape) == (4, 64, 4)  # (E, out, r)
+    moe = "block_sparse_moe" if family == "mixtral" else "mlp"
+    assert tuple(t[f"model.layers.1.{moe}.switch_mlp.gate_proj.lora_a"].shape) == (4, 4, 64)  # (E, r, in)
+    assert tuple(t[f"model.layers.1.{moe}.switch_mlp.down_proj.lora_b"].shape) == (4, 64, 4)  # (E, out, r)
     ids = np.random.default_rng(0).integers(3, 250, size=(1, 12))
     base_logits = np.array(load_model(base)[0](mx.array(ids)).astype(mx.float32))
     got = np.array(load_adapters(load_model(base)[0], str(tmp_path / "mlx"))(mx.array(ids)).astype(mx.float32))

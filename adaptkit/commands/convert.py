@@ -140,7 +140,7 @@ def convert(source, out, *, to: str, base=None, initial=None, dtype=None, outtyp
     if pad_rank is not None and (to != "vllm" or isinstance(pad_rank, bool) or not isinstance(pad_rank, int)
                                  or pad_rank < 1):
         raise AdaptkitError("is a positive rank, for to='vllm'", param="pad_rank")
-    if to in ("gguf", "vllm", "mlx") and base_ck is not None:  # which expert parameter each target_parameters LoRA adapts
+    if to in ("gguf", "vllm", "mlx") and base_ck is not None:  # what each target_parameters LoRA adapts
         from ..plan import resolve_parameters
 
         resolve_parameters(base_ck, [adapter])
