@@ -73,17 +73,22 @@ def direct(job: TensorJob, dev: torch.device) -> tuple[bool, object]:
     return (op is not None and len(job.shape) == 2), op
 
 
-def batches(jobs: list[TensorJob], shard_of: dict[int, OutShard]) -> list[list[TensorJob]]:
+def batches(jobs: list[TensorJob], shard_of: dict[int, OutShard], route=None) -> list[list[TensorJob]]:
     """The stream's units: runs of consecutive small dense tensors of one output shard travel together
     (up to :data:`BATCH_BYTES`: an MoE checkpoint's tens of thousands of expert tensors cost one read,
     one hand-over and one write a run, not one each); every other job travels alone. Each tensor of a
-    run starts 8-byte aligned in the run's buffers, so its bytes can be viewed as its dtype."""
+    run starts 8-byte aligned in the run's buffers, so its bytes can be viewed as its dtype. ``route(job)``
+    (optional): a run holds jobs of one route only (an MoE layer's attention tensors, which the blocked
+    route takes, apart from its expert tensors, which it does not)."""
     out: list[list[TensorJob]] = []
     run: list[TensorJob] = []
     run_in = run_out = 0
+    key = {id(job): route(job) for job in jobs} if route else {}
+    same = key.get
     for job in jobs:
         small = job.computed and type(job.decoder) is DenseRead and type(job.encoder) is DenseWrite
-        if small and run and shard_of[id(job)] is shard_of[id(run[0])] and run_in % 8 == 0 and run_out % 8 == 0 \
+        if small and run and shard_of[id(job)] is shard_of[id(run[0])] and same(id(job)) == same(id(run[0])) \
+                and run_in % 8 == 0 and run_out % 8 == 0 \
                 and run_in + job.in_bytes <= BATCH_BYTES and run_out + job.out_bytes <= BATCH_BYTES:
             run.append(job)
             run_in, run_out = run_in + job.in_bytes, run_out + job.out_bytes
@@ -108,7 +113,7 @@ def stream_plan(plan: MergePlan, tmp: Path, dev: torch.device, progress, errors:
     """
     ckpt = plan.base
     shard_of = {id(j): s for s in plan.shards for j in s.jobs}
-    groups = batches(plan.jobs, shard_of)
+    groups = batches(plan.jobs, shard_of, route=lambda job: direct(job, dev)[0])
     computed = [g for g in groups if g[0].computed]
     cuda = dev.type == "cuda"
     largest_in = max((sum(j.in_bytes for j in g) for g in computed), default=1)

@@ -131,11 +131,11 @@ def test_nan_and_overflow_are_reported(poison, workers):
 
 
 @pytest.mark.parametrize("name", ["llama-lora", "llama-embed-mts", "llama-rslora-patterns",
-                                  "llava-language-model", "phi3-fused"])
+                                  "llava-language-model", "phi3-fused", "qwen3-moe-experts"])
 def test_a_merge_is_bit_identical_to_the_buffer_route(tmp_path, name, monkeypatch):
     """Embedding LoRA beside modules_to_save, rsLoRA with patterns, a VLM's renamed language model,
-    fused Phi-3: every tensor the same. (An MoE's runs of small tensors hold expert tensors, whose
-    ops the blocked route does not take: such a run stays on the buffer route whole.)"""
+    fused Phi-3, an MoE (its attention tensors run apart from its expert tensors, whose ops the
+    blocked route does not take, so they take it): every tensor the same."""
     base = BASE_OF.get(name) or FAMILY_BASE_OF[name]
     adapter = ADAPTERS.get(name) or FAMILY_ADAPTERS[name]
     calls = []
