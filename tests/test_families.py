@@ -173,13 +173,16 @@ def test_a_rank_pattern_peft_saves_behind_its_own_is_refused_as_peft_cannot_load
     assert not (tmp_path / "m").exists()
 
 
-def test_a_deepseek_v3_lora_merges_as_peft_merges_it(tmp_path):
-    """DeepSeek-V3 (and Kimi-K2, which has its layout): multi-head latent attention, a dense first layer,
-    then routed experts per expert on disk, a shared expert and a router whose weight is a parameter;
-    a LoRA on the attention output, the router and every routed expert."""
-    build.build_model(build.deepseek_v3_config(), tmp_path / "base", dtype=torch.float32)
+@pytest.mark.parametrize("version", ["v3", "v2-lite"])
+def test_a_deepseek_lora_merges_as_peft_merges_it(tmp_path, version):
+    """DeepSeek-V3 (and Kimi-K2, which has its layout) and V2-Lite (q_proj whole): multi-head latent
+    attention, a dense first layer, then routed experts per expert on disk, a shared expert and a
+    router whose weight is a parameter; a LoRA on attention, the router and every routed expert."""
+    config = build.deepseek_v3_config() if version == "v3" else build.deepseek_v2_lite_config()
+    build.build_model(config, tmp_path / "base", dtype=torch.float32)
+    query = "q_b_proj" if version == "v3" else "q_proj"
     ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=4, lora_alpha=8, use_rslora=True,
-                             target_modules=["o_proj", "q_b_proj", "kv_b_proj"],
+                             target_modules=["o_proj", query, "kv_b_proj"],
                              target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj",
                                                 "mlp.gate.weight"],
                              rank_pattern={"layers.1.self_attn.o_proj": 2}, alpha_pattern={"mlp.experts.down_proj": 3})

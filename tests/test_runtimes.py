@@ -571,6 +571,18 @@ def test_gguf_deepseek_v3_loras_land_where_llama_cpp_applies_them(tmp_path, deep
 @pytest.mark.parametrize("module, tensor", [("q_b_proj", "blk.0.attn_q_b"), ("kv_b_proj", "blk.0.attn_kv_b"),
                                             ("kv_a_proj_with_mqa", "blk.0.attn_kv_a_mqa"), ("lm_head", "output")])
 def test_gguf_refuses_loras_llama_cpp_would_drop(runner, tmp_path, deepseek, module, tensor):
+    _refused_for_llama_cpp(runner, tmp_path, deepseek, module, tensor)
+
+
+def test_gguf_refuses_deepseek_v2_lite_q_proj(runner, tmp_path):
+    """V2-Lite has no q_lora_rank: its whole q_proj is llama.cpp's wq, multiplied without a LoRA too."""
+    from fixtures import build
+
+    build.build_model(build.deepseek_v2_lite_config(), tmp_path / "base", dtype=torch.float32)
+    _refused_for_llama_cpp(runner, tmp_path, tmp_path / "base", "q_proj", "blk.0.attn_q")
+
+
+def _refused_for_llama_cpp(runner, tmp_path, deepseek, module, tensor):
     """llama.cpp's deepseek2 graph multiplies the latent-attention projections and the output head with
     plain ggml_mul_mat (src/models/deepseek2.cpp), never adding a LoRA there: such a GGUF would load
     and run without that delta, so the export refuses it, naming the module and the tensor."""
