@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -55,10 +56,7 @@ def itemsize(dtype: torch.dtype) -> int:
 
 
 def numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
+    return math.prod(map(int, shape))  # called ~15 times per tensor of an MoE stream: kept in C
 
 
 @dataclass(frozen=True)
