@@ -37,9 +37,10 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("raw", "one .safetensors file with peft's names, the config in its metadata", ".safetensors", "no"),
     Target("kohya", "one .safetensors file with kohya names (lora_down/lora_up/alpha)", ".safetensors", "no"),
     Target("gguf", "a llama.cpp adapter (needs the base model's config)", ".gguf", "required"),
-    Target("mlx", "an mlx-lm adapter folder (one rank, DoRA as mlx-lm's dora; needs the base's layer count)", None,
-           "required"),
-    Target("vllm", "a PEFT folder vLLM loads exactly (each module's scaling folded into lora_B, one r)", None, "no"),
+    Target("mlx", "an mlx-lm adapter folder (one rank, DoRA as mlx-lm's dora, MoE experts on its switch_mlp; "
+           "needs the base's layer count)", None, "required"),
+    Target("vllm", "a PEFT folder vLLM loads exactly (each module's scaling folded into lora_B, one r; MoE experts "
+           "as per-expert pairs, given the base)", None, "no"),
 )}
 
 
