@@ -227,7 +227,8 @@ def _check(lc, tmp_path: Path, base: Path, adapter: Path, label: str, peft: bool
     """llama.cpp + our GGUF of ``adapter`` computes what peft's unmerged model does, and what llama.cpp
     computes on the adaptkit-merged weights (only the latter where peft cannot load the adapter)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+
+    from fixtures.build import load_model
 
     base_gguf = _gguf_base(lc, base, tmp_path / "base.gguf")
     _adaptkit("convert", adapter, "--to", "gguf", "--base", base, "-o", tmp_path / "adapter.gguf")
@@ -243,7 +244,7 @@ def _check(lc, tmp_path: Path, base: Path, adapter: Path, label: str, peft: bool
         print(label, f"LoRA vs merged in llama.cpp {err:.2e}, effect {effect:.2f}")
         assert effect > 0.1 and err <= 2e-5
         return
-    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval()
+    ref = PeftModel.from_pretrained(load_model(base), adapter).eval()  # the class its config names, fp32
     with torch.no_grad():
         want = ref(input_ids=torch.tensor([IDS])).logits[0].double().numpy()
         with ref.disable_adapter():
@@ -265,7 +266,7 @@ def _check(lc, tmp_path: Path, base: Path, adapter: Path, label: str, peft: bool
     assert np.abs(with_lora - merged).max() / scale <= bound
 
 
-F16_GELU = {"gemma", "gemma2", "starcoder2", "phi2", "gpt-neox"}  # GELU-tanh MLPs (gemma3 stays within 2e-5)
+F16_GELU = {"gemma", "gemma2", "gemma3-vlm", "starcoder2", "phi2", "gpt-neox"}  # GELU-tanh MLPs (gemma3 stays within 2e-5)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -273,6 +274,37 @@ def test_llama_cpp_computes_what_peft_does(tmp_path, lc, arch):
     base = _base(lc, tmp_path, arch)
     adapter = _adapter(base, tmp_path / "adapter", *ARCHS[arch][1:])
     _check(lc, tmp_path, base, adapter, arch)
+
+
+def _gemma3_vlm():
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=16)
+    return Gemma3Config(text_config=_gemma3(), vision_config=vision, mm_tokens_per_image=4, image_token_index=255,
+                        boi_token_index=253, eoi_token_index=254)
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3-vlm"])
+def test_llama_cpp_takes_a_vlm_language_model_lora(tmp_path, lc, family):
+    """A VLM's language model (peft: model.language_model.layers…; Llava on disk language_model.model…):
+    llama.cpp's converter makes a text model of it (the vision tower goes to an mmproj file), and the
+    GGUF LoRA of its attention and MLP computes what peft does there."""
+    import transformers
+    from transformers import LlamaTokenizer
+
+    from fixtures import build
+
+    base = tmp_path / "base"
+    config, cls = ((build.llava_config(), transformers.LlavaForConditionalGeneration) if family == "llava"
+                   else (_gemma3_vlm(), transformers.Gemma3ForConditionalGeneration))
+    build.build_model(config, base, dtype=torch.float32, auto=cls)
+    LlamaTokenizer(vocab_file=str(lc[2])).save_pretrained(base)
+    shutil.copy(lc[2], base / "tokenizer.model")
+    adapter = build.build_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, use_rslora=True, scale=0.3,
+                                  target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)",
+                                  rank_pattern={"layers.1.self_attn.q_proj": 2})
+    _check(lc, tmp_path, base, adapter, family)
 
 
 def test_llama_cpp_takes_per_expert_linear_loras_stacked(tmp_path, lc):

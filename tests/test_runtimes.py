@@ -619,3 +619,38 @@ def test_check_llamacpp_tells_peft_embedding_copy_from_a_trained_one_given_the_b
     save_file(tensors, ad / "adapter_model.safetensors")
     changed = runner.invoke(main, ["inspect", str(ad), "--check", "llamacpp", "--base", str(TINY_LLAMA), "--json"])
     assert changed.exit_code == 1 and not json.loads(changed.stdout)["checks"]["llamacpp"]["ok"]
+
+
+def test_gguf_takes_a_vlm_language_model_lora(tmp_path):
+    """A LoRA on a Llava's language model (peft names it model.language_model.layers…): llama.cpp's
+    converter turns the language model into a llama text model (names without language_model.,
+    hyper-parameters from text_config, q/k rows permuted), so the GGUF carries peft's ΔW there."""
+    from helpers import FAMILY_ADAPTERS, FAMILY_BASE_OF, peft_merged
+
+    from fixtures.build import load_model
+
+    ad, base = FAMILY_ADAPTERS["llava-language-model"], FAMILY_BASE_OF["llava-language-model"]
+    convert(ad, tmp_path / "a.gguf", to="gguf", base=base)
+    got = read_gguf_deltas(tmp_path / "a.gguf", json.loads((base / "config.json").read_text()))
+    _, merged = peft_merged(base, [ad])
+    ref, plain = merged.state_dict(), load_model(base).state_dict()
+    names = {"attn_q": "self_attn.q_proj", "attn_v": "self_attn.v_proj", "ffn_down": "mlp.down_proj"}
+    assert len(got) == 6
+    for gname, d in got.items():
+        _, layer, kind, _ = gname.split(".")
+        key = f"model.language_model.layers.{layer}.{names[kind]}.weight"
+        want = ref[key] - plain[key]
+        assert want.abs().max() > 0 and torch.allclose(d, want, atol=1e-5 * want.abs().max().item()), gname
+
+
+def test_gguf_refuses_a_vlm_vision_tower_lora(runner, tmp_path):
+    """llama.cpp converts a VLM's vision tower into a separate mmproj file, which takes no LoRA here."""
+    from helpers import FAMILY_BASE_OF, assert_one_line_error
+
+    from fixtures.build import build_adapter
+
+    base = FAMILY_BASE_OF["llava-language-model"]
+    ad = build_adapter(base, tmp_path / "ad", r=2, lora_alpha=4, target_modules=["q_proj"])  # both towers
+    res = runner.invoke(main, ["convert", str(ad), "--to", "gguf", "--base", str(base), "-o", str(tmp_path / "a.gguf")])
+    assert_one_line_error(res, "vision_tower", "outside the language model", "mmproj")
+    assert not (tmp_path / "a.gguf").exists()

@@ -64,6 +64,11 @@ ARCHITECTURES = {
     # (rope_parameters.mrope_section), which base_architecture refuses; ernie.py Ernie4_5Model: renames (its
     # split of a fused qkv_proj/up_gate_proj concerns Baidu's own checkpoints, transformers' hold them apart)
     "Glm4ForCausalLM": ("glm4", ""), "Ernie4_5ForCausalLM": ("ernie4_5", ""),
+    # vision-language models whose language model llama.cpp converts as a text model (the vision tower goes to
+    # a separate mmproj file, whose LoRAs are not exported): llama.py LlamaModel registers
+    # LlavaForConditionalGeneration, gemma.py Gemma3Model Gemma3ForConditionalGeneration; base.py's
+    # filter_tensors drops "language_model." from every name, and hparams come from text_config
+    "LlavaForConditionalGeneration": ("llama", "rope"), "Gemma3ForConditionalGeneration": ("gemma3", ""),
 }
 ROWS = dict(ARCHITECTURES.values())  # gguf architecture -> its row reordering (one per gguf architecture)
 PERMUTED = {arch for arch, rows in ROWS.items() if rows == "rope"}  # gguf archs whose q/k rows are permuted
@@ -113,6 +118,19 @@ def reorder_rows(b: torch.Tensor, tensor: str, rows: str, n_head: int, n_kv: int
     if rows == "neox-qkv" and kind == "attn_qkv":
         return neox_qkv_rows(b, n_head, inverse)
     return b
+
+
+def text_config(config: dict) -> dict:
+    """The language model's hyper-parameters: a vision-language config's ``text_config`` over its top
+    level (what llama.cpp's converter reads for the text model)."""
+    inner = config.get("text_config")
+    return {**config, **inner} if isinstance(inner, dict) else config
+
+
+def gguf_module(name: str) -> str:
+    """The checkpoint-style name llama.cpp's converter maps for an adapter module (base.py
+    filter_tensors: ``language_model.`` dropped, as a VLM's language model is converted alone)."""
+    return name.replace("language_model.", "")
 
 
 def base_architecture(config: dict, path) -> tuple[str, str]:
@@ -220,7 +238,8 @@ def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float,
         name, e = _stacked(module)
         if e is not None:
             stacks.setdefault(name, {})[e] = (a, m.scaling * b)
-            experts[name] = int(base_config.get("num_local_experts") or base_config.get("num_experts") or 0)
+            cfg = text_config(base_config)
+            experts[name] = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
             continue
         plain[module] = (a, lora.fold(b, m.scaling, alpha / m.shape_rank))
     for name, parts in stacks.items():
@@ -250,10 +269,11 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
     arch_name, rows = base_architecture(base_config, base_path)
     require(adapter, "llamacpp")
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
-    n_layers = int(base_config.get("num_hidden_layers", 0))
+    text = text_config(base_config)
+    n_layers = int(text.get("num_hidden_layers", 0))
     names = gguf.get_tensor_name_map(arch, n_layers)
-    n_head = int(base_config.get("num_attention_heads", 0))
-    n_kv = int(base_config.get("num_key_value_heads") or n_head)
+    n_head = int(text.get("num_attention_heads", 0))
+    n_kv = int(text.get("num_key_value_heads") or n_head)
     mods = list(adapter.modules.values())
     ranks = {m.shape_rank // m.experts for m in mods}
     alpha = float(adapter.config.get("lora_alpha") or next(iter(ranks)))
@@ -261,7 +281,11 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
     dtype = {"f32": np.float32, "f16": np.float16, "bf16": None}[outtype]
     gnames = {}
     for module in tensors:
-        gname = names.get_name(module)
+        gname = names.get_name(gguf_module(module))
+        if gname is None and "text_config" in base_config and "language_model." not in module:
+            raise AdaptkitError(f"{module} is outside the language model, which is all llama.cpp's converter makes a "
+                                "text model of (a vision tower goes to a separate mmproj file): its LoRA is not "
+                                "exported to GGUF (merge instead)", adapter.path)
         if gname is None:
             raise AdaptkitError(f"gguf has no name for module {module} in {arch_name}", adapter.path)
         kind = gname.split(".")[2] if gname.startswith("blk.") else gname
@@ -304,8 +328,8 @@ def read_gguf_deltas(path: Path, base_config: dict) -> dict[str, torch.Tensor]:
     fields = {f.name: f for f in reader.fields.values()}
     alpha = float(fields["adapter.lora.alpha"].parts[fields["adapter.lora.alpha"].data[0]][0])
     arch = bytes(fields["general.architecture"].parts[fields["general.architecture"].data[0]]).decode()
-    n_head = int(base_config.get("num_attention_heads", 0))
-    n_kv = int(base_config.get("num_key_value_heads") or n_head)
+    n_head = int(text_config(base_config).get("num_attention_heads", 0))
+    n_kv = int(text_config(base_config).get("num_key_value_heads") or n_head)
     t = {}
     for tensor in reader.tensors:
         data = torch.from_numpy(np.array(tensor.data)).float()
