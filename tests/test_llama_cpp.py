@@ -109,6 +109,7 @@ ARCHS = {
                              tie_word_embeddings=True), LINEAR),  # query_pre_attn_scalar: see _gemma3
     "glm4": (lambda: _tiny("Glm4Config", head_dim=16), ATTENTION + ["gate_up_proj", "down_proj"]),  # gate, up fused
     "ernie4.5": (lambda: _tiny("Ernie4_5Config", head_dim=16), LINEAR),
+    "ministral3": (lambda: _tiny("Ministral3Config", head_dim=16), LINEAR),  # its default yarn rope and scaling
     # phi.py Phi2Model writes feed_forward_length = 4 * hidden_size
     "phi2": (lambda: _tiny("PhiConfig", num_key_value_heads=4, intermediate_size=256),
              ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]),

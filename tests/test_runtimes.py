@@ -381,6 +381,7 @@ def test_gguf_token_embd_lora_is_laid_out_as_llama_cpp_reads_it(tmp_path):
     ({"architectures": ["DeepseekV3ForCausalLM"]}, ("deepseek2", "")),
     ({"architectures": ["Glm4ForCausalLM"], "rope_parameters": {"partial_rotary_factor": 0.5}}, ("glm4", "")),
     ({"model_type": "ernie4_5"}, ("ernie4_5", "")),
+    ({"architectures": ["Ministral3ForCausalLM"]}, ("mistral3", "rope")),  # a LlamaModel in mistral3.py
 ])
 def test_gguf_architectures_beyond_the_first_six(config, want):
     from adaptkit.formats.gguf import PERMUTED, base_architecture

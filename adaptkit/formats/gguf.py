@@ -64,6 +64,8 @@ ARCHITECTURES = {
     # (rope_parameters.mrope_section), which base_architecture refuses; ernie.py Ernie4_5Model: renames (its
     # split of a fused qkv_proj/up_gate_proj concerns Baidu's own checkpoints, transformers' hold them apart)
     "Glm4ForCausalLM": ("glm4", ""), "Ernie4_5ForCausalLM": ("ernie4_5", ""),
+    # mistral3.py Mistral3Model: a ministral3 text model is its Ministral3Model(LlamaModel), q/k permuted
+    "Ministral3ForCausalLM": ("mistral3", "rope"),
     # vision-language models whose language model llama.cpp converts as a text model (the vision tower goes to
     # a separate mmproj file, whose LoRAs are not exported): llama.py LlamaModel registers
     # LlavaForConditionalGeneration, gemma.py Gemma3Model Gemma3ForConditionalGeneration; base.py's
