@@ -213,6 +213,18 @@ def _expert_parts(m, base, arch: str, path) -> list[tuple[str, int, slice, slice
     return out
 
 
+def per_expert_pairs(m, base, runtime: str, path):
+    """Each expert's (on-disk module, expert, A_e (r, in), sₘ·B_e (out, r)) of a LoRA on a 3-D expert
+    parameter, for runtimes that read experts as a checkpoint stores them apart (vLLM, mlx-lm); a base
+    storing them fused is refused, naming ``runtime``."""
+    if m.weight_name in base.tensors:
+        raise AdaptkitError(f"{m.name}: the base stores these experts fused (gpt-oss…), which {runtime} reads in "
+                            "another layout, not written by adaptkit: merge instead", path)
+    a3, b3 = lora.expert_factors(m.A.to(torch.float32), m.B.to(torch.float32), m.experts)
+    for disk, e, rows, cols in _expert_parts(m, base, runtime, path):
+        yield disk, e, a3[e][:, cols], m.scaling * b3[:, :, e][rows]
+
+
 def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float, path) -> dict[str, tuple]:
     """Every (a, b) llama.cpp reads, by the checkpoint name it converts, in llama.cpp's orientation and
     with llama.cpp's one scale (alpha / rank of the tensor) folded in: 2-D (r, in), (out, r); experts

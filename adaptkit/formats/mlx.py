@@ -68,7 +68,7 @@ _MIXTRAL = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 def _switch_factors(adapter: Adapter, base, base_config: dict | None, path) -> dict[str, list]:
     """Each expert LoRA's per-expert (A_e (r, in), sₘ·B_e (out, r)), by mlx-lm's switch_mlp module."""
-    from .gguf import _expert_parts
+    from .gguf import per_expert_pairs
 
     out: dict[str, list] = {}
     for m in adapter.modules.values():
@@ -79,15 +79,11 @@ def _switch_factors(adapter: Adapter, base, base_config: dict | None, path) -> d
             raise AdaptkitError(f"{m.name}: LoRAs on MoE experts go to mlx-lm's switch_mlp for "
                                 f"{', '.join(sorted(MOE_TYPES))} models, given the base (this one: "
                                 f"{model_type or 'none given'})", path)
-        a3, b3 = lora.expert_factors(m.A.to(torch.float32), m.B.to(torch.float32), m.experts)
-        for disk, e, rows, cols in _expert_parts(m, base, "mlx", path):
+        for disk, e, a_e, sb_e in per_expert_pairs(m, base, "mlx-lm (its switch_mlp)", path):
             hit = PER_EXPERT.match(disk + ".weight")
-            if e < 0 or hit is None:
-                raise AdaptkitError(f"{m.name}: the base stores these experts fused, not as mlx-lm's models read "
-                                    "them: merge instead", path)
             proj = _MIXTRAL.get(hit["proj"], hit["proj"]) if model_type == "mixtral" else hit["proj"]
             stack = out.setdefault(f"{hit['stem'].removesuffix('.experts')}.switch_mlp.{proj}", [None] * m.experts)
-            stack[e] = (a3[e][:, cols], m.scaling * b3[:, :, e][rows])
+            stack[e] = (a_e, sb_e)
     for name, stack in out.items():
         if any(x is None for x in stack):
             raise AdaptkitError(f"{name}: not every expert has its LoRA", path)

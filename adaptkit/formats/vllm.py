@@ -39,7 +39,7 @@ FIXED_BY_EXPORT = {"scaling", "max_lora_rank", "target_parameters", "moe_experts
 def _expert_pairs(adapter: Adapter, base, path) -> tuple[dict[str, tuple], dict[str, tuple[int, int]]]:
     """Each expert LoRA as per-expert pairs (A_e, s·B_e) by on-disk module name, and the (out, in) of
     every per-expert projection of the layers they touch (to fill the ones without a LoRA)."""
-    from .gguf import _expert_parts
+    from .gguf import per_expert_pairs
 
     pairs: dict[str, tuple] = {}
     stems = set()
@@ -49,21 +49,9 @@ def _expert_pairs(adapter: Adapter, base, path) -> tuple[dict[str, tuple], dict[
         if base is None:
             raise AdaptkitError("LoRAs on MoE experts need the base model for vLLM (its per-expert tensor names): "
                                 "give base", path)
-        a3, b3 = lora.expert_factors(m.A.to(torch.float32), m.B.to(torch.float32), m.experts)
-        try:
-            parts = _expert_parts(m, base, "vllm", path)
-        except AdaptkitError:
-            parts = []
-        for disk, e, rows, cols in parts:
-            hit = PER_EXPERT.match(disk + ".weight")
-            if e < 0 or hit is None:
-                parts = []
-                break
-            pairs[disk] = (a3[e][:, cols], m.scaling * b3[:, :, e][rows])
-            stems.add(hit["stem"])
-        if not parts:
-            raise AdaptkitError(f"{m.name}: the base stores these experts fused, which vLLM reads in its 3-D MoE "
-                                "layout (gpt-oss…), not written by adaptkit: merge instead", path)
+        for disk, _, a_e, sb_e in per_expert_pairs(m, base, "vLLM (its 3-D MoE layout)", path):
+            pairs[disk] = (a_e, sb_e)
+            stems.add(PER_EXPERT.match(disk + ".weight")["stem"])
     # per-expert nn.Linear LoRAs (transformers-4 era: experts.N.w1…) are such pairs already
     for m in adapter.modules.values():
         hit = PER_EXPERT.match(m.name + ".weight") if m.kind == "linear" and not m.param else None
