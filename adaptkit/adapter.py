@@ -14,6 +14,7 @@ transpose. ``rank_pattern`` / ``alpha_pattern`` keys match a module name with th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -613,6 +614,21 @@ def _token_rows(indices, keys: dict[str, str], source: TensorSource, problems: l
         else:
             out[mod] = (list(ids), key)
     return out
+
+
+def without_base_copies(adapter: Adapter, base_ck) -> tuple[Adapter, list[str]]:
+    """The adapter without the full tensors that only repeat the base's own values (peft's
+    ``save_embedding_layers`` copy: replacing a tensor with itself changes nothing), and their names.
+    ``base_ck``: the base, an :class:`adaptkit.io.checkpoint.Checkpoint`."""
+    keep, same = {}, []
+    for name, key in adapter.full_tensors.items():
+        saved = adapter.source.get(key)
+        if name in base_ck.tensors and tuple(saved.shape) == tuple(base_ck.info(name).shape) \
+                and torch.equal(saved.to(torch.float64), base_ck.read(name).to(torch.float64)):
+            same.append(name)
+        else:
+            keep[name] = key
+    return (dataclasses.replace(adapter, full_tensors=keep) if same else adapter), same
 
 
 def adapter_weights(weights, n: int) -> list[float]:

@@ -118,18 +118,22 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
     # src/llama-graph.cpp llm_graph_context::build_lora_mm_id); the GGUF export lays the factors out
     # vLLM: models whose checkpoints keep experts apart (is_3d_moe_weight False) read expert LoRAs per expert
     # and projection (vllm/lora/lora_model.py, PackedLoRALayerWeights.pack_moe); convert --to vllm lays them out
-    experts = [m.name for m in mods if (m.kind == "param" or m.param) and target != "llamacpp"]
+    # A router's LoRA (a 2-D parameter, m.experts == 1): llama.cpp applies it to ffn_gate_inp (build_lora_mm);
+    # what vLLM (a replicated gate) and mlx-lm do with one differs per release and model and was not checked.
+    routers = [m.name for m in mods if m.param and m.experts == 1 and target != "llamacpp"]
+    if routers:
+        problems.append(Problem("routers", f"{len(routers)} LoRAs on a router's weight (first: {routers[0]}), which "
+                                "adaptkit has not checked this runtime loads", merge_fix))
+    experts = [m.name for m in mods if (m.kind == "param" or m.param and m.experts > 1) and target != "llamacpp"]
     if experts:
-        routers = [m.name for m in mods if m.param and m.experts == 1]
-        if target == "vllm" and not routers:
+        if target == "vllm":
             why, fix = ("vLLM reads them only as per-expert pairs (experts.N.gate_proj…), for models storing experts "
                         "apart", f"adaptkit convert {src} --to vllm --base BASE -o VLLM  (per-expert pairs, exact)")
-        elif target == "mlx" and not routers:
+        elif target == "mlx":
             why, fix = ("mlx-lm reads them on its stacked switch_mlp layers (Qwen-MoE, OLMoE, DeepSeek-V3, Mixtral)",
                         f"adaptkit convert {src} --to mlx --base BASE -o MLX  (laid out from the base, exact)")
         else:
-            why, fix = ("which adaptkit does not export for this runtime" + (" (a router's)" if routers else ""),
-                        merge_fix)
+            why, fix = "which adaptkit does not export for this runtime", merge_fix
         problems.append(Problem("target_parameters", f"{len(experts)} LoRAs on parameters (MoE experts; first: "
                                 f"{experts[0]}): {why}", fix))
     if adapter.token_rows:

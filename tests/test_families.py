@@ -555,6 +555,14 @@ def test_vllm_export_refuses_fused_expert_bases_and_routers(runner, tmp_path):
     res = invoke(runner, "convert", ad, "--to", "vllm", "--base", tmp_path / "base", "-o", tmp_path / "v")
     assert_one_line_error(res, "router")
     assert not (tmp_path / "v").exists()
+    res = invoke(runner, "convert", ad, "--to", "mlx", "--base", tmp_path / "base", "-o", tmp_path / "m")
+    assert_one_line_error(res, "router")
+    assert not (tmp_path / "m").exists()
+    # one rule names the router for the runtimes that were not checked with one; llama.cpp applies it
+    rules = {c.target: sorted(p.rule for p in c.problems) for c in adaptkit.inspect(ad, checks=["vllm", "mlx",
+                                                                                             "llamacpp"]).checks}
+    assert rules == {"vllm": ["routers", "target_parameters"], "mlx": ["routers", "target_parameters"],
+                     "llamacpp": []}
 
 
 def test_per_expert_linear_loras_go_to_vllm_complete_and_at_one_rank(tmp_path):

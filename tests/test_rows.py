@@ -88,14 +88,13 @@ def test_any_row_count_is_rounded_once_from_the_exact_sum(rows, cols, r, src_dt,
 
 def test_a_base_stored_in_out_stays_on_the_buffer_route(tmp_path, monkeypatch, workers):
     """Conv1D (GPT-2) and other (in, out) bases: blocks of their rows are columns of A, and MKL's addmm
-    of such a block gives other fp32 bits than the whole product for about a quarter of shapes (seed 2
-    below), so fused_op sends them to the buffer route and merge_rows refuses them."""
+    of such a block gave other fp32 bits than the whole product for about a quarter of shapes on an Intel
+    CPU (seed 2 below: whole vs blocked addmm_ of A's column blocks), so fused_op sends them to the buffer
+    route and merge_rows refuses them. On an AMD EPYC the two agreed for 200 seeds: which kernel MKL picks
+    depends on the CPU, so the route is fixed here and not left to what this machine happens to do."""
     g = torch.Generator().manual_seed(2)
     src = torch.randn(16, 9, generator=g)
     at, bt = torch.randn(2, 16, generator=g), torch.randn(9, 2, generator=g)
-    whole = src.clone().addmm_(at.T, bt.T, alpha=0.7)
-    blocked = torch.cat([src[i:i + 8].clone().addmm_(at[:, i:i + 8].T, bt.T, alpha=0.7) for i in (0, 8)])
-    assert not torch.equal(whole, blocked)  # why: were MKL to agree, the blocked route could take them
     op = _op(bt.T.contiguous(), at.T.contiguous(), transposed=True)
     assert ops.fused_op([op]) is None
     with pytest.raises(ValueError):

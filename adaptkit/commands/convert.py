@@ -10,12 +10,11 @@ into its B (:func:`adaptkit.lora.fold`).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import lora
-from ..adapter import Adapter, build_adapter
+from ..adapter import Adapter, build_adapter, without_base_copies
 from ..dtypes import resolve_dtype
 from ..errors import AdaptkitError
 from ..families import relayout_for
@@ -42,22 +41,6 @@ class ConvertResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _without_base_copies(adapter: Adapter, base_ck: Checkpoint) -> tuple[Adapter, list[str]]:
-    """The adapter without the full tensors that only repeat the base's own values (peft's
-    ``save_embedding_layers`` copy: replacing a tensor with itself changes nothing), and their names."""
-    import torch
-
-    keep, same = {}, []
-    for name, key in adapter.full_tensors.items():
-        saved = adapter.source.get(key)
-        if name in base_ck.tensors and tuple(saved.shape) == tuple(base_ck.info(name).shape) \
-                and torch.equal(saved.to(torch.float64), base_ck.read(name).to(torch.float64)):
-            same.append(name)
-        else:
-            keep[name] = key
-    return (dataclasses.replace(adapter, full_tensors=keep) if same else adapter), same
 
 
 def convert(source, out, *, to: str, base=None, initial=None, dtype=None, outtype: str = "f32",
@@ -126,7 +109,7 @@ def convert(source, out, *, to: str, base=None, initial=None, dtype=None, outtyp
             report.warn(f"{len(moved)} modules re-laid out to the base's fused/split projections (first: {moved[0]}); "
                         "every ΔW kept")
     if base_ck is not None and adapter.full_tensors:
-        adapter, same = _without_base_copies(adapter, base_ck)
+        adapter, same = without_base_copies(adapter, base_ck)
         if same:
             report.warn(f"{len(same)} saved tensors equal the base's own (peft saves the base embedding beside an "
                         f"embedding LoRA): left out, exactly ({', '.join(same[:3])})")

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .. import lora
-from ..adapter import Adapter, LoraModule
+from ..adapter import Adapter, LoraModule, without_base_copies
 from ..methods import energy_rank
 from ..readiness import Readiness, check
 from ..reporting import Collected, Reporter
@@ -160,9 +160,7 @@ def inspect(source, *, svd: bool = False, checks=(), max_lora_rank: int = 16, ba
     report = inspect_adapter(adapter, svd=svd)
     checked = adapter
     if base_ck is not None and adapter.full_tensors:
-        from .convert import _without_base_copies
-
-        checked, same = _without_base_copies(adapter, base_ck)
+        checked, same = without_base_copies(adapter, base_ck)
         if same:
             report.warnings.append(f"{len(same)} saved tensors equal the base's own (peft's copy of an embedding "
                                    f"beside its LoRA): nothing to serve, left out of the checks ({', '.join(same[:3])})")

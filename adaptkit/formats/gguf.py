@@ -172,9 +172,11 @@ def _stacked(name: str) -> tuple[str, int | None]:
     return (name[: m.start()] + ".experts" + name[m.end():], int(m.group(1))) if m else (name, None)
 
 
-def _expert_parts(m, base, arch: str, path) -> list[tuple[str, int, slice, slice]]:
-    """Where a LoRA on a 3-D expert parameter lands in what llama.cpp converts: each (checkpoint
-    tensor it becomes, without ``.weight``; expert, or -1 for all; rows of ΔW (B's); columns (A's))."""
+def _expert_parts(m, base, arch: str | None, path, runtime: str = "GGUF") -> list[tuple[str, int, slice, slice]]:
+    """Where a LoRA on a 3-D expert parameter lands on the checkpoint's own tensors, as llama.cpp's
+    converter (``arch``: its architecture) and the runtimes reading experts apart (``runtime``, for the
+    messages) see them: each (checkpoint tensor it becomes, without ``.weight``; expert, or -1 for all;
+    rows of ΔW (B's); columns (A's))."""
     from ..plan import _expert_orientation, expert_parameters
 
     shapes, fused = expert_parameters(base)
@@ -193,12 +195,13 @@ def _expert_parts(m, base, arch: str, path) -> list[tuple[str, int, slice, slice
             return [(root + "gate_proj", -1, slice(0, None, 2), every), (root + "up_proj", -1, slice(1, None, 2), every)]
         return [(stem, -1, every, every)]
     if transposed is not False:
-        raise AdaptkitError(f"{m.name}: the base stores these experts as (E, in, out), which llama.cpp's converter "
-                            f"re-lays out per model ({arch} not checked): not exported to GGUF (merge instead)", path)
+        raise AdaptkitError(f"{m.name}: the base stores these experts as (E, in, out), which is re-laid out per "
+                            f"model ({arch or 'this model'} not checked): not exported to {runtime} (merge instead)",
+                            path)
     if stored:  # stored 3-D as in memory
         if m.weight_name.endswith("gate_up_proj"):
-            raise AdaptkitError(f"{m.name}: a base storing gate and up fused is converted per model by llama.cpp "
-                                "(split or kept): not exported to GGUF (merge instead)", path)
+            raise AdaptkitError(f"{m.name}: a base storing gate and up fused is laid out per model (split or kept): "
+                                f"not exported to {runtime} (merge instead)", path)
         return [(m.weight_name.removesuffix(".weight"), -1, every, every)]
     sources = fused.get(m.weight_name)
     if not sources:
@@ -219,9 +222,9 @@ def per_expert_pairs(m, base, runtime: str, path):
     storing them fused is refused, naming ``runtime``."""
     if m.weight_name in base.tensors:
         raise AdaptkitError(f"{m.name}: the base stores these experts fused (gpt-oss…), which {runtime} reads in "
-                            "another layout, not written by adaptkit: merge instead", path)
+                            "its 3-D layout, not written by adaptkit: merge instead", path)
     a3, b3 = lora.expert_factors(m.A.to(torch.float32), m.B.to(torch.float32), m.experts)
-    for disk, e, rows, cols in _expert_parts(m, base, runtime, path):
+    for disk, e, rows, cols in _expert_parts(m, base, None, path, runtime):
         yield disk, e, a3[e][:, cols], m.scaling * b3[:, :, e][rows]
 
 

@@ -79,7 +79,7 @@ def _switch_factors(adapter: Adapter, base, base_config: dict | None, path) -> d
             raise AdaptkitError(f"{m.name}: LoRAs on MoE experts go to mlx-lm's switch_mlp for "
                                 f"{', '.join(sorted(MOE_TYPES))} models, given the base (this one: "
                                 f"{model_type or 'none given'})", path)
-        for disk, e, a_e, sb_e in per_expert_pairs(m, base, "mlx-lm (its switch_mlp)", path):
+        for disk, e, a_e, sb_e in per_expert_pairs(m, base, "mlx-lm", path):
             hit = PER_EXPERT.match(disk + ".weight")
             proj = _MIXTRAL.get(hit["proj"], hit["proj"]) if model_type == "mixtral" else hit["proj"]
             stack = out.setdefault(f"{hit['stem'].removesuffix('.experts')}.switch_mlp.{proj}", [None] * m.experts)
@@ -96,8 +96,7 @@ def write(adapter: Adapter, out: Path, *, base_config: dict | None = None, base=
     count (mlx-lm adapts the last ``num_layers`` layers)."""
     from safetensors.torch import save_file
 
-    problems = [p for p in check(adapter, "mlx").problems if p.rule != "target_parameters"
-                or any(m.param and m.experts == 1 for m in adapter.modules.values())]
+    problems = [p for p in check(adapter, "mlx").problems if p.rule != "target_parameters"]
     if problems:  # Linear LoRA inside numbered layers, and expert LoRAs (below), only
         p = problems[0]
         raise AdaptkitError(f"mlx-lm cannot take this adapter: {p.rule}: {p.detail} (fix: {p.fix})", adapter.path)

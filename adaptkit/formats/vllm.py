@@ -49,7 +49,7 @@ def _expert_pairs(adapter: Adapter, base, path) -> tuple[dict[str, tuple], dict[
         if base is None:
             raise AdaptkitError("LoRAs on MoE experts need the base model for vLLM (its per-expert tensor names): "
                                 "give base", path)
-        for disk, _, a_e, sb_e in per_expert_pairs(m, base, "vLLM (its 3-D MoE layout)", path):
+        for disk, _, a_e, sb_e in per_expert_pairs(m, base, "vLLM", path):
             pairs[disk] = (a_e, sb_e)
             stems.add(PER_EXPERT.match(disk + ".weight")["stem"])
     # per-expert nn.Linear LoRAs (transformers-4 era: experts.N.w1…) are such pairs already
@@ -83,10 +83,6 @@ def write(adapter: Adapter, out: Path, *, pad_rank: int | None = None, dtype: to
     if problems:
         p = problems[0]
         raise AdaptkitError(f"vLLM cannot take this adapter: {p.rule}: {p.detail} (fix: {p.fix})", adapter.path)
-    router = next((m.name for m in adapter.modules.values() if m.param and m.experts == 1), None)
-    if router:  # vLLM's LoRA on a router (a replicated gate) differs per release and model: not checked
-        raise AdaptkitError(f"{router}: a LoRA on a 2-D parameter (a router), which adaptkit has not checked vLLM "
-                            "loads: merge instead", adapter.path)
     experts, shapes = _expert_pairs(adapter, base, adapter.path)
     mods = [m for m in adapter.modules.values() if not (m.param and m.experts > 1) and m.name not in experts]
     if any(m.kind != "linear" or m.fan_in_fan_out for m in mods):
