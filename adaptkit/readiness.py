@@ -2,8 +2,9 @@
 
 Each check returns the problems found, each with the adaptkit command that fixes it. Where a rule
 rests on a runtime's code, the file and version are named beside it.
-- vLLM reads LoRAs on MoE experts as per-expert pairs for models storing experts apart
-  (``convert --to vllm --base BASE`` writes them); a router's LoRA is sent to the merge.
+- vLLM reads LoRAs on MoE experts as per-expert pairs for models storing experts apart, and as
+  peft's 3-D pairs named by position (``experts.base_layer`` = gate_up_proj) for those storing them
+  fused (``convert --to vllm --base BASE`` writes either); a router's LoRA is sent to the merge.
 - vLLM rejects ``modules_to_save``, DoRA, ranks above ``max_lora_rank`` (16 by default; it accepts
   only :data:`VLLM_MAX_RANKS`), LoRA biases and modules outside the linear projections it knows;
   its ``PEFTHelper`` (vllm/lora/peft_helper.py) applies one scaling, lora_alpha / r, to every
@@ -117,7 +118,9 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
     # llama.cpp applies a LoRA on a 3-D expert tensor expert by expert (llama.cpp in llama-cpp-python 0.3.36:
     # src/llama-graph.cpp llm_graph_context::build_lora_mm_id); the GGUF export lays the factors out
     # vLLM: models whose checkpoints keep experts apart (is_3d_moe_weight False) read expert LoRAs per expert
-    # and projection (vllm/lora/lora_model.py, PackedLoRALayerWeights.pack_moe); convert --to vllm lays them out
+    # and projection (vllm/lora/lora_model.py, PackedLoRALayerWeights.pack_moe); is_3d_moe_weight True ones read
+    # peft's 3-D pairs by position (vllm/lora/model_manager.py _stack_moe_lora_weights); convert --to vllm lays
+    # out either
     # A router's LoRA (a 2-D parameter, m.experts == 1): llama.cpp applies it to ffn_gate_inp (build_lora_mm);
     # what vLLM (a replicated gate) and mlx-lm do with one differs per release and model and was not checked.
     routers = [m.name for m in mods if m.param and m.experts == 1 and target != "llamacpp"]
@@ -127,8 +130,9 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
     experts = [m.name for m in mods if (m.kind == "param" or m.param and m.experts > 1) and target != "llamacpp"]
     if experts:
         if target == "vllm":
-            why, fix = ("vLLM reads them only as per-expert pairs (experts.N.gate_proj…), for models storing experts "
-                        "apart", f"adaptkit convert {src} --to vllm --base BASE -o VLLM  (per-expert pairs, exact)")
+            why, fix = ("vLLM reads them as per-expert pairs (experts.N.gate_proj…) for models storing experts apart, "
+                        "and for fused ones by position (base_layer = gate_up_proj) with one scaling",
+                        f"adaptkit convert {src} --to vllm --base BASE -o VLLM  (laid out from the base, exact)")
         elif target == "mlx":
             why, fix = ("mlx-lm reads them on its stacked switch_mlp layers (Qwen-MoE, OLMoE, DeepSeek-V3, Mixtral)",
                         f"adaptkit convert {src} --to mlx --base BASE -o MLX  (laid out from the base, exact)")

@@ -543,12 +543,91 @@ def test_expert_loras_go_to_vllm_as_per_expert_pairs(tmp_path, family):
     assert {"down_proj", "gate_proj", "up_proj", "o_proj"} == set(cfg["target_modules"]) and not cfg["rank_pattern"]
 
 
-def test_vllm_export_refuses_fused_expert_bases_and_routers(runner, tmp_path):
-    """gpt-oss keeps its experts fused on disk, which vLLM reads in a 3-D layout adaptkit has not
-    checked; a router's LoRA (a 2-D parameter) neither: both refused in one line, nothing written."""
+def _vllm_3d_deltas(folder, experts):
+    """What vLLM's 3-D MoE classes (gpt-oss…) compute from a PEFT folder (model_manager.py
+    _stack_moe_lora_weights): per MoE layer, ``experts.base_layer`` is gate_up_proj and ``experts``
+    down_proj whatever they hold; A reshaped (E, r, in), B (out, r, E) then (E, out, r); both asserted
+    present; one scaling lora_alpha / r. Returns {…experts.gate_up_proj / .down_proj: (E, out, in)}."""
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    scale, t, got = cfg["lora_alpha"] / cfg["r"], load_file(folder / "adapter_model.safetensors"), {}
+    for k in [k for k in t if k.endswith(".experts.lora_A.weight")]:
+        module = k[len("base_model.model."):-len(".lora_A.weight")]
+        for param, key in (("gate_up_proj", k.replace(".experts.", ".experts.base_layer.")), ("down_proj", k)):
+            a, b = t[key], t[key.replace("lora_A", "lora_B")]  # a KeyError here is vLLM's assert
+            a3, b3 = a.reshape(experts, -1, a.shape[-1]), b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)
+            got[f"{module}.{param}"] = scale * b3 @ a3
+    return got, cfg
+
+
+@pytest.mark.parametrize("targets", [["mlp.experts.down_proj", "mlp.experts.gate_up_proj"],
+                                     ["mlp.experts.gate_up_proj"]], ids=["both", "gate-up-only"])
+def test_fused_expert_loras_go_to_vllm_in_its_3d_layout(tmp_path, targets):
+    """gpt-oss stores its experts fused (E, in, out); vLLM's GptOssForCausalLM (is_3d_moe_weight) reads
+    peft's 3-D layout, taking base_layer as gate_up_proj and the outer pair as down_proj by name alone,
+    with one alpha / r. peft wraps gate_up_proj first whatever the order of target_parameters, but with
+    gate_up_proj alone its pair is the outer one, which vLLM would read as down_proj. The export names
+    them as vLLM reads them, adds zeros for the missing one and folds the per-module scalings: a
+    vLLM-shaped reader rebuilds every expert's ΔW of peft's merge."""
+    from safetensors import safe_open
+
+    build.build_model(build.gpt_oss_config(), tmp_path / "base", dtype=torch.float32)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=4, lora_alpha=8, use_rslora=True,
+                             target_modules=["o_proj"], target_parameters=targets,
+                             alpha_pattern={"layers.1.self_attn.o_proj": 3})
+    with safe_open(str(ad / "adapter_model.safetensors"), "pt") as f:
+        keys = {k: f.get_slice(k).get_shape() for k in f.keys() if ".layers.0.mlp.experts." in k}
+    # peft's own names: base_layer is gate_up_proj (in: hidden 64), the outer down_proj (in: I = 48); alone,
+    # gate_up_proj is the outer one (what the second case is about)
+    inner = keys.get("base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight")
+    outer = keys["base_model.model.model.layers.0.mlp.experts.lora_A.weight"]
+    assert (inner and inner[-1], outer[-1]) == ((64, 48) if len(targets) == 2 else (None, 64))
+    adaptkit.convert(ad, tmp_path / "vllm", to="vllm", base=tmp_path / "base")
+    got, cfg = _vllm_3d_deltas(tmp_path / "vllm", experts=4)
+    assert cfg["target_parameters"] == ["experts.gate_up_proj", "experts.down_proj"]
+    adaptkit.convert(ad, tmp_path / "padded", to="vllm", base=tmp_path / "base", pad_rank=8)
+    padded, cfg8 = _vllm_3d_deltas(tmp_path / "padded", experts=4)
+    assert cfg8["r"] == 8 and all(torch.allclose(padded[k], got[k], atol=1e-7) for k in got)
+    _, merged = peft_merged(tmp_path / "base", [ad])
+    ref, plain = merged.state_dict(), build.load_model(tmp_path / "base").state_dict()
+    for layer in (0, 1):
+        for param in ("gate_up_proj", "down_proj"):
+            name = f"model.layers.{layer}.mlp.experts.{param}"
+            want = (ref[name] - plain[name]).transpose(1, 2)  # stored (E, in, out); vLLM's w13/w2 are (out, in)
+            assert got[name].shape == want.shape
+            assert torch.allclose(got[name], want, atol=1e-6 * max(want.abs().max().item(), 1e-30))
+            assert want.any() == (f"mlp.experts.{param}" in targets)  # gate-up-only: down present, zero
+    o = ref["model.layers.1.self_attn.o_proj.weight"] - plain["model.layers.1.self_attn.o_proj.weight"]
+    flat, _ = _vllm_deltas(tmp_path / "vllm")
+    assert torch.allclose(flat["model.layers.1.self_attn.o_proj"], o, atol=1e-6 * o.abs().max().item())
+    # and adaptkit reads its own export back: the merge from it equals the merge from peft's adapter
+    back = adaptkit.merge(tmp_path / "base", [tmp_path / "vllm"], tmp_path / "m2", dtype="float32")
+    assert back is not None
+    from safetensors.torch import load_file
+
+    m2 = load_file(tmp_path / "m2" / "model.safetensors")
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
+        assert torch.allclose(m2[name], ref[name], atol=1e-6 * ref[name].abs().max().item())
+
+
+def test_vllm_export_refuses_fused_experts_of_unchecked_classes(runner, tmp_path, monkeypatch):
+    """Fused on-disk experts of a model whose vLLM class was not read (here: gpt-oss with the list of
+    read classes emptied) are refused in one line, not written in a layout vLLM may read otherwise."""
+    from adaptkit.formats import vllm
+
+    monkeypatch.setattr(vllm, "VLLM_3D", set())
     res = invoke(runner, "convert", FAMILY_ADAPTERS["gpt-oss-experts"], "--to", "vllm", "--base",
                  FAMILY_BASE_OF["gpt-oss-experts"], "-o", tmp_path / "v")
-    assert_one_line_error(res, "fused", "3-D")
+    assert_one_line_error(res, "GptOssForCausalLM", "stores these experts fused")
+    assert not (tmp_path / "v").exists()
+
+
+def test_vllm_export_refuses_routers(runner, tmp_path):
+    """A router's LoRA (a 2-D parameter) is not something adaptkit checked vLLM or mlx-lm load:
+    refused in one line, nothing written."""
     build.build_model(build.qwen2_moe_config(), tmp_path / "base", dtype=torch.float32)
     ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4, target_modules=["q_proj"],
                              target_parameters=["mlp.gate.weight", "mlp.experts.down_proj"])
