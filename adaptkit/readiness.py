@@ -5,6 +5,8 @@ rests on a runtime's code, the file and version are named beside it.
 - vLLM reads LoRAs on MoE experts as per-expert pairs for models storing experts apart, and as
   peft's 3-D pairs named by position (``experts.base_layer`` = gate_up_proj) for those storing them
   fused (``convert --to vllm --base BASE`` writes either); a router's LoRA is sent to the merge.
+- vLLM silently drops a LoRA on multi-head latent attention's ``kv_b_proj`` (DeepSeek-V2/V3: its
+  issue #48974), which is sent to the merge.
 - vLLM rejects ``modules_to_save``, DoRA, ranks above ``max_lora_rank`` (16 by default; it accepts
   only :data:`VLLM_MAX_RANKS`), LoRA biases and modules outside the linear projections it knows;
   its ``PEFTHelper`` (vllm/lora/peft_helper.py) applies one scaling, lora_alpha / r, to every
@@ -47,7 +49,10 @@ ALORA_SUPPORT = {
 }
 VLLM_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
                 "gate_up_proj", "dense", "dense_h_to_4h", "dense_4h_to_h", "query_key_value", "c_attn", "c_proj",
-                "c_fc", "fc1", "fc2", "out_proj", "w1", "w2", "w3", "wqkv", "wo", "embed_tokens", "lm_head"}
+                "c_fc", "fc1", "fc2", "out_proj", "w1", "w2", "w3", "wqkv", "wo", "embed_tokens", "lm_head",
+                # multi-head latent attention (vllm/model_executor/models/deepseek_v2.py: q_a_proj and
+                # kv_a_proj_with_mqa packed as fused_qkv_a_proj); kv_b_proj has its own rule below
+                "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "fused_qkv_a_proj", "kv_b_proj"}
 
 
 VLLM_MAX_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig.max_lora_rank choices
@@ -179,6 +184,14 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
                                         "pair per expert and projection, all present, at one rank",
                                         f"adaptkit convert {src} --to vllm --base BASE -o VLLM  (zero pairs and "
                                         "padding, exact)"))
+        # Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2, GLM-4-MoE-Lite): vLLM wraps kv_b_proj but never
+        # calls the wrapper, decode using the weight split into W_UK/W_UV at load and prefill a reference taken
+        # before wrapping (vllm-project/vllm issue #48974, open; fix PR #56718 open, both as of 2026-12)
+        latent = [m.name for m in mods if m.name.endswith(".kv_b_proj")]
+        if latent:
+            problems.append(Problem("mla_kv_b_proj", f"{len(latent)} LoRAs on kv_b_proj (first: {latent[0]}), which "
+                                    "vLLM loads and applies nowhere (its MLA attention bypasses the module: issue "
+                                    "#48974)", merge_fix))
         odd = sorted({m.name.rsplit(".", 1)[-1] for m in mods if not m.param and m.kind != "param"} - VLLM_MODULES)
         if odd:
             problems.append(Problem("target_modules", f"modules vLLM does not adapt: {', '.join(odd)}", merge_fix))

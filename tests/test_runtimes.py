@@ -8,7 +8,7 @@ import torch
 from helpers import ADAPTERS, TINY_LLAMA, load_dir, peft_deltas
 from safetensors.torch import load_file
 
-from adaptkit import convert, load_adapter, merge
+from adaptkit import convert, inspect, load_adapter, merge
 from adaptkit.cli import main
 from adaptkit.formats.gguf import permute_rows, read_gguf_deltas, unpermute_rows
 
@@ -339,6 +339,27 @@ def test_mlx_refuses_what_mlx_lm_would_not_load_on_experts(runner, tmp_path):
                                str(tmp_path / "b")])
     assert_one_line_error(res, "kv_b_proj", "merge instead")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_vllm_flags_and_refuses_a_kv_b_proj_lora(runner, tmp_path):
+    """vLLM's multi-head latent attention never calls the wrapped kv_b_proj (its issue #48974): the
+    check says so with the merge as the fix, and the export refuses it; q_b_proj, which vLLM runs as a
+    module, passes."""
+    from helpers import assert_one_line_error
+
+    from fixtures import build
+
+    build.build_model(build.deepseek_v3_config(), tmp_path / "base", dtype=torch.float32)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
+                             target_modules=["kv_b_proj", "q_b_proj"])
+    (vllm,) = inspect(ad, checks=["vllm"]).checks
+    assert [p.rule for p in vllm.problems] == ["mla_kv_b_proj"] and "adaptkit merge" in vllm.problems[0].fix
+    assert "layers.0.self_attn.kv_b_proj" in vllm.problems[0].detail
+    res = runner.invoke(main, ["convert", str(ad), "--to", "vllm", "-o", str(tmp_path / "v")])
+    assert_one_line_error(res, "kv_b_proj", "#48974")
+    assert not (tmp_path / "v").exists()
+    only_q = build.build_adapter(tmp_path / "base", tmp_path / "q", r=2, lora_alpha=4, target_modules=["q_b_proj"])
+    assert inspect(only_q, checks=["vllm"]).checks[0].ok
 
 
 def test_gguf_token_embd_lora_is_laid_out_as_llama_cpp_reads_it(tmp_path):
