@@ -82,6 +82,14 @@ def _qwen3_moe():
     return config
 
 
+def _llama4():
+    # every layer MoE (interleave step 1) with one routed expert per token and a shared expert, as Scout; four
+    # layers, the last without RoPE as every fourth of Scout's (with none, llama.cpp's graph leaves its
+    # attention-scale input unallocated and aborts: "tensor buffer not set")
+    return _tiny("Llama4TextConfig", head_dim=16, intermediate_size=48, intermediate_size_mlp=128, num_local_experts=4,
+                 num_experts_per_tok=1, interleave_moe_layer_step=1, num_hidden_layers=4)
+
+
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]  # transformers 5's fused expert parameters
@@ -126,6 +134,11 @@ ARCHS = {
     # deepseek2 in llama.cpp: latent attention (whose projections llama.cpp multiplies without a LoRA, so
     # the export refuses LoRAs there), the router and the experts of the MoE layer after the dense one
     "deepseek-v3": (deepseek_v3_config, ["o_proj"], EXPERTS + ["mlp.gate.weight"]),
+    # experts fused on disk as (E, in, out) but not marked is_transposed: peft's LoRA is in the parameter's
+    # orientation, llama.cpp's the transpose (gate and up halves); the router, an nn.Linear whose forward
+    # returns a tuple (which peft's Linear LoRA cannot wrap), through its weight
+    "llama4": (_llama4, ATTENTION + ["shared_expert.down_proj"],
+               ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj", "feed_forward.router.weight"]),
 }
 
 
@@ -262,8 +275,9 @@ def _check(lc, tmp_path: Path, base: Path, adapter: Path, label: str, peft: bool
     # distance to transformers.
     # Where llama.cpp's CPU GELU rounds its input to f16 for a table lookup (ggml-cpu/vec.h GGML_GELU_FP16)
     # and the model's own noise is that rounding, the two fp32 orders of B·(A·x) + W·x and (W + ΔW)·x land
-    # on different f16 steps: there a tenth of that noise is the bound
-    bound = max(2e-5, noise / 10) if label in F16_GELU else 2e-5
+    # on different f16 steps: there a fifth of that noise is the bound (starcoder2 came to 0.11 of it on an
+    # AMD EPYC, under 0.1 on the Intel machines before)
+    bound = max(2e-5, noise / 5) if label in F16_GELU else 2e-5
     assert np.abs(with_lora - merged).max() / scale <= bound
 
 
@@ -286,7 +300,15 @@ def _gemma3_vlm():
                         boi_token_index=253, eoi_token_index=254)
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3-vlm"])
+def _mistral3_vlm():
+    from transformers import Mistral3Config, PixtralVisionConfig
+
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=32, patch_size=16, head_dim=16)
+    return Mistral3Config(text_config=_mistral(), vision_config=vision, image_token_index=255)
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3-vlm", "mistral3-vlm"])
 def test_llama_cpp_takes_a_vlm_language_model_lora(tmp_path, lc, family):
     """A VLM's language model (peft: model.language_model.layers…; Llava on disk language_model.model…):
     llama.cpp's converter makes a text model of it (the vision tower goes to an mmproj file), and the
@@ -297,8 +319,10 @@ def test_llama_cpp_takes_a_vlm_language_model_lora(tmp_path, lc, family):
     from fixtures import build
 
     base = tmp_path / "base"
-    config, cls = ((build.llava_config(), transformers.LlavaForConditionalGeneration) if family == "llava"
-                   else (_gemma3_vlm(), transformers.Gemma3ForConditionalGeneration))
+    config, cls = {"llava": (build.llava_config, transformers.LlavaForConditionalGeneration),
+                   "gemma3-vlm": (_gemma3_vlm, transformers.Gemma3ForConditionalGeneration),
+                   "mistral3-vlm": (_mistral3_vlm, transformers.Mistral3ForConditionalGeneration)}[family]
+    config = config()
     build.build_model(config, base, dtype=torch.float32, auto=cls)
     LlamaTokenizer(vocab_file=str(lc[2])).save_pretrained(base)
     shutil.copy(lc[2], base / "tokenizer.model")

@@ -71,6 +71,11 @@ ARCHITECTURES = {
     # LlavaForConditionalGeneration, gemma.py Gemma3Model Gemma3ForConditionalGeneration; base.py's
     # filter_tensors drops "language_model." from every name, and hparams come from text_config
     "LlavaForConditionalGeneration": ("llama", "rope"), "Gemma3ForConditionalGeneration": ("gemma3", ""),
+    # mistral3.py Mistral3Model registers Mistral3ForConditionalGeneration too: a text model of model_type
+    # mistral/ministral3 is its Ministral3Model (a LlamaModel); mistral4 (DeepSeek-V2-like) is refused below
+    "Mistral3ForConditionalGeneration": ("mistral3", "rope"),
+    # llama.py Llama4Model (undo_permute False: q/k rows kept): experts fused on disk, see _expert_parts
+    "Llama4ForCausalLM": ("llama4", ""),
 }
 ROWS = dict(ARCHITECTURES.values())  # gguf architecture -> its row reordering (one per gguf architecture)
 PERMUTED = {arch for arch, rows in ROWS.items() if rows == "rope"}  # gguf archs whose q/k rows are permuted
@@ -154,6 +159,10 @@ def base_architecture(config: dict, path) -> tuple[str, str]:
         what = arch or (f"of model_type {model_type!r}, which names no causal LM of transformers" if model_type
                         else "of unknown architecture")
         raise AdaptkitError(f"GGUF export supports {supported}; the base is {what}", path)
+    if arch == "Mistral3ForConditionalGeneration" and text_config(config).get("model_type") == "mistral4":
+        raise AdaptkitError("config.json: a Mistral 3 vision-language model with a mistral4 language model, which "
+                            "llama.cpp converts as its DeepSeek-V2-like Mistral4Model (not checked): not exported to "
+                            "GGUF (merge instead)", path)
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if ARCHITECTURES[arch][0] == "glm4" and isinstance(rope, dict) and "mrope_section" in rope:
         raise AdaptkitError("config.json: a GLM-4 with M-RoPE (rope mrope_section), whose q/k rows llama.cpp's "
@@ -172,11 +181,13 @@ def _stacked(name: str) -> tuple[str, int | None]:
     return (name[: m.start()] + ".experts" + name[m.end():], int(m.group(1))) if m else (name, None)
 
 
-def _expert_parts(m, base, arch: str | None, path, runtime: str = "GGUF") -> list[tuple[str, int, slice, slice]]:
+def _expert_parts(m, base, arch: str | None, path,
+                  runtime: str = "GGUF") -> list[tuple[str, int, slice, slice, bool]]:
     """Where a LoRA on a 3-D expert parameter lands on the checkpoint's own tensors, as llama.cpp's
     converter (``arch``: its architecture) and the runtimes reading experts apart (``runtime``, for the
     messages) see them: each (checkpoint tensor it becomes, without ``.weight``; expert, or -1 for all;
-    rows of ΔW (B's); columns (A's))."""
+    rows of ΔW (B's); columns (A's); whether that ΔW is the LoRA's transposed, A' = Bᵀ and B' = Aᵀ,
+    rows and columns then taken of those)."""
     from ..plan import _expert_orientation, expert_parameters
 
     shapes, fused = expert_parameters(base)
@@ -192,8 +203,19 @@ def _expert_parts(m, base, arch: str | None, path, runtime: str = "GGUF") -> lis
         stem = m.weight_name.removesuffix(".weight")
         if stem.endswith("gate_up_proj"):
             root = stem.removesuffix("gate_up_proj")
-            return [(root + "gate_proj", -1, slice(0, None, 2), every), (root + "up_proj", -1, slice(1, None, 2), every)]
-        return [(stem, -1, every, every)]
+            return [(root + "gate_proj", -1, slice(0, None, 2), every, False),
+                    (root + "up_proj", -1, slice(1, None, 2), every, False)]
+        return [(stem, -1, every, every, False)]
+    if arch == "llama4" and stored and transposed is False:
+        # llama4.py Llama4Model.modify_tensors: gate_up_proj (E, H, 2I) transposed and split in halves (gate
+        # first), down_proj (E, I, H) transposed. transformers does not mark these experts is_transposed, so
+        # peft's LoRA is in the parameter's own orientation ((H, 2I) per expert): llama.cpp's ΔW is its transpose
+        stem = m.weight_name.removesuffix(".weight")
+        if stem.endswith("gate_up_proj"):
+            root, half = stem.removesuffix("gate_up_proj"), shape[2] // 2
+            return [(root + "gate_proj", -1, slice(0, half), every, True),
+                    (root + "up_proj", -1, slice(half, None), every, True)]
+        return [(stem, -1, every, every, True)]
     if transposed is not False:
         raise AdaptkitError(f"{m.name}: the base stores these experts as (E, in, out), which is re-laid out per "
                             f"model ({arch or 'this model'} not checked): not exported to {runtime} (merge instead)",
@@ -202,7 +224,7 @@ def _expert_parts(m, base, arch: str | None, path, runtime: str = "GGUF") -> lis
         if m.weight_name.endswith("gate_up_proj"):
             raise AdaptkitError(f"{m.name}: a base storing gate and up fused is laid out per model (split or kept): "
                                 f"not exported to {runtime} (merge instead)", path)
-        return [(m.weight_name.removesuffix(".weight"), -1, every, every)]
+        return [(m.weight_name.removesuffix(".weight"), -1, every, every, False)]
     sources = fused.get(m.weight_name)
     if not sources:
         raise AdaptkitError(f"{m.name}: cannot tell which on-disk tensors hold this parameter", path)
@@ -212,7 +234,8 @@ def _expert_parts(m, base, arch: str | None, path, runtime: str = "GGUF") -> lis
     for disk, e, part, _, concat in sources:
         start = sum(sizes[(e, p)] for p in range(part))
         span = slice(start, start + sizes[(e, part)]) if concat is not None else every
-        out.append((disk.removesuffix(".weight"), e, span if concat == 1 else every, span if concat == 2 else every))
+        out.append((disk.removesuffix(".weight"), e, span if concat == 1 else every, span if concat == 2 else every,
+                    False))
     return out
 
 
@@ -224,7 +247,7 @@ def per_expert_pairs(m, base, runtime: str, path):
         raise AdaptkitError(f"{m.name}: the base stores these experts fused (gpt-oss…), which {runtime} reads in "
                             "its 3-D layout, not written by adaptkit: merge instead", path)
     a3, b3 = lora.expert_factors(m.A.to(torch.float32), m.B.to(torch.float32), m.experts)
-    for disk, e, rows, cols in _expert_parts(m, base, None, path, runtime):
+    for disk, e, rows, cols, _ in _expert_parts(m, base, None, path, runtime):  # (never swapped without arch)
         yield disk, e, a3[e][:, cols], m.scaling * b3[:, :, e][rows]
 
 
@@ -241,10 +264,11 @@ def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float,
             if base is None:
                 raise AdaptkitError("LoRAs on MoE experts need the base model itself for GGUF: give base", path)
             a3, b3 = lora.expert_factors(a, b, m.experts)  # (E, r, in), (out, r, E)
-            for disk, e, rows, cols in _expert_parts(m, base, arch, path):
+            for disk, e, rows, cols, swap in _expert_parts(m, base, arch, path):
                 name, _ = _stacked(disk)
                 for k in (range(m.experts) if e == -1 else [e]):
-                    a_e, b_e = a3[k][:, cols], b3[:, :, k][rows]
+                    a_k, b_k = (b3[:, :, k].T, a3[k].T) if swap else (a3[k], b3[:, :, k])
+                    a_e, b_e = a_k[:, cols], b_k[rows]
                     stacks.setdefault(name, {})[k] = (a_e, m.scaling * b_e)
                 experts[name] = m.experts
             continue
