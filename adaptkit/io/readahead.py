@@ -47,7 +47,9 @@ class Readahead:
     """
 
     def __init__(self, ranges, window: int | None = None):
-        self._ranges = [(Path(p), int(o), int(n)) for p, o, n in ranges if n > 0]
+        ranges = list(ranges)
+        paths = {p: Path(p) for p, _, _ in ranges}  # one Path per file (an MoE stream: ~19k ranges, a few files)
+        self._ranges = [(paths[p], int(o), int(n)) for p, o, n in ranges if n > 0]
         self.total = sum(n for _, _, n in self._ranges)
         self.window = window_bytes() if window is None else window
         self.fetched = 0  # bytes of the sequence read (or skipped because the stream was already past)
@@ -148,7 +150,7 @@ def for_stream(ranges) -> Readahead:
     whole (the CLI's, started before torch was imported), else a new one."""
     ranges = list(ranges)
     with _active_lock:
-        owners = {_active.get(Path(p)) for p, _, _ in ranges}
+        owners = {_active.get(Path(p)) for p in {p for p, _, _ in ranges}}
     if len(owners) == 1 and None not in owners:
         return owners.pop()
     return Readahead(ranges).start()
