@@ -137,7 +137,9 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
         if target == "vllm":
             why, fix = ("vLLM reads them as per-expert pairs (experts.N.gate_proj…) for models storing experts apart, "
                         "and for fused ones by position (base_layer = gate_up_proj) with one scaling",
-                        f"adaptkit convert {src} --to vllm --base BASE -o VLLM  (laid out from the base, exact)")
+                        f"adaptkit convert {src} --to vllm --base BASE -o VLLM  (laid out from the base, exact; "
+                        "it refuses a base storing experts fused outside vLLM's 3-D classes, Llama 4's among them: "
+                        "merge those)")
         elif target == "mlx":
             why, fix = ("mlx-lm reads them on its stacked switch_mlp layers (Qwen-MoE, OLMoE, DeepSeek-V3, Mixtral)",
                         f"adaptkit convert {src} --to mlx --base BASE -o MLX  (laid out from the base, exact)")

@@ -198,6 +198,42 @@ def test_a_deepseek_lora_merges_as_peft_merges_it(tmp_path, version):
     assert adaptkit.verify(tmp_path / "base", ad, tmp_path / "m").ok
 
 
+def test_a_llama4_vlm_lora_on_its_experts_merges_as_peft_merges_it_and_verifies(tmp_path):
+    """Llama 4 as it ships (Llama4ForConditionalGeneration): a LoRA on its language model's attention,
+    shared expert, router and fused routed experts (stored (E, in, out), not marked is_transposed: peft's
+    LoRA is in that orientation). Every tensor equals peft's merge; verify runs the model level through
+    the language model (transformers 5.24's Llama4ForConditionalGeneration.forward fails on text alone)
+    and, with one expert's delta dropped, names that tensor."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    build.build_model(build.llama4_config(vlm=True), tmp_path / "base", dtype=torch.float32,
+                      auto=transformers.Llama4ForConditionalGeneration)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=4, lora_alpha=8, use_rslora=True, scale=0.3,
+                             target_modules=r".*language_model.*\.(q_proj|o_proj|shared_expert\.down_proj)",
+                             target_parameters=["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj",
+                                                "feed_forward.router.weight"],
+                             rank_pattern={"layers.1.feed_forward.experts.down_proj": 2})
+    result = adaptkit.merge(tmp_path / "base", ad, tmp_path / "m")
+    assert result.modules_merged == 12 and not result.warnings  # 2 layers × 6
+    _, ref = peft_merged(tmp_path / "base", [ad])
+    mine, base = build.load_model(tmp_path / "m").state_dict(), build.load_model(tmp_path / "base").state_dict()
+    changed = {n for n, t in ref.state_dict().items() if not torch.equal(t, base[n])}
+    assert {"language_model.model.layers.1.feed_forward.experts.down_proj",
+            "language_model.model.layers.0.feed_forward.router.weight"} <= changed and len(changed) == 12
+    for name, t in ref.state_dict().items():
+        assert torch.allclose(mine[name], t, rtol=1e-6, atol=1e-7), name
+    report = adaptkit.verify(tmp_path / "base", ad, tmp_path / "m")
+    assert report.ok and report.model is not None and report.model.ok
+    name = "language_model.model.layers.1.feed_forward.experts.gate_up_proj"
+    shard = next((tmp_path / "m").glob("*.safetensors"))
+    merged = load_file(shard)
+    merged[name][2] = load_file(next((tmp_path / "base").glob("*.safetensors")))[name][2]  # expert 2's delta dropped
+    save_file(merged, shard, metadata={"format": "pt"})
+    report = adaptkit.verify(tmp_path / "base", ad, tmp_path / "m", model=False)
+    assert not report.ok and [m.name for m in report.modules if not m.ok] == [name]
+
+
 def test_verify_catches_one_experts_delta_dropped(tmp_path, moe):
     from safetensors.torch import load_file, save_file
 

@@ -258,11 +258,14 @@ def _check(lc, tmp_path: Path, base: Path, adapter: Path, label: str, peft: bool
         print(label, f"LoRA vs merged in llama.cpp {err:.2e}, effect {effect:.2f}")
         assert effect > 0.1 and err <= 2e-5
         return
+    from adaptkit.commands.verify import _text_model
+
     ref = PeftModel.from_pretrained(load_model(base), adapter).eval()  # the class its config names, fp32
+    run = _text_model(ref.base_model.model)  # Llama 4's VLM runs text through its language model (see there)
     with torch.no_grad():
-        want = ref(input_ids=torch.tensor([IDS])).logits[0].double().numpy()
+        want = run(input_ids=torch.tensor([IDS])).logits[0].double().numpy()
         with ref.disable_adapter():
-            plain = ref(input_ids=torch.tensor([IDS])).logits[0].double().numpy()
+            plain = run(input_ids=torch.tensor([IDS])).logits[0].double().numpy()
     scale = np.abs(want).max()
     noise = np.abs(merged - want).max() / scale
     err = np.abs(with_lora - want).max() / scale
@@ -308,11 +311,22 @@ def _mistral3_vlm():
     return Mistral3Config(text_config=_mistral(), vision_config=vision, image_token_index=255)
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3-vlm", "mistral3-vlm"])
+def _llama4_vlm():
+    from transformers import Llama4Config, Llama4VisionConfig
+
+    vision = Llama4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64,
+                                projector_output_dim=64)
+    return Llama4Config(text_config=_llama4(), vision_config=vision, image_token_index=255, boi_token_index=253,
+                        eoi_token_index=254)
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3-vlm", "mistral3-vlm", "llama4-vlm"])
 def test_llama_cpp_takes_a_vlm_language_model_lora(tmp_path, lc, family):
-    """A VLM's language model (peft: model.language_model.layers…; Llava on disk language_model.model…):
-    llama.cpp's converter makes a text model of it (the vision tower goes to an mmproj file), and the
-    GGUF LoRA of its attention and MLP computes what peft does there."""
+    """A VLM's language model (peft: model.language_model.layers…; Llava and Llama 4 on disk
+    language_model.model…): llama.cpp's converter makes a text model of it (the vision tower goes to an
+    mmproj file), and the GGUF LoRA of its attention and MLP (Llama 4: its shared expert and, through
+    target_parameters, its routed experts) computes what peft does there."""
     import transformers
     from transformers import LlamaTokenizer
 
@@ -321,14 +335,17 @@ def test_llama_cpp_takes_a_vlm_language_model_lora(tmp_path, lc, family):
     base = tmp_path / "base"
     config, cls = {"llava": (build.llava_config, transformers.LlavaForConditionalGeneration),
                    "gemma3-vlm": (_gemma3_vlm, transformers.Gemma3ForConditionalGeneration),
-                   "mistral3-vlm": (_mistral3_vlm, transformers.Mistral3ForConditionalGeneration)}[family]
+                   "mistral3-vlm": (_mistral3_vlm, transformers.Mistral3ForConditionalGeneration),
+                   "llama4-vlm": (_llama4_vlm, transformers.Llama4ForConditionalGeneration)}[family]
     config = config()
     build.build_model(config, base, dtype=torch.float32, auto=cls)
     LlamaTokenizer(vocab_file=str(lc[2])).save_pretrained(base)
     shutil.copy(lc[2], base / "tokenizer.model")
+    experts = {"target_parameters": ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]} \
+        if family == "llama4-vlm" else {}
     adapter = build.build_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, use_rslora=True, scale=0.3,
                                   target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)",
-                                  rank_pattern={"layers.1.self_attn.q_proj": 2})
+                                  rank_pattern={"layers.1.self_attn.q_proj": 2}, **experts)
     _check(lc, tmp_path, base, adapter, family)
 
 

@@ -493,22 +493,24 @@ def test_gguf_expert_loras_are_laid_out_as_llama_cpp_converts_experts(tmp_path, 
             assert d.shape == want.shape and torch.allclose(d, want, atol=1e-5 * want.abs().max().item()), gname
 
 
-def test_gguf_llama4_expert_loras_are_transposed_from_the_parameters_orientation(tmp_path):
+@pytest.mark.parametrize("vlm", [False, True], ids=["text", "vlm"])
+def test_gguf_llama4_expert_loras_are_transposed_from_the_parameters_orientation(tmp_path, vlm):
     """Llama 4 stores its experts fused as (E, in, out) like gpt-oss but transformers does not mark them
     is_transposed, so peft's LoRA is in the parameter's own orientation (A (E·r, 2I), B (H, r·E) on
     gate_up_proj); llama.cpp's converter transposes them and splits gate_up in halves: llama.cpp's ΔW
     is the transpose of peft's, its factors swapped. What llama.cpp adds equals peft's merge so laid out
-    (llama.cpp itself runs it in test_llama_cpp)."""
+    (llama.cpp itself runs it in test_llama_cpp). The same for the language model of the vision-language
+    Llama4ForConditionalGeneration (every Llama 4 checkpoint on the Hub), whose text model llama.cpp's
+    converter makes of it."""
     import transformers
     from helpers import peft_merged
 
     from fixtures import build
 
-    cfg = transformers.Llama4TextConfig(vocab_size=256, hidden_size=64, intermediate_size=48, intermediate_size_mlp=128,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                        head_dim=16, num_local_experts=4, interleave_moe_layer_step=1)
-    build.build_model(cfg, tmp_path / "base", dtype=torch.float32)
-    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=4, lora_alpha=8, target_modules=["q_proj"],
+    build.build_model(build.llama4_config(vlm=vlm), tmp_path / "base", dtype=torch.float32,
+                      auto=transformers.Llama4ForConditionalGeneration if vlm else None)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=4, lora_alpha=8,  # (the vision tower has q_proj)
+                             target_modules=r".*language_model.*\.q_proj" if vlm else ["q_proj"],
                              target_parameters=["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"],
                              rank_pattern={"layers.1.feed_forward.experts.down_proj": 2})
     out = tmp_path / "a.gguf"
@@ -521,7 +523,7 @@ def test_gguf_llama4_expert_loras_are_transposed_from_the_parameters_orientation
     _, merged = peft_merged(tmp_path / "base", [ad])
     ref, plain = merged.state_dict(), build.load_model(tmp_path / "base").state_dict()
     for layer in range(2):
-        p = f"model.layers.{layer}.feed_forward.experts."
+        p = ("language_model." if vlm else "") + f"model.layers.{layer}.feed_forward.experts."
         gate_up = (ref[p + "gate_up_proj"] - plain[p + "gate_up_proj"]).transpose(-1, -2)  # (E, 2I, H)
         down = (ref[p + "down_proj"] - plain[p + "down_proj"]).transpose(-1, -2)
         for gname, want in (("ffn_gate_exps", gate_up[:, :48]), ("ffn_up_exps", gate_up[:, 48:]),

@@ -543,23 +543,25 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
     step(1)
     batches, source = _prompts(base_path, ref.config, adapters, prompts, seed)
     runs = _runs(batches)
+    run_ref = _text_model(pm.base_model.model)  # peft's layers are in place: running a part of it runs them
     with torch.no_grad():
         want, plain = [], []
         for ids in runs:
-            out = pm(input_ids=ids.to(dev))
+            out = run_ref(input_ids=ids.to(dev))
             heads = getattr(out, "logits", None) is not None
             want.append(out.logits if heads else out.last_hidden_state)
             if not heads:
                 with pm.disable_adapter():
-                    plain.append(pm(input_ids=ids.to(dev)).last_hidden_state)
+                    plain.append(run_ref(input_ids=ids.to(dev)).last_hidden_state)
         step(1)
-        del pm, ref, out
+        del pm, ref, out, run_ref
         gc.collect()
         with warnings.catch_warnings(), _quiet_transformers(hf_logging):
             warnings.simplefilter("ignore")
             merged, _ = _load(merged_path, cls, dev)
         step(1)
-        got = [(o.logits if heads else o.last_hidden_state) for o in (merged(input_ids=ids.to(dev)) for ids in runs)]
+        run_merged = _text_model(merged)
+        got = [(o.logits if heads else o.last_hidden_state) for o in (run_merged(input_ids=ids.to(dev)) for ids in runs)]
         step(1)
     diffs, kls, agree, total, errs, position_kls = [], [], 0, 0, [], []
     for k in range(len(runs)):
@@ -594,6 +596,16 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
     return ModelCheck(len(batches), sum(ids.numel() for ids in batches), max(diffs), 0.0, 1.0, ok, source,
                       f"hidden states ({type(merged).__name__}{why}): relative error {rel:.2e}, the adapters move "
                       f"them by {effect / max(norm, 1e-30):.2e}")
+
+
+def _text_model(model):
+    """What runs the text-only prompts: the model, or the whole causal LM (with its head) a vision-language
+    model wraps as ``language_model`` (Llama 4), which is what the wrapper runs for text without images.
+    transformers 5.24's Llama4ForConditionalGeneration.forward fails on text alone (it reads
+    ``image_outputs`` off its language model's output); classes whose ``language_model`` is a headless
+    backbone (Llava, Gemma 3: transformers 5 keeps their head on the wrapper) run whole."""
+    inner = getattr(model, "language_model", None)
+    return inner if isinstance(inner, torch.nn.Module) and getattr(inner, "lm_head", None) is not None else model
 
 
 MODEL_STEPS = 4  # loading the reference, running it, loading the merged model, running it

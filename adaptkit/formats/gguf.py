@@ -74,8 +74,10 @@ ARCHITECTURES = {
     # mistral3.py Mistral3Model registers Mistral3ForConditionalGeneration too: a text model of model_type
     # mistral/ministral3 is its Ministral3Model (a LlamaModel); mistral4 (DeepSeek-V2-like) is refused below
     "Mistral3ForConditionalGeneration": ("mistral3", "rope"),
-    # llama.py Llama4Model (undo_permute False: q/k rows kept): experts fused on disk, see _expert_parts
-    "Llama4ForCausalLM": ("llama4", ""),
+    # llama.py Llama4Model (undo_permute False: q/k rows kept): experts fused on disk, see _expert_parts; it
+    # registers Llama4ForConditionalGeneration too (every Llama 4 checkpoint on the Hub), whose language model
+    # it converts as this text model (its vision tower goes to an mmproj file: llama4.py Llama4VisionModel)
+    "Llama4ForCausalLM": ("llama4", ""), "Llama4ForConditionalGeneration": ("llama4", ""),
 }
 ROWS = dict(ARCHITECTURES.values())  # gguf architecture -> its row reordering (one per gguf architecture)
 PERMUTED = {arch for arch, rows in ROWS.items() if rows == "rope"}  # gguf archs whose q/k rows are permuted
