@@ -168,3 +168,34 @@ def test_the_blocked_probe_route_agrees_with_the_whole_tensor_route(tmp_path, mo
     monkeypatch.undo()
     dropped = verify(base, [adapter], out, model=False)
     assert not dropped.ok and [m.name for m in dropped.modules if not m.ok] == [victim]
+
+
+def test_a_reference_transformers_cannot_run_skips_the_model_level_with_a_warning(runner, good, monkeypatch):
+    """transformers or peft failing on base + adapters (as transformers 5.24's Llama 4 VLM did on text
+    alone) leaves nothing to compare with: the model level is skipped, naming the error, and the layer
+    level still decides; no traceback. A merged model that transformers cannot run is not excused so."""
+    import adaptkit.commands.verify as verify_module
+
+    def broken(model):
+        def run(**_):
+            raise AttributeError("'MoeCausalLMOutputWithPast' object has no attribute 'image_outputs'")
+        return run
+
+    monkeypatch.setattr(verify_module, "_text_model", broken)
+    res = runner.invoke(main, ["verify", str(TINY_LLAMA), str(ADAPTERS["llama-lora"]), str(good), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["ok"] and report["model"] is None
+    assert any("model-level check skipped" in w and "AttributeError: 'MoeCausalLMOutputWithPast'" in w
+               for w in report["warnings"])
+    calls = []
+
+    def merged_broken(model):  # the reference runs, the merged model does not: an error, not a skip
+        calls.append(model)
+        if len(calls) == 1:
+            return model
+        raise RuntimeError("merged model cannot run")
+
+    monkeypatch.setattr(verify_module, "_text_model", merged_broken)
+    with pytest.raises(RuntimeError, match="merged model cannot run"):
+        verify(TINY_LLAMA, ADAPTERS["llama-lora"], good)
