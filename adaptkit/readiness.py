@@ -207,7 +207,9 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
             if outside:
                 problems.append(Problem("layers", f"modules outside numbered layers: {', '.join(outside[:3])}",
                                         merge_fix))
-        if any(m.fan_in_fan_out for m in mods):
+        # llama.cpp: gpt2.py transposes Conv1D weights to (out, in), the orientation of peft's B·A there, and the
+        # GGUF export runs in llama.cpp (tests/test_llama_cpp.py gpt2); mlx-lm's GPT-2 not checked
+        if target != "llamacpp" and any(m.fan_in_fan_out for m in mods):
             problems.append(Problem("conv1d", "Conv1D (GPT-2 family) modules", merge_fix))
     return Readiness(target, not problems, problems)
 

@@ -113,6 +113,11 @@ ARCHS = {
     "cohere": (lambda: _tiny("CohereConfig", tie_word_embeddings=True), LINEAR),  # command-r has no output tensor
     "exaone4": (lambda: _tiny("Exaone4Config", sliding_window=16), LINEAR),
     "seed-oss": (lambda: _tiny("SeedOssConfig", head_dim=16), LINEAR),
+    "stablelm": (lambda: _tiny("StableLmConfig"), LINEAR),  # partial rotary (a quarter), parallel residual off
+    # Conv1D weights, stored (in, out); n_ctx as GPT-2's own config.json has it (the converter reads it)
+    "gpt2": (lambda: __import__("transformers").GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                                           n_ctx=128, bos_token_id=1, eos_token_id=2),
+             ["c_attn", "c_proj", "c_fc"]),
     "gemma2": (lambda: _tiny("Gemma2Config", head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
                              tie_word_embeddings=True), LINEAR),  # query_pre_attn_scalar: see _gemma3
     "glm4": (lambda: _tiny("Glm4Config", head_dim=16), ATTENTION + ["gate_up_proj", "down_proj"]),  # gate, up fused
@@ -284,7 +289,7 @@ def _check(lc, tmp_path: Path, base: Path, adapter: Path, label: str, peft: bool
     assert np.abs(with_lora - merged).max() / scale <= bound
 
 
-F16_GELU = {"gemma", "gemma2", "gemma3-vlm", "starcoder2", "phi2", "gpt-neox"}  # GELU-tanh MLPs (gemma3 stays within 2e-5)
+F16_GELU = {"gemma", "gemma2", "gemma3-vlm", "starcoder2", "phi2", "gpt-neox", "gpt2"}  # GELU-tanh MLPs (gemma3 stays within 2e-5)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

@@ -92,10 +92,38 @@ def test_gguf_refusals(runner, tmp_path):
     res = runner.invoke(main, ["convert", str(ADAPTERS["llama-embed-mts"]), "--to", "gguf", "--base", str(TINY_LLAMA),
                                "-o", str(tmp_path / "m.gguf")])
     assert res.exit_code == 2 and "modules_to_save" in res.stderr
-    res = runner.invoke(main, ["convert", str(ADAPTERS["gpt2-lora"]), "--to", "gguf", "--base",
-                               str(ADAPTERS["gpt2-lora"].parent.parent / "tiny-gpt2"), "-o", str(tmp_path / "g.gguf")])
-    assert res.exit_code == 2 and "GGUF export supports" in res.stderr
+    other = tmp_path / "bigcode"  # an architecture not read off llama.cpp's converter: refused, not guessed
+    shutil.copytree(ADAPTERS["gpt2-lora"].parent.parent / "tiny-gpt2", other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "architectures": ["GPTBigCodeForCausalLM"]}))
+    res = runner.invoke(main, ["convert", str(ADAPTERS["gpt2-lora"]), "--to", "gguf", "--base", str(other),
+                               "-o", str(tmp_path / "g.gguf")])
+    assert res.exit_code == 2 and "GGUF export supports" in res.stderr and "GPTBigCodeForCausalLM" in res.stderr
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_gguf_takes_gpt2_conv1d_loras_in_llama_cpps_orientation(tmp_path):
+    """GPT-2's Conv1D weights are stored (in, out); llama.cpp's converter (gpt2.py) transposes them to
+    (out, in), the orientation of peft's B·A for a fan_in_fan_out LoRA: the factors go as they are, and
+    what llama.cpp adds is peft's merge delta transposed (llama.cpp itself runs it in test_llama_cpp)."""
+    from helpers import peft_merged
+
+    from fixtures import build
+
+    base = ADAPTERS["gpt2-lora"].parent.parent / "tiny-gpt2"
+    out = tmp_path / "g.gguf"
+    convert(ADAPTERS["gpt2-lora"], out, to="gguf", base=base)
+    got = read_gguf_deltas(out, json.loads((base / "config.json").read_text()))
+    _, merged = peft_merged(base, [ADAPTERS["gpt2-lora"]])
+    ref, plain = merged.state_dict(), build.load_model(base).state_dict()
+    pairs = {"attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "mlp.c_fc": "ffn_up"}
+    for layer in range(2):
+        for hf, gname in pairs.items():
+            name = f"transformer.h.{layer}.{hf}.weight"
+            want = (ref[name] - plain[name]).T  # (out, in)
+            assert want.abs().max() > 0, name  # the adapter moves this weight
+            d = got[f"blk.{layer}.{gname}.weight"]
+            assert d.shape == want.shape and torch.allclose(d, want, atol=1e-5 * want.abs().max().item()), name
 
 
 @pytest.mark.parametrize("name", ["llama-lora", "llama-rslora-patterns"])

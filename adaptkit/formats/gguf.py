@@ -48,6 +48,10 @@ ARCHITECTURES = {
     "Olmo2ForCausalLM": ("olmo2", ""), "Olmo3ForCausalLM": ("olmo2", ""),  # olmo.py Olmo2Model registers both
     "Starcoder2ForCausalLM": ("starcoder2", ""), "CohereForCausalLM": ("command-r", ""),
     "Exaone4ForCausalLM": ("exaone4", ""), "SeedOssForCausalLM": ("seed_oss", ""),
+    "StableLmForCausalLM": ("stablelm", ""),  # stablelm.py StableLMModel: only its per-head q/k norms stacked
+    # gpt2.py GPT2Model: Conv1D weights transposed to (out, in), which is the orientation of peft's ΔW there
+    # (mpt.py registers MPTForCausalLM, MosaicML's remote-code class, not transformers' MptForCausalLM)
+    "GPT2LMHeadModel": ("gpt2", ""),
     # gptneox.py GPTNeoXModel: query_key_value regrouped (see neox_qkv_rows)
     "GPTNeoXForCausalLM": ("gptneox", "neox-qkv"),
     # MoE: qwen.py Qwen2MoeModel / Qwen3MoeModel(Qwen2MoeModel) and olmo.py OlmoeModel stack
@@ -313,9 +317,9 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
     require(adapter, "llamacpp")
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
     text = text_config(base_config)
-    n_layers = int(text.get("num_hidden_layers", 0))
+    n_layers = int(text.get("num_hidden_layers") or text.get("n_layer") or 0)  # GPT-2's config.json: n_layer
     names = gguf.get_tensor_name_map(arch, n_layers)
-    n_head = int(text.get("num_attention_heads", 0))
+    n_head = int(text.get("num_attention_heads") or text.get("n_head") or 0)
     n_kv = int(text.get("num_key_value_heads") or n_head)
     mods = list(adapter.modules.values())
     ranks = {m.shape_rank // m.experts for m in mods}
@@ -371,7 +375,7 @@ def read_gguf_deltas(path: Path, base_config: dict) -> dict[str, torch.Tensor]:
     fields = {f.name: f for f in reader.fields.values()}
     alpha = float(fields["adapter.lora.alpha"].parts[fields["adapter.lora.alpha"].data[0]][0])
     arch = bytes(fields["general.architecture"].parts[fields["general.architecture"].data[0]]).decode()
-    n_head = int(text_config(base_config).get("num_attention_heads", 0))
+    n_head = int(text_config(base_config).get("num_attention_heads") or text_config(base_config).get("n_head") or 0)
     n_kv = int(text_config(base_config).get("num_key_value_heads") or n_head)
     t = {}
     for tensor in reader.tensors:
