@@ -114,6 +114,9 @@ ARCHS = {
     "exaone4": (lambda: _tiny("Exaone4Config", sliding_window=16), LINEAR),
     "seed-oss": (lambda: _tiny("SeedOssConfig", head_dim=16), LINEAR),
     "stablelm": (lambda: _tiny("StableLmConfig"), LINEAR),  # partial rotary (a quarter), parallel residual off
+    "gpt-bigcode": (lambda: __import__("transformers").GPTBigCodeConfig(vocab_size=256, n_embd=64, n_layer=2, n_head=4,
+                                                                     n_positions=128, bos_token_id=1, eos_token_id=2),
+                    ["c_attn", "c_proj", "c_fc"]),  # multi-query attention, c_attn an nn.Linear
     # Conv1D weights, stored (in, out); n_ctx as GPT-2's own config.json has it (the converter reads it)
     "gpt2": (lambda: __import__("transformers").GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128,
                                                            n_ctx=128, bos_token_id=1, eos_token_id=2),
@@ -326,7 +329,27 @@ def _llama4_vlm():
                         eoi_token_index=254)
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3-vlm", "mistral3-vlm", "llama4-vlm"])
+def _qwen_vl(version: str):
+    import transformers
+
+    text = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    tokens = dict(image_token_id=255, video_token_id=254, vision_start_token_id=253, vision_end_token_id=252)
+    if version == "3":
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      deepstack_visual_indexes=[], num_position_embeddings=16)
+        return transformers.Qwen3VLConfig(text_config={**text, "head_dim": 16}, vision_config=vision, **tokens)
+    if version == "2.5":
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      fullatt_block_indexes=[0])
+        return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2)
+    return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3-vlm", "mistral3-vlm", "llama4-vlm", "qwen2-vl", "qwen2.5-vl",
+                                    "qwen3-vl"])
 def test_llama_cpp_takes_a_vlm_language_model_lora(tmp_path, lc, family):
     """A VLM's language model (peft: model.language_model.layers…; Llava and Llama 4 on disk
     language_model.model…): llama.cpp's converter makes a text model of it (the vision tower goes to an
@@ -341,7 +364,10 @@ def test_llama_cpp_takes_a_vlm_language_model_lora(tmp_path, lc, family):
     config, cls = {"llava": (build.llava_config, transformers.LlavaForConditionalGeneration),
                    "gemma3-vlm": (_gemma3_vlm, transformers.Gemma3ForConditionalGeneration),
                    "mistral3-vlm": (_mistral3_vlm, transformers.Mistral3ForConditionalGeneration),
-                   "llama4-vlm": (_llama4_vlm, transformers.Llama4ForConditionalGeneration)}[family]
+                   "llama4-vlm": (_llama4_vlm, transformers.Llama4ForConditionalGeneration),
+                   "qwen2-vl": (lambda: _qwen_vl("2"), transformers.Qwen2VLForConditionalGeneration),
+                   "qwen2.5-vl": (lambda: _qwen_vl("2.5"), transformers.Qwen2_5_VLForConditionalGeneration),
+                   "qwen3-vl": (lambda: _qwen_vl("3"), transformers.Qwen3VLForConditionalGeneration)}[family]
     config = config()
     build.build_model(config, base, dtype=torch.float32, auto=cls)
     LlamaTokenizer(vocab_file=str(lc[2])).save_pretrained(base)

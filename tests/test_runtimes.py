@@ -92,13 +92,13 @@ def test_gguf_refusals(runner, tmp_path):
     res = runner.invoke(main, ["convert", str(ADAPTERS["llama-embed-mts"]), "--to", "gguf", "--base", str(TINY_LLAMA),
                                "-o", str(tmp_path / "m.gguf")])
     assert res.exit_code == 2 and "modules_to_save" in res.stderr
-    other = tmp_path / "bigcode"  # an architecture not read off llama.cpp's converter: refused, not guessed
+    other = tmp_path / "bloom"  # an architecture not read off llama.cpp's converter: refused, not guessed
     shutil.copytree(ADAPTERS["gpt2-lora"].parent.parent / "tiny-gpt2", other)
     config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "architectures": ["GPTBigCodeForCausalLM"]}))
+    (other / "config.json").write_text(json.dumps({**config, "architectures": ["BloomForCausalLM"]}))
     res = runner.invoke(main, ["convert", str(ADAPTERS["gpt2-lora"]), "--to", "gguf", "--base", str(other),
                                "-o", str(tmp_path / "g.gguf")])
-    assert res.exit_code == 2 and "GGUF export supports" in res.stderr and "GPTBigCodeForCausalLM" in res.stderr
+    assert res.exit_code == 2 and "GGUF export supports" in res.stderr and "BloomForCausalLM" in res.stderr
     assert not list(tmp_path.glob("*.gguf"))
 
 

@@ -52,6 +52,7 @@ ARCHITECTURES = {
     # gpt2.py GPT2Model: Conv1D weights transposed to (out, in), which is the orientation of peft's ΔW there
     # (mpt.py registers MPTForCausalLM, MosaicML's remote-code class, not transformers' MptForCausalLM)
     "GPT2LMHeadModel": ("gpt2", ""),
+    "GPTBigCodeForCausalLM": ("starcoder", ""),  # starcoder.py StarCoderModel: renames only (c_attn stays fused)
     # gptneox.py GPTNeoXModel: query_key_value regrouped (see neox_qkv_rows)
     "GPTNeoXForCausalLM": ("gptneox", "neox-qkv"),
     # MoE: qwen.py Qwen2MoeModel / Qwen3MoeModel(Qwen2MoeModel) and olmo.py OlmoeModel stack
@@ -78,6 +79,10 @@ ARCHITECTURES = {
     # mistral3.py Mistral3Model registers Mistral3ForConditionalGeneration too: a text model of model_type
     # mistral/ministral3 is its Ministral3Model (a LlamaModel); mistral4 (DeepSeek-V2-like) is refused below
     "Mistral3ForConditionalGeneration": ("mistral3", "rope"),
+    # qwenvl.py Qwen2VLModel (Qwen2-VL, Qwen2.5-VL) and qwen3vl.py Qwen3VLTextModel(Qwen3Model): renames only; their
+    # M-RoPE sections go to the GGUF base, and text alone gets one position per token on every section
+    "Qwen2VLForConditionalGeneration": ("qwen2vl", ""), "Qwen2_5_VLForConditionalGeneration": ("qwen2vl", ""),
+    "Qwen3VLForConditionalGeneration": ("qwen3vl", ""),
     # llama.py Llama4Model (undo_permute False: q/k rows kept): experts fused on disk, see _expert_parts; it
     # registers Llama4ForConditionalGeneration too (every Llama 4 checkpoint on the Hub), whose language model
     # it converts as this text model (its vision tower goes to an mmproj file: llama4.py Llama4VisionModel)
