@@ -90,6 +90,18 @@ def _llama4():
                  num_experts_per_tok=1, interleave_moe_layer_step=1, num_hidden_layers=4)
 
 
+def _gpt2(cls: str = "GPT2Config", **over):
+    # GPT-2's own names for the sizes; n_ctx as its config.json has it (llama.cpp's gpt2 converter reads it)
+    import transformers
+
+    kw = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)
+    return getattr(transformers, cls)(**{**kw, **over})
+
+
+def _gpt_bigcode():
+    return _gpt2("GPTBigCodeConfig")
+
+
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]  # transformers 5's fused expert parameters
@@ -114,13 +126,8 @@ ARCHS = {
     "exaone4": (lambda: _tiny("Exaone4Config", sliding_window=16), LINEAR),
     "seed-oss": (lambda: _tiny("SeedOssConfig", head_dim=16), LINEAR),
     "stablelm": (lambda: _tiny("StableLmConfig"), LINEAR),  # partial rotary (a quarter), parallel residual off
-    "gpt-bigcode": (lambda: __import__("transformers").GPTBigCodeConfig(vocab_size=256, n_embd=64, n_layer=2, n_head=4,
-                                                                     n_positions=128, bos_token_id=1, eos_token_id=2),
-                    ["c_attn", "c_proj", "c_fc"]),  # multi-query attention, c_attn an nn.Linear
-    # Conv1D weights, stored (in, out); n_ctx as GPT-2's own config.json has it (the converter reads it)
-    "gpt2": (lambda: __import__("transformers").GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                                                           n_ctx=128, bos_token_id=1, eos_token_id=2),
-             ["c_attn", "c_proj", "c_fc"]),
+    "gpt-bigcode": (_gpt_bigcode, ["c_attn", "c_proj", "c_fc"]),  # multi-query attention, c_attn an nn.Linear
+    "gpt2": (lambda: _gpt2(n_ctx=128), ["c_attn", "c_proj", "c_fc"]),  # Conv1D weights, stored (in, out)
     "gemma2": (lambda: _tiny("Gemma2Config", head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
                              tie_word_embeddings=True), LINEAR),  # query_pre_attn_scalar: see _gemma3
     "glm4": (lambda: _tiny("Glm4Config", head_dim=16), ATTENTION + ["gate_up_proj", "down_proj"]),  # gate, up fused
@@ -320,13 +327,9 @@ def _mistral3_vlm():
 
 
 def _llama4_vlm():
-    from transformers import Llama4Config, Llama4VisionConfig
+    from fixtures import build
 
-    vision = Llama4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64,
-                                projector_output_dim=64)
-    return Llama4Config(text_config=_llama4(), vision_config=vision, image_token_index=255, boi_token_index=253,
-                        eoi_token_index=254)
+    return build.llama4_config(vlm=True, text=_llama4())
 
 
 def _qwen_vl(version: str):

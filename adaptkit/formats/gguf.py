@@ -145,6 +145,26 @@ def text_config(config: dict) -> dict:
     return {**config, **inner} if isinstance(inner, dict) else config
 
 
+def sizes(config: dict) -> tuple[int, int, int]:
+    """The language model's (layers, attention heads, key/value heads), under the names its config.json
+    uses: where the standard ones are absent, the names transformers' config class of that model type maps
+    them to (its ``attribute_map``: GPT-2's and GPTBigCode's n_layer, n_head)."""
+    text = text_config(config)
+    try:
+        from transformers import CONFIG_MAPPING
+
+        alias = dict(getattr(CONFIG_MAPPING[str(text.get("model_type"))], "attribute_map", {}))
+    except (ImportError, KeyError):
+        alias = {}
+
+    def get(name):
+        value = text.get(name)
+        return text.get(alias[name]) if value is None and name in alias else value
+
+    n_head = int(get("num_attention_heads") or 0)
+    return int(get("num_hidden_layers") or 0), n_head, int(get("num_key_value_heads") or n_head)
+
+
 def gguf_module(name: str) -> str:
     """The checkpoint-style name llama.cpp's converter maps for an adapter module (base.py
     filter_tensors: ``language_model.`` dropped, as a VLM's language model is converted alone)."""
@@ -321,11 +341,8 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
     arch_name, rows = base_architecture(base_config, base_path)
     require(adapter, "llamacpp")
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
-    text = text_config(base_config)
-    n_layers = int(text.get("num_hidden_layers") or text.get("n_layer") or 0)  # GPT-2's config.json: n_layer
+    n_layers, n_head, n_kv = sizes(base_config)
     names = gguf.get_tensor_name_map(arch, n_layers)
-    n_head = int(text.get("num_attention_heads") or text.get("n_head") or 0)
-    n_kv = int(text.get("num_key_value_heads") or n_head)
     mods = list(adapter.modules.values())
     ranks = {m.shape_rank // m.experts for m in mods}
     alpha = float(adapter.config.get("lora_alpha") or next(iter(ranks)))
@@ -380,8 +397,7 @@ def read_gguf_deltas(path: Path, base_config: dict) -> dict[str, torch.Tensor]:
     fields = {f.name: f for f in reader.fields.values()}
     alpha = float(fields["adapter.lora.alpha"].parts[fields["adapter.lora.alpha"].data[0]][0])
     arch = bytes(fields["general.architecture"].parts[fields["general.architecture"].data[0]]).decode()
-    n_head = int(text_config(base_config).get("num_attention_heads") or text_config(base_config).get("n_head") or 0)
-    n_kv = int(text_config(base_config).get("num_key_value_heads") or n_head)
+    _, n_head, n_kv = sizes(base_config)
     t = {}
     for tensor in reader.tensors:
         data = torch.from_numpy(np.array(tensor.data)).float()
