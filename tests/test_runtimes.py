@@ -102,6 +102,17 @@ def test_gguf_refusals(runner, tmp_path):
     assert not list(tmp_path.glob("*.gguf"))
 
 
+def test_gguf_refuses_a_malformed_head_count_in_one_line(runner, tmp_path):
+    base = tmp_path / "gpt2"
+    shutil.copytree(ADAPTERS["gpt2-lora"].parent.parent / "tiny-gpt2", base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "n_head": "x"}))
+    res = runner.invoke(main, ["convert", str(ADAPTERS["gpt2-lora"]), "--to", "gguf", "--base", str(base),
+                               "-o", str(tmp_path / "g.gguf")])
+    assert res.exit_code == 2 and "n_head is 'x', not a whole number" in res.stderr and "Traceback" not in res.output
+    assert not (tmp_path / "g.gguf").exists()
+
+
 def test_gguf_takes_gpt2_conv1d_loras_in_llama_cpps_orientation(tmp_path):
     """GPT-2's Conv1D weights are stored (in, out); llama.cpp's converter (gpt2.py) transposes them to
     (out, in), the orientation of peft's B·A for a fan_in_fan_out LoRA: the factors go as they are, and

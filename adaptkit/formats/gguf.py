@@ -145,7 +145,7 @@ def text_config(config: dict) -> dict:
     return {**config, **inner} if isinstance(inner, dict) else config
 
 
-def sizes(config: dict) -> tuple[int, int, int]:
+def sizes(config: dict, path=None) -> tuple[int, int, int]:
     """The language model's (layers, attention heads, key/value heads), under the names its config.json
     uses: where the standard ones are absent, the names transformers' config class of that model type maps
     them to (its ``attribute_map``: GPT-2's and GPTBigCode's n_layer, n_head)."""
@@ -161,8 +161,17 @@ def sizes(config: dict) -> tuple[int, int, int]:
         value = text.get(name)
         return text.get(alias[name]) if value is None and name in alias else value
 
-    n_head = int(get("num_attention_heads") or 0)
-    return int(get("num_hidden_layers") or 0), n_head, int(get("num_key_value_heads") or n_head)
+    def whole(name, default=0):
+        value = get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise AdaptkitError(f"config.json: {alias.get(name, name) if text.get(name) is None else name} is "
+                                f"{value!r}, not a whole number", path)
+        return value
+
+    n_head = whole("num_attention_heads")
+    return whole("num_hidden_layers"), n_head, whole("num_key_value_heads", n_head) or n_head
 
 
 def gguf_module(name: str) -> str:
@@ -341,7 +350,7 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
     arch_name, rows = base_architecture(base_config, base_path)
     require(adapter, "llamacpp")
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
-    n_layers, n_head, n_kv = sizes(base_config)
+    n_layers, n_head, n_kv = sizes(base_config, base_path)
     names = gguf.get_tensor_name_map(arch, n_layers)
     mods = list(adapter.modules.values())
     ranks = {m.shape_rank // m.experts for m in mods}
