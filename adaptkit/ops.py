@@ -15,6 +15,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -79,8 +80,10 @@ def fused_op(ops: list[Op]) -> Op | None:
     return op
 
 
-def apply_ops(w: torch.Tensor, ops: list[Op], device) -> None:
-    """Apply ``ops`` in order to the fp32 tensor ``w`` (on ``device``), in place."""
+def apply_ops(w: torch.Tensor, ops: list[Op], device, workers: "RowWorkers | None" = None) -> None:
+    """Apply ``ops`` in order to the fp32 tensor ``w`` (on ``device``), in place. On the CPU a lone
+    plain LoRA of a 2-D (out, in) tensor runs :func:`merge_rows`' blocks (on ``workers``, else in this
+    thread), so that both routes of the stream give the same bits by construction."""
     if not ops:
         return
     if all(op.kind == "experts" for op in ops):  # additions only: in place, no copy of the weight
@@ -88,6 +91,10 @@ def apply_ops(w: torch.Tensor, ops: list[Op], device) -> None:
             w += expert_term(op, device)
         return
     op = _fused(ops)
+    if op is not None and w.device.type == "cpu" and w.dim() == 2 and fused_op(ops) is op:
+        # the blocked route's own blocks, in place: a tensor gets the same bits whichever route it takes
+        merge_rows(w, w, op, workers or _solo())
+        return
     if op is not None:
         m = op.module
         lora.add_delta_(op.window(w), m.A.to(device, torch.float32), op.part_of(m.B).to(device, torch.float32),
@@ -174,6 +181,31 @@ def _finite(rounded: torch.Tensor, t32: torch.Tensor) -> bool:
     return -limit < lo and hi < limit
 
 
+@contextmanager
+def one_thread():
+    """One intra-op thread in this thread for the block (torch's setting is per calling thread)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+_SOLO: "RowWorkers | None" = None
+
+
+def _solo() -> "RowWorkers":
+    """The workers of :func:`apply_ops` when it is given none: the calling thread alone."""
+    global _SOLO
+    if _SOLO is None:
+        _SOLO = RowWorkers(1)
+    return _SOLO
+
+
 class RowWorkers:
     """Threads that share a tensor's row blocks (torch releases the GIL in its kernels), each with
     one intra-op thread and its own fp32 scratch block. ``count`` defaults to the usable cores but
@@ -212,7 +244,8 @@ class RowWorkers:
         bounds = [len(items) * k // n for k in range(n + 1)]
         runs = [items[x:y] for x, y in zip(bounds, bounds[1:])]
         if self._pool is None or n == 1:
-            return [fn(r) for r in runs]
+            with one_thread():  # as in the pool's threads: MKL's bits may follow its thread count
+                return [fn(r) for r in runs]
         return list(self._pool.map(fn, runs))
 
     def close(self) -> None:
@@ -231,12 +264,14 @@ def merge_rows(src: torch.Tensor, dst: torch.Tensor, op: Op, workers: RowWorkers
     block's size (default :data:`ROW_BLOCK_BYTES`).
 
     Blocks hold a multiple of :data:`ROW_ALIGN` rows counted from the first row the delta lands on,
-    each placed in the scratch at the 64-byte alignment it has in a whole fp32 copy of ``src``
-    (MKL picks its kernel by the output's alignment: a window starting at an odd row of an odd-width
-    tensor came out one fp32 ulp off before): MKL then computes every entry as it does in the
-    product of the whole tensor, so the bits are those of :func:`apply_ops` (tests/test_rows.py).
-    Only a tensor whose row count is not a multiple of 8 can differ, in its last few rows, by the
-    last bit of fp32 before rounding, as MKL's result there already does between one and two threads.
+    each placed in the scratch at the 64-byte alignment it has in a whole fp32 copy of ``src``, and
+    run with one intra-op thread. :func:`apply_ops` runs the same blocks for the buffer route, so a
+    tensor's bits do not depend on the route or on the number of workers (tests/test_rows.py). They
+    are the fp32 sum rounded once; whether they also equal one ``addmm_`` of the whole tensor is
+    MKL's choice of kernel per shape and CPU: on an AMD EPYC they did for every shape tried, on an
+    Intel Xeon with AVX-512 30 of 11.5 M values of a 2048×5632 r=16 merge differed in fp16's last
+    bit (fp32's last bit before rounding), so that is not promised.
+    ``src`` may be ``dst`` (fp32, in place): only the rows the delta lands on are touched.
     """
     if op.transposed:
         raise ValueError("merge_rows takes no base stored (in, out): see fused_op")
@@ -247,8 +282,8 @@ def merge_rows(src: torch.Tensor, dst: torch.Tensor, op: Op, workers: RowWorkers
     rows, cols = src.shape
     lo, hi = op.into if op.into is not None else (0, rows)  # the rows the delta lands on
     step = RowWorkers.step(cols, block_bytes)
-    blocks = [(i, min(i + step, stop), merged) for start, stop, merged in ((0, lo, False), (lo, hi, True), (hi, rows, False))
-              for i in range(start, stop, step)]
+    spans = ((lo, hi, True),) if src is dst else ((0, lo, False), (lo, hi, True), (hi, rows, False))
+    blocks = [(i, min(i + step, stop), merged) for start, stop, merged in spans for i in range(start, stop, step)]
 
     def part(group: list[tuple[int, int, bool]]) -> bool:
         ok = True

@@ -131,7 +131,7 @@ def stream_plan(plan: MergePlan, tmp: Path, dev: torch.device, progress, errors:
             rowwise.update((id(j), op) for j, (_, op) in zip(g, routes))
     work = torch.empty(largest_numel, dtype=torch.float32, device=dev) \
         if any(id(g[0]) not in rowwise for g in computed) else None  # the fp32 accumulator, reused
-    workers = RowWorkers() if rowwise else None
+    workers = RowWorkers() if computed and not cuda else None  # both routes' blocks (see ops.apply_ops)
     writers: dict[str, object] = {}
     remaining = {s.file: len(s.jobs) for s in plan.shards}
     total = 0
@@ -175,7 +175,7 @@ def stream_plan(plan: MergePlan, tmp: Path, dev: torch.device, progress, errors:
         bounds = [0]
         for job in g:
             bounds.append(bounds[-1] + numel(job.shape))
-            apply_ops(flat[bounds[-2]:bounds[-1]].view(job.shape), job.ops, dev)
+            apply_ops(flat[bounds[-2]:bounds[-1]].view(job.shape), job.ops, dev, workers)
         if not fits(flat, g[0].encoder.result_dtype):  # which tensor: the per-tensor check names it
             for job, start, stop in zip(g, bounds, bounds[1:]):
                 check_finite(flat[start:stop], job, job.encoder.result_dtype)
@@ -215,7 +215,7 @@ def stream_plan(plan: MergePlan, tmp: Path, dev: torch.device, progress, errors:
             for job, st in zip(g, stored):
                 w32 = work[: numel(job.shape)].view(job.shape)
                 state = job.decoder.decode(st, w32, dev)
-                apply_ops(w32, job.ops, dev)
+                apply_ops(w32, job.ops, dev, workers)
                 check_finite(w32, job, job.encoder.result_dtype)
                 if len(g) == 1:
                     host, its, err = job.encoder.encode(job.name, job.shape, w32, dev, out_pool.take)

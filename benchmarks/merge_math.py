@@ -4,10 +4,13 @@
 
 Four routes on the same fp16 weight and r=16 LoRA, best of several repeats each:
   naive     `w.float().addmm_(B, A, alpha=s).half()` (fresh tensors each time: issue 18's "today")
-  buffer    the fp32-buffer route of the stream: upcast into a reused buffer, addmm_, range check,
-            round into a reused output (ops.apply_ops + stream.fits)
+  buffer    the stream's fp32-buffer route before session 10: upcast into a reused buffer, one
+            whole-tensor addmm_, range check, round into a reused output (lora.add_delta_ + stream.fits;
+            the buffer route now runs merge_rows' blocks in place)
   rows xN   ops.merge_rows with N worker threads (1, and every core)
-Every route's output is compared with the naive one (bit-identical on these shapes).
+Every route's output is compared with the naive one: the values that differ are counted (none on an
+AMD EPYC; MKL's blocked and whole products can differ in fp32's last bit on other CPUs) and may be
+one fp16 ulp away at most.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from adaptkit import ops, stream  # noqa: E402
+from adaptkit import lora, ops, stream  # noqa: E402
 
 SHAPES = [(5632, 2048), (2048, 5632), (2048, 2048), (256, 2048)]
 R = 16
@@ -56,25 +59,29 @@ def main():
 
         def buffered():
             buf.copy_(w)
-            ops.apply_ops(buf, [op], torch.device("cpu"))
+            lora.add_delta_(buf, a, b, 2.0, False)
             stream.fits(buf, torch.float16)
             out.copy_(buf)
 
         routes = {"naive": lambda: w.float().addmm_(b, a, alpha=2.0).half(), "buffer": buffered}
         for n, pool in pools.items():
             routes[f"rows x{n}"] = (lambda p: lambda: ops.merge_rows(w, out, op, p))(pool)
-        row = {}
+        row, differing = {}, {}
         for name, fn in routes.items():
             torch.set_num_threads(threads if name in ("naive", "buffer") else 1)
             s = best(fn)
             torch.set_num_threads(threads)
             if name != "naive":
-                assert torch.equal(out.view(torch.int16), naive.view(torch.int16)), name
+                off = int((out.view(torch.int16) != naive.view(torch.int16)).sum())
+                assert (out.float() - naive.float()).abs().le(torch.finfo(torch.float16).eps * naive.float().abs()
+                                                              + 2.0 ** -24).all(), name
+                differing[name] = off
             row[name] = s / w.numel() * 1e9
             totals[name] = totals.get(name, 0.0) + s
         params += w.numel()
-        results["shapes"][f"{out_f}x{in_f}"] = row
-        print(f"{out_f:5}x{in_f:<5} " + "  ".join(f"{k} {v:.2f}" for k, v in row.items()) + "  s per billion")
+        results["shapes"][f"{out_f}x{in_f}"] = dict(row, values_differing_from_naive=differing)
+        print(f"{out_f:5}x{in_f:<5} " + "  ".join(f"{k} {v:.2f}" for k, v in row.items()) + "  s per billion; "
+              "values differing from naive: " + ", ".join(f"{k} {v}" for k, v in differing.items()))
     for pool in pools.values():
         pool.close()
     results["all"] = {k: v / params * 1e9 for k, v in totals.items()}

@@ -1,5 +1,6 @@
-"""The CPU's blocked merge (ops.merge_rows): the same bits as the fp32-buffer route, on every shape,
-dtype, orientation and window, and the same refusal of NaN or overflow."""
+"""The CPU's blocked merge (ops.merge_rows): the fp32 sum rounded once, the same bits as the
+fp32-buffer route (which runs the same blocks, ops.apply_ops) on every shape, dtype, orientation,
+window and worker count, and the same refusal of NaN or overflow."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from adaptkit.ops import Op, RowWorkers, apply_ops, merge_rows
 from helpers import ADAPTERS, BASE_OF, FAMILY_ADAPTERS, FAMILY_BASE_OF, load_dir
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+THREADS = torch.get_num_threads()
 
 
 def _op(a, b, scale=1.7, transposed=False, into=None, take=None):
@@ -57,13 +59,33 @@ CASES = dict(cols=st.integers(1, 300), r=st.integers(1, 9), src_dt=st.sampled_fr
 @settings(max_examples=60, deadline=None)
 @given(blocks=st.integers(1, 12), **CASES)
 def test_same_bits_as_the_fp32_buffer_route(blocks, cols, r, src_dt, out_dt, window, block, seed, workers):
-    """Row counts in multiples of 8, as every real Linear weight has: bit-identical."""
+    """Row counts in multiples of 8, as every real Linear weight has: bit-identical to the buffer
+    route (fp32 in place, ops.apply_ops), and the same with two workers as in the calling thread
+    (whose own intra-op thread count is the process's)."""
     g = torch.Generator().manual_seed(seed)
     src, op = _case(g, 8 * blocks, cols, r, src_dt, window, 8)
     dst = torch.empty(src.shape, dtype=out_dt)
     assert merge_rows(src, dst, op, workers, block_bytes=block)  # many blocks, a ragged last one, or one
-    want = _reference(src, op, out_dt)
+    solo = torch.empty(src.shape, dtype=out_dt)
+    assert merge_rows(src, solo, op, RowWorkers(1), block_bytes=block)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "ROW_BLOCK_BYTES", block)  # the buffer route's blocks at this size
+        want = _reference(src, op, out_dt)
     assert torch.equal(dst.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(solo.view(torch.uint8), dst.view(torch.uint8))
+
+
+def test_the_calling_threads_blocks_run_on_one_thread_and_give_its_setting_back(monkeypatch):
+    seen = []
+    real = ops.lora.add_delta_
+    monkeypatch.setattr(ops.lora, "add_delta_", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    torch.set_num_threads(2)
+    try:
+        w = torch.randn(64, 40)
+        apply_ops(w, [_op(torch.randn(2, 40), torch.randn(64, 2))], torch.device("cpu"))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(THREADS)
 
 
 @settings(max_examples=40, deadline=None)
