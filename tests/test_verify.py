@@ -199,3 +199,49 @@ def test_a_reference_transformers_cannot_run_skips_the_model_level_with_a_warnin
     monkeypatch.setattr(verify_module, "_text_model", merged_broken)
     with pytest.raises(RuntimeError, match="merged model cannot run"):
         verify(TINY_LLAMA, ADAPTERS["llama-lora"], good)
+
+
+def test_the_merged_model_is_upcast_into_the_references_modules_with_the_same_verdict(good, monkeypatch):
+    """A 16-bit merged model: transformers loads it in its own dtype and its weights go into the
+    reference's fp32 modules (peft's layers unloaded). The logits are those of the merged model loaded in
+    fp32 (the same numbers to the last bit), and a wrong merge still fails at the model level."""
+    import adaptkit.commands.verify as verify_module
+
+    taken = []
+    real = verify_module._into_reference
+    monkeypatch.setattr(verify_module, "_into_reference", lambda ref, m: taken.append(real(ref, m)) or taken[-1])
+    reused = verify(TINY_LLAMA, [ADAPTERS["llama-lora"]], good)
+    assert taken == [True] and reused.ok and reused.model.ok
+    monkeypatch.setattr(verify_module, "_stored_16bit", lambda ck: None)  # the merged model loaded in fp32
+    loaded = verify(TINY_LLAMA, [ADAPTERS["llama-lora"]], good)
+    assert taken == [True] and loaded.model == reused.model
+    monkeypatch.undo()
+    monkeypatch.setattr(verify_module, "_into_reference", lambda ref, m: taken.append(real(ref, m)) or taken[-1])
+    name = "model.layers.1.mlp.down_proj.weight"
+    _tamper(good, name, lambda t: t * -20)
+    wrong = verify(TINY_LLAMA, [ADAPTERS["llama-lora"]], good)
+    assert taken[-1] is True and not wrong.model.ok and name in [m.name for m in wrong.modules if not m.ok]
+
+
+def test_a_reference_of_another_structure_is_not_reused():
+    """Another config, or a tie the reference lost (peft's copy of a tied embedding in modules_to_save):
+    nothing is copied, and the merged model is loaded in fp32 instead."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import adaptkit.commands.verify as verify_module
+
+    cfg = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+               tie_word_embeddings=True)
+    ref, merged = LlamaForCausalLM(LlamaConfig(**cfg)), LlamaForCausalLM(LlamaConfig(**cfg)).half()
+    before = ref.model.norm.weight.detach().clone()
+    with torch.no_grad():
+        merged.model.norm.weight.fill_(3.0)
+    other = LlamaForCausalLM(LlamaConfig(**dict(cfg, rms_norm_eps=1e-5))).half()
+    assert not verify_module._into_reference(ref, other)
+    ref.lm_head.weight = torch.nn.Parameter(ref.lm_head.weight.detach().clone())  # untied
+    assert not verify_module._into_reference(ref, merged)
+    assert torch.equal(ref.model.norm.weight, before)
+    ref.lm_head.weight = ref.model.embed_tokens.weight  # tied again
+    assert verify_module._into_reference(ref, merged)
+    assert torch.equal(ref.model.norm.weight, torch.full_like(before, 3.0))
+    assert torch.equal(ref.lm_head.weight, merged.lm_head.weight.float())
