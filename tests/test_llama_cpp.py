@@ -138,6 +138,12 @@ ARCHS = {
              ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]),
     "gpt-neox": (lambda: _tiny("GPTNeoXConfig", rotary_pct=0.5),
                  ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
+    # bloom.py regroups query_key_value per head as gptneox.py does; falcon.py from its kv groups
+    "bloom": (lambda: _gpt2("BloomConfig", hidden_size=64), ["query_key_value", "dense", "dense_h_to_4h",
+                                                            "dense_4h_to_h"]),
+    "falcon": (lambda: _tiny("FalconConfig", new_decoder_architecture=True, num_kv_heads=2),
+               ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
+    "nemotron": (lambda: _tiny("NemotronConfig", head_dim=16), ATTENTION + ["up_proj", "down_proj"]),
     # MoE: LoRAs on every expert (peft target_parameters), laid out as ffn_{gate,up,down}_exps
     "qwen3-moe": (_qwen3_moe, ATTENTION, EXPERTS),
     "mixtral": (mixtral_config, ATTENTION, EXPERTS),

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from adaptkit import convert, inspect, load_adapter, merge
 from adaptkit.cli import main
 from adaptkit.formats.gguf import permute_rows, read_gguf_deltas, unpermute_rows
+from adaptkit.errors import AdaptkitError
 
 gguf = pytest.importorskip("gguf")
 LLAMA_CFG = json.loads((TINY_LLAMA / "config.json").read_text())
@@ -92,13 +93,13 @@ def test_gguf_refusals(runner, tmp_path):
     res = runner.invoke(main, ["convert", str(ADAPTERS["llama-embed-mts"]), "--to", "gguf", "--base", str(TINY_LLAMA),
                                "-o", str(tmp_path / "m.gguf")])
     assert res.exit_code == 2 and "modules_to_save" in res.stderr
-    other = tmp_path / "bloom"  # an architecture not read off llama.cpp's converter: refused, not guessed
+    other = tmp_path / "dbrx"  # an architecture not read off llama.cpp's converter: refused, not guessed
     shutil.copytree(ADAPTERS["gpt2-lora"].parent.parent / "tiny-gpt2", other)
     config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "architectures": ["BloomForCausalLM"]}))
+    (other / "config.json").write_text(json.dumps({**config, "architectures": ["DbrxForCausalLM"]}))
     res = runner.invoke(main, ["convert", str(ADAPTERS["gpt2-lora"]), "--to", "gguf", "--base", str(other),
                                "-o", str(tmp_path / "g.gguf")])
-    assert res.exit_code == 2 and "GGUF export supports" in res.stderr and "BloomForCausalLM" in res.stderr
+    assert res.exit_code == 2 and "GGUF export supports" in res.stderr and "DbrxForCausalLM" in res.stderr
     assert not list(tmp_path.glob("*.gguf"))
 
 
@@ -754,3 +755,81 @@ def test_gguf_refuses_a_vlm_vision_tower_lora(runner, tmp_path):
     res = runner.invoke(main, ["convert", str(ad), "--to", "gguf", "--base", str(base), "-o", str(tmp_path / "a.gguf")])
     assert_one_line_error(res, "vision_tower", "outside the language model", "mmproj")
     assert not (tmp_path / "a.gguf").exists()
+
+
+def _qkv_case(tmp_path, cfg, module, drop=()):
+    """A tiny base of ``cfg`` (config.json keys in ``drop`` removed, as Hub checkpoints lack them) and a
+    LoRA on its fused ``module`` with B drawn at random: (base, adapter, gguf file)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "base")
+    conf = json.loads((tmp_path / "base" / "config.json").read_text())
+    for key in drop:
+        conf.pop(key, None)
+    (tmp_path / "base" / "config.json").write_text(json.dumps(conf))
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=[module, "dense"]))
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.2)
+    pm.save_pretrained(tmp_path / "ad")
+    out = tmp_path / "a.gguf"
+    convert(tmp_path / "ad", out, to="gguf", base=tmp_path / "base")
+    return tmp_path / "base", tmp_path / "ad", out, conf
+
+
+@pytest.mark.parametrize("case", ["bloom", "falcon-grouped", "falcon-multi-query", "falcon-per-head"])
+def test_gguf_fused_qkv_rows_regrouped_as_llama_cpp_converts_them(tmp_path, case):
+    """Bloom (bloom.py: per head [q k v], as GPT-NeoX) and Falcon (falcon.py: n_kv groups of [queries,
+    key, value], n_kv read as llama.cpp reads it): B of a LoRA on query_key_value is regrouped as the
+    converter regroups the weight, into [Q; K; V], and reading the GGUF back undoes it."""
+    from transformers import BloomConfig, FalconConfig
+
+    heads, hidden = 4, 32
+    hd = hidden // heads
+    if case == "bloom":
+        cfg, drop, kv, layer = BloomConfig(vocab_size=64, hidden_size=hidden, n_layer=1, n_head=heads), (), None, \
+            "transformer.h.0.self_attention"
+    else:
+        kw = dict(vocab_size=64, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=heads)
+        kw, drop, kv = {"falcon-grouped": (dict(kw, new_decoder_architecture=True, num_kv_heads=2), (), 2),
+                        "falcon-multi-query": (dict(kw, multi_query=True), ("num_kv_heads",), 1),  # falcon-7b's
+                        "falcon-per-head": (dict(kw, multi_query=False), (), heads)}[case]
+        cfg, layer = FalconConfig(**kw), "transformer.h.0.self_attention"
+    base, ad, out, conf = _qkv_case(tmp_path, cfg, "query_key_value", drop)
+    raw = {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(str(out)).tensors}
+    got = 2.0 * raw["blk.0.attn_qkv.weight.lora_b"] @ raw["blk.0.attn_qkv.weight.lora_a"]
+    d = peft_deltas(base, ad)[f"{layer}.query_key_value"]
+    if kv is None:  # the converters' own reshapes and concatenations
+        g = d.reshape(heads, 3, hd, hidden)
+        want = torch.cat([g[:, i].reshape(-1, hidden) for i in range(3)])
+    else:
+        g = d.reshape(kv, heads // kv + 2, hd, hidden)
+        want = torch.cat([g[:, :-2].reshape(-1, hidden), g[:, -2].reshape(-1, hidden), g[:, -1].reshape(-1, hidden)])
+    assert torch.allclose(want, d) is (kv == 1)  # one key/value head: already [Q; K; V]
+    assert torch.allclose(got, want, atol=1e-6 * d.abs().max().item())
+    back = read_gguf_deltas(out, conf)
+    assert torch.allclose(back["blk.0.attn_qkv.weight"], d, atol=1e-6 * d.abs().max().item())
+
+
+def test_gguf_refuses_a_falcon_llama_cpp_would_convert_wrongly(runner, tmp_path):
+    """transformers saves num_kv_heads = the head count for a multi-query Falcon, which has one key/value
+    head: llama.cpp's converter would reshape by the saved count, so the export refuses in one line."""
+    from transformers import FalconConfig
+
+    cfg = FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, multi_query=True)
+    with pytest.raises(AdaptkitError, match="llama.cpp's Falcon converter reshapes query_key_value by 4"):
+        _qkv_case(tmp_path, cfg, "query_key_value")
+    res = runner.invoke(main, ["convert", str(tmp_path / "ad"), "--to", "gguf", "--base", str(tmp_path / "base"),
+                               "-o", str(tmp_path / "b.gguf")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "Falcon" in res.output
+    assert not (tmp_path / "b.gguf").exists()
+
+
+def test_gguf_nemotron_is_renames_only():
+    from adaptkit.formats.gguf import base_architecture
+
+    assert base_architecture({"architectures": ["NemotronForCausalLM"]}, "base") == ("nemotron", "")
+    assert base_architecture({"model_type": "bloom"}, "base") == ("bloom", "neox-qkv")

@@ -53,8 +53,12 @@ ARCHITECTURES = {
     # (mpt.py registers MPTForCausalLM, MosaicML's remote-code class, not transformers' MptForCausalLM)
     "GPT2LMHeadModel": ("gpt2", ""),
     "GPTBigCodeForCausalLM": ("starcoder", ""),  # starcoder.py StarCoderModel: renames only (c_attn stays fused)
-    # gptneox.py GPTNeoXModel: query_key_value regrouped (see neox_qkv_rows)
-    "GPTNeoXForCausalLM": ("gptneox", "neox-qkv"),
+    # gptneox.py GPTNeoXModel and bloom.py BloomModel: query_key_value regrouped (see neox_qkv_rows)
+    "GPTNeoXForCausalLM": ("gptneox", "neox-qkv"), "BloomForCausalLM": ("bloom", "neox-qkv"),
+    # falcon.py FalconModel: query_key_value regrouped from kv groups (see falcon_qkv_rows)
+    "FalconForCausalLM": ("falcon", "falcon-qkv"),
+    # nemotron.py NemotronModel: renames (it adds 1 to the norm weights, layernorm1p)
+    "NemotronForCausalLM": ("nemotron", ""),
     # MoE: qwen.py Qwen2MoeModel / Qwen3MoeModel(Qwen2MoeModel) and olmo.py OlmoeModel stack
     # mlp.experts.N.{gate,up,down}_proj into mlp.experts.{…}; llama.py LlamaModel stacks Mixtral's
     # block_sparse_moe.experts.N.w{1,2,3} (and permutes q/k as for llama)
@@ -126,6 +130,42 @@ def neox_qkv_rows(w: torch.Tensor, n_head: int, inverse: bool = False) -> torch.
     return w.reshape(*shape, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
 
 
+def falcon_qkv_rows(w: torch.Tensor, n_head: int, n_kv: int, inverse: bool = False) -> torch.Tensor:
+    """falcon.py's regrouping of query_key_value's rows: HF holds n_kv groups of [n_head/n_kv queries,
+    one key, one value] (n_kv, n_head/n_kv + 2, head_dim), llama.cpp [Q; K; V]; ``inverse`` goes back."""
+    group = n_head // n_kv
+    head_dim = w.shape[0] // (n_head + 2 * n_kv)
+    rest = w.shape[1:]
+    if not inverse:
+        g = w.reshape(n_kv, group + 2, head_dim, *rest)
+        return torch.cat([g[:, :group].reshape(-1, *rest), g[:, group].reshape(-1, *rest),
+                          g[:, group + 1].reshape(-1, *rest)])
+    q, k, v = w.split([n_head * head_dim, n_kv * head_dim, n_kv * head_dim])
+    g = torch.cat([q.reshape(n_kv, group, head_dim, *rest), k.reshape(n_kv, 1, head_dim, *rest),
+                   v.reshape(n_kv, 1, head_dim, *rest)], 1)
+    return g.reshape(w.shape)
+
+
+def falcon_kv_heads(config: dict, path=None) -> int:
+    """The key/value heads falcon.py's converter reshapes query_key_value by (``num_kv_heads``, else
+    ``n_head_kv``, else 1), refused when transformers' Falcon lays the weight out by another count
+    (multi-query without new_decoder_architecture has one, whatever num_kv_heads says): llama.cpp's
+    GGUF of that base would be wrong already."""
+    c = text_config(config)
+    n_head = c.get("num_attention_heads") or c.get("n_head")
+    llama_cpp = c.get("num_kv_heads") or c.get("n_head_kv") or 1
+    if c.get("new_decoder_architecture"):
+        hf = c.get("num_kv_heads") or n_head
+    else:
+        hf = 1 if c.get("multi_query", True) else n_head
+    if llama_cpp != hf or not isinstance(n_head, int) or n_head % llama_cpp:
+        raise AdaptkitError(f"config.json: llama.cpp's Falcon converter reshapes query_key_value by {llama_cpp} "
+                            f"key/value heads, transformers' Falcon lays it out by {hf} (multi_query "
+                            f"{c.get('multi_query')}, new_decoder_architecture {c.get('new_decoder_architecture')}): "
+                            "its GGUF of this base would be wrong, so the LoRA is not exported (merge instead)", path)
+    return llama_cpp
+
+
 def reorder_rows(b: torch.Tensor, tensor: str, rows: str, n_head: int, n_kv: int,
                  inverse: bool = False) -> torch.Tensor:
     """lora_B of gguf ``tensor`` (``blk.N.attn_q``…) with its rows ordered as llama.cpp's converter
@@ -135,6 +175,8 @@ def reorder_rows(b: torch.Tensor, tensor: str, rows: str, n_head: int, n_kv: int
         return (unpermute_rows if inverse else permute_rows)(b, n_head if kind == "attn_q" else n_kv)
     if rows == "neox-qkv" and kind == "attn_qkv":
         return neox_qkv_rows(b, n_head, inverse)
+    if rows == "falcon-qkv" and kind == "attn_qkv":
+        return falcon_qkv_rows(b, n_head, n_kv, inverse)
     return b
 
 
@@ -351,6 +393,8 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
     require(adapter, "llamacpp")
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
     n_layers, n_head, n_kv = sizes(base_config, base_path)
+    if rows == "falcon-qkv":
+        n_kv = falcon_kv_heads(base_config, base_path)
     names = gguf.get_tensor_name_map(arch, n_layers)
     mods = list(adapter.modules.values())
     ranks = {m.shape_rank // m.experts for m in mods}
@@ -407,6 +451,8 @@ def read_gguf_deltas(path: Path, base_config: dict) -> dict[str, torch.Tensor]:
     alpha = float(fields["adapter.lora.alpha"].parts[fields["adapter.lora.alpha"].data[0]][0])
     arch = bytes(fields["general.architecture"].parts[fields["general.architecture"].data[0]]).decode()
     _, n_head, n_kv = sizes(base_config)
+    if ROWS.get(arch) == "falcon-qkv":
+        n_kv = falcon_kv_heads(base_config)
     t = {}
     for tensor in reader.tensors:
         data = torch.from_numpy(np.array(tensor.data)).float()
