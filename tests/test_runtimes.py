@@ -465,30 +465,20 @@ def test_gguf_gpt_neox_query_key_value_regrouped_as_llama_cpp_converts_it(tmp_pa
     """GPT-NeoX keeps query_key_value's rows per head [q k v]; llama.cpp's converter (gptneox.py) regroups
     the weight into [Q; K; V], so B of a LoRA on it is regrouped alike (A is untouched), and reading the
     GGUF back undoes it."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+    from transformers import GPTNeoXConfig
 
-    torch.manual_seed(0)
     heads, hidden = 4, 32
     cfg = GPTNeoXConfig(vocab_size=64, hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
                         num_attention_heads=heads, max_position_embeddings=32)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "base")
-    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
-                        LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value", "dense"]))
-    for n, p in pm.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.2)
-    pm.save_pretrained(tmp_path / "ad")
-    out = tmp_path / "a.gguf"
-    convert(tmp_path / "ad", out, to="gguf", base=tmp_path / "base")
+    base, ad, out, conf = _qkv_case(tmp_path, cfg, "query_key_value")
     raw = {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(str(out)).tensors}
     got = 2.0 * raw["blk.0.attn_qkv.weight.lora_b"] @ raw["blk.0.attn_qkv.weight.lora_a"]
-    ref = peft_deltas(tmp_path / "base", tmp_path / "ad")
+    ref = peft_deltas(base, ad)
     d = ref["gpt_neox.layers.0.attention.query_key_value"]
     per_head = d.reshape(heads, 3, hidden // heads, hidden)  # the converter's own reshape and concatenation
     want = torch.cat([per_head[:, i].reshape(-1, hidden) for i in range(3)])
     assert not torch.allclose(want, d) and torch.allclose(got, want, atol=1e-6 * d.abs().max().item())
-    back = read_gguf_deltas(out, json.loads((tmp_path / "base" / "config.json").read_text()))
+    back = read_gguf_deltas(out, conf)
     assert torch.allclose(back["blk.0.attn_qkv.weight"], d, atol=1e-6 * d.abs().max().item())
     dense = ref["gpt_neox.layers.0.attention.dense"]
     assert torch.allclose(back["blk.0.attn_output.weight"], dense, atol=1e-6 * dense.abs().max().item())

@@ -146,19 +146,18 @@ def falcon_qkv_rows(w: torch.Tensor, n_head: int, n_kv: int, inverse: bool = Fal
     return g.reshape(w.shape)
 
 
-def falcon_kv_heads(config: dict, path=None) -> int:
+def falcon_kv_heads(config: dict, n_head: int, path=None) -> int:
     """The key/value heads falcon.py's converter reshapes query_key_value by (``num_kv_heads``, else
     ``n_head_kv``, else 1), refused when transformers' Falcon lays the weight out by another count
     (multi-query without new_decoder_architecture has one, whatever num_kv_heads says): llama.cpp's
-    GGUF of that base would be wrong already."""
+    GGUF of that base would be wrong already. ``n_head``: the attention heads (:func:`sizes`)."""
     c = text_config(config)
-    n_head = c.get("num_attention_heads") or c.get("n_head")
     llama_cpp = c.get("num_kv_heads") or c.get("n_head_kv") or 1
     if c.get("new_decoder_architecture"):
         hf = c.get("num_kv_heads") or n_head
     else:
         hf = 1 if c.get("multi_query", True) else n_head
-    if llama_cpp != hf or not isinstance(n_head, int) or n_head % llama_cpp:
+    if llama_cpp != hf or not isinstance(llama_cpp, int) or n_head % llama_cpp:
         raise AdaptkitError(f"config.json: llama.cpp's Falcon converter reshapes query_key_value by {llama_cpp} "
                             f"key/value heads, transformers' Falcon lays it out by {hf} (multi_query "
                             f"{c.get('multi_query')}, new_decoder_architecture {c.get('new_decoder_architecture')}): "
@@ -214,6 +213,13 @@ def sizes(config: dict, path=None) -> tuple[int, int, int]:
 
     n_head = whole("num_attention_heads")
     return whole("num_hidden_layers"), n_head, whole("num_key_value_heads", n_head) or n_head
+
+
+def row_sizes(config: dict, rows: str, path=None) -> tuple[int, int, int]:
+    """:func:`sizes`, with the key/value heads Falcon's rows are regrouped by (:func:`falcon_kv_heads`)
+    for ``rows`` "falcon-qkv" (:data:`ARCHITECTURES`)."""
+    n_layers, n_head, n_kv = sizes(config, path)
+    return n_layers, n_head, falcon_kv_heads(config, n_head, path) if rows == "falcon-qkv" else n_kv
 
 
 def gguf_module(name: str) -> str:
@@ -392,9 +398,7 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
     arch_name, rows = base_architecture(base_config, base_path)
     require(adapter, "llamacpp")
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
-    n_layers, n_head, n_kv = sizes(base_config, base_path)
-    if rows == "falcon-qkv":
-        n_kv = falcon_kv_heads(base_config, base_path)
+    n_layers, n_head, n_kv = row_sizes(base_config, rows, base_path)
     names = gguf.get_tensor_name_map(arch, n_layers)
     mods = list(adapter.modules.values())
     ranks = {m.shape_rank // m.experts for m in mods}
@@ -450,9 +454,7 @@ def read_gguf_deltas(path: Path, base_config: dict) -> dict[str, torch.Tensor]:
     fields = {f.name: f for f in reader.fields.values()}
     alpha = float(fields["adapter.lora.alpha"].parts[fields["adapter.lora.alpha"].data[0]][0])
     arch = bytes(fields["general.architecture"].parts[fields["general.architecture"].data[0]]).decode()
-    _, n_head, n_kv = sizes(base_config)
-    if ROWS.get(arch) == "falcon-qkv":
-        n_kv = falcon_kv_heads(base_config)
+    _, n_head, n_kv = row_sizes(base_config, ROWS.get(arch, ""))
     t = {}
     for tensor in reader.tensors:
         data = torch.from_numpy(np.array(tensor.data)).float()
