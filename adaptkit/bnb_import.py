@@ -49,6 +49,17 @@ def functional():
     return F
 
 
+def preload() -> None:
+    """Import bitsandbytes as :func:`functional` does before a library that imports it its own way
+    (peft imports it whenever it is installed, and with it torch._dynamo: 1-3 s of ``adaptkit verify``
+    on a 2-core CPU, docs/benchmarks.md); nothing when it cannot be imported (that library then does
+    without it, as it would have)."""
+    try:
+        functional()
+    except AdaptkitError:
+        pass
+
+
 def compile_on_first_call(compile_fn):
     """A stand-in for ``torch.compile`` that calls ``compile_fn`` with the same arguments on first use."""
 

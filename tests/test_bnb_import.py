@@ -71,3 +71,31 @@ def test_disable_dynamo_goes_through_torch_once_dynamo_is_loaded(monkeypatch):
     assert add(1, 2) == 3 and neg(1) == -1
     monkeypatch.setitem(sys.modules, "torch._dynamo", object())
     assert add(1, 2) == ("disabled", 3) and neg(1) == ("disabled", -1)
+
+
+PRELOAD = """
+import sys
+from adaptkit.bnb_import import preload
+preload()
+print("torch._dynamo" in sys.modules)
+import peft
+from peft.tuners.lora.bnb import Linear4bit  # peft found the bitsandbytes preload() imported
+print(sys.modules["bitsandbytes"].__name__)
+"""
+
+
+def test_preload_imports_bitsandbytes_without_dynamo_for_peft_to_find():
+    out = subprocess.run([sys.executable, "-c", PRELOAD], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "bitsandbytes"]
+
+
+def test_preload_does_without_bitsandbytes_when_it_cannot_be_imported(monkeypatch):
+    from adaptkit import bnb_import
+    from adaptkit.errors import AdaptkitError
+
+    def broken():
+        raise AdaptkitError("bitsandbytes is needed for 4-bit models but cannot be imported: no")
+
+    monkeypatch.setattr(bnb_import, "functional", broken)
+    assert bnb_import.preload() is None

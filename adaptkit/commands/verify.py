@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .. import lora
+from .. import bnb_import, lora
 from ..adapter import Adapter, adapter_weights
 from ..architecture import named_class
 from ..codecs import FourBitRead, ScaledRead
@@ -574,6 +574,7 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
+    bnb_import.preload()  # before peft imports it with torch._dynamo
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
