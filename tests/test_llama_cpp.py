@@ -144,6 +144,11 @@ ARCHS = {
     "falcon": (lambda: _tiny("FalconConfig", new_decoder_architecture=True, num_kv_heads=2),
                ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
     "nemotron": (lambda: _tiny("NemotronConfig", head_dim=16), ATTENTION + ["up_proj", "down_proj"]),
+    # rotary_pct as Command R7B's config.json has it (llama.cpp's converter reads it; transformers 5 keeps it as an
+    # extra key, rotating whole heads)
+    "cohere2": (lambda: _tiny("Cohere2Config", head_dim=16, sliding_window=16, tie_word_embeddings=True, rotary_pct=1.0),
+                LINEAR),
+    "apertus": (lambda: _tiny("ApertusConfig", head_dim=16), ATTENTION + ["up_proj", "down_proj"]),  # xIELU MLP
     # MoE: LoRAs on every expert (peft target_parameters), laid out as ffn_{gate,up,down}_exps
     "qwen3-moe": (_qwen3_moe, ATTENTION, EXPERTS),
     "mixtral": (mixtral_config, ATTENTION, EXPERTS),
@@ -155,6 +160,23 @@ ARCHS = {
     # deepseek2 in llama.cpp: latent attention (whose projections llama.cpp multiplies without a LoRA, so
     # the export refuses LoRAs there), the router and the experts of the MoE layer after the dense one
     "deepseek-v3": (deepseek_v3_config, ["o_proj"], EXPERTS + ["mlp.gate.weight"]),
+    # a dense first layer, then routed experts, a shared expert and the router (GLM-4.5's layout; its
+    # multi-token-prediction layer is not in transformers' model, so none here)
+    "glm4-moe": (lambda: _tiny("Glm4MoeConfig", head_dim=16, moe_intermediate_size=48, n_routed_experts=4,
+                               num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                               num_nextn_predict_layers=0),
+                 ATTENTION + ["shared_experts.down_proj"], EXPERTS + ["mlp.gate.weight"]),
+    # ernie.py writes the shared experts' width as intermediate_size // num_key_value_heads, which ERNIE-4.5's
+    # configs make equal to moe_intermediate_size * moe_num_shared_experts (12288 // 4 = 1536 * 2)
+    "ernie4.5-moe": (lambda: _tiny("Ernie4_5_MoeConfig", head_dim=16, moe_intermediate_size=32, moe_num_experts=4,
+                                   moe_k=2, moe_num_shared_experts=2, moe_layer_start_index=1),
+                     ATTENTION + ["shared_experts.down_proj"], EXPERTS),
+    # no GQA: llama.cpp's dots1 sizes attn_k/attn_v for as many kv heads as heads, as dots.llm1 has them;
+    # scoring_func as its config.json has it (transformers' router is a sigmoid; llama.cpp's converter reads it)
+    "dots1": (lambda: _tiny("Dots1Config", head_dim=16, num_key_value_heads=4, moe_intermediate_size=48,
+                            n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                            scoring_func="sigmoid"),
+              ATTENTION, EXPERTS + ["mlp.gate.weight"]),
     # experts fused on disk as (E, in, out) but not marked is_transposed: peft's LoRA is in the parameter's
     # orientation, llama.cpp's the transpose (gate and up halves); the router, an nn.Linear whose forward
     # returns a tuple (which peft's Linear LoRA cannot wrap), through its weight
@@ -193,6 +215,8 @@ TextModel._set_vocab_gpt2 = TextModel._set_vocab_sentencepiece
 Exaone4Model.set_vocab = TextModel._set_vocab_sentencepiece  # it reads a BPE vocabulary itself
 from conversion.glm import Glm4Model
 Glm4Model.set_vocab = TextModel._set_vocab_sentencepiece  # it wants GLM's special tokens
+from conversion.glm import Glm4MoeModel
+Glm4MoeModel.set_vocab = TextModel._set_vocab_sentencepiece
 from conversion.gptneox import GPTNeoXModel
 init = GPTNeoXModel.__init__
 def neox_init(self, *args, **kwargs):  # it reads rotary_pct, which transformers 5's config keeps in rope_parameters

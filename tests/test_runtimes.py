@@ -443,12 +443,28 @@ def test_gguf_token_embd_lora_is_laid_out_as_llama_cpp_reads_it(tmp_path):
     ({"architectures": ["Glm4ForCausalLM"], "rope_parameters": {"partial_rotary_factor": 0.5}}, ("glm4", "")),
     ({"model_type": "ernie4_5"}, ("ernie4_5", "")),
     ({"architectures": ["Ministral3ForCausalLM"]}, ("mistral3", "rope")),  # a LlamaModel in mistral3.py
+    ({"model_type": "cohere2"}, ("cohere2", "")),
+    ({"model_type": "apertus"}, ("apertus", "")),  # ApertusModel(LlamaModel) with undo_permute False
+    ({"architectures": ["Glm4MoeForCausalLM"]}, ("glm4moe", "")),
+    ({"model_type": "ernie4_5_moe"}, ("ernie4_5-moe", "")),
+    ({"model_type": "dots1"}, ("dots1", "")),
 ])
 def test_gguf_architectures_beyond_the_first_six(config, want):
     from adaptkit.formats.gguf import PERMUTED, base_architecture
 
     assert base_architecture(config, "base") == want
     assert ("granite" in PERMUTED) and ("qwen3" not in PERMUTED)
+
+
+def test_gguf_architectures_are_transformers_classes_and_gguf_architectures():
+    import gguf
+    import transformers
+
+    from adaptkit.formats.gguf import ARCHITECTURES
+
+    names = set(gguf.MODEL_ARCH_NAMES.values())
+    assert [a for a in ARCHITECTURES if not hasattr(transformers, a)] == []
+    assert [g for g, _ in ARCHITECTURES.values() if g not in names] == []
 
 
 def test_gguf_refuses_a_glm4_with_m_rope():

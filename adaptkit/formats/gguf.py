@@ -49,6 +49,10 @@ ARCHITECTURES = {
     "Starcoder2ForCausalLM": ("starcoder2", ""), "CohereForCausalLM": ("command-r", ""),
     "Exaone4ForCausalLM": ("exaone4", ""), "SeedOssForCausalLM": ("seed_oss", ""),
     "StableLmForCausalLM": ("stablelm", ""),  # stablelm.py StableLMModel: only its per-head q/k norms stacked
+    # command_r.py Cohere2Model: renames (it drops the all-zero biases, which transformers' Cohere2 lacks)
+    "Cohere2ForCausalLM": ("cohere2", ""),
+    # llama.py ApertusModel(LlamaModel) with undo_permute False: q/k rows kept (its xIELU parameters go to metadata)
+    "ApertusForCausalLM": ("apertus", ""),
     # gpt2.py GPT2Model: Conv1D weights transposed to (out, in), which is the orientation of peft's ΔW there
     # (mpt.py registers MPTForCausalLM, MosaicML's remote-code class, not transformers' MptForCausalLM)
     "GPT2LMHeadModel": ("gpt2", ""),
@@ -69,6 +73,10 @@ ARCHITECTURES = {
     # deepseek.py DeepseekV2Model (DeepSeek-V2/V3, Kimi-K2): experts stacked as above, kv_b_proj split into
     # k_b/v_b (attention LoRAs there are refused: see UNAPPLIED), q/k rows kept
     "DeepseekV2ForCausalLM": ("deepseek2", ""), "DeepseekV3ForCausalLM": ("deepseek2", ""),
+    # glm.py Glm4MoeModel (GLM-4.5/4.6/4.7, GLM-4.5-Air), ernie.py Ernie4_5MoeModel and dots1.py Dots1Model:
+    # experts stacked as above, a dense lead layer, shared experts and the router renamed, q/k rows kept
+    "Glm4MoeForCausalLM": ("glm4moe", ""), "Ernie4_5_MoeForCausalLM": ("ernie4_5-moe", ""),
+    "Dots1ForCausalLM": ("dots1", ""),
     # glm.py Glm4Model: renames (gate_up_proj stays fused as ffn_up); it permutes q/k only under M-RoPE
     # (rope_parameters.mrope_section), which base_architecture refuses; ernie.py Ernie4_5Model: renames (its
     # split of a fused qkv_proj/up_gate_proj concerns Baidu's own checkpoints, transformers' hold them apart)
