@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import ADAPTERS, BASE_OF, TINY_LLAMA, load_dir
+from helpers import ADAPTERS, BASE_OF, FAMILY_ADAPTERS, FAMILY_BASE_OF, TINY_LLAMA, load_dir
 from safetensors.torch import load_file, save_file
 
 from adaptkit import merge, verify
@@ -245,3 +245,61 @@ def test_a_reference_of_another_structure_is_not_reused():
     assert verify_module._into_reference(ref, merged)
     assert torch.equal(ref.model.norm.weight, torch.full_like(before, 3.0))
     assert torch.equal(ref.lm_head.weight, merged.lm_head.weight.float())
+
+
+CASES_16BIT = [(ADAPTERS[n], BASE_OF[n], "float16") for n in ("llama-dora", "llama-embed-mts", "gpt2-lora")] + [
+    (FAMILY_ADAPTERS[n], FAMILY_BASE_OF[n], "bfloat16") for n in FAMILY_ADAPTERS]
+
+
+@pytest.mark.parametrize("adapter, base, dtype", CASES_16BIT, ids=lambda v: getattr(v, "name", v))
+def test_a_16bit_base_and_merge_run_in_fp32_arithmetic_with_the_fp32_verdict(tmp_path, adapter, base, dtype,
+                                                                               monkeypatch):
+    """Base and merged model stored in one 16-bit dtype: both load in it and run through Fp32Compute;
+    the model-level check equals the one that loads the base in fp32 (DoRA, a modules_to_save
+    embedding, GPT-2's Conv1D, MoE experts through peft's parametrization, a VLM, fused projections), and
+    a wrong merge moves its KL by orders of magnitude."""
+    import adaptkit.commands.verify as verify_module
+
+    out = tmp_path / "m"
+    merge(base, [adapter], out, dtype=dtype)
+    used = []
+    real = verify_module.Fp32Compute
+    monkeypatch.setattr(verify_module, "Fp32Compute", lambda m: used.append(real(m)) or used[-1])
+    low = verify(base, [adapter], out)
+    assert low.ok and low.model is not None and low.model.ok
+    assert used and all(u.units for u in used)
+    used.clear()
+    monkeypatch.setattr(verify_module, "_stored_16bit", lambda ck: None)  # the base in fp32
+    fp32 = verify(base, [adapter], out)
+    assert not used
+    # the same numbers (to the last bit on the machines tried: the same fp32 values go through the same kernels)
+    assert low.model.mean_kl == pytest.approx(fp32.model.mean_kl, rel=1e-6, abs=1e-15)
+    assert low.model.max_abs_logit_diff == pytest.approx(fp32.model.max_abs_logit_diff, rel=1e-6, abs=1e-9)
+    assert low.model.compared == fp32.model.compared
+    monkeypatch.undo()
+    tensor = next(m.name for m in low.modules if m.kind in ("lora", "dora", "experts"))
+    _tamper(out, tensor, lambda t: t * -20)
+    wrong = verify(base, [adapter], out)
+    assert not wrong.ok and wrong.model.mean_kl > 100 * low.model.mean_kl  # the model level sees it too
+
+
+def test_fp32_compute_gives_the_fp32_models_logits_and_leaves_the_16bit_weights():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adaptkit.commands.verify import Fp32Compute
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True)
+    half = LlamaForCausalLM(cfg).half().eval()
+    full = LlamaForCausalLM(cfg).eval()
+    full.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    run = Fp32Compute(half)
+    assert len(run.units) == 2 and half.model.layers[0].mlp.up_proj.weight.dtype == torch.float16
+    assert half.lm_head.weight.dtype == torch.float32 and half.lm_head.weight is half.model.embed_tokens.weight
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        got, want = half(input_ids=ids).logits, full(input_ids=ids).logits
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=0, atol=1e-6 * want.abs().max().item())
+    assert all(p.dtype == torch.float16 for p in half.model.layers.parameters())  # given back after each layer
+    assert sum(len(v) for v in run.free.values()) == sum(1 for _ in half.model.layers[0].parameters())  # one layer's

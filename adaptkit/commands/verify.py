@@ -502,8 +502,56 @@ def _load(path: Path, cls, dev: torch.device, dtype: torch.dtype = torch.float32
     quantized = "quantization_config" in read_json(Path(path) / "config.json", "config.json")
     kwargs = {"device_map": str(dev)} if quantized else {}
     model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
-    model = model.eval() if quantized or dtype != torch.float32 else model.eval().to(dev)
+    model = model.eval() if quantized else model.eval().to(dev)
     return model, list(info.get("missing_keys") or [])
+
+
+class Fp32Compute:
+    """Run a model that transformers loaded in its stored 16-bit dtype with fp32 arithmetic, without
+    holding an fp32 copy of it: each unit (a child of an outermost ``nn.ModuleList``: a decoder layer)
+    gets its 16-bit parameters upcast, exactly, into reused fp32 buffers as its forward starts and
+    back when it ends; the parameters outside the units (embeddings, head, final norm) are upcast once
+    and kept. Everything a unit computes then sees the same fp32 values a model loaded in fp32 would
+    (peft's layers inside a unit included: their base weights are fp32 while they run), and memory is
+    the 16-bit model plus the embeddings in fp32 plus one unit's buffers: about half of an fp32 model,
+    and transformers memory-maps the 16-bit checkpoint instead of allocating and filling fresh fp32
+    pages (most of a 1.1B model's load on a 2-core VM, docs/benchmarks.md). Buffers stay as
+    transformers makes them for the 16-bit dtype, the same for the reference and the merged model."""
+
+    LOW = (torch.float16, torch.bfloat16)
+
+    def __init__(self, model: torch.nn.Module):
+        lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+        inner = {id(x) for ml in lists for x in ml.modules() if x is not ml}
+        self.units = [u for ml in lists if id(ml) not in inner for u in ml]
+        in_units = {id(p) for u in self.units for p in u.parameters()}
+        with torch.no_grad():
+            for p in model.parameters():
+                if id(p) not in in_units and p.dtype in self.LOW:
+                    p.data = p.data.float()
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.lent: dict[int, list] = {}
+        for u in self.units:
+            u.register_forward_pre_hook(self._lend)
+            u.register_forward_hook(self._give_back)
+
+    def _lend(self, unit, args):
+        lent = []
+        with torch.no_grad():
+            for p in unit.parameters():
+                if p.dtype in self.LOW:
+                    key = (tuple(p.shape), p.device)
+                    pool = self.free.get(key)
+                    buf = pool.pop() if pool else torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                    buf.copy_(p.data)
+                    lent.append((p, p.data, key, buf))
+                    p.data = buf
+        self.lent[id(unit)] = lent
+
+    def _give_back(self, unit, args, out):
+        for p, own, key, buf in self.lent.pop(id(unit), []):
+            p.data = own
+            self.free.setdefault(key, []).append(buf)
 
 
 _CONFIG_NOISE = ("dtype", "torch_dtype", "_name_or_path", "transformers_version")
@@ -511,11 +559,12 @@ _CONFIG_NOISE = ("dtype", "torch_dtype", "_name_or_path", "transformers_version"
 
 def _into_reference(ref, merged) -> bool:
     """Copy the weights of ``merged`` (loaded by transformers in the dtype it is stored in) into the
-    fp32 model ``ref`` (the reference, peft's layers unloaded), when both are the same class with the
-    same config, the same parameters, buffers and ties: the upcast is exact, so ``ref`` then computes
-    what ``from_pretrained(merged, dtype=float32)`` would, without building a second fp32 model (on a
-    2-core VM 1.3-2.4 s for TinyLlama's shape, against 0.3 s for the copy). Returns False, copying
-    nothing, when anything differs: the caller then loads the merged model in fp32."""
+    model ``ref`` (the reference, peft's layers unloaded; fp32, or that same dtype run through
+    :class:`Fp32Compute`), when both are the same class with the same config, the same parameters,
+    buffers and ties: the copy is exact (a tensor of ``ref``'s own dtype is taken over, not copied), so
+    ``ref`` then computes what the merged model loaded on its own would, without building a second model (on a 2-core VM 1.3-2.4 s for TinyLlama's shape in
+    fp32, against 0.3 s for the copy). Returns False, copying nothing, when anything differs: the
+    caller then loads the merged model on its own."""
     if type(ref) is not type(merged):
         return False
     cfg = [{k: v for k, v in m.config.to_dict().items() if k not in _CONFIG_NOISE} for m in (ref, merged)]
@@ -531,12 +580,17 @@ def _into_reference(ref, merged) -> bool:
     if layout(ref) != layout(merged):  # a tie the reference lost (peft's modules_to_save copy), say
         return False
     want, have = ref.state_dict(keep_vars=True), merged.state_dict(keep_vars=True)
-    if set(want) != set(have) or any(want[k].shape != have[k].shape or want[k].dtype != torch.float32
+    if set(want) != set(have) or any(want[k].shape != have[k].shape or want[k].dtype not in (torch.float32,
+                                                                                             have[k].dtype)
                                      for k in have if have[k].is_floating_point()):
         return False
     with torch.no_grad():
         for k, t in have.items():
-            want[k].copy_(t)
+            if want[k].dtype == t.dtype and want[k].device == t.device:
+                # taken as it is: no copy, and no write into the base's memory-mapped (copy-on-write) pages
+                want[k].data = t.data
+            else:
+                want[k].copy_(t)  # into the fp32 reference: exact
     return True
 
 
@@ -547,17 +601,20 @@ class ReferenceFailed(Exception):
 
 def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, weights, prompts: list[str] | None,
                 seed: int = 0, kl_tolerance: float = 1e-3, device: torch.device | str = "cpu",
-                progress=None, merged_dtype: torch.dtype | None = None) -> ModelCheck:
-    """Base + adapters (peft, unmerged) against the merged model (transformers), in fp32.
+                progress=None, merged_dtype: torch.dtype | None = None,
+                base_dtype: torch.dtype | None = None) -> ModelCheck:
+    """Base + adapters (peft, unmerged) against the merged model (transformers), in fp32 arithmetic.
 
-    One fp32 model is in memory at a time (fp32 is the smallest dtype here that leaves the comparison
-    to the merge alone: a 16-bit forward pass would add its own rounding to both sides, ~1e-3 of the
-    logits). The reference runs every prompt; then, for a merged model stored in one 16-bit dtype
-    (``merged_dtype``), transformers loads it in that dtype and its weights are upcast, exactly, into
-    the reference's own modules once peft's layers are unloaded (:func:`_into_reference`: same class,
-    config, parameters and ties, else the merged model is loaded in fp32 after the reference is
-    freed). Prompts of one length run as one batch. ``progress(1)`` after each load and each run
-    (:data:`MODEL_STEPS`).
+    fp32 is the smallest dtype here that leaves the comparison to the merge alone (a 16-bit forward
+    pass would add its own rounding to both sides, ~1e-3 of the logits), but the weights need not be
+    held in it: when base and merged model are stored in the same 16-bit dtype (``base_dtype`` ==
+    ``merged_dtype``), both load in it and run through :class:`Fp32Compute` (about half the memory
+    of an fp32 model, and no fp32 load). Otherwise the base loads in fp32. The reference runs every
+    prompt; then, for a merged model stored in one 16-bit dtype, transformers loads it in that dtype
+    and its weights are copied, exactly, into the reference's own modules once peft's layers are
+    unloaded (:func:`_into_reference`: same class, config, parameters and ties, else the merged model
+    is loaded on its own after the reference is freed). Prompts of one length run as one batch.
+    ``progress(1)`` after each load and each run (:data:`MODEL_STEPS`).
 
     Both load with the class the base's config names. When it has a head, its outputs (logits) are
     compared: the check passes when the mean KL divergence is within ``kl_tolerance`` (top-1
@@ -582,17 +639,24 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
     config = read_json(Path(base_path) / "config.json", "config.json")
     cls = _model_class(config)
     step = progress or (lambda n: None)
+    low = merged_dtype if merged_dtype is not None and merged_dtype == base_dtype else None  # the 16-bit route
+
+    def load(path, cls):
+        model, missing = _load(path, cls, dev, low or torch.float32)
+        if low is not None:
+            Fp32Compute(model)
+        return model, missing
 
     def reference(cls):
         """Base + adapters in peft: each prompt's outputs (and, without a head, the base's alone)."""
         with warnings.catch_warnings(), _quiet_transformers(hf_logging):
             warnings.simplefilter("ignore")
-            ref, missing = _load(base_path, cls, dev)
+            ref, missing = load(base_path, cls)
             why = ""
             if missing:  # a head the checkpoint lacks would be random in each load: compare the backbone
                 why = f"; {cls.__name__}'s head is not in the checkpoint"
                 cls = AutoModel
-                ref, missing = _load(base_path, cls, dev)
+                ref, missing = load(base_path, cls)
             rows = max((a.source.shape(key)[0] for a in adapters for n, key in a.full_tensors.items()
                         if n.endswith(VOCAB_TENSORS)), default=0)
             if rows > ref.get_input_embeddings().weight.shape[0]:  # an adapter that grew the vocabulary (extract)
@@ -639,7 +703,7 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
         with warnings.catch_warnings(), _quiet_transformers(hf_logging):
             warnings.simplefilter("ignore")
             merged = None
-            if merged_dtype is not None and not any(p.dtype != torch.float32 for p in ref.parameters()):
+            if merged_dtype is not None and all(p.dtype in (torch.float32, low) for p in ref.parameters()):
                 ref = pm.unload()  # the base's own modules back, peft's layers out
                 stored, _ = _load(merged_path, cls, dev, merged_dtype)
                 if _into_reference(ref, stored):
@@ -648,7 +712,7 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
             del pm, ref
             gc.collect()
             if merged is None:
-                merged, _ = _load(merged_path, cls, dev)
+                merged, _ = load(merged_path, cls)
         step(1)
         run_merged = _text_model(merged)
         got = [(o.logits if heads else o.last_hidden_state) for o in (run_merged(input_ids=ids.to(dev)) for ids in runs)]
@@ -832,7 +896,8 @@ def verify(base, adapters, merged, *, weights=None, prompts: list[str] | None = 
             if all(isinstance(r, Adapter) for r in refs):
                 try:
                     model_check = check_model(base_ck.path, refs, merged_ck.path, weights, prompts, seed=seed,
-                                              device=dev, progress=report.advance, merged_dtype=_stored_16bit(merged_ck))
+                                              device=dev, progress=report.advance, merged_dtype=_stored_16bit(merged_ck),
+                                              base_dtype=_stored_16bit(base_ck))
                 except ReferenceFailed as e:
                     warnings.append(f"model-level check skipped: transformers and peft could not run the base with "
                                     f"the adapters ({e}); every merged tensor was checked at the layer level")
