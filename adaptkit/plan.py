@@ -301,13 +301,28 @@ def expert_parameters(base: Checkpoint) -> tuple[dict[str, tuple[int, ...]], dic
     return cached
 
 
+def renamed_parameters(base: Checkpoint, shapes: dict) -> dict[str, tuple[int, ...]]:
+    """The shapes of the parameters transformers renames on load, by their in-memory names (those
+    ``shapes`` lacks)."""
+    from .architecture import checkpoint_renames
+
+    return {memory: tuple(base.info(disk).shape) for memory, disk in checkpoint_renames(base.config, base.tensors).items()
+            if memory not in shapes}
+
+
 def resolve_parameters(base: Checkpoint, adapters: list[Adapter]) -> None:
     """Tell each ``target_parameters`` LoRA which parameter it adapts, from the base model's shapes."""
     if not any(m.kind == "param" for a in adapters for m in a.modules.values()):
         return
-    shapes, _ = expert_parameters(base)
+    shapes, fused = expert_parameters(base)
     for adapter in adapters:
         problems = adapter.resolve_parameters(shapes)
+        if problems and (renamed := renamed_parameters(base, shapes)):
+            # a parameter transformers renames on load (GraniteMoe's block_sparse_moe.input_linear is
+            # experts.gate_up_proj in memory): asked of transformers only now (it builds a meta model)
+            shapes = {**shapes, **renamed}
+            base._expert_parameters = (shapes, fused)
+            problems = adapter.resolve_parameters(shapes)
         if problems:
             raise AdaptkitError(f"target_parameters that do not fit the base {base.path}: " + "; ".join(problems[:2]),
                                 adapter.path)

@@ -128,6 +128,50 @@ def test_shared_experts_their_gate_and_the_router_merge_as_peft_merges_them(tmp_
     assert adaptkit.verify(tmp_path / "base", ad, tmp_path / "m").ok
 
 
+def test_experts_stored_3d_under_another_name_merge_as_peft_merges_them(tmp_path):
+    """GraniteMoe(Shared): the experts are 3-D on disk as block_sparse_moe.input_linear / output_linear,
+    experts.gate_up_proj / down_proj in memory, the router's weight router.layer.weight on disk:
+    transformers' renames are asked for only when the plain names do not fit, every delta lands on
+    the disk tensor transformers loads the parameter from, and a dropped expert's delta fails verify."""
+    import transformers
+    from peft import PeftModel
+
+    cfg = transformers.GraniteMoeSharedConfig(vocab_size=256, hidden_size=64, intermediate_size=48,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=32)
+    build.build_model(cfg, tmp_path / "base", dtype=torch.float32)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
+                             target_modules=["q_proj", "shared_mlp.input_linear"],
+                             target_parameters=["block_sparse_moe.experts.gate_up_proj",
+                                                "block_sparse_moe.experts.down_proj", "block_sparse_moe.router.weight"],
+                             rank_pattern={"gate_up_proj": 3}, alpha_pattern={"down_proj": 8})
+    result = adaptkit.merge(tmp_path / "base", ad, tmp_path / "m")
+    assert result.modules_merged == 10 and not result.warnings
+    assert set(Checkpoint.open(tmp_path / "m").tensors) == set(Checkpoint.open(tmp_path / "base").tensors)
+    unmerged = PeftModel.from_pretrained(build.load_model(tmp_path / "base"), ad).eval()
+    mine = build.load_model(tmp_path / "m")
+    ids = torch.tensor([[1, 5, 9, 200, 7, 3, 11, 13, 60, 61]])
+    with torch.no_grad():
+        a, b = unmerged(input_ids=ids).logits, mine(input_ids=ids).logits
+        with unmerged.disable_adapter():
+            c = unmerged(input_ids=ids).logits
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max() and (a - c).abs().max() > 100 * (a - b).abs().max()
+    ref = unmerged.merge_and_unload().state_dict()
+    for name, t in mine.state_dict().items():
+        assert torch.allclose(t, ref[name], rtol=1e-6, atol=1e-7), name
+    assert adaptkit.verify(tmp_path / "base", ad, tmp_path / "m").ok
+    merged = Checkpoint.open(tmp_path / "m")
+    name = "model.layers.1.block_sparse_moe.input_linear.weight"
+    from safetensors.torch import load_file, save_file
+
+    f = merged.path / "model.safetensors"
+    t = load_file(f)
+    t[name][2] = load_file(tmp_path / "base" / "model.safetensors")[name][2]  # expert 2's delta dropped
+    save_file(t, f, metadata={"format": "pt"})
+    report = adaptkit.verify(tmp_path / "base", ad, tmp_path / "m", model=False)
+    assert not report.ok and name in [m.name for m in report.modules if not m.ok]
+
+
 def test_a_lora_peft_moved_onto_the_experts_merges_as_peft_merges_it(tmp_path):
     """The everyday MoE LoRA: target_modules naming gate_proj, up_proj and down_proj on a transformers-5
     Qwen3-MoE. peft 0.21 rewrites that config itself (transformers_weight_conversion.py

@@ -64,9 +64,9 @@ def _gemma3():
                  tie_word_embeddings=True)
 
 
-def _granite():
-    return _tiny("GraniteConfig", embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
-                 logits_scaling=4.0)
+def _granite(cls: str = "GraniteConfig", **over):
+    return _tiny(cls, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                 logits_scaling=4.0, **over)
 
 
 def _olmoe():
@@ -162,6 +162,16 @@ ARCHS = {
     "deepseek-v3": (deepseek_v3_config, ["o_proj"], EXPERTS + ["mlp.gate.weight"]),
     # a dense first layer, then routed experts, a shared expert and the router (GLM-4.5's layout; its
     # multi-token-prediction layer is not in transformers' model, so none here)
+    # experts stored 3-D as input_linear (gate, up halves) / output_linear and renamed on load, the router a
+    # 2-D parameter (router.layer on disk); GraniteMoeShared adds a shared MLP whose input_linear splits too
+    "granitemoe": (lambda: _granite("GraniteMoeConfig", intermediate_size=48, num_local_experts=4,
+                                    num_experts_per_tok=2), ATTENTION,
+                   ["block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj",
+                    "block_sparse_moe.router.weight"]),
+    "granitemoe-shared": (lambda: _granite("GraniteMoeSharedConfig", intermediate_size=48, num_local_experts=4,
+                                           num_experts_per_tok=2, shared_intermediate_size=32),
+                          ATTENTION + ["shared_mlp.input_linear", "shared_mlp.output_linear"],
+                          ["block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"]),
     "glm4-moe": (lambda: _tiny("Glm4MoeConfig", head_dim=16, moe_intermediate_size=48, n_routed_experts=4,
                                num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
                                num_nextn_predict_layers=0),
@@ -257,8 +267,8 @@ def _adapter(base: Path, out: Path, targets, parameters=None) -> Path:
     ranks = {f"layers.1.self_attn.{targets[0]}": 4}
     if parameters:  # patterns on the experts too (peft matches them on module.parameter; its "did not match"
         # warning for them looks only at module names)
-        ranks["layers.1.mlp.experts.gate_up_proj"] = 4
-        extra = dict(target_parameters=parameters, alpha_pattern={"mlp.experts.down_proj": 3})
+        ranks[f"layers.1.{parameters[0]}"] = 4
+        extra = dict(target_parameters=parameters, alpha_pattern={parameters[1]: 3})
     else:
         extra = dict(alpha_pattern={"layers.0.mlp.down_proj": 3})
     cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=targets, rank_pattern=ranks, **extra)

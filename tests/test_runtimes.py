@@ -539,6 +539,38 @@ def test_gguf_expert_loras_are_laid_out_as_llama_cpp_converts_experts(tmp_path, 
             assert d.shape == want.shape and torch.allclose(d, want, atol=1e-5 * want.abs().max().item()), gname
 
 
+def test_gguf_granitemoe_splits_input_linear_and_the_shared_mlp_as_its_converter_does(tmp_path):
+    """GraniteMoeShared: granite.py splits the experts' input_linear (E, 2I, H) and the shared MLP's
+    input_linear (2S, H) in halves, gate first, into ffn_gate/up_exps and ffn_gate/up_shexp; the
+    router is router.layer on disk (ffn_gate_inp); q/k rows are permuted as for llama."""
+    import transformers
+    from helpers import peft_merged
+
+    from fixtures.build import build_adapter, build_model, load_model
+
+    cfg = transformers.GraniteMoeSharedConfig(vocab_size=256, hidden_size=64, intermediate_size=48,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=32)
+    build_model(cfg, tmp_path / "base", dtype=torch.float32)
+    ad = build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
+                       target_modules=["shared_mlp.input_linear"],
+                       target_parameters=["block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.router.weight"])
+    convert(ad, tmp_path / "a.gguf", to="gguf", base=tmp_path / "base")
+    conf = json.loads((tmp_path / "base" / "config.json").read_text())
+    got = read_gguf_deltas(tmp_path / "a.gguf", conf)
+    _, merged = peft_merged(tmp_path / "base", [ad])
+    ref, plain = merged.state_dict(), load_model(tmp_path / "base").state_dict()
+    for layer in range(2):
+        p = f"model.layers.{layer}."
+        experts = ref[p + "block_sparse_moe.experts.gate_up_proj"] - plain[p + "block_sparse_moe.experts.gate_up_proj"]
+        shared = ref[p + "shared_mlp.input_linear.weight"] - plain[p + "shared_mlp.input_linear.weight"]
+        router = ref[p + "block_sparse_moe.router.weight"] - plain[p + "block_sparse_moe.router.weight"]
+        for gname, want in (("ffn_gate_exps", experts[:, :48]), ("ffn_up_exps", experts[:, 48:]),
+                            ("ffn_gate_shexp", shared[:32]), ("ffn_up_shexp", shared[32:]), ("ffn_gate_inp", router)):
+            d = got[f"blk.{layer}.{gname}.weight"]
+            assert d.shape == want.shape and torch.allclose(d, want, atol=1e-5 * want.abs().max().item()), gname
+
+
 @pytest.mark.parametrize("vlm", [False, True], ids=["text", "vlm"])
 def test_gguf_llama4_expert_loras_are_transposed_from_the_parameters_orientation(tmp_path, vlm):
     """Llama 4 stores its experts fused as (E, in, out) like gpt-oss but transformers does not mark them

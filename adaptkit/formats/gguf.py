@@ -77,6 +77,9 @@ ARCHITECTURES = {
     # experts stacked as above, a dense lead layer, shared experts and the router renamed, q/k rows kept
     "Glm4MoeForCausalLM": ("glm4moe", ""), "Ernie4_5_MoeForCausalLM": ("ernie4_5-moe", ""),
     "Dots1ForCausalLM": ("dots1", ""),
+    # granite.py GraniteMoeModel(GraniteModel, a LlamaModel: q/k permuted): experts stored 3-D (input_linear,
+    # output_linear), input_linear and the shared MLP's split into gate and up (see _expert_parts, _tensors)
+    "GraniteMoeForCausalLM": ("granitemoe", "rope"), "GraniteMoeSharedForCausalLM": ("granitemoe", "rope"),
     # glm.py Glm4Model: renames (gate_up_proj stays fused as ffn_up); it permutes q/k only under M-RoPE
     # (rope_parameters.mrope_section), which base_architecture refuses; ernie.py Ernie4_5Model: renames (its
     # split of a fused qkv_proj/up_gate_proj concerns Baidu's own checkpoints, transformers' hold them apart)
@@ -277,6 +280,13 @@ def _stacked(name: str) -> tuple[str, int | None]:
     return (name[: m.start()] + ".experts" + name[m.end():], int(m.group(1))) if m else (name, None)
 
 
+def _layer(name: str) -> int:
+    found = re.search(r"\.layers\.(\d+)\.", name)
+    if found is None:
+        raise AdaptkitError(f"{name}: not in a numbered layer")
+    return int(found.group(1))
+
+
 def _expert_parts(m, base, arch: str | None, path,
                   runtime: str = "GGUF") -> list[tuple[str, int, slice, slice, bool]]:
     """Where a LoRA on a 3-D expert parameter lands on the checkpoint's own tensors, as llama.cpp's
@@ -293,6 +303,23 @@ def _expert_parts(m, base, arch: str | None, path,
         raise AdaptkitError(f"{m.name}: the base has no expert parameter of {m.experts} experts there", path)
     transposed = _expert_orientation(m, tuple(shape[1:]), base)
     stored = m.weight_name in base.tensors
+    if not stored and m.weight_name not in fused:  # stored 3-D under another name (transformers renames it)
+        from ..architecture import checkpoint_renames
+
+        disk = checkpoint_renames(base.config, base.tensors).get(m.weight_name)
+        if disk is not None and tuple(base.info(disk).shape) == tuple(shape):
+            stem = disk.removesuffix(".weight")
+            if arch == "granitemoe" and transposed is False and stem.endswith("block_sparse_moe.input_linear"):
+                # granite.py GraniteMoeModel.modify_tensors: input_linear (E, 2I, H) split in halves along
+                # its rows, gate first, into ffn_gate_exps and ffn_up_exps (the gguf names it writes)
+                bid, half = _layer(stem), shape[1] // 2
+                return [(f"blk.{bid}.ffn_gate_exps", -1, slice(0, half), every, False),
+                        (f"blk.{bid}.ffn_up_exps", -1, slice(half, None), every, False)]
+            if transposed is False and not stem.endswith("input_linear"):
+                return [(stem, -1, every, every, False)]  # output_linear (E, H, I): ffn_down_exps as it is
+            raise AdaptkitError(f"{m.name}: the base stores these experts as {disk}, whose layout llama.cpp's "
+                                f"converter for {arch or 'this model'} was not checked for: not exported to "
+                                f"{runtime} (merge instead)", path)
     if arch == "gpt-oss" and stored and transposed:
         # gpt_oss.py GptOssModel.modify_tensors: gate_up_proj (E, H, 2I) transposed, gate = rows ::2, up = rows
         # 1::2 (interleaved); down_proj (E, I, H) transposed. ΔW is (out, in) already: the same rows.
@@ -344,6 +371,9 @@ def per_expert_pairs(m, base, runtime: str, path):
                             "its 3-D layout, not written by adaptkit: merge instead", path)
     a3, b3 = lora.expert_factors(m.A.to(torch.float32), m.B.to(torch.float32), m.experts)
     for disk, e, rows, cols, _ in _expert_parts(m, base, None, path, runtime):  # (never swapped without arch)
+        if e == -1:  # stored 3-D under another name (GraniteMoe's output_linear)
+            raise AdaptkitError(f"{m.name}: the base stores these experts fused as {disk}, which {runtime} reads "
+                                "in its 3-D layout, not written by adaptkit: merge instead", path)
         yield disk, e, a3[e][:, cols], m.scaling * b3[:, :, e][rows]
 
 
@@ -351,7 +381,8 @@ def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float,
     """Every (a, b) llama.cpp reads, by the checkpoint name it converts, in llama.cpp's orientation and
     with llama.cpp's one scale (alpha / rank of the tensor) folded in: 2-D (r, in), (out, r); experts
     stacked (E, r, in), (E, out, r)."""
-    plain: dict[str, tuple] = {}
+    plain: dict[str, tuple] = {}  # checkpoint name (or, where the converter writes one itself, gguf name) -> (a, b)
+    renames = None
     stacks: dict[str, dict[int, tuple]] = {}  # stacked name -> expert -> (A_e, s_e·B_e)
     experts = {}  # stacked name -> E
     for m in adapter.modules.values():
@@ -369,6 +400,19 @@ def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float,
                 experts[name] = m.experts
             continue
         module = m.name.removesuffix(".weight") if m.param else m.name  # a 2-D parameter (Qwen2-MoE's router)
+        if base is not None and module + ".weight" not in base.tensors:  # renamed on load (GraniteMoe's router)
+            from ..architecture import checkpoint_renames
+
+            renames = renames if renames is not None else checkpoint_renames(base.config, base.tensors)
+            module = renames.get(module + ".weight", module + ".weight").removesuffix(".weight")
+        if arch == "granitemoe" and module.endswith("shared_mlp.input_linear"):
+            # granite.py: the shared MLP's input_linear (2S, H) split in halves along its rows, gate first,
+            # into ffn_{gate,up}_shexp (ffn_{gate,up} in a model without experts); A is each half's own
+            half, bid = b.shape[0] // 2, _layer(module)
+            shexp = "_shexp" if text_config(base_config).get("num_local_experts") else ""
+            for part, rows in (("gate", slice(0, half)), ("up", slice(half, None))):
+                plain[f"blk.{bid}.ffn_{part}{shexp}"] = (a, lora.fold(b[rows], m.scaling, alpha / m.shape_rank))
+            continue
         if m.kind == "embedding":  # token_embd: llama.cpp adds scale · B · A[token] (get_rows of A, (vocab, r))
             plain[module] = (a.T.contiguous(), lora.fold(b, m.scaling, alpha / m.shape_rank))
             continue
@@ -415,7 +459,7 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
     dtype = {"f32": np.float32, "f16": np.float16, "bf16": None}[outtype]
     gnames = {}
     for module in tensors:
-        gname = names.get_name(gguf_module(module))
+        gname = module if module.startswith("blk.") else names.get_name(gguf_module(module))
         if gname is None and "text_config" in base_config and "language_model." not in module:
             raise AdaptkitError(f"{module} is outside the language model, which is all llama.cpp's converter makes a "
                                 "text model of (a vision tower goes to a separate mmproj file): its LoRA is not "
