@@ -172,6 +172,9 @@ ARCHS = {
                                            num_experts_per_tok=2, shared_intermediate_size=32),
                           ATTENTION + ["shared_mlp.input_linear", "shared_mlp.output_linear"],
                           ["block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"]),
+    # rotary_dim and scoring_func as MiniMax-M2's config.json has them (partial RoPE; a sigmoid router)
+    "minimax-m2": (lambda: _tiny("MiniMaxM2Config", head_dim=16, rotary_dim=8, num_local_experts=4,
+                                 num_experts_per_tok=2, scoring_func="sigmoid"), ATTENTION, EXPERTS + ["mlp.gate.weight"]),
     "glm4-moe": (lambda: _tiny("Glm4MoeConfig", head_dim=16, moe_intermediate_size=48, n_routed_experts=4,
                                num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
                                num_nextn_predict_layers=0),

@@ -448,6 +448,8 @@ def test_gguf_token_embd_lora_is_laid_out_as_llama_cpp_reads_it(tmp_path):
     ({"architectures": ["Glm4MoeForCausalLM"]}, ("glm4moe", "")),
     ({"model_type": "ernie4_5_moe"}, ("ernie4_5-moe", "")),
     ({"model_type": "dots1"}, ("dots1", "")),
+    ({"architectures": ["GraniteMoeSharedForCausalLM"]}, ("granitemoe", "rope")),  # a GraniteModel: q/k permuted
+    ({"model_type": "minimax_m2"}, ("minimax-m2", "")),
 ])
 def test_gguf_architectures_beyond_the_first_six(config, want):
     from adaptkit.formats.gguf import PERMUTED, base_architecture

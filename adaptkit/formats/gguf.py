@@ -77,6 +77,9 @@ ARCHITECTURES = {
     # experts stacked as above, a dense lead layer, shared experts and the router renamed, q/k rows kept
     "Glm4MoeForCausalLM": ("glm4moe", ""), "Ernie4_5_MoeForCausalLM": ("ernie4_5-moe", ""),
     "Dots1ForCausalLM": ("dots1", ""),
+    # minimax.py MiniMaxM2Model: block_sparse_moe.experts.N.w{1,2,3} stacked, renames otherwise (partial RoPE
+    # from rotary_dim). (command_r.py's Cohere2MoeModel is not here: the gguf package 0.19 has no cohere2moe.)
+    "MiniMaxM2ForCausalLM": ("minimax-m2", ""),
     # granite.py GraniteMoeModel(GraniteModel, a LlamaModel: q/k permuted): experts stored 3-D (input_linear,
     # output_linear), input_linear and the shared MLP's split into gate and up (see _expert_parts, _tensors)
     "GraniteMoeForCausalLM": ("granitemoe", "rope"), "GraniteMoeSharedForCausalLM": ("granitemoe", "rope"),
