@@ -188,3 +188,22 @@ def test_a_block_whose_sum_overflows_is_checked_value_by_value(workers):
     src = torch.full((16, 64), 60000.0).half()  # every value finite, the fp16 sum of a block is not
     op = _op(torch.zeros(1, 64), torch.zeros(16, 1))
     assert merge_rows(src, torch.empty_like(src), op, workers, block_bytes=64)
+
+
+@pytest.mark.parametrize("l2, want", [("512K", 1 << 20), ("1024K", 2 << 20), ("2048K", 4 << 20), ("32M", 4 << 20),
+                                      (None, 1 << 20), ("odd", 1 << 20)])
+def test_the_row_block_follows_the_l2_cache_within_1_to_4_mb(monkeypatch, l2, want):
+    import builtins
+    import io
+
+    real = builtins.open
+
+    def fake(path, *args, **kwargs):
+        if "cache/index2/size" in str(path):
+            if l2 is None:
+                raise FileNotFoundError(path)
+            return io.StringIO(l2 + "\n")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake)
+    assert ops._row_block_bytes() == want
