@@ -562,9 +562,10 @@ def _into_reference(ref, merged) -> bool:
     model ``ref`` (the reference, peft's layers unloaded; fp32, or that same dtype run through
     :class:`Fp32Compute`), when both are the same class with the same config, the same parameters,
     buffers and ties: the copy is exact (a tensor of ``ref``'s own dtype is taken over, not copied), so
-    ``ref`` then computes what the merged model loaded on its own would, without building a second model (on a 2-core VM 1.3-2.4 s for TinyLlama's shape in
-    fp32, against 0.3 s for the copy). Returns False, copying nothing, when anything differs: the
-    caller then loads the merged model on its own."""
+    ``ref`` then computes what the merged model loaded on its own would, without building a second
+    model (on a 2-core VM 1.3-2.4 s for TinyLlama's shape in fp32, against 0.3 s for the copy).
+    Returns False, copying nothing, when anything differs: the caller then loads the merged model on
+    its own."""
     if type(ref) is not type(merged):
         return False
     cfg = [{k: v for k, v in m.config.to_dict().items() if k not in _CONFIG_NOISE} for m in (ref, merged)]
