@@ -172,6 +172,45 @@ def test_experts_stored_3d_under_another_name_merge_as_peft_merges_them(tmp_path
     assert not report.ok and name in [m.name for m in report.modules if not m.ok]
 
 
+def test_experts_transformers_transposes_on_load_merge_in_the_checkpoints_own_layout(tmp_path):
+    """Qwen3-VL-MoE checkpoints on the Hub store the experts as (E, H, 2I) / (E, I, H), which
+    transformers 5 transposes on load (conversion_mapping: Transpose(1, 2)); peft's LoRA is in the
+    memory layout. Every expert's ΔW lands transposed on the tensor as stored, which keeps its layout:
+    logits equal peft's unmerged model and verify accepts the merge."""
+    import transformers
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    text = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                  deepstack_visual_indexes=[0])
+    cfg = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
+    build.build_model(cfg, tmp_path / "base", dtype=torch.float32, auto=transformers.Qwen3VLMoeForConditionalGeneration)
+    f = tmp_path / "base" / "model.safetensors"
+    sd = load_file(f)
+    experts = [k for k in sd if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))]
+    save_file({k: v.transpose(1, 2).contiguous() if k in experts else v for k, v in sd.items()}, f,
+              metadata={"format": "pt"})  # the Hub's layout
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4, target_modules=["q_proj"],
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    result = adaptkit.merge(tmp_path / "base", ad, tmp_path / "m", dtype="float32")
+    assert result.modules_merged == 6
+    stored = Checkpoint.open(tmp_path / "m")
+    assert all(tuple(stored.info(k).shape) == tuple(sd[k].transpose(1, 2).shape) for k in experts)
+    unmerged = PeftModel.from_pretrained(build.load_model(tmp_path / "base"), ad).eval()
+    mine = build.load_model(tmp_path / "m")
+    ids = torch.tensor([[1, 5, 9, 200, 7, 3, 11]])
+    with torch.no_grad():
+        a, b = unmerged(input_ids=ids).logits, mine(input_ids=ids).logits
+        with unmerged.disable_adapter():
+            c = unmerged(input_ids=ids).logits
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max() and (a - c).abs().max() > 100 * (a - b).abs().max()
+    assert adaptkit.verify(tmp_path / "base", ad, tmp_path / "m").ok
+
+
 def test_a_lora_peft_moved_onto_the_experts_merges_as_peft_merges_it(tmp_path):
     """The everyday MoE LoRA: target_modules naming gate_proj, up_proj and down_proj on a transformers-5
     Qwen3-MoE. peft 0.21 rewrites that config itself (transformers_weight_conversion.py
