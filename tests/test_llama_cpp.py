@@ -382,9 +382,13 @@ def _qwen_vl(version: str):
                 num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     tokens = dict(image_token_id=255, video_token_id=254, vision_start_token_id=253, vision_end_token_id=252)
-    if version == "3":
+    if version in ("3", "3-moe"):
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                       deepstack_visual_indexes=[], num_position_embeddings=16)
+        if version == "3-moe":
+            moe = dict(moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2)
+            return transformers.Qwen3VLMoeConfig(text_config={**text, "head_dim": 16, **moe}, vision_config=vision,
+                                                 **tokens)
         return transformers.Qwen3VLConfig(text_config={**text, "head_dim": 16}, vision_config=vision, **tokens)
     if version == "2.5":
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
@@ -395,7 +399,7 @@ def _qwen_vl(version: str):
 
 
 @pytest.mark.parametrize("family", ["llava", "gemma3-vlm", "mistral3-vlm", "llama4-vlm", "qwen2-vl", "qwen2.5-vl",
-                                    "qwen3-vl"])
+                                    "qwen3-vl", "qwen3-vl-moe"])
 def test_llama_cpp_takes_a_vlm_language_model_lora(tmp_path, lc, family):
     """A VLM's language model (peft: model.language_model.layers…; Llava and Llama 4 on disk
     language_model.model…): llama.cpp's converter makes a text model of it (the vision tower goes to an
@@ -413,13 +417,22 @@ def test_llama_cpp_takes_a_vlm_language_model_lora(tmp_path, lc, family):
                    "llama4-vlm": (_llama4_vlm, transformers.Llama4ForConditionalGeneration),
                    "qwen2-vl": (lambda: _qwen_vl("2"), transformers.Qwen2VLForConditionalGeneration),
                    "qwen2.5-vl": (lambda: _qwen_vl("2.5"), transformers.Qwen2_5_VLForConditionalGeneration),
-                   "qwen3-vl": (lambda: _qwen_vl("3"), transformers.Qwen3VLForConditionalGeneration)}[family]
+                   "qwen3-vl": (lambda: _qwen_vl("3"), transformers.Qwen3VLForConditionalGeneration),
+                   "qwen3-vl-moe": (lambda: _qwen_vl("3-moe"), transformers.Qwen3VLMoeForConditionalGeneration)}[family]
     config = config()
     build.build_model(config, base, dtype=torch.float32, auto=cls)
+    if family == "qwen3-vl-moe":  # the Hub's layout of its experts, (E, H, 2I) and (E, I, H), which transformers
+        # transposes on load and llama.cpp's converter expects (transformers 5 saves them (E, 2I, H))
+        from safetensors.torch import load_file, save_file
+
+        sd = load_file(base / "model.safetensors")
+        save_file({k: v.transpose(1, 2).contiguous() if k.endswith(("experts.gate_up_proj", "experts.down_proj"))
+                   else v for k, v in sd.items()}, base / "model.safetensors", metadata={"format": "pt"})
     LlamaTokenizer(vocab_file=str(lc[2])).save_pretrained(base)
     shutil.copy(lc[2], base / "tokenizer.model")
     experts = {"target_parameters": ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]} \
-        if family == "llama4-vlm" else {}
+        if family == "llama4-vlm" else {"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]} \
+        if family == "qwen3-vl-moe" else {}
     adapter = build.build_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, use_rslora=True, scale=0.3,
                                   target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)",
                                   rank_pattern={"layers.1.self_attn.q_proj": 2}, **experts)

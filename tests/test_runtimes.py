@@ -573,6 +573,53 @@ def test_gguf_granitemoe_splits_input_linear_and_the_shared_mlp_as_its_converter
             assert d.shape == want.shape and torch.allclose(d, want, atol=1e-5 * want.abs().max().item()), gname
 
 
+@pytest.mark.parametrize("layout", ["hub", "transformers"])
+def test_gguf_qwen3_vl_moe_experts_as_its_converter_reads_the_hubs_layout(runner, tmp_path, layout):
+    """Qwen3-VL-MoE: qwen3vl.py takes the experts as the Hub stores them, (E, H, 2I) / (E, I, H), splits
+    gate_up's last dimension in halves and transposes; peft's ΔW (in transformers' (E, 2I, H) layout)
+    then lands on ffn_{gate,up,down}_exps as it is. A base saved in transformers' own layout, which
+    that converter would mis-split, is refused in one line."""
+    import transformers
+    from helpers import peft_merged
+    from safetensors.torch import load_file, save_file
+
+    from fixtures.build import build_adapter, build_model, load_model
+
+    text = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  deepstack_visual_indexes=[])
+    cfg = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
+    build_model(cfg, tmp_path / "base", dtype=torch.float32, auto=transformers.Qwen3VLMoeForConditionalGeneration)
+    if layout == "hub":
+        f = tmp_path / "base" / "model.safetensors"
+        sd = load_file(f)
+        save_file({k: v.transpose(1, 2).contiguous() if k.endswith(("experts.gate_up_proj", "experts.down_proj"))
+                   else v for k, v in sd.items()}, f, metadata={"format": "pt"})
+    ad = build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
+                       target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    if layout == "transformers":
+        res = runner.invoke(main, ["convert", str(ad), "--to", "gguf", "--base", str(tmp_path / "base"),
+                                   "-o", str(tmp_path / "a.gguf")])
+        assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "Hub's" in res.output
+        assert not (tmp_path / "a.gguf").exists()
+        return
+    convert(ad, tmp_path / "a.gguf", to="gguf", base=tmp_path / "base")
+    got = read_gguf_deltas(tmp_path / "a.gguf", json.loads((tmp_path / "base" / "config.json").read_text()))
+    _, merged = peft_merged(tmp_path / "base", [ad])
+    ref, plain = merged.state_dict(), load_model(tmp_path / "base").state_dict()
+    for layer in range(2):
+        p = f"model.language_model.layers.{layer}.mlp.experts."
+        gate_up = ref[p + "gate_up_proj"] - plain[p + "gate_up_proj"]  # (E, 2I, H) in memory
+        down = ref[p + "down_proj"] - plain[p + "down_proj"]
+        for gname, want in (("ffn_gate_exps", gate_up[:, :48]), ("ffn_up_exps", gate_up[:, 48:]),
+                            ("ffn_down_exps", down)):
+            d = got[f"blk.{layer}.{gname}.weight"]
+            assert d.shape == want.shape and torch.allclose(d, want, atol=1e-5 * want.abs().max().item()), gname
+
+
 @pytest.mark.parametrize("vlm", [False, True], ids=["text", "vlm"])
 def test_gguf_llama4_expert_loras_are_transposed_from_the_parameters_orientation(tmp_path, vlm):
     """Llama 4 stores its experts fused as (E, in, out) like gpt-oss but transformers does not mark them

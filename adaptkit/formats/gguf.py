@@ -101,6 +101,9 @@ ARCHITECTURES = {
     # M-RoPE sections go to the GGUF base, and text alone gets one position per token on every section
     "Qwen2VLForConditionalGeneration": ("qwen2vl", ""), "Qwen2_5_VLForConditionalGeneration": ("qwen2vl", ""),
     "Qwen3VLForConditionalGeneration": ("qwen3vl", ""),
+    # qwen3vl.py Qwen3VLMoeTextModel(Qwen3MoeModel): its experts as the Hub stores them, (E, H, 2I) and (E, I, H)
+    # (see _expert_parts; transformers 5 saves them (E, 2I, H), which that converter would mis-split: refused)
+    "Qwen3VLMoeForConditionalGeneration": ("qwen3vlmoe", ""),
     # llama.py Llama4Model (undo_permute False: q/k rows kept): experts fused on disk, see _expert_parts; it
     # registers Llama4ForConditionalGeneration too (every Llama 4 checkpoint on the Hub), whose language model
     # it converts as this text model (its vision tower goes to an mmproj file: llama4.py Llama4VisionModel)
@@ -332,6 +335,20 @@ def _expert_parts(m, base, arch: str | None, path,
             return [(root + "gate_proj", -1, slice(0, None, 2), every, False),
                     (root + "up_proj", -1, slice(1, None, 2), every, False)]
         return [(stem, -1, every, every, False)]
+    if arch == "qwen3vlmoe" and stored and transposed:
+        # qwen3vl.py Qwen3VLMoeTextModel.modify_tensors: gate_up_proj as the Hub stores it, (E, H, 2I), split
+        # in halves on its last dimension (gate first) and transposed; down_proj (E, I, H) transposed. ΔW is
+        # (out, in) already (transformers transposes these on load: peft's LoRA is in that layout)
+        stem = m.weight_name.removesuffix(".weight")
+        if stem.endswith("gate_up_proj"):
+            root, half = stem.removesuffix("gate_up_proj"), shape[2] // 2
+            return [(root + "gate_proj", -1, slice(0, half), every, False),
+                    (root + "up_proj", -1, slice(half, None), every, False)]
+        return [(stem, -1, every, every, False)]
+    if arch == "qwen3vlmoe" and stored:
+        raise AdaptkitError(f"{m.name}: the base stores these experts in transformers' own layout (E, out, in), "
+                            "not the Hub's (E, in, out) that llama.cpp's qwen3vl.py converter transposes: its "
+                            "GGUF base would be wrong, so no LoRA is exported for it (merge instead)", path)
     if arch == "llama4" and stored and transposed is False:
         # llama4.py Llama4Model.modify_tensors: gate_up_proj (E, H, 2I) transposed and split in halves (gate
         # first), down_proj (E, I, H) transposed. transformers does not mark these experts is_transposed, so
