@@ -154,18 +154,19 @@ def expert_term(op: Op, device) -> torch.Tensor:
 # ------------------------------------------------------------------------- the CPU's blocked merge
 
 def _row_block_bytes() -> int:
-    """fp32 rows computed at once: twice a core's L2 cache, at least 1 MB and at most 4 MB (1 MB
-    where the L2 is not known). Measured with benchmarks/merge_math.py, both cores: on an AMD EPYC
-    (session 5) 1 MB blocks were chosen; on an Intel Xeon with 2 MB of L2 per core (session 11) 1 MB
-    blocks ran at 0.78-0.81 s per billion parameters, 4 MB at 0.60-0.65 and 8 MB at 0.55-0.70, the
-    per-block overhead of the two workers outweighing the cache there. The bits do not depend on it
-    by more than MKL's choice of kernel for a block's shape (see :func:`merge_rows`)."""
+    """fp32 rows computed at once: 1 MB where a core's L2 cache holds 1 MB or less (or is not known),
+    else twice the L2, at most 4 MB. Measured with benchmarks/merge_math.py, both cores: on the AMD
+    EPYC VMs (1 MB of L2 or less per core; sessions 5 and 10) 1 MB blocks; on an Intel Xeon VM with
+    2 MB of L2 per core (session 11) 1 MB blocks ran at 0.78-0.81 s per billion parameters, 4 MB at
+    0.60-0.65 and 8 MB at 0.55-0.70, the per-block overhead of the two workers outweighing the cache
+    there. The bits do not depend on it by more than MKL's choice of kernel for a block's shape (see
+    :func:`merge_rows`)."""
     try:
         text = open("/sys/devices/system/cpu/cpu0/cache/index2/size").read().strip().upper()
         l2 = int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0)
     except (OSError, ValueError):
         return 1 << 20
-    return min(max(2 * l2, 1 << 20), 4 << 20)
+    return 1 << 20 if l2 <= 1 << 20 else min(2 * l2, 4 << 20)
 
 
 ROW_BLOCK_BYTES = _row_block_bytes()

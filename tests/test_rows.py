@@ -190,8 +190,8 @@ def test_a_block_whose_sum_overflows_is_checked_value_by_value(workers):
     assert merge_rows(src, torch.empty_like(src), op, workers, block_bytes=64)
 
 
-@pytest.mark.parametrize("l2, want", [("512K", 1 << 20), ("1024K", 2 << 20), ("2048K", 4 << 20), ("32M", 4 << 20),
-                                      (None, 1 << 20), ("odd", 1 << 20)])
+@pytest.mark.parametrize("l2, want", [("512K", 1 << 20), ("1024K", 1 << 20), ("1536K", 3 << 20), ("2048K", 4 << 20),
+                                      ("32M", 4 << 20), (None, 1 << 20), ("odd", 1 << 20)])
 def test_the_row_block_follows_the_l2_cache_within_1_to_4_mb(monkeypatch, l2, want):
     import builtins
     import io
