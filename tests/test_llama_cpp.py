@@ -148,6 +148,7 @@ ARCHS = {
     # extra key, rotating whole heads)
     "cohere2": (lambda: _tiny("Cohere2Config", head_dim=16, sliding_window=16, tie_word_embeddings=True, rotary_pct=1.0),
                 LINEAR),
+    "hunyuan-dense": (lambda: _tiny("HunYuanDenseV1Config", head_dim=16), LINEAR),
     "apertus": (lambda: _tiny("ApertusConfig", head_dim=16), ATTENTION + ["up_proj", "down_proj"]),  # xIELU MLP
     # MoE: LoRAs on every expert (peft target_parameters), laid out as ffn_{gate,up,down}_exps
     "qwen3-moe": (_qwen3_moe, ATTENTION, EXPERTS),
@@ -230,6 +231,8 @@ from conversion.glm import Glm4Model
 Glm4Model.set_vocab = TextModel._set_vocab_sentencepiece  # it wants GLM's special tokens
 from conversion.glm import Glm4MoeModel
 Glm4MoeModel.set_vocab = TextModel._set_vocab_sentencepiece
+from conversion.hunyuan import HunYuanModel
+HunYuanModel.set_vocab = TextModel._set_vocab_sentencepiece  # it reads a tiktoken-style vocabulary itself
 from conversion.gptneox import GPTNeoXModel
 init = GPTNeoXModel.__init__
 def neox_init(self, *args, **kwargs):  # it reads rotary_pct, which transformers 5's config keeps in rope_parameters

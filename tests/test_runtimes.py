@@ -450,6 +450,8 @@ def test_gguf_token_embd_lora_is_laid_out_as_llama_cpp_reads_it(tmp_path):
     ({"model_type": "dots1"}, ("dots1", "")),
     ({"architectures": ["GraniteMoeSharedForCausalLM"]}, ("granitemoe", "rope")),  # a GraniteModel: q/k permuted
     ({"model_type": "minimax_m2"}, ("minimax-m2", "")),
+    ({"model_type": "hunyuan_v1_dense"}, ("hunyuan-dense", "")),
+    ({"architectures": ["Qwen3VLMoeForConditionalGeneration"]}, ("qwen3vlmoe", "")),
 ])
 def test_gguf_architectures_beyond_the_first_six(config, want):
     from adaptkit.formats.gguf import PERMUTED, base_architecture

@@ -53,6 +53,8 @@ ARCHITECTURES = {
     "Cohere2ForCausalLM": ("cohere2", ""),
     # llama.py ApertusModel(LlamaModel) with undo_permute False: q/k rows kept (its xIELU parameters go to metadata)
     "ApertusForCausalLM": ("apertus", ""),
+    # hunyuan.py HunYuanModel: renames (the tied head skipped)
+    "HunYuanDenseV1ForCausalLM": ("hunyuan-dense", ""),
     # gpt2.py GPT2Model: Conv1D weights transposed to (out, in), which is the orientation of peft's ΔW there
     # (mpt.py registers MPTForCausalLM, MosaicML's remote-code class, not transformers' MptForCausalLM)
     "GPT2LMHeadModel": ("gpt2", ""),
