@@ -155,14 +155,15 @@ def expert_term(op: Op, device) -> torch.Tensor:
 
 def _row_block_bytes() -> int:
     """fp32 rows computed at once: 1 MB where a core's L2 cache holds 1 MB or less (or is not known),
-    else twice the L2, at most 4 MB. Measured with benchmarks/merge_math.py, both cores: on the AMD
-    EPYC VMs (1 MB of L2 or less per core; sessions 5 and 10) 1 MB blocks; on an Intel Xeon VM with
-    2 MB of L2 per core (session 11) 1 MB blocks ran at 0.78-0.81 s per billion parameters, 4 MB at
-    0.60-0.65 and 8 MB at 0.55-0.70, the per-block overhead of the two workers outweighing the cache
-    there. The bits do not depend on it by more than MKL's choice of kernel for a block's shape (see
-    :func:`merge_rows`)."""
+    else twice the L2, at most 4 MB. Measured with benchmarks/merge_math.py, both cores: the AMD
+    EPYC VMs of sessions 5 and 10 with 1 MB blocks (EPYC cores have 512 KB-1 MB of L2); on an Intel
+    Xeon VM with 2 MB of L2 per core (session 11) 1 MB blocks ran at 0.78-0.81 s per billion
+    parameters, 4 MB at 0.60-0.65 and 8 MB at 0.55-0.70, the per-block overhead of the two workers
+    outweighing the cache there. The bits do not depend on it by more than MKL's choice of kernel for
+    a block's shape (see :func:`merge_rows`)."""
     try:
-        text = open("/sys/devices/system/cpu/cpu0/cache/index2/size").read().strip().upper()
+        with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as f:
+            text = f.read().strip().upper()
         l2 = int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0)
     except (OSError, ValueError):
         return 1 << 20
