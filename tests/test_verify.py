@@ -203,8 +203,9 @@ def test_a_reference_transformers_cannot_run_skips_the_model_level_with_a_warnin
 
 def test_the_merged_model_is_upcast_into_the_references_modules_with_the_same_verdict(good, monkeypatch):
     """A 16-bit merged model: transformers loads it in its own dtype and its weights go into the
-    reference's fp32 modules (peft's layers unloaded). The logits are those of the merged model loaded in
-    fp32 (the same numbers to the last bit), and a wrong merge still fails at the model level."""
+    reference's modules once peft's layers are unloaded (taken over where the base is stored in the same
+    dtype, see Fp32Compute; upcast into fp32 ones otherwise). The logits are those of the merged model
+    loaded in fp32 (the same numbers to the last bit), and a wrong merge still fails at the model level."""
     import adaptkit.commands.verify as verify_module
 
     taken = []
