@@ -306,8 +306,8 @@ def renamed_parameters(base: Checkpoint, shapes: dict) -> dict[str, tuple[int, .
     ``shapes`` lacks)."""
     from .architecture import checkpoint_renames
 
-    return {memory: tuple(base.info(disk).shape) for memory, disk in checkpoint_renames(base.config, base.tensors).items()
-            if memory not in shapes}
+    renames = checkpoint_renames(base.config, base.tensors)
+    return {memory: tuple(base.info(disk).shape) for memory, disk in renames.items() if memory not in shapes}
 
 
 def resolve_parameters(base: Checkpoint, adapters: list[Adapter]) -> None:

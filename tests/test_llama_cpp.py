@@ -146,8 +146,8 @@ ARCHS = {
     "nemotron": (lambda: _tiny("NemotronConfig", head_dim=16), ATTENTION + ["up_proj", "down_proj"]),
     # rotary_pct as Command R7B's config.json has it (llama.cpp's converter reads it; transformers 5 keeps it as an
     # extra key, rotating whole heads)
-    "cohere2": (lambda: _tiny("Cohere2Config", head_dim=16, sliding_window=16, tie_word_embeddings=True, rotary_pct=1.0),
-                LINEAR),
+    "cohere2": (lambda: _tiny("Cohere2Config", head_dim=16, sliding_window=16, tie_word_embeddings=True,
+                              rotary_pct=1.0), LINEAR),
     "hunyuan-dense": (lambda: _tiny("HunYuanDenseV1Config", head_dim=16), LINEAR),
     "apertus": (lambda: _tiny("ApertusConfig", head_dim=16), ATTENTION + ["up_proj", "down_proj"]),  # xIELU MLP
     # MoE: LoRAs on every expert (peft target_parameters), laid out as ffn_{gate,up,down}_exps
@@ -161,8 +161,6 @@ ARCHS = {
     # deepseek2 in llama.cpp: latent attention (whose projections llama.cpp multiplies without a LoRA, so
     # the export refuses LoRAs there), the router and the experts of the MoE layer after the dense one
     "deepseek-v3": (deepseek_v3_config, ["o_proj"], EXPERTS + ["mlp.gate.weight"]),
-    # a dense first layer, then routed experts, a shared expert and the router (GLM-4.5's layout; its
-    # multi-token-prediction layer is not in transformers' model, so none here)
     # experts stored 3-D as input_linear (gate, up halves) / output_linear and renamed on load, the router a
     # 2-D parameter (router.layer on disk); GraniteMoeShared adds a shared MLP whose input_linear splits too
     "granitemoe": (lambda: _granite("GraniteMoeConfig", intermediate_size=48, num_local_experts=4,
@@ -175,7 +173,10 @@ ARCHS = {
                           ["block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"]),
     # rotary_dim and scoring_func as MiniMax-M2's config.json has them (partial RoPE; a sigmoid router)
     "minimax-m2": (lambda: _tiny("MiniMaxM2Config", head_dim=16, rotary_dim=8, num_local_experts=4,
-                                 num_experts_per_tok=2, scoring_func="sigmoid"), ATTENTION, EXPERTS + ["mlp.gate.weight"]),
+                                 num_experts_per_tok=2, scoring_func="sigmoid"),
+                   ATTENTION, EXPERTS + ["mlp.gate.weight"]),
+    # a dense first layer, then routed experts, a shared expert and the router (GLM-4.5's layout; its
+    # multi-token-prediction layer is not in transformers' model, so none here)
     "glm4-moe": (lambda: _tiny("Glm4MoeConfig", head_dim=16, moe_intermediate_size=48, n_routed_experts=4,
                                num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
                                num_nextn_predict_layers=0),
@@ -421,7 +422,8 @@ def test_llama_cpp_takes_a_vlm_language_model_lora(tmp_path, lc, family):
                    "qwen2-vl": (lambda: _qwen_vl("2"), transformers.Qwen2VLForConditionalGeneration),
                    "qwen2.5-vl": (lambda: _qwen_vl("2.5"), transformers.Qwen2_5_VLForConditionalGeneration),
                    "qwen3-vl": (lambda: _qwen_vl("3"), transformers.Qwen3VLForConditionalGeneration),
-                   "qwen3-vl-moe": (lambda: _qwen_vl("3-moe"), transformers.Qwen3VLMoeForConditionalGeneration)}[family]
+                   "qwen3-vl-moe": (lambda: _qwen_vl("3-moe"),
+                                    transformers.Qwen3VLMoeForConditionalGeneration)}[family]
     config = config()
     build.build_model(config, base, dtype=torch.float32, auto=cls)
     if family == "qwen3-vl-moe":  # the Hub's layout of its experts, (E, H, 2I) and (E, I, H), which transformers

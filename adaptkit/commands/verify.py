@@ -897,8 +897,8 @@ def verify(base, adapters, merged, *, weights=None, prompts: list[str] | None = 
             if all(isinstance(r, Adapter) for r in refs):
                 try:
                     model_check = check_model(base_ck.path, refs, merged_ck.path, weights, prompts, seed=seed,
-                                              device=dev, progress=report.advance, merged_dtype=_stored_16bit(merged_ck),
-                                              base_dtype=_stored_16bit(base_ck))
+                                              device=dev, progress=report.advance,
+                                              merged_dtype=_stored_16bit(merged_ck), base_dtype=_stored_16bit(base_ck))
                 except ReferenceFailed as e:
                     warnings.append(f"model-level check skipped: transformers and peft could not run the base with "
                                     f"the adapters ({e}); every merged tensor was checked at the layer level")
