@@ -301,13 +301,21 @@ def expert_parameters(base: Checkpoint) -> tuple[dict[str, tuple[int, ...]], dic
     return cached
 
 
+def renames(base: Checkpoint) -> dict[str, str]:
+    """In-memory -> on-disk names of the tensors transformers renames on load
+    (:func:`adaptkit.architecture.checkpoint_renames`), asked once per base (cached)."""
+    cached = getattr(base, "_renames", None)
+    if cached is None:
+        from .architecture import checkpoint_renames
+
+        cached = base._renames = checkpoint_renames(base.config, base.tensors)
+    return cached
+
+
 def renamed_parameters(base: Checkpoint, shapes: dict) -> dict[str, tuple[int, ...]]:
     """The shapes of the parameters transformers renames on load, by their in-memory names (those
     ``shapes`` lacks)."""
-    from .architecture import checkpoint_renames
-
-    renames = checkpoint_renames(base.config, base.tensors)
-    return {memory: tuple(base.info(disk).shape) for memory, disk in renames.items() if memory not in shapes}
+    return {memory: tuple(base.info(disk).shape) for memory, disk in renames(base).items() if memory not in shapes}
 
 
 def resolve_parameters(base: Checkpoint, adapters: list[Adapter]) -> None:
@@ -421,9 +429,7 @@ def _disk_names(base: Checkpoint, adapters: list[Adapter]) -> dict[str, str]:
         wanted -= set(expert_parameters(base)[1])
         if all(n in base for n in wanted):
             return {}
-    from .architecture import checkpoint_renames
-
-    return checkpoint_renames(base.config, base.tensors)
+    return renames(base)
 
 
 def _closest(base: Checkpoint, name: str) -> str | None:

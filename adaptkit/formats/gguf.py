@@ -295,6 +295,13 @@ def _layer(name: str) -> int:
     return int(found.group(1))
 
 
+def _halves(gate: str, up: str, half: int, swap: bool) -> list[tuple[str, int, slice, slice, bool]]:
+    """:func:`_expert_parts` of a gate_up parameter the converter splits in halves, gate first: each
+    of ``gate`` and ``up`` takes its half of every expert's ΔW rows (of its transpose when ``swap``)."""
+    every = slice(None)
+    return [(gate, -1, slice(0, half), every, swap), (up, -1, slice(half, None), every, swap)]
+
+
 def _expert_parts(m, base, arch: str | None, path,
                   runtime: str = "GGUF") -> list[tuple[str, int, slice, slice, bool]]:
     """Where a LoRA on a 3-D expert parameter lands on the checkpoint's own tensors, as llama.cpp's
@@ -302,7 +309,7 @@ def _expert_parts(m, base, arch: str | None, path,
     messages) see them: each (checkpoint tensor it becomes, without ``.weight``; expert, or -1 for all;
     rows of ΔW (B's); columns (A's); whether that ΔW is the LoRA's transposed, A' = Bᵀ and B' = Aᵀ,
     rows and columns then taken of those)."""
-    from ..plan import _expert_orientation, expert_parameters
+    from ..plan import _expert_orientation, expert_parameters, renames
 
     shapes, fused = expert_parameters(base)
     shape = shapes.get(m.weight_name)
@@ -312,17 +319,14 @@ def _expert_parts(m, base, arch: str | None, path,
     transposed = _expert_orientation(m, tuple(shape[1:]), base)
     stored = m.weight_name in base.tensors
     if not stored and m.weight_name not in fused:  # stored 3-D under another name (transformers renames it)
-        from ..architecture import checkpoint_renames
-
-        disk = checkpoint_renames(base.config, base.tensors).get(m.weight_name)
+        disk = renames(base).get(m.weight_name)
         if disk is not None and tuple(base.info(disk).shape) == tuple(shape):
             stem = disk.removesuffix(".weight")
             if arch == "granitemoe" and transposed is False and stem.endswith("block_sparse_moe.input_linear"):
                 # granite.py GraniteMoeModel.modify_tensors: input_linear (E, 2I, H) split in halves along
                 # its rows, gate first, into ffn_gate_exps and ffn_up_exps (the gguf names it writes)
-                bid, half = _layer(stem), shape[1] // 2
-                return [(f"blk.{bid}.ffn_gate_exps", -1, slice(0, half), every, False),
-                        (f"blk.{bid}.ffn_up_exps", -1, slice(half, None), every, False)]
+                bid = _layer(stem)
+                return _halves(f"blk.{bid}.ffn_gate_exps", f"blk.{bid}.ffn_up_exps", shape[1] // 2, False)
             if transposed is False and not stem.endswith("input_linear"):
                 return [(stem, -1, every, every, False)]  # output_linear (E, H, I): ffn_down_exps as it is
             raise AdaptkitError(f"{m.name}: the base stores these experts as {disk}, whose layout llama.cpp's "
@@ -343,9 +347,8 @@ def _expert_parts(m, base, arch: str | None, path,
         # (out, in) already (transformers transposes these on load: peft's LoRA is in that layout)
         stem = m.weight_name.removesuffix(".weight")
         if stem.endswith("gate_up_proj"):
-            root, half = stem.removesuffix("gate_up_proj"), shape[2] // 2
-            return [(root + "gate_proj", -1, slice(0, half), every, False),
-                    (root + "up_proj", -1, slice(half, None), every, False)]
+            root = stem.removesuffix("gate_up_proj")
+            return _halves(root + "gate_proj", root + "up_proj", shape[2] // 2, False)
         return [(stem, -1, every, every, False)]
     if arch == "qwen3vlmoe" and stored:
         raise AdaptkitError(f"{m.name}: the base stores these experts in transformers' own layout (E, out, in), "
@@ -357,9 +360,8 @@ def _expert_parts(m, base, arch: str | None, path,
         # peft's LoRA is in the parameter's own orientation ((H, 2I) per expert): llama.cpp's ΔW is its transpose
         stem = m.weight_name.removesuffix(".weight")
         if stem.endswith("gate_up_proj"):
-            root, half = stem.removesuffix("gate_up_proj"), shape[2] // 2
-            return [(root + "gate_proj", -1, slice(0, half), every, True),
-                    (root + "up_proj", -1, slice(half, None), every, True)]
+            root = stem.removesuffix("gate_up_proj")
+            return _halves(root + "gate_proj", root + "up_proj", shape[2] // 2, True)
         return [(stem, -1, every, every, True)]
     if transposed is not False:
         raise AdaptkitError(f"{m.name}: the base stores these experts as (E, in, out), which is re-laid out per "
@@ -404,7 +406,6 @@ def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float,
     with llama.cpp's one scale (alpha / rank of the tensor) folded in: 2-D (r, in), (out, r); experts
     stacked (E, r, in), (E, out, r)."""
     plain: dict[str, tuple] = {}  # checkpoint name (or, where the converter writes one itself, gguf name) -> (a, b)
-    renames = None
     stacks: dict[str, dict[int, tuple]] = {}  # stacked name -> expert -> (A_e, s_e·B_e)
     experts = {}  # stacked name -> E
     for m in adapter.modules.values():
@@ -423,10 +424,9 @@ def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float,
             continue
         module = m.name.removesuffix(".weight") if m.param else m.name  # a 2-D parameter (Qwen2-MoE's router)
         if base is not None and module + ".weight" not in base.tensors:  # renamed on load (GraniteMoe's router)
-            from ..architecture import checkpoint_renames
+            from ..plan import renames
 
-            renames = renames if renames is not None else checkpoint_renames(base.config, base.tensors)
-            module = renames.get(module + ".weight", module + ".weight").removesuffix(".weight")
+            module = renames(base).get(module + ".weight", module + ".weight").removesuffix(".weight")
         if arch == "granitemoe" and module.endswith("shared_mlp.input_linear"):
             # granite.py: the shared MLP's input_linear (2S, H) split in halves along its rows, gate first,
             # into ffn_{gate,up}_shexp (ffn_{gate,up} in a model without experts); A is each half's own
