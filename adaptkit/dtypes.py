@@ -14,6 +14,7 @@ NAMES: dict[str, torch.dtype] = {
 }
 FLOATS = ("float16", "bfloat16", "float32")  # what an output may be converted to
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
 def parse_dtype(value, allowed=FLOATS, param: str = "dtype", path=None) -> torch.dtype:

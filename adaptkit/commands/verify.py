@@ -40,6 +40,7 @@ from ..adapter import Adapter, adapter_weights
 from ..architecture import named_class
 from ..codecs import FourBitRead, ScaledRead
 from ..device import resolve_device
+from ..dtypes import SIXTEEN_BIT
 from ..errors import AdaptkitError
 from ..io import readahead
 from ..io.checkpoint import Checkpoint
@@ -258,7 +259,7 @@ def _row_probed(job, got: torch.Tensor, src: torch.Tensor) -> bool:
     """Whether :func:`_probe_rows` checks this job: plain LoRAs only (no DoRA, nothing replaced) on a
     2-D weight, 16-bit in the merged model, dense in both."""
     return all(op.kind == "lora" and not op.module.use_dora for op in job.ops) and got.dim() == 2 \
-        and got.dtype in (torch.float16, torch.bfloat16) and src.dtype in (torch.float16, torch.bfloat16, torch.float32) \
+        and got.dtype in SIXTEEN_BIT and src.dtype in (*SIXTEEN_BIT, torch.float32) \
         and src.shape == got.shape
 
 
@@ -518,7 +519,7 @@ class Fp32Compute:
     pages (most of a 1.1B model's load on a 2-core VM, docs/benchmarks.md). Buffers stay as
     transformers makes them for the 16-bit dtype, the same for the reference and the merged model."""
 
-    LOW = (torch.float16, torch.bfloat16)
+    LOW = SIXTEEN_BIT
 
     def __init__(self, model: torch.nn.Module):
         lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
@@ -941,7 +942,7 @@ def _stored_16bit(ck: Checkpoint) -> torch.dtype | None:
     if "quantization_config" in ck.config:
         return None
     dtypes = {info.dtype for _, info in ck.tensors.values() if info.dtype.is_floating_point}
-    return dtypes.pop() if len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16} else None
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= set(SIXTEEN_BIT) else None
 
 
 def _transformers_knows(ck: Checkpoint) -> bool:
