@@ -133,13 +133,9 @@ def test_experts_stored_3d_under_another_name_merge_as_peft_merges_them(tmp_path
     experts.gate_up_proj / down_proj in memory, the router's weight router.layer.weight on disk:
     transformers' renames are asked for only when the plain names do not fit, every delta lands on
     the disk tensor transformers loads the parameter from, and a dropped expert's delta fails verify."""
-    import transformers
     from peft import PeftModel
 
-    cfg = transformers.GraniteMoeSharedConfig(vocab_size=256, hidden_size=64, intermediate_size=48,
-                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                              num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=32)
-    build.build_model(cfg, tmp_path / "base", dtype=torch.float32)
+    build.build_model(build.granite_moe_shared_config(), tmp_path / "base", dtype=torch.float32)
     ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
                              target_modules=["q_proj", "shared_mlp.input_linear"],
                              target_parameters=["block_sparse_moe.experts.gate_up_proj",
@@ -179,21 +175,13 @@ def test_experts_transformers_transposes_on_load_merge_in_the_checkpoints_own_la
     logits equal peft's unmerged model and verify accepts the merge."""
     import transformers
     from peft import PeftModel
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    text = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=48, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-                bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
-                  deepstack_visual_indexes=[0])
-    cfg = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
-    build.build_model(cfg, tmp_path / "base", dtype=torch.float32, auto=transformers.Qwen3VLMoeForConditionalGeneration)
-    f = tmp_path / "base" / "model.safetensors"
-    sd = load_file(f)
+    build.build_model(build.qwen3_vl_moe_config(), tmp_path / "base", dtype=torch.float32,
+                      auto=transformers.Qwen3VLMoeForConditionalGeneration)
+    sd = load_file(tmp_path / "base" / "model.safetensors")
     experts = [k for k in sd if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))]
-    save_file({k: v.transpose(1, 2).contiguous() if k in experts else v for k, v in sd.items()}, f,
-              metadata={"format": "pt"})  # the Hub's layout
+    build.to_hub_expert_layout(tmp_path / "base")
     ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4, target_modules=["q_proj"],
                              target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     result = adaptkit.merge(tmp_path / "base", ad, tmp_path / "m", dtype="float32")

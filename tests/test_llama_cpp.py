@@ -426,13 +426,8 @@ def test_llama_cpp_takes_a_vlm_language_model_lora(tmp_path, lc, family):
                                     transformers.Qwen3VLMoeForConditionalGeneration)}[family]
     config = config()
     build.build_model(config, base, dtype=torch.float32, auto=cls)
-    if family == "qwen3-vl-moe":  # the Hub's layout of its experts, (E, H, 2I) and (E, I, H), which transformers
-        # transposes on load and llama.cpp's converter expects (transformers 5 saves them (E, 2I, H))
-        from safetensors.torch import load_file, save_file
-
-        sd = load_file(base / "model.safetensors")
-        save_file({k: v.transpose(1, 2).contiguous() if k.endswith(("experts.gate_up_proj", "experts.down_proj"))
-                   else v for k, v in sd.items()}, base / "model.safetensors", metadata={"format": "pt"})
+    if family == "qwen3-vl-moe":  # the Hub's layout of its experts, which llama.cpp's converter expects
+        build.to_hub_expert_layout(base)
     LlamaTokenizer(vocab_file=str(lc[2])).save_pretrained(base)
     shutil.copy(lc[2], base / "tokenizer.model")
     experts = {"target_parameters": ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]} \

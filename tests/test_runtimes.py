@@ -547,15 +547,11 @@ def test_gguf_granitemoe_splits_input_linear_and_the_shared_mlp_as_its_converter
     """GraniteMoeShared: granite.py splits the experts' input_linear (E, 2I, H) and the shared MLP's
     input_linear (2S, H) in halves, gate first, into ffn_gate/up_exps and ffn_gate/up_shexp; the
     router is router.layer on disk (ffn_gate_inp); q/k rows are permuted as for llama."""
-    import transformers
     from helpers import peft_merged
 
-    from fixtures.build import build_adapter, build_model, load_model
+    from fixtures.build import build_adapter, build_model, granite_moe_shared_config, load_model
 
-    cfg = transformers.GraniteMoeSharedConfig(vocab_size=256, hidden_size=64, intermediate_size=48,
-                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                              num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=32)
-    build_model(cfg, tmp_path / "base", dtype=torch.float32)
+    build_model(granite_moe_shared_config(), tmp_path / "base", dtype=torch.float32)
     ad = build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
                        target_modules=["shared_mlp.input_linear"],
                        target_parameters=["block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.router.weight"])
@@ -583,23 +579,13 @@ def test_gguf_qwen3_vl_moe_experts_as_its_converter_reads_the_hubs_layout(runner
     that converter would mis-split, is refused in one line."""
     import transformers
     from helpers import peft_merged
-    from safetensors.torch import load_file, save_file
 
-    from fixtures.build import build_adapter, build_model, load_model
+    from fixtures.build import build_adapter, build_model, load_model, qwen3_vl_moe_config, to_hub_expert_layout
 
-    text = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=48, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-                bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                  deepstack_visual_indexes=[])
-    cfg = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
-    build_model(cfg, tmp_path / "base", dtype=torch.float32, auto=transformers.Qwen3VLMoeForConditionalGeneration)
+    build_model(qwen3_vl_moe_config(), tmp_path / "base", dtype=torch.float32,
+                auto=transformers.Qwen3VLMoeForConditionalGeneration)
     if layout == "hub":
-        f = tmp_path / "base" / "model.safetensors"
-        sd = load_file(f)
-        save_file({k: v.transpose(1, 2).contiguous() if k.endswith(("experts.gate_up_proj", "experts.down_proj"))
-                   else v for k, v in sd.items()}, f, metadata={"format": "pt"})
+        to_hub_expert_layout(tmp_path / "base")
     ad = build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     if layout == "transformers":
