@@ -168,6 +168,33 @@ def test_experts_stored_3d_under_another_name_merge_as_peft_merges_them(tmp_path
     assert not report.ok and name in [m.name for m in report.modules if not m.ok]
 
 
+def test_gemma4_fused_experts_and_router_merge_as_peft_merges_them(tmp_path):
+    """Gemma 4's MoE layers (26B-A4B): experts stored fused 3-D as in memory (layers.N.experts, no mlp.
+    prefix), a dense MLP beside them and a router whose proj is an nn.Linear: every delta exact
+    against peft, logits equal peft's unmerged model, and verify accepts the merge."""
+    from peft import PeftModel
+
+    build.build_model(build.gemma4_config(moe=True), tmp_path / "base", dtype=torch.float32)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
+                             target_modules=["q_proj", "mlp.down_proj", "router.proj"],
+                             target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+                             rank_pattern={"gate_up_proj": 3})
+    result = adaptkit.merge(tmp_path / "base", ad, tmp_path / "m")
+    assert result.modules_merged == 10 and not result.warnings
+    unmerged = PeftModel.from_pretrained(build.load_model(tmp_path / "base"), ad).eval()
+    mine = build.load_model(tmp_path / "m")
+    ids = torch.tensor([[1, 5, 9, 200, 7, 3, 11, 13, 60, 61]])
+    with torch.no_grad():
+        a, b = unmerged(input_ids=ids).logits, mine(input_ids=ids).logits
+        with unmerged.disable_adapter():
+            c = unmerged(input_ids=ids).logits
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max() and (a - c).abs().max() > 100 * (a - b).abs().max()
+    ref = unmerged.merge_and_unload().state_dict()
+    for name, t in mine.state_dict().items():
+        assert torch.allclose(t, ref[name], rtol=1e-6, atol=1e-7), name
+    assert adaptkit.verify(tmp_path / "base", ad, tmp_path / "m").ok
+
+
 def test_experts_transformers_transposes_on_load_merge_in_the_checkpoints_own_layout(tmp_path):
     """Qwen3-VL-MoE checkpoints on the Hub store the experts as (E, H, 2I) / (E, I, H), which
     transformers 5 transposes on load (conversion_mapping: Transpose(1, 2)); peft's LoRA is in the

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.build import (deepseek_v3_config, gpt_oss_config, llama_config, mixtral_config, phi3_config,
-                            qwen2_moe_config, qwen3_moe_config)
+from fixtures.build import (deepseek_v3_config, gemma4_config, gpt_oss_config, llama_config, mixtral_config,
+                            perturb_expert_scales, phi3_config, qwen2_moe_config, qwen3_moe_config)
 
 ROOT = os.environ.get("ADAPTKIT_LLAMA_CPP")
 pytestmark = [pytest.mark.llama_cpp,
@@ -90,6 +90,13 @@ def _llama4():
                  num_experts_per_tok=1, interleave_moe_layer_step=1, num_hidden_layers=4)
 
 
+def _qwen35(cls: str, **over):
+    return _tiny(cls, head_dim=64, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                 linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"], pad_token_id=None,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                  "mrope_section": [3, 3, 2]}, **over)
+
+
 def _gpt2(cls: str = "GPT2Config", **over):
     # GPT-2's own names for the sizes; n_ctx as its config.json has it (llama.cpp's gpt2 converter reads it)
     import transformers
@@ -150,6 +157,21 @@ ARCHS = {
                               rotary_pct=1.0), LINEAR),
     "hunyuan-dense": (lambda: _tiny("HunYuanDenseV1Config", head_dim=16), LINEAR),
     "apertus": (lambda: _tiny("ApertusConfig", head_dim=16), ATTENTION + ["up_proj", "down_proj"]),  # xIELU MLP
+    # Gemma 4's text model: sliding and full attention layers (the full ones with "proportional" partial RoPE),
+    # global_head_dim as its config.json has it (the converter reads it), per-layer inputs off
+    "gemma4": (gemma4_config, LINEAR),
+    # Gemma 4's MoE layers (26B-A4B): a dense MLP beside fused 3-D experts (ffn_gate_up_exps kept fused), the
+    # router's per-expert scale set away from one (llama.cpp scales W·x by it but not a LoRA's delta)
+    "gemma4-moe": (lambda: gemma4_config(moe=True),
+                   ATTENTION + ["mlp.down_proj", "router.proj"], ["experts.gate_up_proj", "experts.down_proj"]),
+    # Qwen3.5: gated-delta-net layers (more value than key heads: llama.cpp reorders the value heads) and a
+    # gated full-attention layer; its M-RoPE sections fitted to the rotary dims (a quarter of head_dim 64)
+    "qwen3.5": (lambda: _qwen35("Qwen3_5TextConfig", intermediate_size=128),
+                LINEAR + ["in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj"]),
+    "qwen3.5-moe": (lambda: _qwen35("Qwen3_5MoeTextConfig", moe_intermediate_size=48, shared_expert_intermediate_size=32,
+                                    num_experts=4, num_experts_per_tok=2),
+                    ATTENTION + ["in_proj_qkv", "in_proj_z", "in_proj_b", "out_proj", "shared_expert.up_proj",
+                                 "shared_expert_gate"], EXPERTS + ["mlp.gate.weight"]),
     # MoE: LoRAs on every expert (peft target_parameters), laid out as ffn_{gate,up,down}_exps
     "qwen3-moe": (_qwen3_moe, ATTENTION, EXPERTS),
     "mixtral": (mixtral_config, ATTENTION, EXPERTS),
@@ -234,6 +256,10 @@ from conversion.glm import Glm4MoeModel
 Glm4MoeModel.set_vocab = TextModel._set_vocab_sentencepiece
 from conversion.hunyuan import HunYuanModel
 HunYuanModel.set_vocab = TextModel._set_vocab_sentencepiece  # it reads a tiktoken-style vocabulary itself
+from conversion.gemma import Gemma4Model
+Gemma4Model.set_vocab = TextModel._set_vocab_sentencepiece  # it wants Gemma 4's BPE merges
+from conversion.qwen import _QwenMtpMixin
+_QwenMtpMixin.no_mtp = True  # --no-mtp: transformers' Qwen3.5 models hold no multi-token-prediction layers
 from conversion.gptneox import GPTNeoXModel
 init = GPTNeoXModel.__init__
 def neox_init(self, *args, **kwargs):  # it reads rotary_pct, which transformers 5's config keeps in rope_parameters
@@ -259,7 +285,9 @@ def _base(lc, tmp_path: Path, arch: str) -> Path:
 
     torch.manual_seed(0)
     folder = tmp_path / "base"
-    AutoModelForCausalLM.from_config(ARCHS[arch][0]()).float().save_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(ARCHS[arch][0]()).float()
+    perturb_expert_scales(model)  # Gemma 4's, ones when initialised
+    model.save_pretrained(folder)
     LlamaTokenizer(vocab_file=str(lc[2])).save_pretrained(folder)
     shutil.copy(lc[2], folder / "tokenizer.model")  # what the converter reads for these architectures
     return folder
@@ -341,12 +369,15 @@ def _check(lc, tmp_path: Path, base: Path, adapter: Path, label: str, peft: bool
     # Where llama.cpp's CPU GELU rounds its input to f16 for a table lookup (ggml-cpu/vec.h GGML_GELU_FP16)
     # and the model's own noise is that rounding, the two fp32 orders of B·(A·x) + W·x and (W + ΔW)·x land
     # on different f16 steps: there a fifth of that noise is the bound (starcoder2 came to 0.11 of it on an
-    # AMD EPYC, under 0.1 on the Intel machines before)
+    # AMD EPYC, under 0.1 on the Intel machines before). Gemma 4's MoE layers run two such MLPs (the dense one
+    # and the experts, whose top-k the steps also move) and its VLM text model more steps: there it is the
+    # noise itself (gemma4-moe 0.87 of it, gemma4-vlm 0.38, gemma4 0.11 on an Intel Xeon)
     bound = max(2e-5, noise / 5) if label in F16_GELU else 2e-5
+    bound = noise if label in ("gemma4-moe", "gemma4-vlm") else bound
     assert np.abs(with_lora - merged).max() / scale <= bound
 
 
-F16_GELU = {"gemma", "gemma2", "gemma3-vlm", "starcoder2", "phi2", "gpt-neox", "gpt2", "gpt-bigcode", "bloom", "falcon"}  # GELU-tanh MLPs (gemma3 stays within 2e-5)
+F16_GELU = {"gemma", "gemma2", "gemma4", "gemma3-vlm", "gemma4-vlm", "starcoder2", "phi2", "gpt-neox", "gpt2", "gpt-bigcode", "bloom", "falcon"}  # GELU-tanh MLPs (gemma3 stays within 2e-5)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -373,6 +404,15 @@ def _mistral3_vlm():
     return Mistral3Config(text_config=_mistral(), vision_config=vision, image_token_index=255)
 
 
+def _gemma4_vlm():
+    from transformers import Gemma4Config, Gemma4VisionConfig
+
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=16, patch_size=16, position_embedding_size=64)
+    return Gemma4Config(text_config=gemma4_config(), vision_config=vision, audio_config=None, image_token_id=255,
+                        boi_token_id=253, eoi_token_id=254, video_token_id=252)
+
+
 def _llama4_vlm():
     from fixtures import build
 
@@ -394,6 +434,15 @@ def _qwen_vl(version: str):
             return transformers.Qwen3VLMoeConfig(text_config={**text, "head_dim": 16, **moe}, vision_config=vision,
                                                  **tokens)
         return transformers.Qwen3VLConfig(text_config={**text, "head_dim": 16}, vision_config=vision, **tokens)
+    if version in ("3.5", "3.5-moe"):
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      num_position_embeddings=16)
+        if version == "3.5-moe":
+            config = _qwen35("Qwen3_5MoeTextConfig", moe_intermediate_size=48, shared_expert_intermediate_size=32,
+                             num_experts=4, num_experts_per_tok=2)
+            return transformers.Qwen3_5MoeConfig(text_config=config.to_dict(), vision_config=vision, **tokens)
+        config = _qwen35("Qwen3_5TextConfig")
+        return transformers.Qwen3_5Config(text_config=config.to_dict(), vision_config=vision, **tokens)
     if version == "2.5":
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                       fullatt_block_indexes=[0])
@@ -402,8 +451,8 @@ def _qwen_vl(version: str):
     return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3-vlm", "mistral3-vlm", "llama4-vlm", "qwen2-vl", "qwen2.5-vl",
-                                    "qwen3-vl", "qwen3-vl-moe"])
+@pytest.mark.parametrize("family", ["llava", "gemma3-vlm", "gemma4-vlm", "mistral3-vlm", "llama4-vlm", "qwen2-vl", "qwen2.5-vl",
+                                    "qwen3-vl", "qwen3-vl-moe", "qwen3.5-vlm", "qwen3.5-moe-vlm"])
 def test_llama_cpp_takes_a_vlm_language_model_lora(tmp_path, lc, family):
     """A VLM's language model (peft: model.language_model.layers…; Llava and Llama 4 on disk
     language_model.model…): llama.cpp's converter makes a text model of it (the vision tower goes to an
@@ -417,13 +466,17 @@ def test_llama_cpp_takes_a_vlm_language_model_lora(tmp_path, lc, family):
     base = tmp_path / "base"
     config, cls = {"llava": (build.llava_config, transformers.LlavaForConditionalGeneration),
                    "gemma3-vlm": (_gemma3_vlm, transformers.Gemma3ForConditionalGeneration),
+                   "gemma4-vlm": (_gemma4_vlm, transformers.Gemma4ForConditionalGeneration),
                    "mistral3-vlm": (_mistral3_vlm, transformers.Mistral3ForConditionalGeneration),
                    "llama4-vlm": (_llama4_vlm, transformers.Llama4ForConditionalGeneration),
                    "qwen2-vl": (lambda: _qwen_vl("2"), transformers.Qwen2VLForConditionalGeneration),
                    "qwen2.5-vl": (lambda: _qwen_vl("2.5"), transformers.Qwen2_5_VLForConditionalGeneration),
                    "qwen3-vl": (lambda: _qwen_vl("3"), transformers.Qwen3VLForConditionalGeneration),
                    "qwen3-vl-moe": (lambda: _qwen_vl("3-moe"),
-                                    transformers.Qwen3VLMoeForConditionalGeneration)}[family]
+                                    transformers.Qwen3VLMoeForConditionalGeneration),
+                   "qwen3.5-vlm": (lambda: _qwen_vl("3.5"), transformers.Qwen3_5ForConditionalGeneration),
+                   "qwen3.5-moe-vlm": (lambda: _qwen_vl("3.5-moe"),
+                                       transformers.Qwen3_5MoeForConditionalGeneration)}[family]
     config = config()
     build.build_model(config, base, dtype=torch.float32, auto=cls)
     if family == "qwen3-vl-moe":  # the Hub's layout of its experts, which llama.cpp's converter expects
@@ -432,9 +485,10 @@ def test_llama_cpp_takes_a_vlm_language_model_lora(tmp_path, lc, family):
     shutil.copy(lc[2], base / "tokenizer.model")
     experts = {"target_parameters": ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]} \
         if family == "llama4-vlm" else {"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]} \
-        if family == "qwen3-vl-moe" else {}
+        if family in ("qwen3-vl-moe", "qwen3.5-moe-vlm") else {}
+    linear = "|in_proj_qkv|in_proj_z|out_proj" if family.startswith("qwen3.5") else ""  # Qwen3.5's delta nets
     adapter = build.build_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, use_rslora=True, scale=0.3,
-                                  target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)",
+                                  target_modules=rf".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj{linear})",
                                   rank_pattern={"layers.1.self_attn.q_proj": 2}, **experts)
     _check(lc, tmp_path, base, adapter, family)
 

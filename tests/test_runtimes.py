@@ -452,6 +452,8 @@ def test_gguf_token_embd_lora_is_laid_out_as_llama_cpp_reads_it(tmp_path):
     ({"model_type": "minimax_m2"}, ("minimax-m2", "")),
     ({"model_type": "hunyuan_v1_dense"}, ("hunyuan-dense", "")),
     ({"architectures": ["Qwen3VLMoeForConditionalGeneration"]}, ("qwen3vlmoe", "")),
+    ({"model_type": "gemma4_text"}, ("gemma4", "")),
+    ({"architectures": ["Gemma4ForConditionalGeneration"]}, ("gemma4", "")),
 ])
 def test_gguf_architectures_beyond_the_first_six(config, want):
     from adaptkit.formats.gguf import PERMUTED, base_architecture
@@ -569,6 +571,52 @@ def test_gguf_granitemoe_splits_input_linear_and_the_shared_mlp_as_its_converter
                             ("ffn_gate_shexp", shared[:32]), ("ffn_up_shexp", shared[32:]), ("ffn_gate_inp", router)):
             d = got[f"blk.{layer}.{gname}.weight"]
             assert d.shape == want.shape and torch.allclose(d, want, atol=1e-5 * want.abs().max().item()), gname
+
+
+def test_gguf_gemma4_experts_stay_fused_and_carry_the_routers_per_expert_scale(tmp_path):
+    """Gemma 4's MoE (26B-A4B's layout): gemma.py keeps experts.gate_up_proj (E, 2I, H) fused as
+    ffn_gate_up_exps and writes router.per_expert_scale as ffn_down_exps.scale, which llama.cpp
+    (llama-graph.cpp build_lora_mm_id) multiplies into W·x only, where transformers scales the whole
+    expert output: the down experts' B carries that scale, so llama.cpp adds s_e·ΔW_e."""
+    from helpers import peft_merged
+
+    from fixtures.build import build_adapter, build_model, gemma4_config, load_model
+
+    build_model(gemma4_config(moe=True), tmp_path / "base", dtype=torch.float32)
+    ad = build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4, target_modules=["q_proj", "router.proj"],
+                       target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    convert(ad, tmp_path / "a.gguf", to="gguf", base=tmp_path / "base")
+    conf = json.loads((tmp_path / "base" / "config.json").read_text())
+    got = read_gguf_deltas(tmp_path / "a.gguf", conf)
+    _, merged = peft_merged(tmp_path / "base", [ad])
+    ref, plain = merged.state_dict(), load_model(tmp_path / "base").state_dict()
+    for layer in range(2):
+        p = f"model.layers.{layer}."
+        scale = plain[p + "router.per_expert_scale"]
+        assert (scale - 1).abs().min() > 0.01  # set away from one: a missing fold shows
+        d = {k: ref[p + k] - plain[p + k] for k in ("experts.gate_up_proj", "experts.down_proj", "router.proj.weight",
+                                                    "self_attn.q_proj.weight")}
+        for gname, want in (("ffn_gate_up_exps", d["experts.gate_up_proj"]),
+                            ("ffn_down_exps", scale[:, None, None] * d["experts.down_proj"]),
+                            ("ffn_gate_inp", d["router.proj.weight"]), ("attn_q", d["self_attn.q_proj.weight"])):
+            t = got[f"blk.{layer}.{gname}.weight"]
+            assert t.shape == want.shape and torch.allclose(t, want, atol=1e-5 * want.abs().max().item()), gname
+
+
+def test_gguf_gemma4_refuses_loras_on_the_per_layer_inputs(runner, tmp_path):
+    """gemma4.cpp multiplies per_layer_model_proj with ggml_mul_mat (no LoRA) and reads per_layer_token_embd
+    by get_rows: a LoRA there is refused in one line instead of loading and being dropped."""
+    from helpers import assert_one_line_error
+
+    from fixtures.build import build_adapter, build_model, gemma4_config
+
+    build_model(gemma4_config(per_layer=8), tmp_path / "base", dtype=torch.float32)
+    ad = build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
+                       target_modules=["q_proj", "per_layer_model_projection"])
+    res = runner.invoke(main, ["convert", str(ad), "--to", "gguf", "--base", str(tmp_path / "base"), "-o",
+                               str(tmp_path / "a.gguf")])
+    assert_one_line_error(res, "per_layer_model_proj", "without its LoRA")
+    assert not (tmp_path / "a.gguf").exists()
 
 
 @pytest.mark.parametrize("layout", ["hub", "transformers"])

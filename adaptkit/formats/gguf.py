@@ -110,6 +110,16 @@ ARCHITECTURES = {
     # registers Llama4ForConditionalGeneration too (every Llama 4 checkpoint on the Hub), whose language model
     # it converts as this text model (its vision tower goes to an mmproj file: llama4.py Llama4VisionModel)
     "Llama4ForCausalLM": ("llama4", ""), "Llama4ForConditionalGeneration": ("llama4", ""),
+    # gemma.py Gemma4Model(Gemma3Model), registered for both classes: renames (no norm shift); its MoE experts
+    # stay fused 3-D (ffn_gate_up_exps, ffn_down_exps) and router.per_expert_scale becomes ffn_down_exps.scale,
+    # which llama.cpp multiplies into W·x but not into a LoRA's delta (see _tensors)
+    "Gemma4ForCausalLM": ("gemma4", ""), "Gemma4ForConditionalGeneration": ("gemma4", ""),
+    # qwen.py Qwen3_5TextModel / Qwen3_5MoeTextModel (_LinearAttentionVReorderBase, registered for the causal LMs
+    # and the vision-language models): the gated delta net's value heads reordered from grouped to tiled
+    # ("v-heads": the value rows of in_proj_qkv, in_proj_z, in_proj_a/b, the columns of out_proj; see v_heads)
+    # where there are more value than key heads; full attention and MLPs renamed; MoE experts stacked as Qwen2-MoE's
+    "Qwen3_5ForCausalLM": ("qwen35", "v-heads"), "Qwen3_5ForConditionalGeneration": ("qwen35", "v-heads"),
+    "Qwen3_5MoeForCausalLM": ("qwen35moe", "v-heads"), "Qwen3_5MoeForConditionalGeneration": ("qwen35moe", "v-heads"),
 }
 ROWS = dict(ARCHITECTURES.values())  # gguf architecture -> its row reordering (one per gguf architecture)
 PERMUTED = {arch for arch, rows in ROWS.items() if rows == "rope"}  # gguf archs whose q/k rows are permuted
@@ -121,6 +131,10 @@ UNAPPLIED = {
     # deepseek2.cpp: wq_a, wq_b and wq (q_proj when q_lora_rank is null), wkv_a_mqa, wkv_b, wk_b and wv_b
     # (the converter's split of kv_b_proj; wv_b goes in as build_attn_mha's v_mla) and the output head
     "deepseek2": {"attn_q_a", "attn_q_b", "attn_q", "attn_kv_a_mqa", "attn_kv_b", "attn_k_b", "attn_v_b", "output"},
+    # gemma4.cpp: the per-layer inputs' projection (project_per_layer_inputs) and their embedding (get_rows)
+    "gemma4": {"per_layer_model_proj", "per_layer_token_embd"},
+    # qwen35.cpp, qwen35moe.cpp: the gated delta net's short convolution (ggml_ssm_conv)
+    "qwen35": {"ssm_conv1d"}, "qwen35moe": {"ssm_conv1d"},
 }
 
 
@@ -184,11 +198,55 @@ def falcon_kv_heads(config: dict, n_head: int, path=None) -> int:
     return llama_cpp
 
 
-def reorder_rows(b: torch.Tensor, tensor: str, rows: str, n_head: int, n_kv: int,
-                 inverse: bool = False) -> torch.Tensor:
-    """lora_B of gguf ``tensor`` (``blk.N.attn_q``…) with its rows ordered as llama.cpp's converter
-    orders that weight (``rows`` as in :data:`ARCHITECTURES`); ``inverse`` goes back to HF's order."""
+def v_heads(t: torch.Tensor, dim: int, linear: tuple[int, int, int, int], head: int,
+            inverse: bool = False) -> torch.Tensor:
+    """qwen.py _LinearAttentionVReorderBase._reorder_v_heads: the value heads of a gated-delta-net
+    projection along ``dim``, held by HF grouped by key head (n_k, n_v/n_k, ``head``), laid out by
+    llama.cpp tiled (n_v/n_k, n_k, ``head``); ``linear`` as :func:`linear_heads`; ``inverse`` goes back."""
+    n_k, n_v = linear[:2]
+    groups = (n_v // n_k, n_k) if inverse else (n_k, n_v // n_k)
+    shape = list(t.shape)
+    return t.reshape(*shape[:dim], *groups, head, *shape[dim + 1:]).transpose(dim, dim + 1).reshape(shape)
+
+
+def linear_heads(config: dict, path=None) -> tuple[int, int, int, int] | None:
+    """A Qwen3.5 gated delta net's (key heads, value heads, key head dim, value head dim) where the
+    value heads outnumber the key heads (llama.cpp's converter reorders them then), else None."""
+    c = text_config(config)
+    sizes = [c.get(k) for k in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                                "linear_value_head_dim")]
+    if not sizes[0] or not sizes[1] or sizes[0] == sizes[1]:
+        return None
+    if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in sizes) or sizes[1] % sizes[0]:
+        raise AdaptkitError(f"config.json: linear_num_key_heads, linear_num_value_heads, linear_key_head_dim, "
+                            f"linear_value_head_dim are {sizes}: not positive whole numbers with the value heads a "
+                            "multiple of the key heads", path)
+    return tuple(sizes)
+
+
+def reorder_cols(a: torch.Tensor, tensor: str, rows: str, linear=None, inverse: bool = False) -> torch.Tensor:
+    """lora_A of gguf ``tensor`` with its columns ordered as llama.cpp's converter orders that
+    weight's (only a gated delta net's ssm_out, whose input is the value heads: see :func:`v_heads`)."""
     kind = tensor.split(".")[2] if tensor.startswith("blk.") else ""
+    if rows == "v-heads" and linear and kind == "ssm_out":
+        return v_heads(a, a.dim() - 1, linear, linear[3], inverse)
+    return a
+
+
+def reorder_rows(b: torch.Tensor, tensor: str, rows: str, n_head: int, n_kv: int,
+                 inverse: bool = False, linear=None) -> torch.Tensor:
+    """lora_B of gguf ``tensor`` (``blk.N.attn_q``…) with its rows ordered as llama.cpp's converter
+    orders that weight (``rows`` as in :data:`ARCHITECTURES`; ``linear``: :func:`linear_heads`, for
+    "v-heads"); ``inverse`` goes back to HF's order."""
+    kind = tensor.split(".")[2] if tensor.startswith("blk.") else ""
+    if rows == "v-heads" and linear:
+        n_k, _, d_k, d_v = linear
+        if kind == "attn_qkv":  # in_proj_qkv: q and k kept, the value rows reordered
+            qk = 2 * n_k * d_k
+            return torch.cat([b[:qk], v_heads(b[qk:], 0, linear, d_v, inverse)])
+        if kind in ("attn_gate", "ssm_alpha", "ssm_beta"):  # in_proj_z (a value head each), in_proj_a/b (one row)
+            return v_heads(b, 0, linear, d_v if kind == "attn_gate" else 1, inverse)
+        return b
     if rows == "rope" and kind in ("attn_q", "attn_k"):
         return (unpermute_rows if inverse else permute_rows)(b, n_head if kind == "attn_q" else n_kv)
     if rows == "neox-qkv" and kind == "attn_qkv":
@@ -368,7 +426,7 @@ def _expert_parts(m, base, arch: str | None, path,
                             f"model ({arch or 'this model'} not checked): not exported to {runtime} (merge instead)",
                             path)
     if stored:  # stored 3-D as in memory
-        if m.weight_name.endswith("gate_up_proj"):
+        if m.weight_name.endswith("gate_up_proj") and arch != "gemma4":  # gemma4 keeps it: ffn_gate_up_exps
             raise AdaptkitError(f"{m.name}: a base storing gate and up fused is laid out per model (split or kept): "
                                 f"not exported to {runtime} (merge instead)", path)
         return [(m.weight_name.removesuffix(".weight"), -1, every, every, False)]
@@ -401,6 +459,20 @@ def per_expert_pairs(m, base, runtime: str, path):
         yield disk, e, a3[e][:, cols], m.scaling * b3[:, :, e][rows]
 
 
+def _expert_output_scale(base, arch: str, name: str, path) -> torch.Tensor | None:
+    """The per-expert factor llama.cpp multiplies into W·x of ``name``'s experts but not into a LoRA's delta,
+    which transformers applies to the whole expert output: folded into B so llama.cpp's sum is transformers'.
+    gemma4: router.per_expert_scale (E,), which the converter writes as ffn_down_exps.scale and gemma4.cpp
+    passes to build_lora_mm_id as down_exps_s (llama-graph.cpp scales ggml_mul_mat_id's result only)."""
+    if arch != "gemma4" or not name.endswith("experts.down_proj"):
+        return None
+    scale = name.removesuffix("experts.down_proj") + "router.per_expert_scale"
+    if scale not in base.tensors:
+        raise AdaptkitError(f"{name}: the base has no {scale}, which llama.cpp's gemma4 scales these experts by",
+                            path)
+    return base.read(scale).to(torch.float32)
+
+
 def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float, path) -> dict[str, tuple]:
     """Every (a, b) llama.cpp reads, by the checkpoint name it converts, in llama.cpp's orientation and
     with llama.cpp's one scale (alpha / rank of the tensor) folded in: 2-D (r, in), (out, r); experts
@@ -416,10 +488,11 @@ def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float,
             a3, b3 = lora.expert_factors(a, b, m.experts)  # (E, r, in), (out, r, E)
             for disk, e, rows, cols, swap in _expert_parts(m, base, arch, path):
                 name, _ = _stacked(disk)
+                scale = _expert_output_scale(base, arch, name, path)
                 for k in (range(m.experts) if e == -1 else [e]):
                     a_k, b_k = (b3[:, :, k].T, a3[k].T) if swap else (a3[k], b3[:, :, k])
                     a_e, b_e = a_k[:, cols], b_k[rows]
-                    stacks.setdefault(name, {})[k] = (a_e, m.scaling * b_e)
+                    stacks.setdefault(name, {})[k] = (a_e, m.scaling * (b_e if scale is None else scale[k] * b_e))
                 experts[name] = m.experts
             continue
         module = m.name.removesuffix(".weight") if m.param else m.name  # a 2-D parameter (Qwen2-MoE's router)
@@ -473,6 +546,7 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
     require(adapter, "llamacpp")
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
     n_layers, n_head, n_kv = row_sizes(base_config, rows, base_path)
+    linear = linear_heads(base_config, base_path) if rows == "v-heads" else None
     names = gguf.get_tensor_name_map(arch, n_layers)
     mods = list(adapter.modules.values())
     ranks = {m.shape_rank // m.experts for m in mods}
@@ -505,7 +579,7 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
                              gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32)
     for module, (a, b) in tensors.items():
         gname = gnames[module]
-        b = reorder_rows(b, gname, rows, n_head, n_kv)
+        a, b = reorder_cols(a, gname, rows, linear), reorder_rows(b, gname, rows, n_head, n_kv, linear=linear)
         for suffix, t in (("lora_a", a), ("lora_b", b)):
             name = f"{gname}.weight.{suffix}"
             if outtype == "bf16":
@@ -529,6 +603,7 @@ def read_gguf_deltas(path: Path, base_config: dict) -> dict[str, torch.Tensor]:
     alpha = float(fields["adapter.lora.alpha"].parts[fields["adapter.lora.alpha"].data[0]][0])
     arch = bytes(fields["general.architecture"].parts[fields["general.architecture"].data[0]]).decode()
     _, n_head, n_kv = row_sizes(base_config, ROWS.get(arch, ""))
+    linear = linear_heads(base_config) if ROWS.get(arch) == "v-heads" else None
     t = {}
     for tensor in reader.tensors:
         data = torch.from_numpy(np.array(tensor.data)).float()
@@ -543,6 +618,7 @@ def read_gguf_deltas(path: Path, base_config: dict) -> dict[str, torch.Tensor]:
             a, b = t[name], t[stem + ".lora_b"]
             if stem.startswith("token_embd"):  # stored (vocab, r): A[token] rows, see write
                 a = a.T
-            b = reorder_rows(b, stem, ROWS[arch], n_head, n_kv, inverse=True)
+            b = reorder_rows(b, stem, ROWS[arch], n_head, n_kv, inverse=True, linear=linear)
+            a = reorder_cols(a, stem, ROWS[arch], linear, inverse=True)
             out[stem] = (alpha / a.shape[-2]) * (b @ a)  # canonical (out, in) ((E, out, in) for experts)
     return out
