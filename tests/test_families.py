@@ -168,19 +168,34 @@ def test_experts_stored_3d_under_another_name_merge_as_peft_merges_them(tmp_path
     assert not report.ok and name in [m.name for m in report.modules if not m.ok]
 
 
-def test_gemma4_fused_experts_and_router_merge_as_peft_merges_them(tmp_path):
-    """Gemma 4's MoE layers (26B-A4B): experts stored fused 3-D as in memory (layers.N.experts, no mlp.
-    prefix), a dense MLP beside them and a router whose proj is an nn.Linear: every delta exact
-    against peft, logits equal peft's unmerged model, and verify accepts the merge."""
+NEW_FAMILIES = {
+    # Gemma 4's MoE layers (26B-A4B): experts stored fused 3-D as in memory (layers.N.experts, no mlp. prefix),
+    # a dense MLP beside them and a router whose proj is an nn.Linear
+    "gemma4-moe": (lambda: build.gemma4_config(moe=True),
+                   dict(target_modules=["q_proj", "mlp.down_proj", "router.proj"],
+                        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+                        rank_pattern={"gate_up_proj": 3}), 10),
+    # Qwen3.5: a gated delta net (in_proj_qkv/z/a/b, out_proj) and gated full attention
+    "qwen3.5": (build.qwen35_config, dict(target_modules=["in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b",
+                                                          "out_proj", "q_proj", "down_proj"]), 8),
+    # Qwen3.5-MoE: routed experts stored per expert on disk, fused in memory; a gated shared expert
+    "qwen3.5-moe": (lambda: build.qwen35_config(moe=True),
+                    dict(target_modules=["in_proj_qkv", "out_proj", "shared_expert.up_proj", "shared_expert_gate"],
+                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), 10),
+}
+
+
+@pytest.mark.parametrize("family", list(NEW_FAMILIES))
+def test_newer_families_merge_as_peft_merges_them(tmp_path, family):
+    """Gemma 4 (MoE) and Qwen3.5 (dense, MoE): every delta exact against peft's merge_and_unload,
+    logits equal peft's unmerged model, and verify accepts the merge."""
     from peft import PeftModel
 
-    build.build_model(build.gemma4_config(moe=True), tmp_path / "base", dtype=torch.float32)
-    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
-                             target_modules=["q_proj", "mlp.down_proj", "router.proj"],
-                             target_parameters=["experts.gate_up_proj", "experts.down_proj"],
-                             rank_pattern={"gate_up_proj": 3})
+    config, lora, modules = NEW_FAMILIES[family]
+    build.build_model(config(), tmp_path / "base", dtype=torch.float32)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4, **lora)
     result = adaptkit.merge(tmp_path / "base", ad, tmp_path / "m")
-    assert result.modules_merged == 10 and not result.warnings
+    assert result.modules_merged == modules and not result.warnings
     unmerged = PeftModel.from_pretrained(build.load_model(tmp_path / "base"), ad).eval()
     mine = build.load_model(tmp_path / "m")
     ids = torch.tensor([[1, 5, 9, 200, 7, 3, 11, 13, 60, 61]])

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from fixtures.build import (deepseek_v3_config, gemma4_config, gpt_oss_config, llama_config, mixtral_config,
-                            perturb_expert_scales, phi3_config, qwen2_moe_config, qwen3_moe_config)
+                            perturb_expert_scales, phi3_config, qwen2_moe_config, qwen3_moe_config, qwen35_config)
 
 ROOT = os.environ.get("ADAPTKIT_LLAMA_CPP")
 pytestmark = [pytest.mark.llama_cpp,
@@ -88,13 +88,6 @@ def _llama4():
     # attention-scale input unallocated and aborts: "tensor buffer not set")
     return _tiny("Llama4TextConfig", head_dim=16, intermediate_size=48, intermediate_size_mlp=128, num_local_experts=4,
                  num_experts_per_tok=1, interleave_moe_layer_step=1, num_hidden_layers=4)
-
-
-def _qwen35(cls: str, **over):
-    return _tiny(cls, head_dim=64, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
-                 linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"], pad_token_id=None,
-                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
-                                  "mrope_section": [3, 3, 2]}, **over)
 
 
 def _gpt2(cls: str = "GPT2Config", **over):
@@ -166,10 +159,8 @@ ARCHS = {
                    ATTENTION + ["mlp.down_proj", "router.proj"], ["experts.gate_up_proj", "experts.down_proj"]),
     # Qwen3.5: gated-delta-net layers (more value than key heads: llama.cpp reorders the value heads) and a
     # gated full-attention layer; its M-RoPE sections fitted to the rotary dims (a quarter of head_dim 64)
-    "qwen3.5": (lambda: _qwen35("Qwen3_5TextConfig", intermediate_size=128),
-                LINEAR + ["in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj"]),
-    "qwen3.5-moe": (lambda: _qwen35("Qwen3_5MoeTextConfig", moe_intermediate_size=48, shared_expert_intermediate_size=32,
-                                    num_experts=4, num_experts_per_tok=2),
+    "qwen3.5": (qwen35_config, LINEAR + ["in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj"]),
+    "qwen3.5-moe": (lambda: qwen35_config(moe=True),
                     ATTENTION + ["in_proj_qkv", "in_proj_z", "in_proj_b", "out_proj", "shared_expert.up_proj",
                                  "shared_expert_gate"], EXPERTS + ["mlp.gate.weight"]),
     # MoE: LoRAs on every expert (peft target_parameters), laid out as ffn_{gate,up,down}_exps
@@ -437,12 +428,8 @@ def _qwen_vl(version: str):
     if version in ("3.5", "3.5-moe"):
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                       num_position_embeddings=16)
-        if version == "3.5-moe":
-            config = _qwen35("Qwen3_5MoeTextConfig", moe_intermediate_size=48, shared_expert_intermediate_size=32,
-                             num_experts=4, num_experts_per_tok=2)
-            return transformers.Qwen3_5MoeConfig(text_config=config.to_dict(), vision_config=vision, **tokens)
-        config = _qwen35("Qwen3_5TextConfig")
-        return transformers.Qwen3_5Config(text_config=config.to_dict(), vision_config=vision, **tokens)
+        cls = transformers.Qwen3_5MoeConfig if version == "3.5-moe" else transformers.Qwen3_5Config
+        return cls(text_config=qwen35_config(moe=version == "3.5-moe").to_dict(), vision_config=vision, **tokens)
     if version == "2.5":
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                       fullatt_block_indexes=[0])

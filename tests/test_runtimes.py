@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from helpers import ADAPTERS, TINY_LLAMA, load_dir, peft_deltas
@@ -454,6 +455,8 @@ def test_gguf_token_embd_lora_is_laid_out_as_llama_cpp_reads_it(tmp_path):
     ({"architectures": ["Qwen3VLMoeForConditionalGeneration"]}, ("qwen3vlmoe", "")),
     ({"model_type": "gemma4_text"}, ("gemma4", "")),
     ({"architectures": ["Gemma4ForConditionalGeneration"]}, ("gemma4", "")),
+    ({"model_type": "qwen3_5_text"}, ("qwen35", "v-heads")),
+    ({"architectures": ["Qwen3_5MoeForConditionalGeneration"]}, ("qwen35moe", "v-heads")),
 ])
 def test_gguf_architectures_beyond_the_first_six(config, want):
     from adaptkit.formats.gguf import PERMUTED, base_architecture
@@ -617,6 +620,55 @@ def test_gguf_gemma4_refuses_loras_on_the_per_layer_inputs(runner, tmp_path):
                                str(tmp_path / "a.gguf")])
     assert_one_line_error(res, "per_layer_model_proj", "without its LoRA")
     assert not (tmp_path / "a.gguf").exists()
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_gguf_qwen35_value_heads_are_tiled_as_its_converter_tiles_them(tmp_path, moe):
+    """Qwen3.5: qwen.py reorders the gated delta net's value heads from grouped by key head to tiled
+    where there are more value than key heads: the value rows of in_proj_qkv, the rows of in_proj_z
+    (a value head each) and in_proj_a/b (one each), the columns of out_proj. What llama.cpp adds is
+    peft's ΔW with exactly that permutation (built here as the converter builds it for LoRA tensors:
+    an index over (key heads, values per key, head dim) swapped), q/k/v kept elsewhere."""
+    from helpers import peft_merged
+
+    from fixtures.build import build_adapter, build_model, load_model, qwen35_config
+
+    config = qwen35_config(moe=moe)
+    build_model(config, tmp_path / "base", dtype=torch.float32)
+    linear = ["in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj"]
+    ad = build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4, target_modules=linear + ["q_proj"],
+                       **({"target_parameters": ["mlp.experts.down_proj"]} if moe else {}))
+    convert(ad, tmp_path / "a.gguf", to="gguf", base=tmp_path / "base")
+    reader = gguf.GGUFReader(str(tmp_path / "a.gguf"))
+    raw = {t.name: torch.from_numpy(np.array(t.data)).float().reshape([int(x) for x in reversed(t.shape)])
+           for t in reader.tensors}
+    alpha = 4.0
+    _, merged = peft_merged(tmp_path / "base", [ad])
+    ref, plain = merged.state_dict(), load_model(tmp_path / "base").state_dict()
+    n_k, n_v, d = 2, 4, 16
+
+    def tiled(n_heads_dim):  # qwen.py's index for a LoRA tensor: arange(n).reshape(n_k, n_v/n_k, dim).permute(1, 0, 2)
+        return torch.arange(n_v * n_heads_dim).reshape(n_k, n_v // n_k, n_heads_dim).permute(1, 0, 2).reshape(-1)
+
+    p = "model.layers.0.linear_attn."
+    d_w = {k: ref[p + k + ".weight"] - plain[p + k + ".weight"] for k in linear}
+    qk = 2 * n_k * d
+    want = {"attn_qkv": torch.cat([d_w["in_proj_qkv"][:qk], d_w["in_proj_qkv"][qk:][tiled(d)]]),
+            "attn_gate": d_w["in_proj_z"][tiled(d)], "ssm_alpha": d_w["in_proj_a"][tiled(1)],
+            "ssm_beta": d_w["in_proj_b"][tiled(1)], "ssm_out": d_w["out_proj"][:, tiled(d)]}
+    for gname, w in want.items():
+        a, b = raw[f"blk.0.{gname}.weight.lora_a"], raw[f"blk.0.{gname}.weight.lora_b"]
+        got = alpha / a.shape[0] * b @ a
+        assert not torch.allclose(w, d_w[{"attn_qkv": "in_proj_qkv", "attn_gate": "in_proj_z", "ssm_alpha": "in_proj_a",
+                                          "ssm_beta": "in_proj_b", "ssm_out": "out_proj"}[gname]])  # it moves
+        assert torch.allclose(got, w, atol=1e-5 * w.abs().max().item()), gname
+    back = read_gguf_deltas(tmp_path / "a.gguf", json.loads((tmp_path / "base" / "config.json").read_text()))
+    q = ref["model.layers.1.self_attn.q_proj.weight"] - plain["model.layers.1.self_attn.q_proj.weight"]
+    assert torch.allclose(back["blk.1.attn_q.weight"], q, atol=1e-5 * q.abs().max().item())  # kept as it is
+    assert torch.allclose(back["blk.0.ssm_out.weight"], d_w["out_proj"], atol=1e-5 * d_w["out_proj"].abs().max().item())
+    if moe:
+        down = ref["model.layers.1.mlp.experts.down_proj"] - plain["model.layers.1.mlp.experts.down_proj"]
+        assert torch.allclose(back["blk.1.ffn_down_exps.weight"], down, atol=1e-5 * down.abs().max().item())
 
 
 @pytest.mark.parametrize("layout", ["hub", "transformers"])
