@@ -43,6 +43,10 @@ def _meta_model(config_json: str):
     cfg = json.loads(config_json)
     if "model_type" not in cfg:
         return None
+    # what transformers' own from_pretrained does to the file: floats JSON cannot hold, which it writes
+    # {"__float__": "Infinity"} (GraniteMoeHybrid's time_step_limit), decoded
+    decode = getattr(transformers.PretrainedConfig, "_decode_special_floats", None)
+    cfg = decode(cfg) if decode is not None else cfg
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

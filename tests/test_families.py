@@ -182,12 +182,18 @@ NEW_FAMILIES = {
     "qwen3.5-moe": (lambda: build.qwen35_config(moe=True),
                     dict(target_modules=["in_proj_qkv", "out_proj", "shared_expert.up_proj", "shared_expert_gate"],
                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), 10),
+    # Granite 4.0-H: Mamba-2 and attention layers, experts stored as input_linear / output_linear (renamed on
+    # load; its config.json holds time_step_limit [0, inf], which transformers writes {"__float__": "Infinity"})
+    "granite-hybrid": (build.granite_moe_hybrid_config,
+                       dict(target_modules=["q_proj", "mamba.in_proj", "mamba.out_proj", "shared_mlp.input_linear"],
+                            target_parameters=["block_sparse_moe.experts.gate_up_proj",
+                                               "block_sparse_moe.experts.down_proj"]), 9),
 }
 
 
 @pytest.mark.parametrize("family", list(NEW_FAMILIES))
 def test_newer_families_merge_as_peft_merges_them(tmp_path, family):
-    """Gemma 4 (MoE) and Qwen3.5 (dense, MoE): every delta exact against peft's merge_and_unload,
+    """Gemma 4 (MoE), Qwen3.5 (dense, MoE) and Granite 4.0-H: every delta exact against peft's merge_and_unload,
     logits equal peft's unmerged model, and verify accepts the merge."""
     from peft import PeftModel
 

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.build import (deepseek_v3_config, gemma4_config, gpt_oss_config, llama_config, mixtral_config,
+from fixtures.build import (deepseek_v3_config, gemma4_config, gpt_oss_config, granite_moe_hybrid_config,
+                            llama_config, mixtral_config,
                             perturb_expert_scales, phi3_config, qwen2_moe_config, qwen3_moe_config, qwen35_config)
 
 ROOT = os.environ.get("ADAPTKIT_LLAMA_CPP")
@@ -163,6 +164,18 @@ ARCHS = {
     "qwen3.5-moe": (lambda: qwen35_config(moe=True),
                     ATTENTION + ["in_proj_qkv", "in_proj_z", "in_proj_b", "out_proj", "shared_expert.up_proj",
                                  "shared_expert_gate"], EXPERTS + ["mlp.gate.weight"]),
+    # LFM2: short-convolution layers (conv.in_proj, conv.out_proj) and an attention layer
+    "lfm2": (lambda: _tiny("Lfm2Config", layer_types=["conv", "full_attention"]),
+             ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"]),
+    # Granite 4.0-H: a Mamba-2 layer and an attention layer (q/k permuted), the shared MLP (input_linear split
+    # into gate and up) and experts (input_linear split too, output_linear, the router). Without positional
+    # embeddings, as Granite 4.0-H has them: llama.cpp's granite-hybrid graph applies no RoPE (with
+    # position_embedding_type "rope" it is 1.0 of the largest logit off transformers on the base alone)
+    "granite-hybrid": (granite_moe_hybrid_config,
+                       ATTENTION + ["mamba.in_proj", "mamba.out_proj", "shared_mlp.input_linear",
+                                    "shared_mlp.output_linear"],
+                       ["block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj",
+                        "block_sparse_moe.router.weight"]),
     # MoE: LoRAs on every expert (peft target_parameters), laid out as ffn_{gate,up,down}_exps
     "qwen3-moe": (_qwen3_moe, ATTENTION, EXPERTS),
     "mixtral": (mixtral_config, ATTENTION, EXPERTS),
@@ -279,6 +292,11 @@ def _base(lc, tmp_path: Path, arch: str) -> Path:
     model = AutoModelForCausalLM.from_config(ARCHS[arch][0]()).float()
     perturb_expert_scales(model)  # Gemma 4's, ones when initialised
     model.save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    if cfg.get("model_type") == "granitemoehybrid":  # the layer names of Granite 4's config.json, which llama.cpp's
+        # converter reads (transformers 5 reads them too, and saves its own: linear_attention, full_attention)
+        cfg["layer_types"] = ["mamba" if t == "linear_attention" else "attention" for t in cfg["layer_types"]]
+        (folder / "config.json").write_text(json.dumps(cfg))
     LlamaTokenizer(vocab_file=str(lc[2])).save_pretrained(folder)
     shutil.copy(lc[2], folder / "tokenizer.model")  # what the converter reads for these architectures
     return folder

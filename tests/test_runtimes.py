@@ -457,6 +457,8 @@ def test_gguf_token_embd_lora_is_laid_out_as_llama_cpp_reads_it(tmp_path):
     ({"architectures": ["Gemma4ForConditionalGeneration"]}, ("gemma4", "")),
     ({"model_type": "qwen3_5_text"}, ("qwen35", "v-heads")),
     ({"architectures": ["Qwen3_5MoeForConditionalGeneration"]}, ("qwen35moe", "v-heads")),
+    ({"model_type": "lfm2"}, ("lfm2", "")),
+    ({"architectures": ["GraniteMoeHybridForCausalLM"]}, ("granitehybrid", "rope")),  # a LlamaModel's undo_permute
 ])
 def test_gguf_architectures_beyond_the_first_six(config, want):
     from adaptkit.formats.gguf import PERMUTED, base_architecture
@@ -548,15 +550,19 @@ def test_gguf_expert_loras_are_laid_out_as_llama_cpp_converts_experts(tmp_path, 
             assert d.shape == want.shape and torch.allclose(d, want, atol=1e-5 * want.abs().max().item()), gname
 
 
-def test_gguf_granitemoe_splits_input_linear_and_the_shared_mlp_as_its_converter_does(tmp_path):
-    """GraniteMoeShared: granite.py splits the experts' input_linear (E, 2I, H) and the shared MLP's
-    input_linear (2S, H) in halves, gate first, into ffn_gate/up_exps and ffn_gate/up_shexp; the
-    router is router.layer on disk (ffn_gate_inp); q/k rows are permuted as for llama."""
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_gguf_granitemoe_splits_input_linear_and_the_shared_mlp_as_its_converter_does(tmp_path, hybrid):
+    """GraniteMoeShared and Granite 4.0-H (GraniteMoeHybrid, its GraniteHybridModel a GraniteMoeModel
+    there): granite.py splits the experts' input_linear (E, 2I, H) and the shared MLP's input_linear
+    (2S, H) in halves, gate first, into ffn_gate/up_exps and ffn_gate/up_shexp; the router is
+    router.layer on disk (ffn_gate_inp); q/k rows are permuted as for llama."""
     from helpers import peft_merged
 
-    from fixtures.build import build_adapter, build_model, granite_moe_shared_config, load_model
+    from fixtures.build import (build_adapter, build_model, granite_moe_hybrid_config, granite_moe_shared_config,
+                                load_model)
 
-    build_model(granite_moe_shared_config(), tmp_path / "base", dtype=torch.float32)
+    build_model((granite_moe_hybrid_config if hybrid else granite_moe_shared_config)(), tmp_path / "base",
+                dtype=torch.float32)
     ad = build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
                        target_modules=["shared_mlp.input_linear"],
                        target_parameters=["block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.router.weight"])

@@ -120,7 +120,13 @@ ARCHITECTURES = {
     # where there are more value than key heads; full attention and MLPs renamed; MoE experts stacked as Qwen2-MoE's
     "Qwen3_5ForCausalLM": ("qwen35", "v-heads"), "Qwen3_5ForConditionalGeneration": ("qwen35", "v-heads"),
     "Qwen3_5MoeForCausalLM": ("qwen35moe", "v-heads"), "Qwen3_5MoeForConditionalGeneration": ("qwen35moe", "v-heads"),
+    # lfm2.py LFM2Model: renames (the short convolution's in_proj/out_proj, the attention, w1/w2/w3)
+    "Lfm2ForCausalLM": ("lfm2", ""),
+    # granite.py GraniteHybridModel(Mamba2Model, GraniteMoeModel), undo_permute: the attention layers' q/k
+    # permuted, the Mamba-2 mixer renamed, experts and the shared MLP split as for granitemoe
+    "GraniteMoeHybridForCausalLM": ("granitehybrid", "rope"),
 }
+GRANITE_MOE = ("granitemoe", "granitehybrid")  # granite.py's split of input_linear into gate and up halves
 ROWS = dict(ARCHITECTURES.values())  # gguf architecture -> its row reordering (one per gguf architecture)
 PERMUTED = {arch for arch, rows in ROWS.items() if rows == "rope"}  # gguf archs whose q/k rows are permuted
 # gguf tensors that llama.cpp's graph of an architecture multiplies with a plain ggml_mul_mat, not through
@@ -380,7 +386,7 @@ def _expert_parts(m, base, arch: str | None, path,
         disk = renames(base).get(m.weight_name)
         if disk is not None and tuple(base.info(disk).shape) == tuple(shape):
             stem = disk.removesuffix(".weight")
-            if arch == "granitemoe" and transposed is False and stem.endswith("block_sparse_moe.input_linear"):
+            if arch in GRANITE_MOE and transposed is False and stem.endswith("block_sparse_moe.input_linear"):
                 # granite.py GraniteMoeModel.modify_tensors: input_linear (E, 2I, H) split in halves along
                 # its rows, gate first, into ffn_gate_exps and ffn_up_exps (the gguf names it writes)
                 bid = _layer(stem)
@@ -500,7 +506,7 @@ def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float,
             from ..plan import renames
 
             module = renames(base).get(module + ".weight", module + ".weight").removesuffix(".weight")
-        if arch == "granitemoe" and module.endswith("shared_mlp.input_linear"):
+        if arch in GRANITE_MOE and module.endswith("shared_mlp.input_linear"):
             # granite.py: the shared MLP's input_linear (2S, H) split in halves along its rows, gate first,
             # into ffn_{gate,up}_shexp (ffn_{gate,up} in a model without experts); A is each half's own
             half, bid = b.shape[0] // 2, _layer(module)
