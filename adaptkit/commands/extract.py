@@ -233,7 +233,8 @@ class _Plan:
 
 def _plan(base: Checkpoint, ft: Checkpoint, keep, drop, embeddings: str, report) -> _Plan:
     """Which tensors to compare, and what each is: checks both models against each other first."""
-    from ..architecture import checkpoint_renames, module_kinds
+    from ..architecture import module_kinds
+    from ..plan import renames
 
     for key in ("model_type", "architectures"):
         a, b = base.config.get(key), ft.config.get(key)
@@ -254,7 +255,7 @@ def _plan(base: Checkpoint, ft: Checkpoint, keep, drop, embeddings: str, report)
             sorted({f"{str(a).removeprefix('torch.')} → {str(b).removeprefix('torch.')}" for a, b in dtypes if a != b}))
                     + "): tensors are compared by value")
     kinds = module_kinds(base.config)
-    memory_of = {disk: mem for mem, disk in checkpoint_renames(base.config, base.tensors).items()}
+    memory_of = {disk: mem for mem, disk in renames(base).items()}
     plan = _Plan([], embeddings, (keep, drop))
     for name, (_, info) in base.tensors.items():
         if name not in ft.tensors:
