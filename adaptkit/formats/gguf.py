@@ -31,7 +31,8 @@ from ..errors import AdaptkitError
 
 # HF architecture -> (gguf architecture, how llama.cpp's converter reorders the rows of attention weights:
 # "rope" permutes q/k from HF's rotate-half layout (llama's ``permute``), "neox-qkv" regroups GPT-NeoX's
-# per-head [q k v] rows of query_key_value into [Q; K; V], "" keeps them). Each entry is read off llama.cpp's
+# per-head [q k v] rows of query_key_value into [Q; K; V], "falcon-qkv" Falcon's kv groups likewise, "v-heads"
+# tiles a gated delta net's value heads (Qwen3.5: see v_heads), "" keeps them). Each entry is read off llama.cpp's
 # converter (llama-cpp-python 0.3.36's vendor/llama.cpp/conversion/*.py: the class registered for the HF
 # architecture and its modify_tensors) and run in llama.cpp by tests/test_llama_cpp.py; an architecture not
 # listed is refused rather than guessed.
