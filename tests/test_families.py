@@ -188,12 +188,19 @@ NEW_FAMILIES = {
                        dict(target_modules=["q_proj", "mamba.in_proj", "mamba.out_proj", "shared_mlp.input_linear"],
                             target_parameters=["block_sparse_moe.experts.gate_up_proj",
                                                "block_sparse_moe.experts.down_proj"]), 9),
+    # Qwen3-Next: in_proj_qkvz / in_proj_ba of its gated delta net, experts per expert on disk
+    "qwen3-next": (build.qwen3_next_config, dict(target_modules=["in_proj_qkvz", "in_proj_ba", "o_proj"],
+                                                 target_parameters=["mlp.experts.gate_up_proj"]), 5),
+    # LFM2-MoE: short convolutions, experts as feed_forward.experts.N.w1/w2/w3 on disk (w1, w3 fused in memory)
+    "lfm2-moe": (build.lfm2_moe_config, dict(target_modules=["in_proj", "out_proj", "q_proj"],
+                                             target_parameters=["feed_forward.experts.gate_up_proj",
+                                                                "feed_forward.experts.down_proj"]), 6),
 }
 
 
 @pytest.mark.parametrize("family", list(NEW_FAMILIES))
 def test_newer_families_merge_as_peft_merges_them(tmp_path, family):
-    """Gemma 4 (MoE), Qwen3.5 (dense, MoE) and Granite 4.0-H: every delta exact against peft's merge_and_unload,
+    """Gemma 4 (MoE), Qwen3.5 (dense, MoE), Granite 4.0-H, Qwen3-Next and LFM2-MoE: every delta exact against peft's merge_and_unload,
     logits equal peft's unmerged model, and verify accepts the merge."""
     from peft import PeftModel
 

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from fixtures.build import (deepseek_v3_config, gemma4_config, gpt_oss_config, granite_moe_hybrid_config,
-                            llama_config, mixtral_config,
-                            perturb_expert_scales, phi3_config, qwen2_moe_config, qwen3_moe_config, qwen35_config)
+                            lfm2_moe_config, llama_config, mixtral_config, perturb_expert_scales, phi3_config,
+                            qwen2_moe_config, qwen3_moe_config, qwen3_next_config, qwen35_config)
 
 ROOT = os.environ.get("ADAPTKIT_LLAMA_CPP")
 pytestmark = [pytest.mark.llama_cpp,
@@ -89,6 +89,15 @@ def _llama4():
     # attention-scale input unallocated and aborts: "tensor buffer not set")
     return _tiny("Llama4TextConfig", head_dim=16, intermediate_size=48, intermediate_size_mlp=128, num_local_experts=4,
                  num_experts_per_tok=1, interleave_moe_layer_step=1, num_hidden_layers=4)
+
+
+def _glm4_moe_lite():
+    config = _tiny("Glm4MoeLiteConfig", moe_intermediate_size=48, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+                   qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                   n_group=1, topk_group=1, mlp_layer_types=["dense", "sparse"], num_key_value_heads=4)
+    config.first_k_dense_replace = 1
+    config.scoring_func, config.topk_method = "sigmoid", "noaux_tc"  # transformers' router; the converter reads these
+    return config
 
 
 def _gpt2(cls: str = "GPT2Config", **over):
@@ -167,6 +176,26 @@ ARCHS = {
     # LFM2: short-convolution layers (conv.in_proj, conv.out_proj) and an attention layer
     "lfm2": (lambda: _tiny("Lfm2Config", layer_types=["conv", "full_attention"]),
              ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"]),
+    # LFM2-MoE (LFM2-8B-A1B): a dense first layer, then experts (feed_forward.experts.N.w1/w2/w3 on disk) and the
+    # router; tied embeddings, as its models have them (the converter maps no lm_head)
+    "lfm2-moe": (lfm2_moe_config,
+                 ["q_proj", "out_proj", "in_proj", "w2"],
+                 ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj", "feed_forward.gate.weight"]),
+    # Qwen3-Next: its gated delta net's in_proj_qkvz (per key head [q k v z], split by the converter into attn_qkv
+    # and attn_gate), in_proj_ba and out_proj, gated full attention, shared expert and routed experts
+    "qwen3-next": (qwen3_next_config,
+                   ATTENTION + ["in_proj_qkvz", "in_proj_ba", "out_proj", "shared_expert.down_proj"], EXPERTS),
+    # GLM-4.7-Flash (deepseek2 in llama.cpp: latent attention, whose projections llama.cpp applies no LoRA to);
+    # first_k_dense_replace, scoring_func and topk_method as its config.json has them (the converter reads those,
+    # transformers mlp_layer_types and a sigmoid router of its own)
+    "glm4-moe-lite": (_glm4_moe_lite, ["o_proj", "shared_experts.down_proj"], EXPERTS + ["mlp.gate.weight"]),
+    # Solar Open: Glm4MoeModel in llama.cpp; partial_rotary_factor given (the converter's default is 0.5,
+    # transformers' 1.0)
+    "solar-open": (lambda: _tiny("SolarOpenConfig", head_dim=16, moe_intermediate_size=48, n_routed_experts=4,
+                                 n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                  "partial_rotary_factor": 1.0}),
+                   ATTENTION + ["shared_experts.down_proj"], EXPERTS),
     # Granite 4.0-H: a Mamba-2 layer and an attention layer (q/k permuted), the shared MLP (input_linear split
     # into gate and up) and experts (input_linear split too, output_linear, the router). Without positional
     # embeddings, as Granite 4.0-H has them: llama.cpp's granite-hybrid graph applies no RoPE (with
@@ -256,8 +285,9 @@ TextModel._set_vocab_gpt2 = TextModel._set_vocab_sentencepiece
 Exaone4Model.set_vocab = TextModel._set_vocab_sentencepiece  # it reads a BPE vocabulary itself
 from conversion.glm import Glm4Model
 Glm4Model.set_vocab = TextModel._set_vocab_sentencepiece  # it wants GLM's special tokens
-from conversion.glm import Glm4MoeModel
+from conversion.glm import Glm4MoeModel, Glm4MoeLiteModel, SolarOpenModel
 Glm4MoeModel.set_vocab = TextModel._set_vocab_sentencepiece
+Glm4MoeLiteModel.set_vocab = SolarOpenModel.set_vocab = TextModel._set_vocab_sentencepiece  # their own BPE vocabularies
 from conversion.hunyuan import HunYuanModel
 HunYuanModel.set_vocab = TextModel._set_vocab_sentencepiece  # it reads a tiktoken-style vocabulary itself
 from conversion.gemma import Gemma4Model

@@ -459,6 +459,10 @@ def test_gguf_token_embd_lora_is_laid_out_as_llama_cpp_reads_it(tmp_path):
     ({"architectures": ["Qwen3_5MoeForConditionalGeneration"]}, ("qwen35moe", "v-heads")),
     ({"model_type": "lfm2"}, ("lfm2", "")),
     ({"architectures": ["GraniteMoeHybridForCausalLM"]}, ("granitehybrid", "rope")),  # a LlamaModel's undo_permute
+    ({"model_type": "qwen3_next"}, ("qwen3next", "")),
+    ({"model_type": "lfm2_moe"}, ("lfm2moe", "")),
+    ({"model_type": "glm4_moe_lite"}, ("deepseek2", "")),  # glm.py Glm4MoeLiteModel(DeepseekV2Model)
+    ({"architectures": ["SolarOpenForCausalLM"]}, ("glm4moe", "")),
 ])
 def test_gguf_architectures_beyond_the_first_six(config, want):
     from adaptkit.formats.gguf import PERMUTED, base_architecture
@@ -675,6 +679,46 @@ def test_gguf_qwen35_value_heads_are_tiled_as_its_converter_tiles_them(tmp_path,
     if moe:
         down = ref["model.layers.1.mlp.experts.down_proj"] - plain["model.layers.1.mlp.experts.down_proj"]
         assert torch.allclose(back["blk.1.ffn_down_exps.weight"], down, atol=1e-5 * down.abs().max().item())
+
+
+def test_gguf_qwen3_next_splits_in_proj_qkvz_as_its_converter_does(tmp_path):
+    """Qwen3-Next: qwen.py views in_proj_qkvz as (hidden, key heads, q+k+v+z), splits each head's
+    [q k v z] and writes attn_qkv = [all q; all k; all v] and attn_gate = all z. llama.cpp adds peft's
+    ΔW with those rows (rebuilt here as the converter does it, on the ΔW); in_proj_ba and out_proj
+    stay as they are; LFM2-MoE's experts are stacked under the converter's names (no "model.")."""
+    from helpers import peft_merged
+
+    from fixtures.build import build_adapter, build_model, lfm2_moe_config, load_model, qwen3_next_config
+
+    build_model(qwen3_next_config(), tmp_path / "base", dtype=torch.float32)
+    ad = build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
+                       target_modules=["in_proj_qkvz", "in_proj_ba", "out_proj"])
+    convert(ad, tmp_path / "a.gguf", to="gguf", base=tmp_path / "base")
+    got = read_gguf_deltas(tmp_path / "a.gguf", json.loads((tmp_path / "base" / "config.json").read_text()))
+    _, merged = peft_merged(tmp_path / "base", [ad])
+    ref, plain = merged.state_dict(), load_model(tmp_path / "base").state_dict()
+    p = "model.layers.0.linear_attn."
+    d = {k: ref[p + k + ".weight"] - plain[p + k + ".weight"] for k in ("in_proj_qkvz", "in_proj_ba", "out_proj")}
+    hidden, n_k, d_k, v = 64, 2, 16, 2 * 16  # v: the value rows per key head (n_v / n_k value heads of 16)
+    w = d["in_proj_qkvz"].T.reshape(hidden, n_k, 2 * d_k + 2 * v)  # as Qwen3NextModel.modify_tensors views it
+    q, k, vv, z = torch.split(w, [d_k, d_k, v, v], dim=-1)
+    want = {"attn_qkv": torch.cat([t.reshape(hidden, -1) for t in (q, k, vv)], dim=-1).T,
+            "attn_gate": z.reshape(hidden, -1).T, "ssm_ba": d["in_proj_ba"], "ssm_out": d["out_proj"]}
+    assert not torch.allclose(want["attn_qkv"], d["in_proj_qkvz"][: want["attn_qkv"].shape[0]])  # it moves
+    for gname, t in want.items():
+        assert torch.allclose(got[f"blk.0.{gname}.weight"], t, atol=1e-5 * t.abs().max().item()), gname
+
+    build_model(lfm2_moe_config(), tmp_path / "lfm", dtype=torch.float32)
+    ad = build_adapter(tmp_path / "lfm", tmp_path / "lfm-lora", r=2, lora_alpha=4,
+                       target_parameters=["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"])
+    convert(ad, tmp_path / "b.gguf", to="gguf", base=tmp_path / "lfm")
+    got = read_gguf_deltas(tmp_path / "b.gguf", json.loads((tmp_path / "lfm" / "config.json").read_text()))
+    _, merged = peft_merged(tmp_path / "lfm", [ad])
+    ref, plain = merged.state_dict(), load_model(tmp_path / "lfm").state_dict()
+    e = "model.layers.1.feed_forward.experts."
+    gate_up, down = (ref[e + n] - plain[e + n] for n in ("gate_up_proj", "down_proj"))
+    for gname, t in (("ffn_gate_exps", gate_up[:, :48]), ("ffn_up_exps", gate_up[:, 48:]), ("ffn_down_exps", down)):
+        assert torch.allclose(got[f"blk.1.{gname}.weight"], t, atol=1e-5 * t.abs().max().item()), gname
 
 
 @pytest.mark.parametrize("layout", ["hub", "transformers"])

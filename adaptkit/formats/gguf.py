@@ -121,8 +121,14 @@ ARCHITECTURES = {
     # where there are more value than key heads; full attention and MLPs renamed; MoE experts stacked as Qwen2-MoE's
     "Qwen3_5ForCausalLM": ("qwen35", "v-heads"), "Qwen3_5ForConditionalGeneration": ("qwen35", "v-heads"),
     "Qwen3_5MoeForCausalLM": ("qwen35moe", "v-heads"), "Qwen3_5MoeForConditionalGeneration": ("qwen35moe", "v-heads"),
-    # lfm2.py LFM2Model: renames (the short convolution's in_proj/out_proj, the attention, w1/w2/w3)
-    "Lfm2ForCausalLM": ("lfm2", ""),
+    # qwen.py Qwen3NextModel(Qwen2MoeModel): the gated delta net's in_proj_qkvz, held per key head [q k v z], split
+    # into attn_qkv ([all q; all k; all v]) and attn_gate (all z) (see _tensors); the rest renamed, experts stacked
+    "Qwen3NextForCausalLM": ("qwen3next", ""),
+    # lfm2.py LFM2Model: renames (the short convolution's in_proj/out_proj, the attention, w1/w2/w3);
+    # LFM2MoeModel: the experts (feed_forward.experts.N.w1/w2/w3 on disk) stacked
+    "Lfm2ForCausalLM": ("lfm2", ""), "Lfm2MoeForCausalLM": ("lfm2moe", ""),
+    # glm.py Glm4MoeLiteModel(DeepseekV2Model) (GLM-4.7-Flash): as deepseek2; SolarOpenModel(Glm4MoeModel)
+    "Glm4MoeLiteForCausalLM": ("deepseek2", ""), "SolarOpenForCausalLM": ("glm4moe", ""),
     # granite.py GraniteHybridModel(Mamba2Model, GraniteMoeModel), undo_permute: the attention layers' q/k
     # permuted, the Mamba-2 mixer renamed, experts and the shared MLP split as for granitemoe
     "GraniteMoeHybridForCausalLM": ("granitehybrid", "rope"),
@@ -141,7 +147,7 @@ UNAPPLIED = {
     # gemma4.cpp: the per-layer inputs' projection (project_per_layer_inputs) and their embedding (get_rows)
     "gemma4": {"per_layer_model_proj", "per_layer_token_embd"},
     # qwen35.cpp, qwen35moe.cpp: the gated delta net's short convolution (ggml_ssm_conv)
-    "qwen35": {"ssm_conv1d"}, "qwen35moe": {"ssm_conv1d"},
+    "qwen35": {"ssm_conv1d"}, "qwen35moe": {"ssm_conv1d"}, "qwen3next": {"ssm_conv1d"},
 }
 
 
@@ -229,6 +235,24 @@ def linear_heads(config: dict, path=None) -> tuple[int, int, int, int] | None:
                             f"linear_value_head_dim are {sizes}: not positive whole numbers with the value heads a "
                             "multiple of the key heads", path)
     return tuple(sizes)
+
+
+def qkvz_rows(config: dict, path=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-Next's in_proj_qkvz rows, held per key head [q (dk), k (dk), v (nv/nk·dv), z (nv/nk·dv)]:
+    the rows qwen.py's Qwen3NextModel.modify_tensors makes attn_qkv of ([all q; all k; all v]) and
+    attn_gate of (all z), in that order."""
+    c = text_config(config)
+    sizes = [c.get(k) for k in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                                "linear_value_head_dim")]
+    if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in sizes) or sizes[1] % sizes[0]:
+        raise AdaptkitError(f"config.json: linear_num_key_heads, linear_num_value_heads, linear_key_head_dim, "
+                            f"linear_value_head_dim are {sizes}: not positive whole numbers with the value heads a "
+                            "multiple of the key heads", path)
+    n_k, n_v, d_k, d_v = sizes
+    v = n_v // n_k * d_v
+    rows = torch.arange(n_k * (2 * d_k + 2 * v)).reshape(n_k, 2 * d_k + 2 * v)
+    q, k, vv, z = rows.split([d_k, d_k, v, v], dim=1)
+    return torch.cat([q.reshape(-1), k.reshape(-1), vv.reshape(-1)]), z.reshape(-1)
 
 
 def reorder_cols(a: torch.Tensor, tensor: str, rows: str, linear=None, inverse: bool = False) -> torch.Tensor:
@@ -515,6 +539,13 @@ def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float,
             for part, rows in (("gate", slice(0, half)), ("up", slice(half, None))):
                 plain[f"blk.{bid}.ffn_{part}{shexp}"] = (a, lora.fold(b[rows], m.scaling, alpha / m.shape_rank))
             continue
+        if arch == "qwen3next" and module.endswith("linear_attn.in_proj_qkvz"):
+            # qwen.py Qwen3NextModel.modify_tensors: regrouped and split into attn_qkv and attn_gate; A is both's
+            qkv, z = qkvz_rows(base_config, path)
+            bid = _layer(module)
+            for part, rows in (("attn_qkv", qkv), ("attn_gate", z)):
+                plain[f"blk.{bid}.{part}"] = (a, lora.fold(b[rows], m.scaling, alpha / m.shape_rank))
+            continue
         if m.kind == "embedding":  # token_embd: llama.cpp adds scale · B · A[token] (get_rows of A, (vocab, r))
             plain[module] = (a.T.contiguous(), lora.fold(b, m.scaling, alpha / m.shape_rank))
             continue
@@ -563,6 +594,8 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
     gnames = {}
     for module in tensors:
         gname = module if module.startswith("blk.") else names.get_name(gguf_module(module))
+        if gname is None and arch_name == "lfm2moe":  # lfm2.py names its expert stacks without "model."
+            gname = names.get_name(gguf_module(module).removeprefix("model."))
         if gname is None and "text_config" in base_config and "language_model." not in module:
             raise AdaptkitError(f"{module} is outside the language model, which is all llama.cpp's converter makes a "
                                 "text model of (a vision tower goes to a separate mmproj file): its LoRA is not "
