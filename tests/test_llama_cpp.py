@@ -24,7 +24,7 @@ import torch
 
 from fixtures.build import (deepseek_v3_config, gemma4_config, gpt_oss_config, granite_moe_hybrid_config,
                             lfm2_moe_config, llama_config, mixtral_config, perturb_expert_scales, phi3_config,
-                            qwen2_moe_config, qwen3_moe_config, qwen3_next_config, qwen35_config)
+                            qwen2_moe_config, qwen3_moe_config, qwen3_next_config, qwen35_config, qwen_vl_config)
 
 ROOT = os.environ.get("ADAPTKIT_LLAMA_CPP")
 pytestmark = [pytest.mark.llama_cpp,
@@ -458,34 +458,6 @@ def _llama4_vlm():
     return build.llama4_config(vlm=True, text=_llama4())
 
 
-def _qwen_vl(version: str):
-    import transformers
-
-    text = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
-    tokens = dict(image_token_id=255, video_token_id=254, vision_start_token_id=253, vision_end_token_id=252)
-    if version in ("3", "3-moe"):
-        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                      deepstack_visual_indexes=[], num_position_embeddings=16)
-        if version == "3-moe":
-            moe = dict(moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2)
-            return transformers.Qwen3VLMoeConfig(text_config={**text, "head_dim": 16, **moe}, vision_config=vision,
-                                                 **tokens)
-        return transformers.Qwen3VLConfig(text_config={**text, "head_dim": 16}, vision_config=vision, **tokens)
-    if version in ("3.5", "3.5-moe"):
-        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                      num_position_embeddings=16)
-        cls = transformers.Qwen3_5MoeConfig if version == "3.5-moe" else transformers.Qwen3_5Config
-        return cls(text_config=qwen35_config(moe=version == "3.5-moe").to_dict(), vision_config=vision, **tokens)
-    if version == "2.5":
-        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                      fullatt_block_indexes=[0])
-        return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
-    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2)
-    return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
-
-
 @pytest.mark.parametrize("family", ["llava", "gemma3-vlm", "gemma4-vlm", "mistral3-vlm", "llama4-vlm", "qwen2-vl", "qwen2.5-vl",
                                     "qwen3-vl", "qwen3-vl-moe", "qwen3.5-vlm", "qwen3.5-moe-vlm"])
 def test_llama_cpp_takes_a_vlm_language_model_lora(tmp_path, lc, family):
@@ -504,18 +476,20 @@ def test_llama_cpp_takes_a_vlm_language_model_lora(tmp_path, lc, family):
                    "gemma4-vlm": (_gemma4_vlm, transformers.Gemma4ForConditionalGeneration),
                    "mistral3-vlm": (_mistral3_vlm, transformers.Mistral3ForConditionalGeneration),
                    "llama4-vlm": (_llama4_vlm, transformers.Llama4ForConditionalGeneration),
-                   "qwen2-vl": (lambda: _qwen_vl("2"), transformers.Qwen2VLForConditionalGeneration),
-                   "qwen2.5-vl": (lambda: _qwen_vl("2.5"), transformers.Qwen2_5_VLForConditionalGeneration),
-                   "qwen3-vl": (lambda: _qwen_vl("3"), transformers.Qwen3VLForConditionalGeneration),
-                   "qwen3-vl-moe": (lambda: _qwen_vl("3-moe"),
+                   "qwen2-vl": (lambda: qwen_vl_config("2"), transformers.Qwen2VLForConditionalGeneration),
+                   "qwen2.5-vl": (lambda: qwen_vl_config("2.5"), transformers.Qwen2_5_VLForConditionalGeneration),
+                   "qwen3-vl": (lambda: qwen_vl_config("3"), transformers.Qwen3VLForConditionalGeneration),
+                   "qwen3-vl-moe": (lambda: qwen_vl_config("3-moe"),
                                     transformers.Qwen3VLMoeForConditionalGeneration),
-                   "qwen3.5-vlm": (lambda: _qwen_vl("3.5"), transformers.Qwen3_5ForConditionalGeneration),
-                   "qwen3.5-moe-vlm": (lambda: _qwen_vl("3.5-moe"),
+                   "qwen3.5-vlm": (lambda: qwen_vl_config("3.5"), transformers.Qwen3_5ForConditionalGeneration),
+                   "qwen3.5-moe-vlm": (lambda: qwen_vl_config("3.5-moe"),
                                        transformers.Qwen3_5MoeForConditionalGeneration)}[family]
     config = config()
     build.build_model(config, base, dtype=torch.float32, auto=cls)
     if family == "qwen3-vl-moe":  # the Hub's layout of its experts, which llama.cpp's converter expects
         build.to_hub_expert_layout(base)
+    if family == "qwen3.5-moe-vlm":  # the Hub's layout of its experts: fused, as in memory (the converter splits it)
+        base = build.to_fused_expert_layout(base, tmp_path / "fused")
     LlamaTokenizer(vocab_file=str(lc[2])).save_pretrained(base)
     shutil.copy(lc[2], base / "tokenizer.model")
     experts = {"target_parameters": ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]} \

@@ -364,6 +364,74 @@ def test_mlx_lm_itself_runs_expert_loras_as_peft_does(tmp_path, family):
     assert err <= max(10 * noise, 1e-4) and effect > 100 * err, (err, noise, effect)
 
 
+@pytest.mark.parametrize("family", ["qwen3-vl", "qwen3.5", "qwen3.5-moe", "mistral3", "llama4", "qwen2.5-vl"])
+def test_mlx_lm_itself_runs_a_vlm_language_model_lora(tmp_path, family):
+    """A LoRA on a vision-language model's language model (peft: model.language_model.layers…): mlx-lm's
+    VLM classes hold it as language_model.model.layers… (their sanitize maps the checkpoint's names
+    there), so the export names tensors as mlx-lm's modules are; mlx-lm loads it, matches peft's
+    unmerged model within its own base-vs-base noise, and equals mlx-lm on the adaptkit merge. Read
+    back, the modules have peft's names again (model.language_model.; Llama 4's, which keeps
+    language_model.model. in memory, are not told apart without the base's config). Qwen3.5-MoE with
+    its experts as its Hub checkpoints store them, fused (E, 2I, H): mlx-lm's sanitize splits gate_up in
+    halves into switch_mlp, and the export lays the expert LoRA out the same way."""
+    pytest.importorskip("mlx_lm")
+    import mlx.core as mx
+    import numpy as np
+    import transformers
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model
+    from peft import PeftModel
+
+    from fixtures import build
+
+    config, cls = {"qwen3-vl": (lambda: build.qwen_vl_config("3"), transformers.Qwen3VLForConditionalGeneration),
+                   "qwen3.5": (lambda: build.qwen_vl_config("3.5"), transformers.Qwen3_5ForConditionalGeneration),
+                   "qwen3.5-moe": (lambda: build.qwen_vl_config("3.5-moe"),
+                                   transformers.Qwen3_5MoeForConditionalGeneration),
+                   "mistral3": (build.mistral3_vlm_config, transformers.Mistral3ForConditionalGeneration),
+                   # four layers: mlx-lm's Llama 4 takes its global mask from the fourth
+                   "llama4": (lambda: build.llama4_config(vlm=True, layers=4), transformers.Llama4ForConditionalGeneration),
+                   "qwen2.5-vl": (lambda: build.qwen_vl_config("2.5"),
+                                  transformers.Qwen2_5_VLForConditionalGeneration)}[family]
+    base = tmp_path / "base"
+    build.build_model(config(), base, dtype=torch.float32, auto=cls)
+    if family == "qwen3.5-moe":
+        base = build.to_fused_expert_layout(base, tmp_path / "fused")
+    cfg = json.loads((base / "config.json").read_text())
+    text = cfg["text_config"]  # what mlx-lm's Llama 4 reads under the old names
+    text.setdefault("rope_theta", (text.get("rope_parameters") or {}).get("rope_theta", 500000.0))
+    text.setdefault("rope_scaling", None)
+    (base / "config.json").write_text(json.dumps(cfg))
+    linear = "|in_proj_qkv|in_proj_z|out_proj" if family.startswith("qwen3.5") else ""  # its gated delta net
+    experts = dict(target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                   alpha_pattern={"mlp.experts.down_proj": 3}) if family == "qwen3.5-moe" else {}
+    ad = build.build_adapter(base, tmp_path / "lora", r=4, lora_alpha=8, use_rslora=True, scale=0.2,
+                             target_modules=rf".*language_model.*\.(q_proj|o_proj|down_proj{linear})",
+                             rank_pattern={"layers.1.self_attn.q_proj": 2}, **experts)
+    convert(ad, tmp_path / "mlx", to="mlx", base=base)
+    names = load_file(tmp_path / "mlx" / "adapters.safetensors")
+    assert names and all(k.startswith("language_model.model.layers.") for k in names)
+    ids = np.random.default_rng(0).integers(3, 250, size=(1, 12))
+    base_logits = np.array(load_model(base)[0](mx.array(ids)).astype(mx.float32))
+    got = np.array(load_adapters(load_model(base)[0], str(tmp_path / "mlx"))(mx.array(ids)).astype(mx.float32))
+    merge(base, ad, tmp_path / "merged", dtype="float32")
+    merged = np.array(load_model(tmp_path / "merged")[0](mx.array(ids)).astype(mx.float32))
+    with torch.no_grad():
+        ref = PeftModel.from_pretrained(build.load_model(base), ad).eval()
+        want = ref(input_ids=torch.tensor(ids)).logits.numpy()
+        with ref.disable_adapter():
+            plain = ref(input_ids=torch.tensor(ids)).logits.numpy()
+    noise = float(np.abs(base_logits - plain).max())
+    err, effect = float(np.abs(got - want).max()), float(np.abs(want - plain).max())
+    print(f"\nmlx-lm {family} VLM: vs peft {err:.2e}, base vs base {noise:.2e}, effect {effect:.2e}, "
+          f"vs the merge in mlx-lm {float(np.abs(got - merged).max()):.2e}")
+    assert effect > 0.1 and float(np.abs(got - merged).max()) <= 1e-5 * float(np.abs(merged).max())
+    assert err <= max(10 * noise, 1e-4), (err, noise, effect)
+    if family not in ("llama4", "qwen3.5-moe"):  # llama4: in memory language_model.model. as in mlx-lm (read back as
+        # transformers 5's usual name); switch_mlp LoRAs are not read back
+        assert set(load_adapter(tmp_path / "mlx").modules) == set(load_adapter(ad).modules)
+
+
 def test_mlx_refuses_what_mlx_lm_would_not_load_on_experts(runner, tmp_path):
     """A fused-expert base (gpt-oss) and DeepSeek's kv_b_proj (mlx-lm splits it into other modules):
     refused in one line, nothing written."""
@@ -834,25 +902,42 @@ def test_gguf_stacks_per_expert_linear_loras_zero_padded(tmp_path):
         assert torch.allclose(got[e], want, atol=1e-5 * want.abs().max().item()), e
 
 
-def test_gguf_refuses_a_base_storing_expert_gate_and_up_fused(runner, tmp_path):
-    """A Qwen3-MoE checkpoint with gate_up_proj stored fused (as transformers holds it in memory):
-    llama.cpp's converters split or keep that per model, so the export refuses rather than guesses."""
-    from helpers import FAMILY_ADAPTERS, FAMILY_BASE_OF, assert_one_line_error
-    from safetensors.torch import save_file
+def test_gguf_splits_experts_stored_fused_where_qwens_converter_does_and_refuses_elsewhere(runner, tmp_path):
+    """Experts stored fused as transformers holds them in memory (mlp.experts.gate_up_proj (E, 2I, H): the
+    layout of Qwen3.5-MoE's Hub checkpoints): qwen.py's Qwen2MoeModel (Qwen2/3-MoE, Qwen3-Next,
+    Qwen3.5-MoE) splits gate_up in halves along its rows, so the LoRA is split the same way; OLMoE's
+    converter only stacks per-expert tensors (its GGUF of such a base fails), so that export is refused."""
+    from helpers import FAMILY_ADAPTERS, FAMILY_BASE_OF, assert_one_line_error, peft_merged
+    from transformers import OlmoeConfig
 
-    from fixtures.build import load_model
+    from fixtures.build import build_adapter, build_model, load_model, to_fused_expert_layout
 
-    base = FAMILY_BASE_OF["qwen3-moe-experts"]
-    fused = tmp_path / "fused"
-    fused.mkdir()
-    state = {k: v.contiguous() for k, v in load_model(base).state_dict().items() if k != "lm_head.weight"
-             or not json.loads((base / "config.json").read_text()).get("tie_word_embeddings")}
-    save_file(state, fused / "model.safetensors", metadata={"format": "pt"})
-    shutil.copy(base / "config.json", fused / "config.json")
-    res = runner.invoke(main, ["convert", str(FAMILY_ADAPTERS["qwen3-moe-experts"]), "--to", "gguf", "--base",
-                               str(fused), "-o", str(tmp_path / "a.gguf")])
+    fused = to_fused_expert_layout(FAMILY_BASE_OF["qwen3-moe-experts"], tmp_path / "fused")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in load_file(fused / "model.safetensors")
+    ad = FAMILY_ADAPTERS["qwen3-moe-experts"]
+    convert(ad, tmp_path / "a.gguf", to="gguf", base=fused)
+    cfg = json.loads((fused / "config.json").read_text())
+    got = read_gguf_deltas(tmp_path / "a.gguf", cfg)
+    _, merged = peft_merged(fused, [ad])
+    ref, plain = merged.state_dict(), load_model(fused).state_dict()
+    inter = cfg["moe_intermediate_size"]
+    p = "model.layers.1.mlp.experts."
+    gate_up, down = (ref[p + n] - plain[p + n] for n in ("gate_up_proj", "down_proj"))
+    for gname, want in (("ffn_gate_exps", gate_up[:, :inter]), ("ffn_up_exps", gate_up[:, inter:]),
+                        ("ffn_down_exps", down)):
+        d = got[f"blk.1.{gname}.weight"]
+        assert d.shape == want.shape and torch.allclose(d, want, atol=1e-5 * want.abs().max().item()), gname
+
+    olmoe = OlmoeConfig(vocab_size=256, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, max_position_embeddings=128)
+    build_model(olmoe, tmp_path / "olmoe", dtype=torch.float32)
+    to_fused_expert_layout(tmp_path / "olmoe", tmp_path / "olmoe-fused")
+    ad = build_adapter(tmp_path / "olmoe-fused", tmp_path / "olmoe-lora", r=2, lora_alpha=4,
+                       target_parameters=["mlp.experts.gate_up_proj"])
+    res = runner.invoke(main, ["convert", str(ad), "--to", "gguf", "--base", str(tmp_path / "olmoe-fused"), "-o",
+                               str(tmp_path / "b.gguf")])
     assert_one_line_error(res, "gate and up fused", "gate_up_proj")
-    assert not (tmp_path / "a.gguf").exists()
+    assert not (tmp_path / "b.gguf").exists()
 
 
 @pytest.fixture(scope="module")

@@ -133,6 +133,8 @@ ARCHITECTURES = {
     # permuted, the Mamba-2 mixer renamed, experts and the shared MLP split as for granitemoe
     "GraniteMoeHybridForCausalLM": ("granitehybrid", "rope"),
 }
+# the gguf architectures whose converter is qwen.py's Qwen2MoeModel (its modify_tensors splits fused experts)
+QWEN2_MOE = ("qwen2moe", "qwen3moe", "qwen3next", "qwen35moe")
 GRANITE_MOE = ("granitemoe", "granitehybrid")  # granite.py's split of input_linear into gate and up halves
 ROWS = dict(ARCHITECTURES.values())  # gguf architecture -> its row reordering (one per gguf architecture)
 PERMUTED = {arch for arch, rows in ROWS.items() if rows == "rope"}  # gguf archs whose q/k rows are permuted
@@ -457,10 +459,16 @@ def _expert_parts(m, base, arch: str | None, path,
                             f"model ({arch or 'this model'} not checked): not exported to {runtime} (merge instead)",
                             path)
     if stored:  # stored 3-D as in memory
-        if m.weight_name.endswith("gate_up_proj") and arch != "gemma4":  # gemma4 keeps it: ffn_gate_up_exps
+        stem = m.weight_name.removesuffix(".weight")
+        if stem.endswith("mlp.experts.gate_up_proj") and arch in QWEN2_MOE:
+            # qwen.py Qwen2MoeModel.modify_tensors: mlp.experts.gate_up_proj (E, 2I, H) split in halves along its
+            # rows, gate first (Qwen3.5-MoE's Hub checkpoints store their experts so)
+            root = stem.removesuffix("gate_up_proj")
+            return _halves(root + "gate_proj", root + "up_proj", shape[1] // 2, False)
+        if stem.endswith("gate_up_proj") and arch != "gemma4":  # gemma4 keeps it: ffn_gate_up_exps
             raise AdaptkitError(f"{m.name}: a base storing gate and up fused is laid out per model (split or kept): "
                                 f"not exported to {runtime} (merge instead)", path)
-        return [(m.weight_name.removesuffix(".weight"), -1, every, every, False)]
+        return [(stem, -1, every, every, False)]
     sources = fused.get(m.weight_name)
     if not sources:
         raise AdaptkitError(f"{m.name}: cannot tell which on-disk tensors hold this parameter", path)

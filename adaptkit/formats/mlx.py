@@ -18,7 +18,11 @@ tensors into one ``SwitchLinear`` per projection (their ``sanitize``: ``mlp.expe
 (``tuner/lora.py``) holds lora_a (E, r, in) and lora_b (E, out, r), not transposed, at the same one
 rank and scale. A peft ``target_parameters`` LoRA on the fused expert parameters is laid out there
 from the base's own checkpoint (gate and up take their rows of each expert's ΔW). mlx-lm's
-DeepSeek-V3 splits ``kv_b_proj`` into other modules, so a LoRA there is refused.
+DeepSeek-V3 splits ``kv_b_proj`` into other modules, so a LoRA there is refused. mlx-lm's Qwen3.5-MoE
+splits experts stored fused (``gate_up_proj`` (E, 2I, H) in halves) into the same switch_mlp.
+
+Vision-language models: mlx-lm holds their language model as ``language_model.model.`` (see
+:func:`mlx_name`), where peft says ``model.language_model.``.
 """
 
 from __future__ import annotations
@@ -43,6 +47,22 @@ CONFIG = "adapter_config.json"
 _LAYER = re.compile(r"^(?P<prefix>.*?\.layers\.)(?P<i>\d+)\.(?P<key>.+)$")
 
 
+def mlx_name(name: str) -> str:
+    """mlx-lm's path of a module peft names ``name``: its vision-language models (Gemma 3, Mistral 3,
+    Qwen3-VL, Qwen3.5…) hold the language model as ``language_model.model`` (their ``sanitize`` maps
+    the checkpoint's ``model.language_model.`` there), text models as peft does."""
+    return "language_model.model." + name.removeprefix("model.language_model.") \
+        if name.startswith("model.language_model.") else name
+
+
+def peft_name(name: str) -> str:
+    """The inverse of :func:`mlx_name`: transformers 5's in-memory ``model.language_model.`` (a Llama 4
+    vision-language model, which keeps ``language_model.model.`` in memory too, is not told apart without
+    its config: the merge then refuses those names in one line, naming the base's closest tensor)."""
+    return "model.language_model." + name.removeprefix("language_model.model.") \
+        if name.startswith("language_model.model.") else name
+
+
 def is_mlx_dir(path: Path) -> bool:
     cfg = path / CONFIG
     if not (path / WEIGHTS).exists() or not cfg.exists():
@@ -63,22 +83,33 @@ def layer_count(config: dict | None) -> int | None:
 
 
 MOE_TYPES = {"qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "mixtral"}  # mlx-lm models read off their sanitize
+# mlx-lm models whose sanitize splits experts stored fused (mlp.experts.gate_up_proj (E, 2I, H) in halves, gate
+# first; down_proj as it is) into switch_mlp (mlx-lm 0.32 models/qwen3_5_moe.py), by model_type -> gguf's name
+# of the same split (formats/gguf.py _expert_parts lays it out)
+FUSED_TYPES = {"qwen3_5_moe": "qwen35moe", "qwen3_5_moe_text": "qwen35moe"}
 _MIXTRAL = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
 def _switch_factors(adapter: Adapter, base, base_config: dict | None, path) -> dict[str, list]:
     """Each expert LoRA's per-expert (A_e (r, in), sₘ·B_e (out, r)), by mlx-lm's switch_mlp module."""
-    from .gguf import per_expert_pairs
+    from .gguf import _expert_parts, per_expert_pairs
 
     out: dict[str, list] = {}
     for m in adapter.modules.values():
         if not (m.param and m.experts > 1):
             continue
         model_type = (base_config or {}).get("model_type")
-        if base is None or model_type not in MOE_TYPES:
+        if base is None or model_type not in MOE_TYPES | set(FUSED_TYPES):
             raise AdaptkitError(f"{m.name}: LoRAs on MoE experts go to mlx-lm's switch_mlp for "
-                                f"{', '.join(sorted(MOE_TYPES))} models, given the base (this one: "
+                                f"{', '.join(sorted(MOE_TYPES | set(FUSED_TYPES)))} models, given the base (this one: "
                                 f"{model_type or 'none given'})", path)
+        if m.weight_name in base.tensors and model_type in FUSED_TYPES:  # stored fused: split as mlx-lm splits it
+            a3, b3 = lora.expert_factors(m.A.to(torch.float32), m.B.to(torch.float32), m.experts)
+            for disk, _, rows, cols, _ in _expert_parts(m, base, FUSED_TYPES[model_type], path, "mlx-lm"):
+                stem, _, proj = disk.rpartition(".")
+                out[f"{stem.removesuffix('.experts')}.switch_mlp.{proj}"] = [
+                    (a3[e][:, cols], m.scaling * b3[:, :, e][rows]) for e in range(m.experts)]
+            continue
         for disk, e, a_e, sb_e in per_expert_pairs(m, base, "mlx-lm", path):
             hit = PER_EXPERT.match(disk + ".weight")
             proj = _MIXTRAL.get(hit["proj"], hit["proj"]) if model_type == "mixtral" else hit["proj"]
@@ -128,6 +159,7 @@ def write(adapter: Adapter, out: Path, *, base_config: dict | None = None, base=
         match = _LAYER.match(name)
         keys.add(match["key"])
         pad = [rank - a.shape[0] for a, _ in stack]
+        name = mlx_name(name)
         tensors[f"{name}.lora_a"] = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, k))
                                                  for (a, _), k in zip(stack, pad)]).contiguous()
         tensors[f"{name}.lora_b"] = torch.stack([torch.nn.functional.pad(sb / scale, (0, k))
@@ -138,11 +170,12 @@ def write(adapter: Adapter, out: Path, *, base_config: dict | None = None, base=
         if int(match["i"]) >= num_layers:
             raise AdaptkitError(f"{m.name} is beyond the base's {num_layers} layers", adapter.path)
         pad = rank - m.shape_rank  # zero rows of A, columns of B: B·A is unchanged
-        tensors[f"{m.name}.lora_a"] = torch.nn.functional.pad(m.A.to(torch.float32).T, (0, pad)).contiguous()
-        tensors[f"{m.name}.lora_b"] = torch.nn.functional.pad(
+        name = mlx_name(m.name)
+        tensors[f"{name}.lora_a"] = torch.nn.functional.pad(m.A.to(torch.float32).T, (0, pad)).contiguous()
+        tensors[f"{name}.lora_b"] = torch.nn.functional.pad(
             lora.fold(m.B.to(torch.float32).T, m.scaling, scale), (0, 0, 0, pad)).contiguous()
         if dora:
-            tensors[f"{m.name}.m"] = m.magnitude.to(torch.float32).contiguous()
+            tensors[f"{name}.m"] = m.magnitude.to(torch.float32).contiguous()
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "mlx"})
     config = {"fine_tune_type": "dora" if dora else "lora", "num_layers": num_layers,
@@ -167,21 +200,22 @@ def read(path: Path, base_names=None) -> Adapter:
     tensors, alphas = {}, {}
     for key in source.keys():
         if key.endswith(".lora_a"):
-            mod = key[: -len(".lora_a")]
-            if mod + ".lora_b" not in source.keys():
-                raise AdaptkitError(f"{mod}: lora_a without lora_b", path / WEIGHTS)
+            stem = key[: -len(".lora_a")]  # mlx-lm's module path; mod: peft's
+            mod = peft_name(stem)
+            if stem + ".lora_b" not in source.keys():
+                raise AdaptkitError(f"{stem}: lora_a without lora_b", path / WEIGHTS)
             if len(source.shape(key)) != 2:
-                raise AdaptkitError(f"{mod}: a LoRA on mlx-lm's stacked experts (switch_mlp) is not read back by "
+                raise AdaptkitError(f"{stem}: a LoRA on mlx-lm's stacked experts (switch_mlp) is not read back by "
                                     "adaptkit", path / WEIGHTS)
             a = source.get(key).T.contiguous()
-            b = source.get(mod + ".lora_b").T.contiguous()
+            b = source.get(stem + ".lora_b").T.contiguous()
             tensors[f"{mod}.lora_A.weight"] = a
             tensors[f"{mod}.lora_B.weight"] = b
             alphas[mod] = scale * a.shape[0]  # scaling = alpha / r = scale
             if ftype == "dora":
-                if mod + ".m" not in source.keys():
-                    raise AdaptkitError(f"{mod}: a DoRA module without its magnitude m", path / WEIGHTS)
-                tensors[f"{mod}.lora_magnitude_vector"] = source.get(mod + ".m")
+                if stem + ".m" not in source.keys():
+                    raise AdaptkitError(f"{stem}: a DoRA module without its magnitude m", path / WEIGHTS)
+                tensors[f"{mod}.lora_magnitude_vector"] = source.get(stem + ".m")
         elif key.endswith(".m") and ftype == "dora":
             continue
         elif not key.endswith(".lora_b"):
