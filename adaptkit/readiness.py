@@ -52,7 +52,11 @@ VLLM_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj",
                 "c_fc", "fc1", "fc2", "out_proj", "w1", "w2", "w3", "wqkv", "wo", "embed_tokens", "lm_head",
                 # multi-head latent attention (vllm/model_executor/models/deepseek_v2.py: q_a_proj and
                 # kv_a_proj_with_mqa packed as fused_qkv_a_proj); kv_b_proj has its own rule below
-                "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "fused_qkv_a_proj", "kv_b_proj"}
+                "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "fused_qkv_a_proj", "kv_b_proj",
+                # gated delta nets (vllm/model_executor/models/qwen3_5.py at 00def4f: with LoRA enabled in_proj_qkv
+                # and in_proj_z stay separate modules, in_proj_b and in_proj_a pack into in_proj_ba; qwen3_next.py
+                # packs in_proj_qkvz and in_proj_ba as themselves)
+                "in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "in_proj_qkvz", "in_proj_ba"}
 
 
 VLLM_MAX_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig.max_lora_rank choices

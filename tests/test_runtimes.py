@@ -789,6 +789,20 @@ def test_gguf_qwen3_next_splits_in_proj_qkvz_as_its_converter_does(tmp_path):
         assert torch.allclose(got[f"blk.1.{gname}.weight"], t, atol=1e-5 * t.abs().max().item()), gname
 
 
+def test_vllm_check_takes_qwen35_delta_net_loras(tmp_path):
+    """vLLM's Qwen3.5 (qwen3_5.py) adapts the gated delta net's in_proj_qkv, in_proj_z (separate modules
+    with LoRA on) and in_proj_b/in_proj_a (packed as in_proj_ba) besides out_proj: no target_modules
+    problem for them (before, `inspect --check vllm` sent such an adapter to the merge)."""
+    from adaptkit.readiness import check
+
+    from fixtures.build import build_adapter, build_model, qwen35_config
+
+    build_model(qwen35_config(), tmp_path / "base", dtype=torch.float32)
+    ad = build_adapter(tmp_path / "base", tmp_path / "lora", r=4, lora_alpha=8,
+                       target_modules=["in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj", "q_proj"])
+    assert [p.rule for p in check(load_adapter(ad), "vllm").problems] == []
+
+
 @pytest.mark.parametrize("layout", ["hub", "transformers"])
 def test_gguf_qwen3_vl_moe_experts_as_its_converter_reads_the_hubs_layout(runner, tmp_path, layout):
     """Qwen3-VL-MoE: qwen3vl.py takes the experts as the Hub stores them, (E, H, 2I) / (E, I, H), splits
