@@ -443,15 +443,6 @@ def _mistral3_vlm():
     return Mistral3Config(text_config=_mistral(), vision_config=vision, image_token_index=255)
 
 
-def _gemma4_vlm():
-    from transformers import Gemma4Config, Gemma4VisionConfig
-
-    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                num_key_value_heads=2, head_dim=16, patch_size=16, position_embedding_size=64)
-    return Gemma4Config(text_config=gemma4_config(), vision_config=vision, audio_config=None, image_token_id=255,
-                        boi_token_id=253, eoi_token_id=254, video_token_id=252)
-
-
 def _llama4_vlm():
     from fixtures import build
 
@@ -473,7 +464,7 @@ def test_llama_cpp_takes_a_vlm_language_model_lora(tmp_path, lc, family):
     base = tmp_path / "base"
     config, cls = {"llava": (build.llava_config, transformers.LlavaForConditionalGeneration),
                    "gemma3-vlm": (_gemma3_vlm, transformers.Gemma3ForConditionalGeneration),
-                   "gemma4-vlm": (_gemma4_vlm, transformers.Gemma4ForConditionalGeneration),
+                   "gemma4-vlm": (build.gemma4_vlm_config, transformers.Gemma4ForConditionalGeneration),
                    "mistral3-vlm": (_mistral3_vlm, transformers.Mistral3ForConditionalGeneration),
                    "llama4-vlm": (_llama4_vlm, transformers.Llama4ForConditionalGeneration),
                    "qwen2-vl": (lambda: qwen_vl_config("2"), transformers.Qwen2VLForConditionalGeneration),

@@ -364,7 +364,8 @@ def test_mlx_lm_itself_runs_expert_loras_as_peft_does(tmp_path, family):
     assert err <= max(10 * noise, 1e-4) and effect > 100 * err, (err, noise, effect)
 
 
-@pytest.mark.parametrize("family", ["qwen3-vl", "qwen3.5", "qwen3.5-moe", "mistral3", "llama4", "qwen2.5-vl"])
+@pytest.mark.parametrize("family", ["qwen3-vl", "qwen3.5", "qwen3.5-moe", "mistral3", "gemma4", "llama4",
+                                    "qwen2.5-vl"])
 def test_mlx_lm_itself_runs_a_vlm_language_model_lora(tmp_path, family):
     """A LoRA on a vision-language model's language model (peft: model.language_model.layers…): mlx-lm's
     VLM classes hold it as language_model.model.layers… (their sanitize maps the checkpoint's names
@@ -389,6 +390,7 @@ def test_mlx_lm_itself_runs_a_vlm_language_model_lora(tmp_path, family):
                    "qwen3.5-moe": (lambda: build.qwen_vl_config("3.5-moe"),
                                    transformers.Qwen3_5MoeForConditionalGeneration),
                    "mistral3": (build.mistral3_vlm_config, transformers.Mistral3ForConditionalGeneration),
+                   "gemma4": (build.gemma4_vlm_config, transformers.Gemma4ForConditionalGeneration),
                    # four layers: mlx-lm's Llama 4 takes its global mask from the fourth
                    "llama4": (lambda: build.llama4_config(vlm=True, layers=4), transformers.Llama4ForConditionalGeneration),
                    "qwen2.5-vl": (lambda: build.qwen_vl_config("2.5"),
@@ -398,9 +400,12 @@ def test_mlx_lm_itself_runs_a_vlm_language_model_lora(tmp_path, family):
     if family == "qwen3.5-moe":
         base = build.to_fused_expert_layout(base, tmp_path / "fused")
     cfg = json.loads((base / "config.json").read_text())
-    text = cfg["text_config"]  # what mlx-lm's Llama 4 reads under the old names
-    text.setdefault("rope_theta", (text.get("rope_parameters") or {}).get("rope_theta", 500000.0))
-    text.setdefault("rope_scaling", None)
+    text = cfg["text_config"]  # what mlx-lm's Llama 4 and Qwen2.5-VL read under the old names
+    if family in ("llama4", "qwen2.5-vl"):
+        text.setdefault("rope_theta", (text.get("rope_parameters") or {}).get("rope_theta", 500000.0))
+    if family == "llama4":
+        text.setdefault("rope_scaling", None)
+    cfg.setdefault("vocab_size", text["vocab_size"])  # mlx-lm's Gemma 4 reads it at the top (its default: Gemma 4's)
     (base / "config.json").write_text(json.dumps(cfg))
     linear = "|in_proj_qkv|in_proj_z|out_proj" if family.startswith("qwen3.5") else ""  # its gated delta net
     experts = dict(target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
@@ -430,6 +435,45 @@ def test_mlx_lm_itself_runs_a_vlm_language_model_lora(tmp_path, family):
     if family not in ("llama4", "qwen3.5-moe"):  # llama4: in memory language_model.model. as in mlx-lm (read back as
         # transformers 5's usual name); switch_mlp LoRAs are not read back
         assert set(load_adapter(tmp_path / "mlx").modules) == set(load_adapter(ad).modules)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_mlx_lm_itself_runs_gemma4_loras_as_peft_does(tmp_path, moe):
+    """Gemma 4's text model in mlx-lm (gemma4_text): attention and MLP LoRAs, and with ``moe`` its fused
+    experts, which mlx-lm's sanitize splits into experts.switch_glu (gate_up in halves along its rows);
+    the router's per_expert_scale is on mlx-lm's routing weights as on transformers', so no fold there
+    (unlike llama.cpp). mlx-lm's logits match peft's unmerged model within its own noise."""
+    pytest.importorskip("mlx_lm")
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model
+    from peft import PeftModel
+
+    from fixtures import build
+
+    base = tmp_path / "base"
+    build.build_model(build.gemma4_config(moe=moe), base, dtype=torch.float32)
+    experts = dict(target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+                   alpha_pattern={"experts.down_proj": 3}) if moe else {}
+    ad = build.build_adapter(base, tmp_path / "lora", r=4, lora_alpha=8, use_rslora=True, scale=0.2,
+                             target_modules=["q_proj", "v_proj", "mlp.down_proj"],
+                             rank_pattern={"layers.1.self_attn.q_proj": 2}, **experts)
+    convert(ad, tmp_path / "mlx", to="mlx", base=base)
+    if moe:
+        t = load_file(tmp_path / "mlx" / "adapters.safetensors")
+        assert tuple(t["model.layers.1.experts.switch_glu.gate_proj.lora_a"].shape) == (4, 4, 64)  # (E, r, in)
+        assert tuple(t["model.layers.1.experts.switch_glu.down_proj.lora_b"].shape) == (4, 64, 4)  # (E, out, r)
+    ids = np.random.default_rng(0).integers(3, 250, size=(1, 12))
+    base_logits = np.array(load_model(base)[0](mx.array(ids)).astype(mx.float32))
+    got = np.array(load_adapters(load_model(base)[0], str(tmp_path / "mlx"))(mx.array(ids)).astype(mx.float32))
+    with torch.no_grad():
+        plain = build.load_model(base)(torch.tensor(ids)).logits.numpy()
+        want = PeftModel.from_pretrained(build.load_model(base), ad).eval()(torch.tensor(ids)).logits.numpy()
+    noise = float(np.abs(base_logits - plain).max())
+    err, effect = float(np.abs(got - want).max()), float(np.abs(want - plain).max())
+    print(f"\nmlx-lm gemma4{'-moe' if moe else ''}: vs peft {err:.2e}, base vs base {noise:.2e}, effect {effect:.2e}")
+    assert err <= max(10 * noise, 1e-4) and effect > 100 * err, (err, noise, effect)
 
 
 def test_mlx_refuses_what_mlx_lm_would_not_load_on_experts(runner, tmp_path):

@@ -83,16 +83,18 @@ def layer_count(config: dict | None) -> int | None:
 
 
 MOE_TYPES = {"qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "mixtral"}  # mlx-lm models read off their sanitize
-# mlx-lm models whose sanitize splits experts stored fused (mlp.experts.gate_up_proj (E, 2I, H) in halves, gate
-# first; down_proj as it is) into switch_mlp (mlx-lm 0.32 models/qwen3_5_moe.py), by model_type -> gguf's name
-# of the same split (formats/gguf.py _expert_parts lays it out)
-FUSED_TYPES = {"qwen3_5_moe": "qwen35moe", "qwen3_5_moe_text": "qwen35moe"}
+# mlx-lm models whose sanitize splits experts stored fused (….experts.gate_up_proj (E, 2I, H) in halves along its
+# rows, gate first; down_proj (E, H, I) as it is) into a switch layer, by model_type -> where, from the experts'
+# module (mlx-lm 0.32 models/qwen3_5_moe.py: mlp.experts -> mlp.switch_mlp; gemma4_text.py: experts ->
+# experts.switch_glu, its router's per_expert_scale on the routing weights as transformers has it)
+FUSED_TYPES = {"qwen3_5_moe": (".experts", ".switch_mlp"), "qwen3_5_moe_text": (".experts", ".switch_mlp"),
+               "gemma4": ("", ".switch_glu"), "gemma4_text": ("", ".switch_glu")}
 _MIXTRAL = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
 def _switch_factors(adapter: Adapter, base, base_config: dict | None, path) -> dict[str, list]:
     """Each expert LoRA's per-expert (A_e (r, in), sₘ·B_e (out, r)), by mlx-lm's switch_mlp module."""
-    from .gguf import _expert_parts, per_expert_pairs
+    from .gguf import per_expert_pairs
 
     out: dict[str, list] = {}
     for m in adapter.modules.values():
@@ -104,11 +106,19 @@ def _switch_factors(adapter: Adapter, base, base_config: dict | None, path) -> d
                                 f"{', '.join(sorted(MOE_TYPES | set(FUSED_TYPES)))} models, given the base (this one: "
                                 f"{model_type or 'none given'})", path)
         if m.weight_name in base.tensors and model_type in FUSED_TYPES:  # stored fused: split as mlx-lm splits it
-            a3, b3 = lora.expert_factors(m.A.to(torch.float32), m.B.to(torch.float32), m.experts)
-            for disk, _, rows, cols, _ in _expert_parts(m, base, FUSED_TYPES[model_type], path, "mlx-lm"):
-                stem, _, proj = disk.rpartition(".")
-                out[f"{stem.removesuffix('.experts')}.switch_mlp.{proj}"] = [
-                    (a3[e][:, cols], m.scaling * b3[:, :, e][rows]) for e in range(m.experts)]
+            a3, b3 = lora.expert_factors(m.A.to(torch.float32), m.B.to(torch.float32), m.experts)  # (E,r,in), (out,r,E)
+            root, _, param = m.weight_name.removesuffix(".weight").rpartition(".")
+            shape = tuple(base.info(m.weight_name).shape)
+            if param not in ("gate_up_proj", "down_proj") or shape != (m.experts, b3.shape[0], a3.shape[2]):
+                raise AdaptkitError(f"{m.name}: mlx-lm's {model_type} splits experts stored (E, out, in) as "
+                                    f"gate_up_proj / down_proj; the base stores {param} as {list(shape)}", path)
+            cut, switch = FUSED_TYPES[model_type]
+            half = b3.shape[0] // 2
+            parts = [("gate_proj", slice(0, half)), ("up_proj", slice(half, None))] if param == "gate_up_proj" \
+                else [("down_proj", slice(None))]
+            for proj, rows in parts:
+                out[f"{root.removesuffix(cut)}{switch}.{proj}"] = [(a3[e], m.scaling * b3[:, :, e][rows])
+                                                                 for e in range(m.experts)]
             continue
         for disk, e, a_e, sb_e in per_expert_pairs(m, base, "mlx-lm", path):
             hit = PER_EXPERT.match(disk + ".weight")
