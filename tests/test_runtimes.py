@@ -364,7 +364,7 @@ def test_mlx_lm_itself_runs_expert_loras_as_peft_does(tmp_path, family):
     assert err <= max(10 * noise, 1e-4) and effect > 100 * err, (err, noise, effect)
 
 
-@pytest.mark.parametrize("family", ["qwen3-vl", "qwen3.5", "qwen3.5-moe", "mistral3", "gemma4", "llama4",
+@pytest.mark.parametrize("family", ["qwen3-vl", "qwen3.5", "qwen3.5-moe", "mistral3", "gemma3", "gemma4", "llama4",
                                     "qwen2.5-vl"])
 def test_mlx_lm_itself_runs_a_vlm_language_model_lora(tmp_path, family):
     """A LoRA on a vision-language model's language model (peft: model.language_model.layers…): mlx-lm's
@@ -391,6 +391,7 @@ def test_mlx_lm_itself_runs_a_vlm_language_model_lora(tmp_path, family):
                                    transformers.Qwen3_5MoeForConditionalGeneration),
                    "mistral3": (build.mistral3_vlm_config, transformers.Mistral3ForConditionalGeneration),
                    "gemma4": (build.gemma4_vlm_config, transformers.Gemma4ForConditionalGeneration),
+                   "gemma3": (build.gemma3_vlm_config, transformers.Gemma3ForConditionalGeneration),
                    # four layers: mlx-lm's Llama 4 takes its global mask from the fourth
                    "llama4": (lambda: build.llama4_config(vlm=True, layers=4), transformers.Llama4ForConditionalGeneration),
                    "qwen2.5-vl": (lambda: build.qwen_vl_config("2.5"),
@@ -405,7 +406,7 @@ def test_mlx_lm_itself_runs_a_vlm_language_model_lora(tmp_path, family):
         text.setdefault("rope_theta", (text.get("rope_parameters") or {}).get("rope_theta", 500000.0))
     if family == "llama4":
         text.setdefault("rope_scaling", None)
-    cfg.setdefault("vocab_size", text["vocab_size"])  # mlx-lm's Gemma 4 reads it at the top (its default: Gemma 4's)
+    cfg.setdefault("vocab_size", text["vocab_size"])  # mlx-lm's Gemmas read it at the top (their default: Gemma's)
     (base / "config.json").write_text(json.dumps(cfg))
     linear = "|in_proj_qkv|in_proj_z|out_proj" if family.startswith("qwen3.5") else ""  # its gated delta net
     experts = dict(target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
@@ -575,6 +576,8 @@ def test_gguf_token_embd_lora_is_laid_out_as_llama_cpp_reads_it(tmp_path):
     ({"model_type": "lfm2_moe"}, ("lfm2moe", "")),
     ({"model_type": "glm4_moe_lite"}, ("deepseek2", "")),  # glm.py Glm4MoeLiteModel(DeepseekV2Model)
     ({"architectures": ["SolarOpenForCausalLM"]}, ("glm4moe", "")),
+    ({"model_type": "jais2"}, ("jais2", "")),
+    ({"model_type": "minicpm3"}, ("minicpm3", "")),
 ])
 def test_gguf_architectures_beyond_the_first_six(config, want):
     from adaptkit.formats.gguf import PERMUTED, base_architecture
@@ -728,19 +731,27 @@ def test_gguf_gemma4_experts_stay_fused_and_carry_the_routers_per_expert_scale(t
             assert t.shape == want.shape and torch.allclose(t, want, atol=1e-5 * want.abs().max().item()), gname
 
 
-def test_gguf_gemma4_refuses_loras_on_the_per_layer_inputs(runner, tmp_path):
+@pytest.mark.parametrize("family", ["gemma4", "minicpm3"])
+def test_gguf_refuses_loras_the_newer_graphs_drop(runner, tmp_path, family):
     """gemma4.cpp multiplies per_layer_model_proj with ggml_mul_mat (no LoRA) and reads per_layer_token_embd
-    by get_rows: a LoRA there is refused in one line instead of loading and being dropped."""
+    by get_rows; minicpm3.cpp multiplies its latent attention's projections so: a LoRA there is refused in
+    one line instead of loading and being dropped."""
     from helpers import assert_one_line_error
+    from transformers import MiniCPM3Config
 
     from fixtures.build import build_adapter, build_model, gemma4_config
 
-    build_model(gemma4_config(per_layer=8), tmp_path / "base", dtype=torch.float32)
-    ad = build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
-                       target_modules=["q_proj", "per_layer_model_projection"])
+    config, module, tensor = {
+        "gemma4": (gemma4_config(per_layer=8), "per_layer_model_projection", "per_layer_model_proj"),
+        "minicpm3": (MiniCPM3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=4, head_dim=16, kv_lora_rank=16,
+                                    q_lora_rank=32, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16),
+                     "q_a_proj", "attn_q_a")}[family]
+    build_model(config, tmp_path / "base", dtype=torch.float32)
+    ad = build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4, target_modules=["o_proj", module])
     res = runner.invoke(main, ["convert", str(ad), "--to", "gguf", "--base", str(tmp_path / "base"), "-o",
                                str(tmp_path / "a.gguf")])
-    assert_one_line_error(res, "per_layer_model_proj", "without its LoRA")
+    assert_one_line_error(res, tensor, "without its LoRA")
     assert not (tmp_path / "a.gguf").exists()
 
 

@@ -124,6 +124,10 @@ ARCHITECTURES = {
     # qwen.py Qwen3NextModel(Qwen2MoeModel): the gated delta net's in_proj_qkvz, held per key head [q k v z], split
     # into attn_qkv ([all q; all k; all v]) and attn_gate (all z) (see _tensors); the rest renamed, experts stacked
     "Qwen3NextForCausalLM": ("qwen3next", ""),
+    # jais.py Jais2Model: renames (its rope dimension count written from head_dim)
+    "Jais2ForCausalLM": ("jais2", ""),
+    # minicpm.py MiniCPM3Model: renames (latent attention: its projections are refused, see UNAPPLIED)
+    "MiniCPM3ForCausalLM": ("minicpm3", ""),
     # lfm2.py LFM2Model: renames (the short convolution's in_proj/out_proj, the attention, w1/w2/w3);
     # LFM2MoeModel: the experts (feed_forward.experts.N.w1/w2/w3 on disk) stacked
     "Lfm2ForCausalLM": ("lfm2", ""), "Lfm2MoeForCausalLM": ("lfm2moe", ""),
@@ -148,6 +152,8 @@ UNAPPLIED = {
     "deepseek2": {"attn_q_a", "attn_q_b", "attn_q", "attn_kv_a_mqa", "attn_kv_b", "attn_k_b", "attn_v_b", "output"},
     # gemma4.cpp: the per-layer inputs' projection (project_per_layer_inputs) and their embedding (get_rows)
     "gemma4": {"per_layer_model_proj", "per_layer_token_embd"},
+    # minicpm3.cpp: wq_a, wq_b, wkv_a_mqa and wkv_b (its latent attention's projections)
+    "minicpm3": {"attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_kv_b"},
     # qwen35.cpp, qwen35moe.cpp: the gated delta net's short convolution (ggml_ssm_conv)
     "qwen35": {"ssm_conv1d"}, "qwen35moe": {"ssm_conv1d"}, "qwen3next": {"ssm_conv1d"},
 }
