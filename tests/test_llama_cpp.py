@@ -431,14 +431,6 @@ def test_llama_cpp_computes_what_peft_does(tmp_path, lc, arch):
     _check(lc, tmp_path, base, adapter, arch)
 
 
-def _mistral3_vlm():
-    from transformers import Mistral3Config, PixtralVisionConfig
-
-    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                 image_size=32, patch_size=16, head_dim=16)
-    return Mistral3Config(text_config=_mistral(), vision_config=vision, image_token_index=255)
-
-
 def _llama4_vlm():
     from fixtures import build
 
@@ -461,7 +453,7 @@ def test_llama_cpp_takes_a_vlm_language_model_lora(tmp_path, lc, family):
     config, cls = {"llava": (build.llava_config, transformers.LlavaForConditionalGeneration),
                    "gemma3-vlm": (build.gemma3_vlm_config, transformers.Gemma3ForConditionalGeneration),
                    "gemma4-vlm": (build.gemma4_vlm_config, transformers.Gemma4ForConditionalGeneration),
-                   "mistral3-vlm": (_mistral3_vlm, transformers.Mistral3ForConditionalGeneration),
+                   "mistral3-vlm": (build.mistral3_vlm_config, transformers.Mistral3ForConditionalGeneration),
                    "llama4-vlm": (_llama4_vlm, transformers.Llama4ForConditionalGeneration),
                    "qwen2-vl": (lambda: qwen_vl_config("2"), transformers.Qwen2VLForConditionalGeneration),
                    "qwen2.5-vl": (lambda: qwen_vl_config("2.5"), transformers.Qwen2_5_VLForConditionalGeneration),

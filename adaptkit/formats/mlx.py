@@ -87,8 +87,8 @@ MOE_TYPES = {"qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "mixtral"}  # mlx
 # rows, gate first; down_proj (E, H, I) as it is) into a switch layer, by model_type -> where, from the experts'
 # module (mlx-lm 0.32 models/qwen3_5_moe.py: mlp.experts -> mlp.switch_mlp; gemma4_text.py: experts ->
 # experts.switch_glu, its router's per_expert_scale on the routing weights as transformers has it)
-FUSED_TYPES = {"qwen3_5_moe": (".experts", ".switch_mlp"), "qwen3_5_moe_text": (".experts", ".switch_mlp"),
-               "gemma4": ("", ".switch_glu"), "gemma4_text": ("", ".switch_glu")}
+FUSED_TYPES = {"qwen3_5_moe": (".experts", ".switch_mlp"), "gemma4": ("", ".switch_glu"),
+               "gemma4_text": ("", ".switch_glu")}  # (mlx-lm 0.32 has no qwen3_5_moe_text model type)
 _MIXTRAL = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
@@ -102,9 +102,9 @@ def _switch_factors(adapter: Adapter, base, base_config: dict | None, path) -> d
             continue
         model_type = (base_config or {}).get("model_type")
         if base is None or model_type not in MOE_TYPES | set(FUSED_TYPES):
-            raise AdaptkitError(f"{m.name}: LoRAs on MoE experts go to mlx-lm's switch_mlp for "
-                                f"{', '.join(sorted(MOE_TYPES | set(FUSED_TYPES)))} models, given the base (this one: "
-                                f"{model_type or 'none given'})", path)
+            raise AdaptkitError(f"{m.name}: LoRAs on MoE experts go to mlx-lm's stacked experts (switch_mlp, "
+                                f"switch_glu) for {', '.join(sorted(MOE_TYPES | set(FUSED_TYPES)))} models, given the "
+                                f"base (this one: {model_type or 'none given'})", path)
         if m.weight_name in base.tensors and model_type in FUSED_TYPES:  # stored fused: split as mlx-lm splits it
             a3, b3 = lora.expert_factors(m.A.to(torch.float32), m.B.to(torch.float32), m.experts)  # (E,r,in), (out,r,E)
             root, _, param = m.weight_name.removesuffix(".weight").rpartition(".")
