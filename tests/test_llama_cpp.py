@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.build import (deepseek_v3_config, gemma4_config, gpt_oss_config, granite_moe_hybrid_config,
+from fixtures.build import (deepseek_v3_config, falcon_h1_config, gemma4_config, gpt_oss_config, granite_moe_hybrid_config,
                             lfm2_moe_config, llama_config, mixtral_config, perturb_expert_scales, phi3_config,
                             qwen2_moe_config, qwen3_moe_config, qwen3_next_config, qwen35_config, qwen_vl_config)
 
@@ -174,6 +174,10 @@ ARCHS = {
                     ATTENTION + ["in_proj_qkv", "in_proj_z", "in_proj_b", "out_proj", "shared_expert.up_proj",
                                  "shared_expert_gate"], EXPERTS + ["mlp.gate.weight"]),
     "jais2": (lambda: _tiny("Jais2Config", head_dim=16), ATTENTION + ["up_proj", "down_proj"]),  # a ReLU² MLP
+    # Falcon-H1: attention and Mamba-2 side by side in every layer; µP multipliers set away from one (its converter
+    # folds them into the weights, so the LoRAs carry them)
+    "falcon-h1": (falcon_h1_config,
+                  LINEAR + ["in_proj", "embed_tokens"]),  # (peft refuses out_proj on Mamba models)
     # MiniCPM3: latent attention, whose projections llama.cpp multiplies without a LoRA (refused), its output and MLP
     "minicpm3": (lambda: _tiny("MiniCPM3Config", head_dim=16, kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=8,
                                qk_rope_head_dim=8, v_head_dim=16, num_key_value_heads=4),

@@ -578,6 +578,7 @@ def test_gguf_token_embd_lora_is_laid_out_as_llama_cpp_reads_it(tmp_path):
     ({"architectures": ["SolarOpenForCausalLM"]}, ("glm4moe", "")),
     ({"model_type": "jais2"}, ("jais2", "")),
     ({"model_type": "minicpm3"}, ("minicpm3", "")),
+    ({"model_type": "falcon_h1"}, ("falcon-h1", "")),
 ])
 def test_gguf_architectures_beyond_the_first_six(config, want):
     from adaptkit.formats.gguf import PERMUTED, base_architecture
@@ -856,6 +857,42 @@ def test_vllm_check_takes_qwen35_delta_net_loras(tmp_path):
     ad = build_adapter(tmp_path / "base", tmp_path / "lora", r=4, lora_alpha=8,
                        target_modules=["in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj", "q_proj"])
     assert [p.rule for p in check(load_adapter(ad), "vllm").problems] == []
+
+
+def test_gguf_falcon_h1_loras_carry_the_multipliers_its_converter_folds_into_the_weights(tmp_path):
+    """Falcon-H1: falcon_h1.py multiplies its µP multipliers into the weights (q/v by attention_in, k by
+    key·attention_in, gate/down by mlp_multipliers, in_proj by ssm_in and its [z x B C dt] row segments by
+    ssm_multipliers, the embedding and head...), where transformers multiplies those modules' inputs or
+    outputs: what llama.cpp adds must be m·ΔW, built here from the config beside peft's ΔW."""
+    from helpers import peft_merged
+
+    from fixtures.build import build_adapter, build_model, falcon_h1_config, load_model
+
+    build_model(falcon_h1_config(), tmp_path / "base", dtype=torch.float32)
+    ad = build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
+                       target_modules=["q_proj", "k_proj", "gate_proj", "up_proj", "in_proj", "embed_tokens"])
+    convert(ad, tmp_path / "a.gguf", to="gguf", base=tmp_path / "base")
+    cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    got = read_gguf_deltas(tmp_path / "a.gguf", cfg)
+    _, merged = peft_merged(tmp_path / "base", [ad])
+    ref, plain = merged.state_dict(), load_model(tmp_path / "base").state_dict()
+    d = {k: ref[k] - plain[k] for k in ref if k.startswith(("model.layers.0.", "model.embed_tokens"))}
+    p = "model.layers.0."
+    segments = torch.ones(d[p + "mamba.in_proj.weight"].shape[0])
+    inner, state = cfg["mamba_d_ssm"], cfg["mamba_n_groups"] * cfg["mamba_d_state"]
+    for i, (lo, hi) in enumerate([(0, inner), (inner, 2 * inner), (2 * inner, 2 * inner + state),
+                                  (2 * inner + state, 2 * inner + 2 * state), (2 * inner + 2 * state, None)]):
+        segments[lo:hi] = cfg["ssm_multipliers"][i]
+    want = {"attn_q": cfg["attention_in_multiplier"] * d[p + "self_attn.q_proj.weight"],
+            "attn_k": cfg["key_multiplier"] * cfg["attention_in_multiplier"] * d[p + "self_attn.k_proj.weight"],
+            "ffn_gate": cfg["mlp_multipliers"][0] * d[p + "feed_forward.gate_proj.weight"],
+            "ffn_up": d[p + "feed_forward.up_proj.weight"],
+            "ssm_in": cfg["ssm_in_multiplier"] * segments[:, None] * d[p + "mamba.in_proj.weight"]}
+    for gname, w in want.items():
+        t = got[f"blk.0.{gname}.weight"]
+        assert t.shape == w.shape and torch.allclose(t, w, atol=1e-5 * w.abs().max().item()), gname
+    emb = cfg["embedding_multiplier"] * d["model.embed_tokens.weight"].T  # (hidden, vocab), as llama.cpp's ΔW
+    assert torch.allclose(got["token_embd.weight"], emb, atol=1e-5 * emb.abs().max().item())
 
 
 @pytest.mark.parametrize("layout", ["hub", "transformers"])

@@ -128,6 +128,8 @@ ARCHITECTURES = {
     "Jais2ForCausalLM": ("jais2", ""),
     # minicpm.py MiniCPM3Model: renames (latent attention: its projections are refused, see UNAPPLIED)
     "MiniCPM3ForCausalLM": ("minicpm3", ""),
+    # falcon_h1.py FalconH1Model(Mamba2Model): its µP multipliers folded into the weights (see _falcon_h1_rows)
+    "FalconH1ForCausalLM": ("falcon-h1", ""),
     # lfm2.py LFM2Model: renames (the short convolution's in_proj/out_proj, the attention, w1/w2/w3);
     # LFM2MoeModel: the experts (feed_forward.experts.N.w1/w2/w3 on disk) stacked
     "Lfm2ForCausalLM": ("lfm2", ""), "Lfm2MoeForCausalLM": ("lfm2moe", ""),
@@ -518,6 +520,45 @@ def _expert_output_scale(base, arch: str, name: str, path) -> torch.Tensor | Non
     return base.read(scale).to(torch.float32)
 
 
+def _falcon_h1_rows(module: str, b: torch.Tensor, config: dict, path) -> torch.Tensor:
+    """lora_B of a Falcon-H1 module with the µP multipliers falcon_h1.py's FalconH1Model.modify_tensors
+    multiplies into that weight (matched on the name as it matches them, in its order), where transformers
+    multiplies the module's input or output by them: llama.cpp then adds m·ΔW, as transformers computes."""
+    c = text_config(config)
+
+    def get(key):
+        value = c.get(key)
+        if value is None:
+            raise AdaptkitError(f"config.json: Falcon-H1 without {key}, which llama.cpp's converter multiplies into "
+                                "the weights", path)
+        return value
+
+    if "down_proj" in module:
+        return b * get("mlp_multipliers")[1]
+    if "gate_proj" in module:
+        return b * get("mlp_multipliers")[0]
+    if "k_proj" in module:
+        return b * (get("key_multiplier") * get("attention_in_multiplier"))
+    if "q_proj" in module or "v_proj" in module:
+        return b * get("attention_in_multiplier")
+    if "o_proj" in module:
+        return b * get("attention_out_multiplier")
+    if "out_proj" in module:
+        return b * get("ssm_out_multiplier")
+    if "in_proj" in module:  # and each of its row segments [z, x, B, C, dt] by its own ssm_multipliers entry
+        inner, state = get("mamba_d_ssm"), get("mamba_n_groups") * get("mamba_d_state")
+        bounds = [0, inner, 2 * inner, 2 * inner + state, 2 * inner + 2 * state, b.shape[0]]
+        rows = torch.ones(b.shape[0], dtype=b.dtype)
+        for i, factor in enumerate(get("ssm_multipliers")):
+            rows[bounds[i]:bounds[i + 1]] = factor
+        return b * get("ssm_in_multiplier") * rows[:, None]
+    if "lm_head" in module:
+        return b * get("lm_head_multiplier")
+    if "embed_tokens" in module:
+        return b * get("embedding_multiplier")
+    return b
+
+
 def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float, path) -> dict[str, tuple]:
     """Every (a, b) llama.cpp reads, by the checkpoint name it converts, in llama.cpp's orientation and
     with llama.cpp's one scale (alpha / rank of the tensor) folded in: 2-D (r, in), (out, r); experts
@@ -560,6 +601,8 @@ def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float,
             for part, rows in (("attn_qkv", qkv), ("attn_gate", z)):
                 plain[f"blk.{bid}.{part}"] = (a, lora.fold(b[rows], m.scaling, alpha / m.shape_rank))
             continue
+        if arch == "falcon-h1":  # its converter folds the µP multipliers into the weights: B carries them too
+            b = _falcon_h1_rows(module, b, base_config, path)
         if m.kind == "embedding":  # token_embd: llama.cpp adds scale · B · A[token] (get_rows of A, (vocab, r))
             plain[module] = (a.T.contiguous(), lora.fold(b, m.scaling, alpha / m.shape_rank))
             continue
