@@ -195,6 +195,9 @@ NEW_FAMILIES = {
     "lfm2-moe": (build.lfm2_moe_config, dict(target_modules=["in_proj", "out_proj", "q_proj"],
                                              target_parameters=["feed_forward.experts.gate_up_proj",
                                                                 "feed_forward.experts.down_proj"]), 6),
+    # Hunyuan-A13B: per-expert tensors on disk, a shared MLP, the router an nn.Linear (mlp.gate.wg)
+    "hunyuan-moe": (build.hunyuan_moe_config, dict(target_modules=["q_proj", "shared_mlp.down_proj", "gate.wg"],
+                                                   target_parameters=["mlp.experts.gate_up_proj"]), 8),
     # Falcon-H1: attention and Mamba-2 side by side (its µP multipliers matter to llama.cpp only)
     "falcon-h1": (build.falcon_h1_config, dict(target_modules=["q_proj", "in_proj", "down_proj"]), 6),
 }
@@ -202,8 +205,9 @@ NEW_FAMILIES = {
 
 @pytest.mark.parametrize("family", list(NEW_FAMILIES))
 def test_newer_families_merge_as_peft_merges_them(tmp_path, family):
-    """Gemma 4 (MoE), Qwen3.5 (dense, MoE), Granite 4.0-H, Qwen3-Next, LFM2-MoE and Falcon-H1: every delta exact against peft's merge_and_unload,
-    logits equal peft's unmerged model, and verify accepts the merge."""
+    """Gemma 4 (MoE), Qwen3.5 (dense, MoE), Granite 4.0-H, Qwen3-Next, LFM2-MoE, Hunyuan-A13B and Falcon-H1:
+    every delta exact against peft's merge_and_unload, logits equal peft's unmerged model, and verify
+    accepts the merge."""
     from peft import PeftModel
 
     config, lora, modules = NEW_FAMILIES[family]

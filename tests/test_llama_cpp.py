@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.build import (deepseek_v3_config, falcon_h1_config, gemma4_config, gpt_oss_config, granite_moe_hybrid_config,
+from fixtures.build import (deepseek_v3_config, falcon_h1_config, gemma4_config, hunyuan_moe_config, gpt_oss_config, granite_moe_hybrid_config,
                             lfm2_moe_config, llama_config, mixtral_config, perturb_expert_scales, phi3_config,
                             qwen2_moe_config, qwen3_moe_config, qwen3_next_config, qwen35_config, qwen_vl_config)
 
@@ -159,6 +159,9 @@ ARCHS = {
     "cohere2": (lambda: _tiny("Cohere2Config", head_dim=16, sliding_window=16, tie_word_embeddings=True,
                               rotary_pct=1.0), LINEAR),
     "hunyuan-dense": (lambda: _tiny("HunYuanDenseV1Config", head_dim=16), LINEAR),
+    # Hunyuan-A13B's layout: experts, a shared MLP and the router (mlp.gate.wg); moe_topk, moe_intermediate_size
+    # and num_shared_expert per layer as its config.json has them (llama.cpp's converter reads those lists)
+    "hunyuan-moe": (hunyuan_moe_config, ATTENTION + ["shared_mlp.down_proj", "gate.wg"], EXPERTS),
     "apertus": (lambda: _tiny("ApertusConfig", head_dim=16), ATTENTION + ["up_proj", "down_proj"]),  # xIELU MLP
     # Gemma 4's text model: sliding and full attention layers (the full ones with "proportional" partial RoPE),
     # global_head_dim as its config.json has it (the converter reads it), per-layer inputs off
@@ -297,8 +300,8 @@ Glm4Model.set_vocab = TextModel._set_vocab_sentencepiece  # it wants GLM's speci
 from conversion.glm import Glm4MoeModel, Glm4MoeLiteModel, SolarOpenModel
 Glm4MoeModel.set_vocab = TextModel._set_vocab_sentencepiece
 Glm4MoeLiteModel.set_vocab = SolarOpenModel.set_vocab = TextModel._set_vocab_sentencepiece  # their own BPE vocabularies
-from conversion.hunyuan import HunYuanModel
-HunYuanModel.set_vocab = TextModel._set_vocab_sentencepiece  # it reads a tiktoken-style vocabulary itself
+from conversion.hunyuan import HunYuanModel, HunYuanMoEModel
+HunYuanModel.set_vocab = HunYuanMoEModel.set_vocab = TextModel._set_vocab_sentencepiece  # a tiktoken-style vocabulary
 from conversion.gemma import Gemma4Model
 Gemma4Model.set_vocab = TextModel._set_vocab_sentencepiece  # it wants Gemma 4's BPE merges
 from conversion.qwen import _QwenMtpMixin

@@ -56,6 +56,9 @@ ARCHITECTURES = {
     "ApertusForCausalLM": ("apertus", ""),
     # hunyuan.py HunYuanModel: renames (the tied head skipped)
     "HunYuanDenseV1ForCausalLM": ("hunyuan-dense", ""),
+    # hunyuan.py HunYuanMoEModel: experts stacked, the router (mlp.gate.wg) and shared_mlp renamed (its
+    # list-valued moe_topk / moe_intermediate_size / num_shared_expert read from config.json as Hunyuan-A13B's)
+    "HunYuanMoEV1ForCausalLM": ("hunyuan-moe", ""),
     # gpt2.py GPT2Model: Conv1D weights transposed to (out, in), which is the orientation of peft's ΔW there
     # (mpt.py registers MPTForCausalLM, MosaicML's remote-code class, not transformers' MptForCausalLM)
     "GPT2LMHeadModel": ("gpt2", ""),
