@@ -221,13 +221,16 @@ class Adapter:
     problems: list[str] = field(default_factory=list)  # what makes an exact merge impossible (inspect shows them)
     token_rows: dict[str, tuple[list[int], str]] = field(default_factory=dict)  # trainable tokens: ids, key
 
-    def resolve_parameters(self, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    def resolve_parameters(self, shapes: dict[str, tuple[int, ...]], transposed=None) -> list[str]:
         """Tell each ``target_parameters`` LoRA which parameter it adapts, from the (in-memory) shapes of
         the base's parameters; return the problems (none when every one is told apart).
 
         A wrapper's factors fit a parameter of shape (E, d1, d2) when B is (d1 or d2, r·E) and A
         (r·E, the other): peft reads (E, out, in) for most expert modules and (E, in, out) for those
-        marked ``is_transposed`` (gpt-oss); 2-D parameters are (out, in)."""
+        marked ``is_transposed`` (gpt-oss); 2-D parameters are (out, in). Where two parameters fit, each
+        the other's transpose (Nemotron-H's up_proj (E, I, H) and down_proj (E, H, I)), ``transposed``
+        (module -> whether transformers marks it is_transposed, or None) keeps the one peft's
+        orientation allows."""
         problems = []
         for mod, m in list(self.modules.items()):
             if m.kind != "param":
@@ -241,13 +244,16 @@ class Adapter:
                 dims, experts = (tuple(shape[1:]), shape[0]) if len(shape) == 3 else (tuple(shape), 1)
                 if len(dims) == 2 and {m.out_features, m.in_features} == set(dims) and \
                         (m.out_features, m.in_features) in (dims, dims[::-1]) and m.shape_rank % experts == 0:
-                    fits.append((param, experts))
+                    fits.append((param, experts, dims))
+            if len(fits) > 1 and transposed is not None and (marked := transposed(module)) is not None:
+                delta = (m.out_features, m.in_features)
+                fits = [f for f in fits if (f[2][::-1] if marked else f[2]) == delta]
             if len(fits) != 1:
                 what = "none" if not fits else "several"
                 problems.append(f"{module}: {what} of its targeted parameters ({', '.join(m.candidates)}) fit a LoRA "
                                 f"of A {list(self.source.shape(m.a_key))}, B {list(self.source.shape(m.b_key))}")
                 continue
-            param, experts = fits[0]
+            param, experts, _ = fits[0]
             name = f"{module}.{param}"
             rank, alpha, scaling, problem = module_scale(self.config, name, m.shape_rank, self.format, None, experts)
             if problem or alpha is None:

@@ -322,15 +322,21 @@ def resolve_parameters(base: Checkpoint, adapters: list[Adapter]) -> None:
     """Tell each ``target_parameters`` LoRA which parameter it adapts, from the base model's shapes."""
     if not any(m.kind == "param" for a in adapters for m in a.modules.values()):
         return
+    from .architecture import is_transposed
+
     shapes, fused = expert_parameters(base)
+
+    def transposed(module: str) -> bool | None:
+        return is_transposed(base.config, module)
+
     for adapter in adapters:
-        problems = adapter.resolve_parameters(shapes)
+        problems = adapter.resolve_parameters(shapes, transposed)
         if problems and (renamed := renamed_parameters(base, shapes)):
             # a parameter transformers renames on load (GraniteMoe's block_sparse_moe.input_linear is
             # experts.gate_up_proj in memory): asked of transformers only now (it builds a meta model)
             shapes = {**shapes, **renamed}
             base._expert_parameters = (shapes, fused)
-            problems = adapter.resolve_parameters(shapes)
+            problems = adapter.resolve_parameters(shapes, transposed)
         if problems:
             raise AdaptkitError(f"target_parameters that do not fit the base {base.path}: " + "; ".join(problems[:2]),
                                 adapter.path)

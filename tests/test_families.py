@@ -198,6 +198,11 @@ NEW_FAMILIES = {
     # Hunyuan-A13B: per-expert tensors on disk, a shared MLP, the router an nn.Linear (mlp.gate.wg)
     "hunyuan-moe": (build.hunyuan_moe_config, dict(target_modules=["q_proj", "shared_mlp.down_proj", "gate.wg"],
                                                    target_parameters=["mlp.experts.gate_up_proj"]), 8),
+    # Nemotron 3 Nano: backbone.layers…mixer… on disk, experts up_proj (E, I, H) and down_proj (E, H, I), each the
+    # other's transpose (told apart by transformers' is_transposed, as peft reads them), a 2-D router parameter
+    "nemotron-h": (build.nemotron_h_config, dict(target_modules=["q_proj", "in_proj", "shared_experts.down_proj"],
+                                                 target_parameters=["mixer.experts.up_proj", "mixer.experts.down_proj",
+                                                                    "mixer.gate.weight"]), 6),
     # Falcon-H1: attention and Mamba-2 side by side (its µP multipliers matter to llama.cpp only)
     "falcon-h1": (build.falcon_h1_config, dict(target_modules=["q_proj", "in_proj", "down_proj"]), 6),
 }
@@ -205,7 +210,7 @@ NEW_FAMILIES = {
 
 @pytest.mark.parametrize("family", list(NEW_FAMILIES))
 def test_newer_families_merge_as_peft_merges_them(tmp_path, family):
-    """Gemma 4 (MoE), Qwen3.5 (dense, MoE), Granite 4.0-H, Qwen3-Next, LFM2-MoE, Hunyuan-A13B and Falcon-H1:
+    """Gemma 4 (MoE), Qwen3.5 (dense, MoE), Granite 4.0-H, Qwen3-Next, LFM2-MoE, Hunyuan-A13B, Nemotron-H, Falcon-H1:
     every delta exact against peft's merge_and_unload, logits equal peft's unmerged model, and verify
     accepts the merge."""
     from peft import PeftModel

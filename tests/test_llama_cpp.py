@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.build import (deepseek_v3_config, falcon_h1_config, gemma4_config, hunyuan_moe_config, gpt_oss_config, granite_moe_hybrid_config,
+from fixtures.build import (deepseek_v3_config, falcon_h1_config, gemma4_config, hunyuan_moe_config,
+                            nemotron_h_config, nemotron_hub_config, gpt_oss_config, granite_moe_hybrid_config,
                             lfm2_moe_config, llama_config, mixtral_config, perturb_expert_scales, phi3_config,
                             qwen2_moe_config, qwen3_moe_config, qwen3_next_config, qwen35_config, qwen_vl_config)
 
@@ -159,6 +160,10 @@ ARCHS = {
     "cohere2": (lambda: _tiny("Cohere2Config", head_dim=16, sliding_window=16, tie_word_embeddings=True,
                               rotary_pct=1.0), LINEAR),
     "hunyuan-dense": (lambda: _tiny("HunYuanDenseV1Config", head_dim=16), LINEAR),
+    # Nemotron 3 Nano: Mamba-2, attention (q/k permuted) and MoE layers, the shared expert, the router (a 2-D
+    # parameter) and the routed experts (up/down, no gate)
+    "nemotron-h": (nemotron_h_config, ["q_proj", "k_proj", "o_proj", "in_proj", "shared_experts.down_proj"],
+                   ["mixer.experts.up_proj", "mixer.experts.down_proj", "mixer.gate.weight"]),
     # Hunyuan-A13B's layout: experts, a shared MLP and the router (mlp.gate.wg); moe_topk, moe_intermediate_size
     # and num_shared_expert per layer as its config.json has them (llama.cpp's converter reads those lists)
     "hunyuan-moe": (hunyuan_moe_config, ATTENTION + ["shared_mlp.down_proj", "gate.wg"], EXPERTS),
@@ -306,6 +311,8 @@ from conversion.gemma import Gemma4Model
 Gemma4Model.set_vocab = TextModel._set_vocab_sentencepiece  # it wants Gemma 4's BPE merges
 from conversion.qwen import _QwenMtpMixin
 _QwenMtpMixin.no_mtp = True  # --no-mtp: transformers' Qwen3.5 models hold no multi-token-prediction layers
+from conversion.nemotron import NemotronHModel
+NemotronHModel.set_vocab = TextModel._set_vocab_sentencepiece  # it reads NVIDIA's own tokenizer
 from conversion.gptneox import GPTNeoXModel
 init = GPTNeoXModel.__init__
 def neox_init(self, *args, **kwargs):  # it reads rotary_pct, which transformers 5's config keeps in rope_parameters
@@ -335,6 +342,8 @@ def _base(lc, tmp_path: Path, arch: str) -> Path:
     perturb_expert_scales(model)  # Gemma 4's, ones when initialised
     model.save_pretrained(folder)
     cfg = json.loads((folder / "config.json").read_text())
+    if cfg.get("model_type") == "nemotron_h":
+        nemotron_hub_config(folder)
     if cfg.get("model_type") == "granitemoehybrid":  # the layer names of Granite 4's config.json, which llama.cpp's
         # converter reads (transformers 5 reads them too, and saves its own: linear_attention, full_attention)
         cfg["layer_types"] = ["mamba" if t == "linear_attention" else "attention" for t in cfg["layer_types"]]

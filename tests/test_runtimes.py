@@ -580,12 +580,25 @@ def test_gguf_token_embd_lora_is_laid_out_as_llama_cpp_reads_it(tmp_path):
     ({"model_type": "minicpm3"}, ("minicpm3", "")),
     ({"model_type": "falcon_h1"}, ("falcon-h1", "")),
     ({"model_type": "hunyuan_v1_moe"}, ("hunyuan-moe", "")),
+    ({"model_type": "nemotron_h", "hybrid_override_pattern": "M*E"}, ("nemotron_h_moe", "rope")),
 ])
 def test_gguf_architectures_beyond_the_first_six(config, want):
     from adaptkit.formats.gguf import PERMUTED, base_architecture
 
     assert base_architecture(config, "base") == want
     assert ("granite" in PERMUTED) and ("qwen3" not in PERMUTED)
+
+
+def test_gguf_refuses_a_dense_nemotron_h_in_one_line():
+    """A Nemotron-H without MoE layers: llama.cpp's converter reads its config through transformers 5, whose
+    defaults hold num_experts_per_tok, and writes a nemotron_h_moe GGUF llama.cpp cannot load: refused."""
+    from adaptkit.formats.gguf import base_architecture
+
+    with pytest.raises(AdaptkitError, match="without MoE layers"):
+        base_architecture({"model_type": "nemotron_h", "hybrid_override_pattern": "M*-"}, "base")
+    with pytest.raises(AdaptkitError, match="without MoE layers"):
+        base_architecture({"architectures": ["NemotronHForCausalLM"],
+                           "layers_block_type": ["linear_attention", "full_attention", "mlp"]}, "base")
 
 
 def test_gguf_architectures_are_transformers_classes_and_gguf_architectures():

@@ -181,7 +181,10 @@ def _resolve_from_base(adapter: Adapter) -> None:
     if not any(m.kind == "param" for m in adapter.modules.values()) or not isinstance(base, str):
         return
     if is_regular(Path(base) / "config.json"):
-        adapter.resolve_parameters(parameter_shapes(read_json(Path(base) / "config.json", "config.json")))
+        from ..architecture import is_transposed
+
+        config = read_json(Path(base) / "config.json", "config.json")
+        adapter.resolve_parameters(parameter_shapes(config), lambda module: is_transposed(config, module))
 
 
 def inspect_adapter(adapter: Adapter, svd: bool = False) -> AdapterReport:

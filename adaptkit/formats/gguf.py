@@ -131,6 +131,10 @@ ARCHITECTURES = {
     "Jais2ForCausalLM": ("jais2", ""),
     # minicpm.py MiniCPM3Model: renames (latent attention: its projections are refused, see UNAPPLIED)
     "MiniCPM3ForCausalLM": ("minicpm3", ""),
+    # nemotron.py NemotronHModel(GraniteHybridModel), undo_permute: Mamba-2, attention (q/k permuted) and MoE layers
+    # (Nemotron 3 Nano): checkpoint names backbone.layers…mixer…, its experts stacked as model.layers.N.mlp.experts
+    # (see write); a dense Nemotron-H is refused in base_architecture
+    "NemotronHForCausalLM": ("nemotron_h_moe", "rope"),
     # falcon_h1.py FalconH1Model(Mamba2Model): its µP multipliers folded into the weights (see _falcon_h1_rows)
     "FalconH1ForCausalLM": ("falcon-h1", ""),
     # lfm2.py LFM2Model: renames (the short convolution's in_proj/out_proj, the attention, w1/w2/w3);
@@ -159,6 +163,8 @@ UNAPPLIED = {
     "gemma4": {"per_layer_model_proj", "per_layer_token_embd"},
     # minicpm3.cpp: wq_a, wq_b, wkv_a_mqa and wkv_b (its latent attention's projections)
     "minicpm3": {"attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_kv_b"},
+    # nemotron-h-moe.cpp: the latent MoE projections (Nemotron 3 Super)
+    "nemotron_h_moe": {"ffn_latent_down", "ffn_latent_up"},
     # qwen35.cpp, qwen35moe.cpp: the gated delta net's short convolution (ggml_ssm_conv)
     "qwen35": {"ssm_conv1d"}, "qwen35moe": {"ssm_conv1d"}, "qwen3next": {"ssm_conv1d"},
 }
@@ -333,7 +339,11 @@ def sizes(config: dict, path=None) -> tuple[int, int, int]:
         return value
 
     n_head = whole("num_attention_heads")
-    return whole("num_hidden_layers"), n_head, whole("num_key_value_heads", n_head) or n_head
+    n_layers = whole("num_hidden_layers")
+    if not n_layers:  # Nemotron-H's config.json holds only its layers' kinds (transformers counts them)
+        kinds = text.get("layers_block_type") or text.get("hybrid_override_pattern")
+        n_layers = len(kinds) if isinstance(kinds, (list, str)) else 0
+    return n_layers, n_head, whole("num_key_value_heads", n_head) or n_head
 
 
 def row_sizes(config: dict, rows: str, path=None) -> tuple[int, int, int]:
@@ -372,6 +382,12 @@ def base_architecture(config: dict, path) -> tuple[str, str]:
         raise AdaptkitError("config.json: a Mistral 3 vision-language model with a mistral4 language model, which "
                             "llama.cpp converts as its DeepSeek-V2-like Mistral4Model (not checked): not exported to "
                             "GGUF (merge instead)", path)
+    if arch == "NemotronHForCausalLM":
+        layers = text_config(config).get("hybrid_override_pattern") or text_config(config).get("layers_block_type") or ""
+        if "E" not in layers and "moe" not in layers:
+            raise AdaptkitError("config.json: a Nemotron-H without MoE layers, which llama.cpp's converter (reading the "
+                                "config through transformers 5, whose defaults hold num_experts_per_tok) makes a "
+                                "nemotron_h_moe GGUF of that llama.cpp cannot load: not exported (merge instead)", path)
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if ARCHITECTURES[arch][0] == "glm4" and isinstance(rope, dict) and "mrope_section" in rope:
         raise AdaptkitError("config.json: a GLM-4 with M-RoPE (rope mrope_section), whose q/k rows llama.cpp's "
@@ -656,6 +672,9 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
         gname = module if module.startswith("blk.") else names.get_name(gguf_module(module))
         if gname is None and arch_name == "lfm2moe":  # lfm2.py names its expert stacks without "model."
             gname = names.get_name(gguf_module(module).removeprefix("model."))
+        if gname is None and arch_name == "nemotron_h_moe":  # nemotron.py stacks backbone…mixer.experts.* so
+            gname = names.get_name(re.sub(r"^backbone\.layers\.(\d+)\.mixer\.experts\.", r"model.layers.\1.mlp.experts.",
+                                          module))
         if gname is None and "text_config" in base_config and "language_model." not in module:
             raise AdaptkitError(f"{module} is outside the language model, which is all llama.cpp's converter makes a "
                                 "text model of (a vision tower goes to a separate mmproj file): its LoRA is not "
