@@ -477,6 +477,46 @@ def test_mlx_lm_itself_runs_gemma4_loras_as_peft_does(tmp_path, moe):
     assert err <= max(10 * noise, 1e-4) and effect > 100 * err, (err, noise, effect)
 
 
+@pytest.mark.parametrize("family", ["falcon-h1", "nemotron-h"])
+def test_mlx_lm_itself_runs_hybrid_model_loras(tmp_path, family):
+    """Mamba-2 hybrids in mlx-lm. Falcon-H1: mlx-lm's sanitize multiplies µP multipliers into the weights
+    (its own choice of them: q/k by attention_in, not v nor key_multiplier), so lora_b carries the same
+    ones and mlx-lm's LoRA run equals its run of the adaptkit merge (mlx-lm's own model is then off
+    transformers' by its multipliers: not asserted against peft). Nemotron-H: mlx-lm's modules keep the
+    checkpoint's names (backbone.layers.N.mixer…, model.layers.N.mixer… in peft): matches peft."""
+    pytest.importorskip("mlx_lm")
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model
+    from peft import PeftModel
+
+    from fixtures import build
+
+    base = tmp_path / "base"
+    if family == "falcon-h1":
+        build.build_model(build.falcon_h1_config(), base, dtype=torch.float32)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "gate_proj", "down_proj"]
+    else:
+        build.build_model(build.nemotron_h_config(), base, dtype=torch.float32)
+        build.nemotron_hub_config(base)
+        targets = ["q_proj", "in_proj", "shared_experts.down_proj"]
+    ad = build.build_adapter(base, tmp_path / "lora", r=4, lora_alpha=8, scale=0.2, target_modules=targets)
+    convert(ad, tmp_path / "mlx", to="mlx", base=base)
+    merge(base, ad, tmp_path / "merged", dtype="float32")
+    ids = np.random.default_rng(0).integers(3, 250, size=(1, 12))
+    got = np.array(load_adapters(load_model(base)[0], str(tmp_path / "mlx"))(mx.array(ids)).astype(mx.float32))
+    merged = np.array(load_model(tmp_path / "merged")[0](mx.array(ids)).astype(mx.float32))
+    plain_mlx = np.array(load_model(base)[0](mx.array(ids)).astype(mx.float32))
+    scale = float(np.abs(merged).max())
+    print(f"\nmlx-lm {family}: LoRA vs the merge in mlx-lm {np.abs(got - merged).max() / scale:.2e}")
+    assert np.abs(got - merged).max() <= 1e-5 * scale and np.abs(merged - plain_mlx).max() > 0.05 * scale
+    if family == "nemotron-h":
+        with torch.no_grad():
+            want = PeftModel.from_pretrained(build.load_model(base), ad).eval()(torch.tensor(ids)).logits.numpy()
+        assert np.abs(got - want).max() <= 1e-5 * scale
+
+
 def test_mlx_refuses_what_mlx_lm_would_not_load_on_experts(runner, tmp_path):
     """A fused-expert base (gpt-oss) and DeepSeek's kv_b_proj (mlx-lm splits it into other modules):
     refused in one line, nothing written."""
@@ -1175,7 +1215,8 @@ def test_gguf_takes_a_vlm_language_model_lora(tmp_path):
 
 
 def test_gguf_refuses_a_vlm_vision_tower_lora(runner, tmp_path):
-    """llama.cpp converts a VLM's vision tower into a separate mmproj file, which takes no LoRA here."""
+    """llama.cpp converts a VLM's vision tower into a separate mmproj file, which takes no LoRA here;
+    mlx-lm's VLM classes load the language model alone."""
     from helpers import FAMILY_BASE_OF, assert_one_line_error
 
     from fixtures.build import build_adapter
@@ -1185,6 +1226,9 @@ def test_gguf_refuses_a_vlm_vision_tower_lora(runner, tmp_path):
     res = runner.invoke(main, ["convert", str(ad), "--to", "gguf", "--base", str(base), "-o", str(tmp_path / "a.gguf")])
     assert_one_line_error(res, "vision_tower", "outside the language model", "mmproj")
     assert not (tmp_path / "a.gguf").exists()
+    res = runner.invoke(main, ["convert", str(ad), "--to", "mlx", "--base", str(base), "-o", str(tmp_path / "mlx")])
+    assert_one_line_error(res, "vision_tower", "outside the language model", "mlx-lm")  # it loads that part only
+    assert not (tmp_path / "mlx").exists()
 
 
 def _qkv_case(tmp_path, cfg, module, drop=()):

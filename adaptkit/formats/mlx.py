@@ -47,12 +47,18 @@ CONFIG = "adapter_config.json"
 _LAYER = re.compile(r"^(?P<prefix>.*?\.layers\.)(?P<i>\d+)\.(?P<key>.+)$")
 
 
-def mlx_name(name: str) -> str:
-    """mlx-lm's path of a module peft names ``name``: its vision-language models (Gemma 3, Mistral 3,
-    Qwen3-VL, Qwen3.5…) hold the language model as ``language_model.model`` (their ``sanitize`` maps
-    the checkpoint's ``model.language_model.`` there), text models as peft does."""
-    return "language_model.model." + name.removeprefix("model.language_model.") \
-        if name.startswith("model.language_model.") else name
+def mlx_name(name: str, base=None, config: dict | None = None) -> str:
+    """mlx-lm's path of a module peft names ``name`` (in memory): its vision-language models (Gemma 3,
+    Mistral 3, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Llama 4…) hold the language model as
+    ``language_model.model.`` whatever the checkpoint calls it (their ``sanitize`` maps it there); its
+    text models are built on the checkpoint's names (``base``: Nemotron-H's backbone.layers.N.mixer…,
+    model.layers.N.mixer… in memory)."""
+    if "language_model." in name:
+        return "language_model.model." + name.split("language_model.", 1)[1].removeprefix("model.")
+    if config and config.get("text_config") is not None:
+        raise AdaptkitError(f"{name}: outside the language model, the only part of a vision-language model "
+                            "mlx-lm loads")
+    return _disk_module(name, base)
 
 
 def peft_name(name: str) -> str:
@@ -79,6 +85,9 @@ def layer_count(config: dict | None) -> int | None:
         n = cfg.get("num_hidden_layers") if isinstance(cfg, dict) else None
         if isinstance(n, int) and not isinstance(n, bool) and n > 0:
             return n
+        kinds = cfg.get("layers_block_type") if isinstance(cfg, dict) else None  # Nemotron-H: its layers' kinds only
+        if isinstance(kinds, list) and kinds:
+            return len(kinds)
     return None
 
 
@@ -131,6 +140,46 @@ def _switch_factors(adapter: Adapter, base, base_config: dict | None, path) -> d
     return out
 
 
+def _disk_module(name: str, base) -> str:
+    """The checkpoint's name of a module peft names ``name`` in memory, which is what mlx-lm's models are
+    built on (Nemotron-H: backbone.layers.N.mixer…, model.layers.N.mixer… in transformers 5)."""
+    if base is None or name + ".weight" in base.tensors:
+        return name
+    from ..plan import renames
+
+    return renames(base).get(name + ".weight", name + ".weight").removesuffix(".weight")
+
+
+def _falcon_h1_rows(module: str, b: torch.Tensor, config: dict, path) -> torch.Tensor:
+    """B (out, r) of a Falcon-H1 module times the µP multipliers mlx-lm's falcon_h1.py ``sanitize`` multiplies
+    into that weight on load (mlx-lm 0.32: q_proj and k_proj by attention_in, o_proj, out_proj, gate_proj,
+    down_proj by theirs, in_proj by ssm_in and its [z x B C dt] row segments; not v_proj, nor key_multiplier,
+    unlike transformers): mlx-lm then adds m·ΔW to m·W, as it computes the merged weights."""
+    def get(key):
+        value = config.get(key)
+        if value is None:
+            raise AdaptkitError(f"config.json: Falcon-H1 without {key}, which mlx-lm multiplies into the weights",
+                                path)
+        return value
+
+    tail = module.rsplit(".", 1)[-1]
+    factor = {"q_proj": "attention_in_multiplier", "k_proj": "attention_in_multiplier",
+              "o_proj": "attention_out_multiplier", "out_proj": "ssm_out_multiplier"}.get(tail)
+    if factor:
+        return b * get(factor)
+    if tail in ("gate_proj", "down_proj"):
+        return b * get("mlp_multipliers")[0 if tail == "gate_proj" else 1]
+    if tail == "in_proj":
+        inner, state, heads = get("mamba_d_ssm"), get("mamba_n_groups") * get("mamba_d_state"), get("mamba_n_heads")
+        rows = torch.cat([torch.full((n,), float(f)) for n, f in zip((inner, inner, state, state, heads),
+                                                                      get("ssm_multipliers"))])
+        if rows.shape[0] != b.shape[0]:
+            raise AdaptkitError(f"{module}: {b.shape[0]} rows, but mlx-lm's Falcon-H1 lays out {rows.shape[0]} from "
+                                "the config", path)
+        return b * get("ssm_in_multiplier") * rows[:, None]
+    return b
+
+
 def write(adapter: Adapter, out: Path, *, base_config: dict | None = None, base=None, **_) -> dict:
     """``adapters.safetensors`` + ``adapter_config.json`` as mlx-lm reads them: one rank (smaller ones
     zero-padded), one scale (folded into lora_b), DoRA as ``dora``, ``num_layers`` the base's layer
@@ -169,7 +218,7 @@ def write(adapter: Adapter, out: Path, *, base_config: dict | None = None, base=
         match = _LAYER.match(name)
         keys.add(match["key"])
         pad = [rank - a.shape[0] for a, _ in stack]
-        name = mlx_name(name)
+        name = mlx_name(name, None, base_config)  # (the checkpoint's name already)
         tensors[f"{name}.lora_a"] = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, k))
                                                  for (a, _), k in zip(stack, pad)]).contiguous()
         tensors[f"{name}.lora_b"] = torch.stack([torch.nn.functional.pad(sb / scale, (0, k))
@@ -180,10 +229,16 @@ def write(adapter: Adapter, out: Path, *, base_config: dict | None = None, base=
         if int(match["i"]) >= num_layers:
             raise AdaptkitError(f"{m.name} is beyond the base's {num_layers} layers", adapter.path)
         pad = rank - m.shape_rank  # zero rows of A, columns of B: B·A is unchanged
-        name = mlx_name(m.name)
+        try:
+            name = mlx_name(m.name, base, base_config)
+        except AdaptkitError as e:
+            raise AdaptkitError(str(e), adapter.path) from None
+        b = m.B.to(torch.float32)
+        if (base_config or {}).get("model_type") == "falcon_h1":
+            b = _falcon_h1_rows(m.name, b, base_config, adapter.path)
         tensors[f"{name}.lora_a"] = torch.nn.functional.pad(m.A.to(torch.float32).T, (0, pad)).contiguous()
         tensors[f"{name}.lora_b"] = torch.nn.functional.pad(
-            lora.fold(m.B.to(torch.float32).T, m.scaling, scale), (0, 0, 0, pad)).contiguous()
+            lora.fold(b.T, m.scaling, scale), (0, 0, 0, pad)).contiguous()
         if dora:
             tensors[f"{name}.m"] = m.magnitude.to(torch.float32).contiguous()
     out.mkdir(parents=True, exist_ok=True)
