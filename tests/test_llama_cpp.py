@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.build import (deepseek_v3_config, falcon_h1_config, gemma4_config, hunyuan_moe_config,
-                            nemotron_h_config, nemotron_hub_config, gpt_oss_config, granite_moe_hybrid_config,
-                            lfm2_moe_config, llama_config, mixtral_config, perturb_expert_scales, phi3_config,
+from fixtures.build import (deepseek_v3_config, falcon_h1_config, gemma4_config, gpt_oss_config,
+                            granite_moe_hybrid_config, hunyuan_moe_config, lfm2_moe_config, llama_config,
+                            mixtral_config, nemotron_h_config, nemotron_hub_config, perturb_expert_scales, phi3_config,
                             qwen2_moe_config, qwen3_moe_config, qwen3_next_config, qwen35_config, qwen_vl_config)
 
 ROOT = os.environ.get("ADAPTKIT_LLAMA_CPP")
