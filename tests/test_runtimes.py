@@ -483,7 +483,8 @@ def test_mlx_lm_itself_runs_hybrid_model_loras(tmp_path, family):
     (its own choice of them: q/k by attention_in, not v nor key_multiplier), so lora_b carries the same
     ones and mlx-lm's LoRA run equals its run of the adaptkit merge (mlx-lm's own model is then off
     transformers' by its multipliers: not asserted against peft). Nemotron-H: mlx-lm's modules keep the
-    checkpoint's names (backbone.layers.N.mixer…, model.layers.N.mixer… in peft): matches peft."""
+    checkpoint's names (backbone.layers.N.mixer…, model.layers.N.mixer… in peft), its experts stacked
+    into mixer.switch_mlp.fc1 (up) / fc2 (down): matches peft."""
     pytest.importorskip("mlx_lm")
     import mlx.core as mx
     import numpy as np
@@ -501,7 +502,9 @@ def test_mlx_lm_itself_runs_hybrid_model_loras(tmp_path, family):
         build.build_model(build.nemotron_h_config(), base, dtype=torch.float32)
         build.nemotron_hub_config(base)
         targets = ["q_proj", "in_proj", "shared_experts.down_proj"]
-    ad = build.build_adapter(base, tmp_path / "lora", r=4, lora_alpha=8, scale=0.2, target_modules=targets)
+    experts = dict(target_parameters=["mixer.experts.up_proj", "mixer.experts.down_proj"]) if family == "nemotron-h" \
+        else {}
+    ad = build.build_adapter(base, tmp_path / "lora", r=4, lora_alpha=8, scale=0.2, target_modules=targets, **experts)
     convert(ad, tmp_path / "mlx", to="mlx", base=base)
     merge(base, ad, tmp_path / "merged", dtype="float32")
     ids = np.random.default_rng(0).integers(3, 250, size=(1, 12))
@@ -512,6 +515,8 @@ def test_mlx_lm_itself_runs_hybrid_model_loras(tmp_path, family):
     print(f"\nmlx-lm {family}: LoRA vs the merge in mlx-lm {np.abs(got - merged).max() / scale:.2e}")
     assert np.abs(got - merged).max() <= 1e-5 * scale and np.abs(merged - plain_mlx).max() > 0.05 * scale
     if family == "nemotron-h":
+        t = load_file(tmp_path / "mlx" / "adapters.safetensors")
+        assert tuple(t["backbone.layers.2.mixer.switch_mlp.fc1.lora_a"].shape) == (4, 4, 64)  # (E, r, in)
         with torch.no_grad():
             want = PeftModel.from_pretrained(build.load_model(base), ad).eval()(torch.tensor(ids)).logits.numpy()
         assert np.abs(got - want).max() <= 1e-5 * scale

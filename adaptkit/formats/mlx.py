@@ -91,7 +91,8 @@ def layer_count(config: dict | None) -> int | None:
     return None
 
 
-MOE_TYPES = {"qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "mixtral"}  # mlx-lm models read off their sanitize
+MOE_TYPES = {"qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "mixtral",  # mlx-lm models read off their sanitize
+             "nemotron_h"}  # (models/nemotron_h.py: backbone.layers.N.mixer.experts.E.up/down_proj -> switch_mlp.fc1/fc2)
 # mlx-lm models whose sanitize splits experts stored fused (….experts.gate_up_proj (E, 2I, H) in halves along its
 # rows, gate first; down_proj (E, H, I) as it is) into a switch layer, by model_type -> where, from the experts'
 # module (mlx-lm 0.32 models/qwen3_5_moe.py: mlp.experts -> mlp.switch_mlp; gemma4_text.py: experts ->
@@ -99,6 +100,7 @@ MOE_TYPES = {"qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "mixtral"}  # mlx
 FUSED_TYPES = {"qwen3_5_moe": (".experts", ".switch_mlp"), "gemma4": ("", ".switch_glu"),
                "gemma4_text": ("", ".switch_glu")}  # (mlx-lm 0.32 has no qwen3_5_moe_text model type)
 _MIXTRAL = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_SWITCH_NAMES = {"mixtral": _MIXTRAL, "nemotron_h": {"up_proj": "fc1", "down_proj": "fc2"}}  # mlx-lm's, by model_type
 
 
 def _switch_factors(adapter: Adapter, base, base_config: dict | None, path) -> dict[str, list]:
@@ -131,7 +133,7 @@ def _switch_factors(adapter: Adapter, base, base_config: dict | None, path) -> d
             continue
         for disk, e, a_e, sb_e in per_expert_pairs(m, base, "mlx-lm", path):
             hit = PER_EXPERT.match(disk + ".weight")
-            proj = _MIXTRAL.get(hit["proj"], hit["proj"]) if model_type == "mixtral" else hit["proj"]
+            proj = _SWITCH_NAMES.get(model_type, {}).get(hit["proj"], hit["proj"])
             stack = out.setdefault(f"{hit['stem'].removesuffix('.experts')}.switch_mlp.{proj}", [None] * m.experts)
             stack[e] = (a_e, sb_e)
     for name, stack in out.items():
