@@ -16,7 +16,8 @@ rests on a runtime's code, the file and version are named beside it.
   ``src/llama-adapter.cpp`` checks its flipped shapes); no DoRA, no ``modules_to_save``, no
   biases (the base's architecture is checked by ``convert --to gguf``, which needs the base, as are
   the tensors an architecture's graph multiplies without a LoRA: formats/gguf.py ``UNAPPLIED``).
-- mlx-lm takes Linear LoRA inside numbered layers, DoRA included (mlx-lm 0.32 ``tuner/dora.py``:
+- mlx-lm takes Linear LoRA inside numbered layers (of the language model only, for its vision-language
+  models, whose ``sanitize`` drops the vision tower), DoRA included (mlx-lm 0.32 ``tuner/dora.py``:
   ``convert --to mlx`` writes ``fine_tune_type: dora``); no ``modules_to_save`` or embedding LoRA;
   one rank for every module (``convert --to mlx`` pads to it); LoRAs on MoE experts on its stacked
   ``switch_mlp`` (``convert --to mlx --base BASE`` lays them out).
@@ -211,6 +212,14 @@ def check(adapter: Adapter, target: str, max_lora_rank: int = 16) -> Readiness:
             if outside:
                 problems.append(Problem("layers", f"modules outside numbered layers: {', '.join(outside[:3])}",
                                         merge_fix))
+            # a vision-language model's: mlx-lm's VLM classes load the language model alone (their sanitize drops
+            # the vision tower), so an adapter tensor elsewhere is refused on load ("not an adapter parameter")
+            if any("language_model." in m.name for m in mods):
+                tower = [m.name for m in mods if "language_model." not in m.name]
+                if tower:
+                    problems.append(Problem("vision_tower", f"modules outside the language model, which is all "
+                                            f"mlx-lm loads of a vision-language model: {', '.join(tower[:3])}",
+                                            merge_fix))
         # llama.cpp: gpt2.py transposes Conv1D weights to (out, in), the orientation of peft's B·A there, and the
         # GGUF export runs in llama.cpp (tests/test_llama_cpp.py gpt2); mlx-lm's GPT-2 not checked
         if target != "llamacpp" and any(m.fan_in_fan_out for m in mods):

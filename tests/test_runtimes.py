@@ -1234,6 +1234,11 @@ def test_gguf_refuses_a_vlm_vision_tower_lora(runner, tmp_path):
     res = runner.invoke(main, ["convert", str(ad), "--to", "mlx", "--base", str(base), "-o", str(tmp_path / "mlx")])
     assert_one_line_error(res, "vision_tower", "outside the language model", "mlx-lm")  # it loads that part only
     assert not (tmp_path / "mlx").exists()
+    from adaptkit.readiness import check
+
+    assert "vision_tower" in [p.rule for p in check(load_adapter(ad), "mlx").problems]  # inspect --check mlx agrees
+    lm_only = build_adapter(base, tmp_path / "lm", r=2, lora_alpha=4, target_modules=r".*language_model.*\.q_proj")
+    assert "vision_tower" not in [p.rule for p in check(load_adapter(lm_only), "mlx").problems]
 
 
 def _qkv_case(tmp_path, cfg, module, drop=()):
