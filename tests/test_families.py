@@ -15,6 +15,25 @@ from fixtures import build
 from helpers import FAMILY_ADAPTERS, FAMILY_BASE_OF, assert_one_line_error, invoke, peft_merged
 
 
+def assert_merge_is_peft(base, ad, merged) -> None:
+    """The merge at ``merged`` equals peft's merge_and_unload tensor by tensor, its logits peft's unmerged
+    model's (which the adapter moves), and verify accepts it."""
+    from peft import PeftModel
+
+    unmerged = PeftModel.from_pretrained(build.load_model(base), ad).eval()
+    mine = build.load_model(merged)
+    ids = torch.tensor([[1, 5, 9, 200, 7, 3, 11, 13, 60, 61]])
+    with torch.no_grad():
+        a, b = unmerged(input_ids=ids).logits, mine(input_ids=ids).logits
+        with unmerged.disable_adapter():
+            c = unmerged(input_ids=ids).logits
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max() and (a - c).abs().max() > 100 * (a - b).abs().max()
+    ref = unmerged.merge_and_unload().state_dict()
+    for name, t in mine.state_dict().items():
+        assert torch.allclose(t, ref[name], rtol=1e-6, atol=1e-7), name
+    assert adaptkit.verify(base, ad, merged).ok
+
+
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
@@ -133,8 +152,6 @@ def test_experts_stored_3d_under_another_name_merge_as_peft_merges_them(tmp_path
     experts.gate_up_proj / down_proj in memory, the router's weight router.layer.weight on disk:
     transformers' renames are asked for only when the plain names do not fit, every delta lands on
     the disk tensor transformers loads the parameter from, and a dropped expert's delta fails verify."""
-    from peft import PeftModel
-
     build.build_model(build.granite_moe_shared_config(), tmp_path / "base", dtype=torch.float32)
     ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
                              target_modules=["q_proj", "shared_mlp.input_linear"],
@@ -144,18 +161,7 @@ def test_experts_stored_3d_under_another_name_merge_as_peft_merges_them(tmp_path
     result = adaptkit.merge(tmp_path / "base", ad, tmp_path / "m")
     assert result.modules_merged == 10 and not result.warnings
     assert set(Checkpoint.open(tmp_path / "m").tensors) == set(Checkpoint.open(tmp_path / "base").tensors)
-    unmerged = PeftModel.from_pretrained(build.load_model(tmp_path / "base"), ad).eval()
-    mine = build.load_model(tmp_path / "m")
-    ids = torch.tensor([[1, 5, 9, 200, 7, 3, 11, 13, 60, 61]])
-    with torch.no_grad():
-        a, b = unmerged(input_ids=ids).logits, mine(input_ids=ids).logits
-        with unmerged.disable_adapter():
-            c = unmerged(input_ids=ids).logits
-    assert (a - b).abs().max() <= 1e-4 * a.abs().max() and (a - c).abs().max() > 100 * (a - b).abs().max()
-    ref = unmerged.merge_and_unload().state_dict()
-    for name, t in mine.state_dict().items():
-        assert torch.allclose(t, ref[name], rtol=1e-6, atol=1e-7), name
-    assert adaptkit.verify(tmp_path / "base", ad, tmp_path / "m").ok
+    assert_merge_is_peft(tmp_path / "base", ad, tmp_path / "m")
     merged = Checkpoint.open(tmp_path / "m")
     name = "model.layers.1.block_sparse_moe.input_linear.weight"
     from safetensors.torch import load_file, save_file
@@ -213,25 +219,12 @@ def test_newer_families_merge_as_peft_merges_them(tmp_path, family):
     """Gemma 4 (MoE), Qwen3.5 (dense, MoE), Granite 4.0-H, Qwen3-Next, LFM2-MoE, Hunyuan-A13B, Nemotron-H, Falcon-H1:
     every delta exact against peft's merge_and_unload, logits equal peft's unmerged model, and verify
     accepts the merge."""
-    from peft import PeftModel
-
     config, lora, modules = NEW_FAMILIES[family]
     build.build_model(config(), tmp_path / "base", dtype=torch.float32)
     ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4, **lora)
     result = adaptkit.merge(tmp_path / "base", ad, tmp_path / "m")
     assert result.modules_merged == modules and not result.warnings
-    unmerged = PeftModel.from_pretrained(build.load_model(tmp_path / "base"), ad).eval()
-    mine = build.load_model(tmp_path / "m")
-    ids = torch.tensor([[1, 5, 9, 200, 7, 3, 11, 13, 60, 61]])
-    with torch.no_grad():
-        a, b = unmerged(input_ids=ids).logits, mine(input_ids=ids).logits
-        with unmerged.disable_adapter():
-            c = unmerged(input_ids=ids).logits
-    assert (a - b).abs().max() <= 1e-4 * a.abs().max() and (a - c).abs().max() > 100 * (a - b).abs().max()
-    ref = unmerged.merge_and_unload().state_dict()
-    for name, t in mine.state_dict().items():
-        assert torch.allclose(t, ref[name], rtol=1e-6, atol=1e-7), name
-    assert adaptkit.verify(tmp_path / "base", ad, tmp_path / "m").ok
+    assert_merge_is_peft(tmp_path / "base", ad, tmp_path / "m")
 
 
 def test_experts_transformers_transposes_on_load_merge_in_the_checkpoints_own_layout(tmp_path):

@@ -315,13 +315,9 @@ def test_mlx_lm_itself_computes_what_peft_does(tmp_path, mlx_base, name):
     assert err <= max(10 * noise, 1e-4) and effect > 100 * err, (err, noise, effect)
 
 
-@pytest.mark.parametrize("family", ["qwen3-moe", "deepseek-v3", "mixtral", "olmoe"])
-def test_mlx_lm_itself_runs_expert_loras_as_peft_does(tmp_path, family):
-    """A peft LoRA on transformers 5's fused expert parameters, exported onto mlx-lm's switch_mlp
-    (lora_a (E, r, in), lora_b (E, out, r)) from the base's per-expert checkpoint: mlx-lm loads it and
-    its logits match peft's unmerged model within mlx-lm's own base-vs-base noise; rank and alpha
-    patterns, rsLoRA and DeepSeek's dense first layer included."""
-    pytest.importorskip("mlx_lm")
+def _assert_mlx_lm_computes_peft(base, ad, mlx_dir, label: str) -> None:
+    """mlx-lm with the export at ``mlx_dir`` matches peft's unmerged model within mlx-lm's own base-vs-base
+    noise, and the adapter moves the logits far more than that."""
     import mlx.core as mx
     import numpy as np
     from mlx_lm.tuner.utils import load_adapters
@@ -330,7 +326,28 @@ def test_mlx_lm_itself_runs_expert_loras_as_peft_does(tmp_path, family):
 
     from fixtures import build
 
+    ids = np.random.default_rng(0).integers(3, 250, size=(1, 12))
+    base_logits = np.array(load_model(base)[0](mx.array(ids)).astype(mx.float32))
+    got = np.array(load_adapters(load_model(base)[0], str(mlx_dir))(mx.array(ids)).astype(mx.float32))
+    with torch.no_grad():
+        plain = build.load_model(base)(torch.tensor(ids)).logits.numpy()
+        want = PeftModel.from_pretrained(build.load_model(base), ad).eval()(torch.tensor(ids)).logits.numpy()
+    noise = float(np.abs(base_logits - plain).max())
+    err, effect = float(np.abs(got - want).max()), float(np.abs(want - plain).max())
+    print(f"\nmlx-lm {label}: vs peft {err:.2e}, base vs base {noise:.2e}, effect {effect:.2e}")
+    assert err <= max(10 * noise, 1e-4) and effect > 100 * err, (err, noise, effect)
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe", "deepseek-v3", "mixtral", "olmoe"])
+def test_mlx_lm_itself_runs_expert_loras_as_peft_does(tmp_path, family):
+    """A peft LoRA on transformers 5's fused expert parameters, exported onto mlx-lm's switch_mlp
+    (lora_a (E, r, in), lora_b (E, out, r)) from the base's per-expert checkpoint: mlx-lm loads it and
+    its logits match peft's unmerged model within mlx-lm's own base-vs-base noise; rank and alpha
+    patterns, rsLoRA and DeepSeek's dense first layer included."""
+    pytest.importorskip("mlx_lm")
     from transformers import OlmoeConfig
+
+    from fixtures import build
 
     # Mixtral's experts are block_sparse_moe.experts.N.w1/w2/w3 on disk, mlx-lm's block_sparse_moe.switch_mlp
     config = {"qwen3-moe": build.qwen3_moe_config, "deepseek-v3": build.deepseek_v3_config, "mixtral":
@@ -352,16 +369,7 @@ def test_mlx_lm_itself_runs_expert_loras_as_peft_does(tmp_path, family):
     moe = "block_sparse_moe" if family == "mixtral" else "mlp"
     assert tuple(t[f"model.layers.1.{moe}.switch_mlp.gate_proj.lora_a"].shape) == (4, 4, 64)  # (E, r, in)
     assert tuple(t[f"model.layers.1.{moe}.switch_mlp.down_proj.lora_b"].shape) == (4, 64, 4)  # (E, out, r)
-    ids = np.random.default_rng(0).integers(3, 250, size=(1, 12))
-    base_logits = np.array(load_model(base)[0](mx.array(ids)).astype(mx.float32))
-    got = np.array(load_adapters(load_model(base)[0], str(tmp_path / "mlx"))(mx.array(ids)).astype(mx.float32))
-    with torch.no_grad():
-        plain = build.load_model(base)(torch.tensor(ids)).logits.numpy()
-        want = PeftModel.from_pretrained(build.load_model(base), ad).eval()(torch.tensor(ids)).logits.numpy()
-    noise = float(np.abs(base_logits - plain).max())
-    err, effect = float(np.abs(got - want).max()), float(np.abs(want - plain).max())
-    print(f"\nmlx-lm {family} experts: vs peft {err:.2e}, base vs base {noise:.2e}, effect {effect:.2e}")
-    assert err <= max(10 * noise, 1e-4) and effect > 100 * err, (err, noise, effect)
+    _assert_mlx_lm_computes_peft(base, ad, tmp_path / "mlx", f"{family} experts")
 
 
 @pytest.mark.parametrize("family", ["qwen3-vl", "qwen3.5", "qwen3.5-moe", "mistral3", "gemma3", "gemma4", "llama4",
@@ -445,12 +453,6 @@ def test_mlx_lm_itself_runs_gemma4_loras_as_peft_does(tmp_path, moe):
     the router's per_expert_scale is on mlx-lm's routing weights as on transformers', so no fold there
     (unlike llama.cpp). mlx-lm's logits match peft's unmerged model within its own noise."""
     pytest.importorskip("mlx_lm")
-    import mlx.core as mx
-    import numpy as np
-    from mlx_lm.tuner.utils import load_adapters
-    from mlx_lm.utils import load_model
-    from peft import PeftModel
-
     from fixtures import build
 
     base = tmp_path / "base"
@@ -465,16 +467,7 @@ def test_mlx_lm_itself_runs_gemma4_loras_as_peft_does(tmp_path, moe):
         t = load_file(tmp_path / "mlx" / "adapters.safetensors")
         assert tuple(t["model.layers.1.experts.switch_glu.gate_proj.lora_a"].shape) == (4, 4, 64)  # (E, r, in)
         assert tuple(t["model.layers.1.experts.switch_glu.down_proj.lora_b"].shape) == (4, 64, 4)  # (E, out, r)
-    ids = np.random.default_rng(0).integers(3, 250, size=(1, 12))
-    base_logits = np.array(load_model(base)[0](mx.array(ids)).astype(mx.float32))
-    got = np.array(load_adapters(load_model(base)[0], str(tmp_path / "mlx"))(mx.array(ids)).astype(mx.float32))
-    with torch.no_grad():
-        plain = build.load_model(base)(torch.tensor(ids)).logits.numpy()
-        want = PeftModel.from_pretrained(build.load_model(base), ad).eval()(torch.tensor(ids)).logits.numpy()
-    noise = float(np.abs(base_logits - plain).max())
-    err, effect = float(np.abs(got - want).max()), float(np.abs(want - plain).max())
-    print(f"\nmlx-lm gemma4{'-moe' if moe else ''}: vs peft {err:.2e}, base vs base {noise:.2e}, effect {effect:.2e}")
-    assert err <= max(10 * noise, 1e-4) and effect > 100 * err, (err, noise, effect)
+    _assert_mlx_lm_computes_peft(base, ad, tmp_path / "mlx", "gemma4-moe" if moe else "gemma4")
 
 
 @pytest.mark.parametrize("family", ["falcon-h1", "nemotron-h"])
