@@ -722,27 +722,34 @@ def test_gguf_expert_loras_are_laid_out_as_llama_cpp_converts_experts(tmp_path, 
             assert d.shape == want.shape and torch.allclose(d, want, atol=1e-5 * want.abs().max().item()), gname
 
 
+def _gguf_and_peft(tmp_path, ad):
+    """Export ``ad`` to GGUF for the base at ``tmp_path / "base"``: (ΔW per gguf tensor as llama.cpp
+    computes it, peft's merge_and_unload state dict, the base's state dict)."""
+    from helpers import peft_merged
+
+    from fixtures.build import load_model
+
+    convert(ad, tmp_path / "a.gguf", to="gguf", base=tmp_path / "base")
+    got = read_gguf_deltas(tmp_path / "a.gguf", json.loads((tmp_path / "base" / "config.json").read_text()))
+    _, merged = peft_merged(tmp_path / "base", [ad])
+    return got, merged.state_dict(), load_model(tmp_path / "base").state_dict()
+
+
 @pytest.mark.parametrize("hybrid", [False, True])
 def test_gguf_granitemoe_splits_input_linear_and_the_shared_mlp_as_its_converter_does(tmp_path, hybrid):
     """GraniteMoeShared and Granite 4.0-H (GraniteMoeHybrid, its GraniteHybridModel a GraniteMoeModel
     there): granite.py splits the experts' input_linear (E, 2I, H) and the shared MLP's input_linear
     (2S, H) in halves, gate first, into ffn_gate/up_exps and ffn_gate/up_shexp; the router is
     router.layer on disk (ffn_gate_inp); q/k rows are permuted as for llama."""
-    from helpers import peft_merged
 
-    from fixtures.build import (build_adapter, build_model, granite_moe_hybrid_config, granite_moe_shared_config,
-                                load_model)
+    from fixtures.build import build_adapter, build_model, granite_moe_hybrid_config, granite_moe_shared_config
 
     build_model((granite_moe_hybrid_config if hybrid else granite_moe_shared_config)(), tmp_path / "base",
                 dtype=torch.float32)
     ad = build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
                        target_modules=["shared_mlp.input_linear"],
                        target_parameters=["block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.router.weight"])
-    convert(ad, tmp_path / "a.gguf", to="gguf", base=tmp_path / "base")
-    conf = json.loads((tmp_path / "base" / "config.json").read_text())
-    got = read_gguf_deltas(tmp_path / "a.gguf", conf)
-    _, merged = peft_merged(tmp_path / "base", [ad])
-    ref, plain = merged.state_dict(), load_model(tmp_path / "base").state_dict()
+    got, ref, plain = _gguf_and_peft(tmp_path, ad)
     for layer in range(2):
         p = f"model.layers.{layer}."
         experts = ref[p + "block_sparse_moe.experts.gate_up_proj"] - plain[p + "block_sparse_moe.experts.gate_up_proj"]
@@ -759,18 +766,13 @@ def test_gguf_gemma4_experts_stay_fused_and_carry_the_routers_per_expert_scale(t
     ffn_gate_up_exps and writes router.per_expert_scale as ffn_down_exps.scale, which llama.cpp
     (llama-graph.cpp build_lora_mm_id) multiplies into W·x only, where transformers scales the whole
     expert output: the down experts' B carries that scale, so llama.cpp adds s_e·ΔW_e."""
-    from helpers import peft_merged
 
-    from fixtures.build import build_adapter, build_model, gemma4_config, load_model
+    from fixtures.build import build_adapter, build_model, gemma4_config
 
     build_model(gemma4_config(moe=True), tmp_path / "base", dtype=torch.float32)
     ad = build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4, target_modules=["q_proj", "router.proj"],
                        target_parameters=["experts.gate_up_proj", "experts.down_proj"])
-    convert(ad, tmp_path / "a.gguf", to="gguf", base=tmp_path / "base")
-    conf = json.loads((tmp_path / "base" / "config.json").read_text())
-    got = read_gguf_deltas(tmp_path / "a.gguf", conf)
-    _, merged = peft_merged(tmp_path / "base", [ad])
-    ref, plain = merged.state_dict(), load_model(tmp_path / "base").state_dict()
+    got, ref, plain = _gguf_and_peft(tmp_path, ad)
     for layer in range(2):
         p = f"model.layers.{layer}."
         scale = plain[p + "router.per_expert_scale"]
@@ -869,10 +871,7 @@ def test_gguf_qwen3_next_splits_in_proj_qkvz_as_its_converter_does(tmp_path):
     build_model(qwen3_next_config(), tmp_path / "base", dtype=torch.float32)
     ad = build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
                        target_modules=["in_proj_qkvz", "in_proj_ba", "out_proj"])
-    convert(ad, tmp_path / "a.gguf", to="gguf", base=tmp_path / "base")
-    got = read_gguf_deltas(tmp_path / "a.gguf", json.loads((tmp_path / "base" / "config.json").read_text()))
-    _, merged = peft_merged(tmp_path / "base", [ad])
-    ref, plain = merged.state_dict(), load_model(tmp_path / "base").state_dict()
+    got, ref, plain = _gguf_and_peft(tmp_path, ad)
     p = "model.layers.0.linear_attn."
     d = {k: ref[p + k + ".weight"] - plain[p + k + ".weight"] for k in ("in_proj_qkvz", "in_proj_ba", "out_proj")}
     hidden, n_k, d_k, v = 64, 2, 16, 2 * 16  # v: the value rows per key head (n_v / n_k value heads of 16)
@@ -916,18 +915,14 @@ def test_gguf_falcon_h1_loras_carry_the_multipliers_its_converter_folds_into_the
     key·attention_in, gate/down by mlp_multipliers, in_proj by ssm_in and its [z x B C dt] row segments by
     ssm_multipliers, the embedding and head...), where transformers multiplies those modules' inputs or
     outputs: what llama.cpp adds must be m·ΔW, built here from the config beside peft's ΔW."""
-    from helpers import peft_merged
 
-    from fixtures.build import build_adapter, build_model, falcon_h1_config, load_model
+    from fixtures.build import build_adapter, build_model, falcon_h1_config
 
     build_model(falcon_h1_config(), tmp_path / "base", dtype=torch.float32)
     ad = build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
                        target_modules=["q_proj", "k_proj", "gate_proj", "up_proj", "in_proj", "embed_tokens"])
-    convert(ad, tmp_path / "a.gguf", to="gguf", base=tmp_path / "base")
+    got, ref, plain = _gguf_and_peft(tmp_path, ad)
     cfg = json.loads((tmp_path / "base" / "config.json").read_text())
-    got = read_gguf_deltas(tmp_path / "a.gguf", cfg)
-    _, merged = peft_merged(tmp_path / "base", [ad])
-    ref, plain = merged.state_dict(), load_model(tmp_path / "base").state_dict()
     d = {k: ref[k] - plain[k] for k in ref if k.startswith(("model.layers.0.", "model.embed_tokens"))}
     p = "model.layers.0."
     segments = torch.ones(d[p + "mamba.in_proj.weight"].shape[0])
@@ -954,9 +949,8 @@ def test_gguf_qwen3_vl_moe_experts_as_its_converter_reads_the_hubs_layout(runner
     then lands on ffn_{gate,up,down}_exps as it is. A base saved in transformers' own layout, which
     that converter would mis-split, is refused in one line."""
     import transformers
-    from helpers import peft_merged
 
-    from fixtures.build import build_adapter, build_model, load_model, qwen3_vl_moe_config, to_hub_expert_layout
+    from fixtures.build import build_adapter, build_model, qwen3_vl_moe_config, to_hub_expert_layout
 
     build_model(qwen3_vl_moe_config(), tmp_path / "base", dtype=torch.float32,
                 auto=transformers.Qwen3VLMoeForConditionalGeneration)
@@ -970,10 +964,7 @@ def test_gguf_qwen3_vl_moe_experts_as_its_converter_reads_the_hubs_layout(runner
         assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "Hub's" in res.output
         assert not (tmp_path / "a.gguf").exists()
         return
-    convert(ad, tmp_path / "a.gguf", to="gguf", base=tmp_path / "base")
-    got = read_gguf_deltas(tmp_path / "a.gguf", json.loads((tmp_path / "base" / "config.json").read_text()))
-    _, merged = peft_merged(tmp_path / "base", [ad])
-    ref, plain = merged.state_dict(), load_model(tmp_path / "base").state_dict()
+    got, ref, plain = _gguf_and_peft(tmp_path, ad)
     for layer in range(2):
         p = f"model.language_model.layers.{layer}.mlp.experts."
         gate_up = ref[p + "gate_up_proj"] - plain[p + "gate_up_proj"]  # (E, 2I, H) in memory
