@@ -272,22 +272,28 @@ ARCHS = {
 }
 
 
-@pytest.fixture(scope="module")
-def lc(tmp_path_factory):
+def runtime(work: Path):
+    """(the sdist's llama_cpp package, its llama.cpp folder, a 256-token sentencepiece model trained in
+    ``work``): what every case here runs on (fixtures/probe_llama_cpp.py too)."""
     root = Path(ROOT)
     os.environ["LLAMA_CPP_LIB_PATH"] = str(root / "vendor/llama.cpp/build/bin")
     sys.path.insert(0, str(root))
     import llama_cpp
     import sentencepiece as spm
 
-    work = tmp_path_factory.mktemp("sp")
-    words = "the cat sat on a mat dog ran fast big red ball and blue sky".split()
-    gen = np.random.default_rng(0)
-    (work / "corpus.txt").write_text("\n".join(" ".join(gen.choice(words, 12)) for _ in range(2000)))
-    spm.SentencePieceTrainer.train(input=str(work / "corpus.txt"), model_prefix=str(work / "sp"), vocab_size=256,
-                                   model_type="bpe", hard_vocab_limit=False, character_coverage=1.0, bos_id=1,
-                                   eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    if not (work / "sp.model").exists():
+        words = "the cat sat on a mat dog ran fast big red ball and blue sky".split()
+        gen = np.random.default_rng(0)
+        (work / "corpus.txt").write_text("\n".join(" ".join(gen.choice(words, 12)) for _ in range(2000)))
+        spm.SentencePieceTrainer.train(input=str(work / "corpus.txt"), model_prefix=str(work / "sp"), vocab_size=256,
+                                       model_type="bpe", hard_vocab_limit=False, character_coverage=1.0, bos_id=1,
+                                       eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
     return llama_cpp, root / "vendor/llama.cpp", work / "sp.model"
+
+
+@pytest.fixture(scope="module")
+def lc(tmp_path_factory):
+    return runtime(tmp_path_factory.mktemp("sp"))
 
 
 # llama.cpp's converter, made to read our sentencepiece tokenizer where it would want a GPT-2 BPE one
