@@ -209,6 +209,9 @@ NEW_FAMILIES = {
     "nemotron-h": (build.nemotron_h_config, dict(target_modules=["q_proj", "in_proj", "shared_experts.down_proj"],
                                                  target_parameters=["mixer.experts.up_proj", "mixer.experts.down_proj",
                                                                     "mixer.gate.weight"]), 6),
+    # AFMoE (Arcee Trinity): gated attention, shared and routed experts, the router an nn.Linear (router.gate)
+    "afmoe": (build.afmoe_config, dict(target_modules=["q_proj", "shared_experts.down_proj", "router.gate"],
+                                       target_parameters=["mlp.experts.gate_up_proj"]), 13),
     # Falcon-H1: attention and Mamba-2 side by side (its µP multipliers matter to llama.cpp only)
     "falcon-h1": (build.falcon_h1_config, dict(target_modules=["q_proj", "in_proj", "down_proj"]), 6),
 }
@@ -216,7 +219,7 @@ NEW_FAMILIES = {
 
 @pytest.mark.parametrize("family", list(NEW_FAMILIES))
 def test_newer_families_merge_as_peft_merges_them(tmp_path, family):
-    """Gemma 4 (MoE), Qwen3.5 (dense, MoE), Granite 4.0-H, Qwen3-Next, LFM2-MoE, Hunyuan-A13B, Nemotron-H, Falcon-H1:
+    """Gemma 4 (MoE), Qwen3.5 (dense, MoE), Granite 4.0-H, Qwen3-Next, LFM2-MoE, Hunyuan-A13B, Nemotron-H, AFMoE, Falcon-H1:
     every delta exact against peft's merge_and_unload, logits equal peft's unmerged model, and verify
     accepts the merge."""
     config, lora, modules = NEW_FAMILIES[family]

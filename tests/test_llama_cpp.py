@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.build import (deepseek_v3_config, falcon_h1_config, gemma4_config, gpt_oss_config,
+from fixtures.build import (afmoe_config, deepseek_v3_config, falcon_h1_config, gemma4_config, gpt_oss_config,
                             granite_moe_hybrid_config, hunyuan_moe_config, lfm2_moe_config, llama_config,
                             mixtral_config, nemotron_h_config, nemotron_hub_config, perturb_expert_scales, phi3_config,
                             qwen2_moe_config, qwen3_moe_config, qwen3_next_config, qwen35_config, qwen_vl_config)
@@ -182,6 +182,10 @@ ARCHS = {
                     ATTENTION + ["in_proj_qkv", "in_proj_z", "in_proj_b", "out_proj", "shared_expert.up_proj",
                                  "shared_expert_gate"], EXPERTS + ["mlp.gate.weight"]),
     "jais2": (lambda: _tiny("Jais2Config", head_dim=16), ATTENTION + ["up_proj", "down_proj"]),  # a ReLU² MLP
+    # AFMoE (Arcee Trinity): a dense lead layer, shared and routed experts, the router (a seeded one: transformers
+    # starts it at zeros, which leaves top-k to each runtime's tie-breaking). (Its attention gate, also named
+    # gate_proj, peft will not target beside experts: it takes the name for the experts' gate.)
+    "afmoe": (afmoe_config, ATTENTION + ["shared_experts.down_proj", "router.gate"], EXPERTS),
     # Falcon-H1: attention and Mamba-2 side by side in every layer; µP multipliers set away from one (its converter
     # folds them into the weights, so the LoRAs carry them)
     "falcon-h1": (falcon_h1_config,

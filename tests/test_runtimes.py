@@ -618,6 +618,7 @@ def test_gguf_token_embd_lora_is_laid_out_as_llama_cpp_reads_it(tmp_path):
     ({"model_type": "minicpm3"}, ("minicpm3", "")),
     ({"model_type": "falcon_h1"}, ("falcon-h1", "")),
     ({"model_type": "hunyuan_v1_moe"}, ("hunyuan-moe", "")),
+    ({"model_type": "afmoe"}, ("afmoe", "")),
     ({"model_type": "nemotron_h", "hybrid_override_pattern": "M*E"}, ("nemotron_h_moe", "rope")),
 ])
 def test_gguf_architectures_beyond_the_first_six(config, want):

@@ -127,6 +127,9 @@ ARCHITECTURES = {
     # qwen.py Qwen3NextModel(Qwen2MoeModel): the gated delta net's in_proj_qkvz, held per key head [q k v z], split
     # into attn_qkv ([all q; all k; all v]) and attn_gate (all z) (see _tensors); the rest renamed, experts stacked
     "Qwen3NextForCausalLM": ("qwen3next", ""),
+    # afmoe.py AfmoeModel(LlamaModel) (Arcee Trinity): its modify_tensors calls ModelBase's, not LlamaModel's, so
+    # q/k rows are kept; experts stacked, the attention gate, router and shared experts renamed
+    "AfmoeForCausalLM": ("afmoe", ""),
     # jais.py Jais2Model: renames (its rope dimension count written from head_dim)
     "Jais2ForCausalLM": ("jais2", ""),
     # minicpm.py MiniCPM3Model: renames (latent attention: its projections are refused, see UNAPPLIED)
