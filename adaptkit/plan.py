@@ -312,6 +312,14 @@ def renames(base: Checkpoint) -> dict[str, str]:
     return cached
 
 
+def disk_module(base: Checkpoint | None, name: str) -> str:
+    """The checkpoint's name of a module transformers names ``name`` in memory (``name`` where the base
+    stores it so, or no base is given; else through :func:`renames`)."""
+    if base is None or name + ".weight" in base.tensors:
+        return name
+    return renames(base).get(name + ".weight", name + ".weight").removesuffix(".weight")
+
+
 def renamed_parameters(base: Checkpoint, shapes: dict) -> dict[str, tuple[int, ...]]:
     """The shapes of the parameters transformers renames on load, by their in-memory names (those
     ``shapes`` lacks)."""

@@ -519,8 +519,6 @@ class Fp32Compute:
     pages (most of a 1.1B model's load on a 2-core VM, docs/benchmarks.md). Buffers stay as
     transformers makes them for the 16-bit dtype, the same for the reference and the merged model."""
 
-    LOW = SIXTEEN_BIT
-
     def __init__(self, model: torch.nn.Module):
         lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
         inner = {id(x) for ml in lists for x in ml.modules() if x is not ml}
@@ -528,7 +526,7 @@ class Fp32Compute:
         in_units = {id(p) for u in self.units for p in u.parameters()}
         with torch.no_grad():
             for p in model.parameters():
-                if id(p) not in in_units and p.dtype in self.LOW:
+                if id(p) not in in_units and p.dtype in SIXTEEN_BIT:
                     p.data = p.data.float()
         self.free: dict[tuple, list[torch.Tensor]] = {}
         self.lent: dict[int, list] = {}
@@ -540,7 +538,7 @@ class Fp32Compute:
         lent = []
         with torch.no_grad():
             for p in unit.parameters():
-                if p.dtype in self.LOW:
+                if p.dtype in SIXTEEN_BIT:
                     key = (tuple(p.shape), p.device)
                     pool = self.free.get(key)
                     buf = pool.pop() if pool else torch.empty(p.shape, dtype=torch.float32, device=p.device)

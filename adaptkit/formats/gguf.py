@@ -542,6 +542,23 @@ def _expert_output_scale(base, arch: str, name: str, path) -> torch.Tensor | Non
     return base.read(scale).to(torch.float32)
 
 
+def falcon_h1_ssm_rows(config: dict, n_rows: int, path) -> torch.Tensor:
+    """Falcon-H1's ssm_multipliers spread over the rows of a Mamba-2 in_proj, segments [z x B C dt] of
+    mamba_d_ssm, mamba_d_ssm, n_groups·d_state, n_groups·d_state and the rest (the heads)."""
+    sizes = [config.get(k) for k in ("mamba_d_ssm", "mamba_n_groups", "mamba_d_state")]
+    factors = config.get("ssm_multipliers")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in sizes) or \
+            not isinstance(factors, list) or len(factors) != 5:
+        raise AdaptkitError(f"config.json: Falcon-H1's mamba_d_ssm, mamba_n_groups, mamba_d_state are {sizes} and "
+                            f"ssm_multipliers {factors!r}: not the sizes and five factors of its in_proj", path)
+    inner, state = sizes[0], sizes[1] * sizes[2]
+    bounds = [0, inner, 2 * inner, 2 * inner + state, 2 * inner + 2 * state, n_rows]
+    rows = torch.ones(n_rows)
+    for i, factor in enumerate(factors):
+        rows[bounds[i]:bounds[i + 1]] = float(factor)
+    return rows
+
+
 def _falcon_h1_rows(module: str, b: torch.Tensor, config: dict, path) -> torch.Tensor:
     """lora_B of a Falcon-H1 module with the µP multipliers falcon_h1.py's FalconH1Model.modify_tensors
     multiplies into that weight (matched on the name as it matches them, in its order), where transformers
@@ -568,12 +585,7 @@ def _falcon_h1_rows(module: str, b: torch.Tensor, config: dict, path) -> torch.T
     if "out_proj" in module:
         return b * get("ssm_out_multiplier")
     if "in_proj" in module:  # and each of its row segments [z, x, B, C, dt] by its own ssm_multipliers entry
-        inner, state = get("mamba_d_ssm"), get("mamba_n_groups") * get("mamba_d_state")
-        bounds = [0, inner, 2 * inner, 2 * inner + state, 2 * inner + 2 * state, b.shape[0]]
-        rows = torch.ones(b.shape[0], dtype=b.dtype)
-        for i, factor in enumerate(get("ssm_multipliers")):
-            rows[bounds[i]:bounds[i + 1]] = factor
-        return b * get("ssm_in_multiplier") * rows[:, None]
+        return b * get("ssm_in_multiplier") * falcon_h1_ssm_rows(c, b.shape[0], path)[:, None]
     if "lm_head" in module:
         return b * get("lm_head_multiplier")
     if "embed_tokens" in module:
@@ -604,10 +616,10 @@ def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float,
                 experts[name] = m.experts
             continue
         module = m.name.removesuffix(".weight") if m.param else m.name  # a 2-D parameter (Qwen2-MoE's router)
-        if base is not None and module + ".weight" not in base.tensors:  # renamed on load (GraniteMoe's router)
-            from ..plan import renames
+        if base is not None:  # renamed on load (GraniteMoe's router)
+            from ..plan import disk_module
 
-            module = renames(base).get(module + ".weight", module + ".weight").removesuffix(".weight")
+            module = disk_module(base, module)
         if arch in GRANITE_MOE and module.endswith("shared_mlp.input_linear"):
             # granite.py: the shared MLP's input_linear (2S, H) split in halves along its rows, gate first,
             # into ffn_{gate,up}_shexp (ffn_{gate,up} in a model without experts); A is each half's own

@@ -47,7 +47,7 @@ CONFIG = "adapter_config.json"
 _LAYER = re.compile(r"^(?P<prefix>.*?\.layers\.)(?P<i>\d+)\.(?P<key>.+)$")
 
 
-def mlx_name(name: str, base=None, config: dict | None = None) -> str:
+def mlx_name(name: str, base=None, config: dict | None = None, path=None) -> str:
     """mlx-lm's path of a module peft names ``name`` (in memory): its vision-language models (Gemma 3,
     Mistral 3, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Llama 4…) hold the language model as
     ``language_model.model.`` whatever the checkpoint calls it (their ``sanitize`` maps it there); its
@@ -57,8 +57,10 @@ def mlx_name(name: str, base=None, config: dict | None = None) -> str:
         return "language_model.model." + name.split("language_model.", 1)[1].removeprefix("model.")
     if config and config.get("text_config") is not None:
         raise AdaptkitError(f"{name}: outside the language model, the only part of a vision-language model "
-                            "mlx-lm loads")
-    return _disk_module(name, base)
+                            "mlx-lm loads", path)
+    from ..plan import disk_module
+
+    return disk_module(base, name)
 
 
 def peft_name(name: str) -> str:
@@ -142,16 +144,6 @@ def _switch_factors(adapter: Adapter, base, base_config: dict | None, path) -> d
     return out
 
 
-def _disk_module(name: str, base) -> str:
-    """The checkpoint's name of a module peft names ``name`` in memory, which is what mlx-lm's models are
-    built on (Nemotron-H: backbone.layers.N.mixer…, model.layers.N.mixer… in transformers 5)."""
-    if base is None or name + ".weight" in base.tensors:
-        return name
-    from ..plan import renames
-
-    return renames(base).get(name + ".weight", name + ".weight").removesuffix(".weight")
-
-
 def _falcon_h1_rows(module: str, b: torch.Tensor, config: dict, path) -> torch.Tensor:
     """B (out, r) of a Falcon-H1 module times the µP multipliers mlx-lm's falcon_h1.py ``sanitize`` multiplies
     into that weight on load (mlx-lm 0.32: q_proj and k_proj by attention_in, o_proj, out_proj, gate_proj,
@@ -172,13 +164,13 @@ def _falcon_h1_rows(module: str, b: torch.Tensor, config: dict, path) -> torch.T
     if tail in ("gate_proj", "down_proj"):
         return b * get("mlp_multipliers")[0 if tail == "gate_proj" else 1]
     if tail == "in_proj":
-        inner, state, heads = get("mamba_d_ssm"), get("mamba_n_groups") * get("mamba_d_state"), get("mamba_n_heads")
-        rows = torch.cat([torch.full((n,), float(f)) for n, f in zip((inner, inner, state, state, heads),
-                                                                      get("ssm_multipliers"))])
-        if rows.shape[0] != b.shape[0]:
-            raise AdaptkitError(f"{module}: {b.shape[0]} rows, but mlx-lm's Falcon-H1 lays out {rows.shape[0]} from "
-                                "the config", path)
-        return b * get("ssm_in_multiplier") * rows[:, None]
+        from .gguf import falcon_h1_ssm_rows
+
+        inner, state = get("mamba_d_ssm"), get("mamba_n_groups") * get("mamba_d_state")
+        if 2 * inner + 2 * state + get("mamba_n_heads") != b.shape[0]:
+            raise AdaptkitError(f"{module}: {b.shape[0]} rows, but mlx-lm's Falcon-H1 lays out "
+                                f"{2 * inner + 2 * state + get('mamba_n_heads')} from the config", path)
+        return b * get("ssm_in_multiplier") * falcon_h1_ssm_rows(config, b.shape[0], path)[:, None]
     return b
 
 
@@ -220,7 +212,7 @@ def write(adapter: Adapter, out: Path, *, base_config: dict | None = None, base=
         match = _LAYER.match(name)
         keys.add(match["key"])
         pad = [rank - a.shape[0] for a, _ in stack]
-        name = mlx_name(name, None, base_config)  # (the checkpoint's name already)
+        name = mlx_name(name, None, base_config, adapter.path)  # (the checkpoint's name already)
         tensors[f"{name}.lora_a"] = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, k))
                                                  for (a, _), k in zip(stack, pad)]).contiguous()
         tensors[f"{name}.lora_b"] = torch.stack([torch.nn.functional.pad(sb / scale, (0, k))
@@ -231,10 +223,7 @@ def write(adapter: Adapter, out: Path, *, base_config: dict | None = None, base=
         if int(match["i"]) >= num_layers:
             raise AdaptkitError(f"{m.name} is beyond the base's {num_layers} layers", adapter.path)
         pad = rank - m.shape_rank  # zero rows of A, columns of B: B·A is unchanged
-        try:
-            name = mlx_name(m.name, base, base_config)
-        except AdaptkitError as e:
-            raise AdaptkitError(str(e), adapter.path) from None
+        name = mlx_name(m.name, base, base_config, adapter.path)
         b = m.B.to(torch.float32)
         if (base_config or {}).get("model_type") == "falcon_h1":
             b = _falcon_h1_rows(m.name, b, base_config, adapter.path)
