@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import ADAPTERS, TINY_LLAMA, load_dir, peft_deltas
+from helpers import ADAPTERS, TINY_LLAMA, assert_one_line_error, invoke, load_dir, peft_deltas
 from safetensors.torch import load_file
 
 from adaptkit import convert, inspect, load_adapter, merge
@@ -941,6 +941,23 @@ def test_gguf_falcon_h1_loras_carry_the_multipliers_its_converter_folds_into_the
         assert t.shape == w.shape and torch.allclose(t, w, atol=1e-5 * w.abs().max().item()), gname
     emb = cfg["embedding_multiplier"] * d["model.embed_tokens.weight"].T  # (hidden, vocab), as llama.cpp's ΔW
     assert torch.allclose(got["token_embd.weight"], emb, atol=1e-5 * emb.abs().max().item())
+
+
+@pytest.mark.parametrize("to", ["gguf", "mlx"])
+def test_a_base_config_the_export_cannot_read_is_named_as_the_bases(runner, tmp_path, to):
+    """A Falcon-H1 base whose config.json lacks a multiplier the runtime folds into the weights: the one-line
+    error names the base's folder (the file at fault), not the adapter's."""
+    from fixtures.build import build_adapter, build_model, falcon_h1_config
+
+    build_model(falcon_h1_config(), tmp_path / "base", dtype=torch.float32)
+    ad = build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4, target_modules=["down_proj"])
+    cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    del cfg["mlp_multipliers"]
+    (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / ("a.gguf" if to == "gguf" else "mlx")
+    line = assert_one_line_error(invoke(runner, "convert", ad, "--to", to, "--base", tmp_path / "base", "-o", out))
+    assert line.startswith(f"error: {tmp_path / 'base'}:") and "mlp_multipliers" in line, line
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("layout", ["hub", "transformers"])

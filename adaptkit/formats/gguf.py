@@ -593,10 +593,10 @@ def _falcon_h1_rows(module: str, b: torch.Tensor, config: dict, path) -> torch.T
     return b
 
 
-def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float, path) -> dict[str, tuple]:
+def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float, base_path) -> dict[str, tuple]:
     """Every (a, b) llama.cpp reads, by the checkpoint name it converts, in llama.cpp's orientation and
     with llama.cpp's one scale (alpha / rank of the tensor) folded in: 2-D (r, in), (out, r); experts
-    stacked (E, r, in), (E, out, r)."""
+    stacked (E, r, in), (E, out, r). Errors about the base name ``base_path``, about the adapter its own."""
     plain: dict[str, tuple] = {}  # checkpoint name (or, where the converter writes one itself, gguf name) -> (a, b)
     stacks: dict[str, dict[int, tuple]] = {}  # stacked name -> expert -> (A_e, s_e·B_e)
     experts = {}  # stacked name -> E
@@ -604,11 +604,11 @@ def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float,
         a, b = m.A.to(torch.float32), m.B.to(torch.float32)
         if m.param and m.experts > 1:
             if base is None:
-                raise AdaptkitError("LoRAs on MoE experts need the base model itself for GGUF: give base", path)
+                raise AdaptkitError("LoRAs on MoE experts need the base model itself for GGUF: give base", adapter.path)
             a3, b3 = lora.expert_factors(a, b, m.experts)  # (E, r, in), (out, r, E)
-            for disk, e, rows, cols, swap in _expert_parts(m, base, arch, path):
+            for disk, e, rows, cols, swap in _expert_parts(m, base, arch, base_path):
                 name, _ = _stacked(disk)
-                scale = _expert_output_scale(base, arch, name, path)
+                scale = _expert_output_scale(base, arch, name, base_path)
                 for k in (range(m.experts) if e == -1 else [e]):
                     a_k, b_k = (b3[:, :, k].T, a3[k].T) if swap else (a3[k], b3[:, :, k])
                     a_e, b_e = a_k[:, cols], b_k[rows]
@@ -630,13 +630,13 @@ def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float,
             continue
         if arch == "qwen3next" and module.endswith("linear_attn.in_proj_qkvz"):
             # qwen.py Qwen3NextModel.modify_tensors: regrouped and split into attn_qkv and attn_gate; A is both's
-            qkv, z = qkvz_rows(base_config, path)
+            qkv, z = qkvz_rows(base_config, base_path)
             bid = _layer(module)
             for part, rows in (("attn_qkv", qkv), ("attn_gate", z)):
                 plain[f"blk.{bid}.{part}"] = (a, lora.fold(b[rows], m.scaling, alpha / m.shape_rank))
             continue
         if arch == "falcon-h1":  # its converter folds the µP multipliers into the weights: B carries them too
-            b = _falcon_h1_rows(module, b, base_config, path)
+            b = _falcon_h1_rows(module, b, base_config, base_path)
         if m.kind == "embedding":  # token_embd: llama.cpp adds scale · B · A[token] (get_rows of A, (vocab, r))
             plain[module] = (a.T.contiguous(), lora.fold(b, m.scaling, alpha / m.shape_rank))
             continue
@@ -650,11 +650,11 @@ def _tensors(adapter: Adapter, base, base_config: dict, arch: str, alpha: float,
     for name, parts in stacks.items():
         count = experts[name]
         if count < max(parts) + 1:
-            raise AdaptkitError(f"{name}: LoRAs on expert {max(parts)}, but the base config has {count} experts", path)
+            raise AdaptkitError(f"{name}: LoRAs on expert {max(parts)}, but the base config has {count} experts", adapter.path)
         r = max(a_e.shape[0] for a_e, _ in parts.values())
         (a0, b0) = next(iter(parts.values()))
         if any(a_e.shape[1] != a0.shape[1] or b_e.shape[0] != b0.shape[0] for a_e, b_e in parts.values()):
-            raise AdaptkitError(f"{name}: the experts' LoRAs differ in shape", path)
+            raise AdaptkitError(f"{name}: the experts' LoRAs differ in shape", adapter.path)
         a3 = torch.zeros(count, r, a0.shape[1])
         b3 = torch.zeros(count, b0.shape[0], r)
         for e, (a_e, sb_e) in parts.items():  # zero rows/columns past an expert's own rank: exact
@@ -680,7 +680,7 @@ def write(adapter: Adapter, out: Path, *, base_config: dict, outtype: str = "f32
     mods = list(adapter.modules.values())
     ranks = {m.shape_rank // m.experts for m in mods}
     alpha = float(adapter.config.get("lora_alpha") or next(iter(ranks)))
-    tensors = _tensors(adapter, base, base_config, arch_name, alpha, adapter.path)
+    tensors = _tensors(adapter, base, base_config, arch_name, alpha, base_path)
     dtype = {"f32": np.float32, "f16": np.float16, "bf16": None}[outtype]
     gnames = {}
     for module in tensors:

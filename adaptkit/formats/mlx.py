@@ -106,7 +106,8 @@ _SWITCH_NAMES = {"mixtral": _MIXTRAL, "nemotron_h": {"up_proj": "fc1", "down_pro
 
 
 def _switch_factors(adapter: Adapter, base, base_config: dict | None, path) -> dict[str, list]:
-    """Each expert LoRA's per-expert (A_e (r, in), sₘ·B_e (out, r)), by mlx-lm's switch_mlp module."""
+    """Each expert LoRA's per-expert (A_e (r, in), sₘ·B_e (out, r)), by mlx-lm's switch_mlp module (errors about
+    the base name ``path``, the base's)."""
     from .gguf import per_expert_pairs
 
     out: dict[str, list] = {}
@@ -117,7 +118,7 @@ def _switch_factors(adapter: Adapter, base, base_config: dict | None, path) -> d
         if base is None or model_type not in MOE_TYPES | set(FUSED_TYPES):
             raise AdaptkitError(f"{m.name}: LoRAs on MoE experts go to mlx-lm's stacked experts (switch_mlp, "
                                 f"switch_glu) for {', '.join(sorted(MOE_TYPES | set(FUSED_TYPES)))} models, given the "
-                                f"base (this one: {model_type or 'none given'})", path)
+                                f"base (this one: {model_type or 'none given'})", adapter.path)
         if m.weight_name in base.tensors and model_type in FUSED_TYPES:  # stored fused: split as mlx-lm splits it
             a3, b3 = lora.expert_factors(m.A.to(torch.float32), m.B.to(torch.float32), m.experts)  # (E,r,in), (out,r,E)
             root, _, param = m.weight_name.removesuffix(".weight").rpartition(".")
@@ -140,7 +141,7 @@ def _switch_factors(adapter: Adapter, base, base_config: dict | None, path) -> d
             stack[e] = (a_e, sb_e)
     for name, stack in out.items():
         if any(x is None for x in stack):
-            raise AdaptkitError(f"{name}: not every expert has its LoRA", path)
+            raise AdaptkitError(f"{name}: not every expert has its LoRA", adapter.path)
     return out
 
 
@@ -193,7 +194,8 @@ def write(adapter: Adapter, out: Path, *, base_config: dict | None = None, base=
         if kv_b:  # mlx-lm's deepseek models split it into embed_q / unembed_out in sanitize
             raise AdaptkitError(f"{kv_b}: mlx-lm's DeepSeek splits kv_b_proj into other modules, where this LoRA "
                                 "would not load: merge instead", adapter.path)
-    switch = _switch_factors(adapter, base, base_config, adapter.path)
+    base_path = base.path if base is not None else None
+    switch = _switch_factors(adapter, base, base_config, base_path)
     mods = [m for m in adapter.modules.values() if not (m.param and m.experts > 1)]
     if not mods and not switch:
         raise AdaptkitError("no LoRA modules to write", adapter.path)
@@ -226,7 +228,7 @@ def write(adapter: Adapter, out: Path, *, base_config: dict | None = None, base=
         name = mlx_name(m.name, base, base_config, adapter.path)
         b = m.B.to(torch.float32)
         if (base_config or {}).get("model_type") == "falcon_h1":
-            b = _falcon_h1_rows(m.name, b, base_config, adapter.path)
+            b = _falcon_h1_rows(m.name, b, base_config, base_path)
         tensors[f"{name}.lora_a"] = torch.nn.functional.pad(m.A.to(torch.float32).T, (0, pad)).contiguous()
         tensors[f"{name}.lora_b"] = torch.nn.functional.pad(
             lora.fold(b.T, m.scaling, scale), (0, 0, 0, pad)).contiguous()
