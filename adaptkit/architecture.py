@@ -154,8 +154,9 @@ def fused_from_disk(config: dict, disk_names) -> dict[str, list[tuple[str, int, 
     The rules are transformers' own, for this model type (``get_checkpoint_conversion_mapping``; the
     model is built, on the meta device, only when the model type has none of its own). Only
     stack-then-concatenate conversions (MergeModulelist(dim=0), optionally followed by Concatenate)
-    are described; a parameter built any other way is left out, and a LoRA on it is refused rather
-    than guessed.
+    and concatenations of whole 3-D tensors (Step 3.7's moe.gate_proj beside moe.up_proj: expert index
+    None) are described; a parameter built any other way is left out, and a LoRA on it is refused
+    rather than guessed.
     """
     import re
 
@@ -180,9 +181,13 @@ def fused_from_disk(config: dict, disk_names) -> dict[str, list[tuple[str, int, 
         ops = list(conv.operations)
         stacked = bool(ops) and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0 and (
             len(ops) == 1 or (len(ops) == 2 and isinstance(ops[1], Concatenate)))
+        if len(ops) == 1 and isinstance(ops[0], Concatenate) and ops[0].dim > 0:  # whole 3-D parts side by side
+            ops, stacked = [None, ops[0]], True
         patterns = list(conv.source_patterns)
-        for part, pattern in enumerate(patterns):  # the first converter naming a pattern is the one applied
-            described.setdefault(pattern, (re.compile(re.escape(pattern).replace(r"\*", r"(\d+)") + "$"), part,
+        # the first converter naming a pattern is the one applied; transformers reads a pattern as a regex whose
+        # * is a wildcard (DeepSeek-V4's and Kimi-Linear's are written \.experts.*.w1.weight), here the expert
+        for part, pattern in enumerate(patterns):
+            described.setdefault(pattern, (re.compile(pattern.replace("*", r"(\d+)") + "$"), part,
                                            patterns, ops[1].dim if len(ops) == 2 else None) if stacked else None)
     out: dict[str, list] = {}
     for name in disk_names:
@@ -192,15 +197,17 @@ def fused_from_disk(config: dict, disk_names) -> dict[str, list[tuple[str, int, 
         regex, part, patterns, concat = described[pattern]
         found = regex.search(name)
         if found is not None:
-            out.setdefault(memory, []).append((name, int(found.group(1)), part, patterns, concat))
+            expert = int(found.group(1)) if regex.groups else None
+            out.setdefault(memory, []).append((name, expert, part, patterns, concat))
     return out
 
 
 def fused_shape(sources, shape_of) -> tuple[int, ...]:
     """The shape transformers gives a parameter it fuses from ``sources`` (:func:`fused_from_disk`):
-    experts stacked on dim 0, the parts concatenated on their dim."""
-    experts = 1 + max(e for _, e, _, _, _ in sources)
-    first = {part: tuple(shape_of(name)) for name, e, part, _, _ in sources if e == 0}
+    experts stacked on dim 0 (or each part 3-D already: expert None), the parts concatenated on their dim."""
+    whole = sources[0][1] is None
+    first = {part: tuple(shape_of(name))[1 if whole else 0:] for name, e, part, _, _ in sources if e in (0, None)}
+    experts = tuple(shape_of(sources[0][0]))[0] if whole else 1 + max(e for _, e, _, _, _ in sources)
     per_expert = list(first[0])
     concat = sources[0][4]
     if concat is not None:

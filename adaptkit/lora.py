@@ -124,9 +124,13 @@ def place_expert(one, experts: int, expert: int | None, part: tuple[int, int, in
     """Where an expert LoRA's deltas land on one on-disk tensor: ``one(e)`` (expert e's delta in the
     parameter's own orientation) for every expert, stacked, on a fused 3-D tensor (``expert`` None);
     else expert ``expert``'s, narrowed to ``part`` = (dim, start, stop) where the tensor holds a part
-    of it (gate beside up)."""
+    of it (gate beside up; every expert's part where ``expert`` is None and ``part`` given)."""
     if expert is None:
-        return torch.stack([one(e) for e in range(experts)])
+        d = torch.stack([one(e) for e in range(experts)])
+        if part is not None:
+            dim, start, stop = part
+            d = d.narrow(dim + 1, start, stop - start)
+        return d
     d = one(expert)
     if part is not None:
         dim, start, stop = part

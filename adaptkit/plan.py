@@ -388,8 +388,8 @@ def _match_experts(base: Checkpoint, m: LoraModule, adapter: Adapter, weight: fl
         return "missing"
     per_expert = tuple(shape[1:])
     sizes: dict[tuple[int, int], int] = {}
-    for disk_name, e, part, _, concat in sources:
-        sizes[(e, part)] = base.info(disk_name).shape[concat - 1] if concat is not None else 0
+    for disk_name, e, part, _, concat in sources:  # concat: the dim of the stacked (E, ...) parameter
+        sizes[(e, part)] = base.info(disk_name).shape[concat - (e is not None)] if concat is not None else 0
     for disk_name, e, part, _, concat in sources:
         if concat is None:
             slot = None
@@ -399,6 +399,8 @@ def _match_experts(base: Checkpoint, m: LoraModule, adapter: Adapter, weight: fl
             start = sum(sizes[(e, p)] for p in range(part))
             slot = (dim, start, start + sizes[(e, part)])
             expected = tuple(sizes[(e, part)] if i == dim else n for i, n in enumerate(per_expert))
+        if e is None:  # a 3-D part of every expert (Step 3.7's moe.gate_proj)
+            expected = (m.experts, *expected)
         if tuple(base.info(disk_name).shape) != expected:
             return f"{disk_name} is {list(base.info(disk_name).shape)}, expected {list(expected)} from {m.name}"
         ops.setdefault(disk_name, []).append(Op("experts", adapter, weight, module=m, transposed=transposed,

@@ -214,12 +214,24 @@ NEW_FAMILIES = {
                                        target_parameters=["mlp.experts.gate_up_proj"]), 13),
     # Falcon-H1: attention and Mamba-2 side by side (its µP multipliers matter to llama.cpp only)
     "falcon-h1": (build.falcon_h1_config, dict(target_modules=["q_proj", "in_proj", "down_proj"]), 6),
+    # DeepSeek-V4: attention renamed on load (wq_a -> q_a_proj, wkv -> kv_proj, wo_b -> o_b_proj), experts as
+    # ffn.experts.N.w1/w2/w3 on disk, whose transformers rules are written as regexes (\.experts.*.w1.weight)
+    "deepseek-v4": (build.deepseek_v4_config,
+                    dict(target_modules=["q_a_proj", "kv_proj", "o_b_proj", "shared_experts.gate_proj"],
+                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                         rank_pattern={"down_proj": 3}), 15),
+    # Kimi-Linear: KDA linear attention (its forget gate renamed on load) and MLA, experts as
+    # block_sparse_moe.experts.N.w1/w2/w3 on disk (regex rules too)
+    "kimi-linear": (build.kimi_linear_config,
+                    dict(target_modules=["q_proj", "f_a_proj", "kv_b_proj", "shared_experts.down_proj"],
+                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), 7),
 }
 
 
 @pytest.mark.parametrize("family", list(NEW_FAMILIES))
 def test_newer_families_merge_as_peft_merges_them(tmp_path, family):
-    """Gemma 4 (MoE), Qwen3.5 (dense, MoE), Granite 4.0-H, Qwen3-Next, LFM2-MoE, Hunyuan-A13B, Nemotron-H, AFMoE, Falcon-H1:
+    """Gemma 4 (MoE), Qwen3.5 (dense, MoE), Granite 4.0-H, Qwen3-Next, LFM2-MoE, Hunyuan-A13B, Nemotron-H, AFMoE, Falcon-H1,
+    DeepSeek-V4, Kimi-Linear:
     every delta exact against peft's merge_and_unload, logits equal peft's unmerged model, and verify
     accepts the merge."""
     config, lora, modules = NEW_FAMILIES[family]
@@ -228,6 +240,32 @@ def test_newer_families_merge_as_peft_merges_them(tmp_path, family):
     result = adaptkit.merge(tmp_path / "base", ad, tmp_path / "m")
     assert result.modules_merged == modules and not result.warnings
     assert_merge_is_peft(tmp_path / "base", ad, tmp_path / "m")
+
+
+def test_experts_stored_as_3d_parts_merge_as_peft_merges_them_and_verify_sees_one_dropped(tmp_path):
+    """Step 3.7: the checkpoint stores each projection of all experts as one 3-D tensor (moe.gate_proj and
+    moe.up_proj (E, I, H), concatenated into experts.gate_up_proj on load; moe.down_proj renamed): each part
+    gets its rows of every expert's delta, exactly as peft merges them; verify accepts that and catches one
+    expert's up-part delta dropped."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    build.build_model(build.step3p7_config(), tmp_path / "base", dtype=torch.float32,
+                      auto=transformers.AutoModelForImageTextToText)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
+                             target_modules=r".*language_model.*\.(q_proj|down_proj)",
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                             rank_pattern={"gate_up_proj": 3})
+    result = adaptkit.merge(tmp_path / "base", ad, tmp_path / "m")
+    assert result.modules_merged == 6 and not result.warnings
+    assert_merge_is_peft(tmp_path / "base", ad, tmp_path / "m")
+    name = "model.layers.1.moe.up_proj.weight"
+    f = tmp_path / "m" / "model.safetensors"
+    t = load_file(f)
+    t[name][2] = load_file(tmp_path / "base" / "model.safetensors")[name][2]  # expert 2's up rows unmerged
+    save_file(t, f, metadata={"format": "pt"})
+    report = adaptkit.verify(tmp_path / "base", ad, tmp_path / "m", model=False)
+    assert not report.ok and [m.name for m in report.modules if not m.ok] == [name]
 
 
 def test_experts_transformers_transposes_on_load_merge_in_the_checkpoints_own_layout(tmp_path):

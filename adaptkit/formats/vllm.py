@@ -113,7 +113,7 @@ def _expert_pairs(adapter: Adapter, base, path) -> tuple[dict[str, tuple], dict[
         if base is None:
             raise AdaptkitError("LoRAs on MoE experts need the base model for vLLM (its per-expert tensor names): "
                                 "give base", path)
-        for disk, _, a_e, sb_e in per_expert_pairs(m, base, "vLLM", path):
+        for disk, _, a_e, sb_e in per_expert_pairs(m, base, "vLLM", base.path):  # (errors about its layout)
             pairs[disk] = (a_e, sb_e)
             stems.add(PER_EXPERT.match(disk + ".weight")["stem"])
     # per-expert nn.Linear LoRAs (transformers-4 era: experts.N.w1…) are such pairs already
