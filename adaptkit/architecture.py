@@ -129,6 +129,83 @@ def checkpoint_renames(config: dict, disk_names) -> dict[str, str]:
     return out
 
 
+def converted_rows(config: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, list[tuple[str, torch.Tensor,
+                                                                                       torch.Tensor]] | str]:
+    """For each in-memory weight (or bias) transformers builds on load from the rows of on-disk tensors
+    (a fused ``query_key_value`` chunked or split into q/k/v, ``gate_proj`` beside ``up_proj``
+    concatenated, ``wq`` permuted for RoPE): [(on-disk name, its rows, the in-memory rows they hold)],
+    both int64, row i of the disk tensor being row j of the in-memory one. Where transformers builds
+    it any other way (an op adaptkit does not follow through), a one-line reason instead.
+
+    Found by transformers itself: its converters for this model, run as it runs them on load on
+    stand-in tensors whose values are (tensor, row) codes, one column wide. Only row operations
+    (Chunk / Split / Concatenate on dim 0, PermuteForRope) are followed; MoE experts (MergeModulelist,
+    :func:`fused_from_disk`) are not described here.
+    """
+    from copy import deepcopy
+
+    model = meta_model(config, required=False)
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (Chunk, Concatenate, MergeModulelist, PermuteForRope, Split,
+                                                     WeightConverter, WeightRenaming, rename_source_key)
+    except ImportError:
+        return {}
+    if model is None:
+        return {}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not converters:
+        return {}
+    by_pattern = {k: conv for conv in converters for k in conv.source_patterns}
+    meta = model.state_dict()
+    groups: dict[str, tuple] = {}  # first in-memory name -> (converter copy, [its on-disk names])
+    for name in shapes:  # (``shapes``: the checkpoint's, by on-disk name)
+        memory, pattern = rename_source_key(name, renamings, converters, model.base_model_prefix, meta)
+        if pattern is None or memory not in meta:
+            continue
+        conv = by_pattern[pattern]
+        if conv.operations and isinstance(conv.operations[0], MergeModulelist) or meta[memory].dim() > 2:
+            continue  # MoE experts: fused_from_disk
+        group = groups.setdefault(memory, (deepcopy(conv), []))
+        group[1].append((name, pattern))
+
+    def row_op(op) -> bool:
+        return isinstance(op, PermuteForRope) or (isinstance(op, (Chunk, Split, Concatenate)) and op.dim == 0)
+
+    out: dict[str, list | str] = {}
+    for first, (conv, names) in groups.items():
+        targets = [first.replace(conv.target_patterns[0], t) for t in conv.target_patterns]
+        odd = next((type(op).__name__ for op in conv.operations if not row_op(op)), None)
+        if odd is not None:
+            for t in targets:
+                out[t] = (f"transformers builds it on load from {', '.join(n for n, _ in names)} with {odd}, "
+                          "which adaptkit does not lay a LoRA across")
+            continue
+        codes = {}
+        for i, (name, pattern) in enumerate(names):
+            code = torch.arange(shapes[name][0], dtype=torch.float64) + float(i) * 2.0 ** 32  # exact in fp64
+            conv.add_tensor(first, name, pattern, code[:, None] if len(shapes[name]) == 2 else code)
+            codes[i] = name
+        try:
+            made = conv.convert(first, model=model, config=model.config)
+        except Exception as e:  # a converter that does not run on stand-ins: not followed
+            for t in targets:
+                out[t] = f"transformers builds it on load from {', '.join(codes.values())} ({type(e).__name__})"
+            continue
+        for target, t in made.items():
+            t = (t[0] if isinstance(t, list) else t).reshape(-1)
+            code = t.to(torch.int64)
+            src, disk_row = code >> 32, code & (2 ** 32 - 1)
+            parts = []
+            for i in sorted(set(src.tolist())):
+                hit = (src == i).nonzero().reshape(-1)
+                parts.append((codes[i], disk_row[hit], hit))
+            out[target] = parts
+    return out
+
+
 def parameter_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Every parameter of the model transformers builds from ``config``, by its in-memory name."""
     model = meta_model(config, required=False)

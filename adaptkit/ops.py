@@ -41,7 +41,9 @@ class Op:
     expert: int | None = None  # for "experts": the expert whose delta goes here (None: all, a fused 3-D tensor)
     part: tuple[int, int, int] | None = None  # for "experts": (dim, start, stop) of that expert's delta
     into: tuple[int, int] | None = None  # for "lora"/"bias": the rows of this tensor the delta lands on (fused base)
-    take: tuple[int, int] | None = None  # for "lora"/"bias": the rows of the delta this tensor takes (split base)
+    # for "lora"/"bias": the rows of the delta this tensor takes (split base), (start, stop) or, where transformers
+    # permutes them on load (PermuteForRope), an int64 index: window row i takes the delta's row take[i]
+    take: tuple[int, int] | torch.Tensor | None = None
 
     def window(self, w: torch.Tensor) -> torch.Tensor:
         """The rows of ``w`` this op changes (a view; ``w`` itself unless the base fuses the module)."""
@@ -49,7 +51,9 @@ class Op:
 
     def part_of(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """The rows of a per-output tensor (B, DoRA magnitude, lora_bias) for this tensor's part."""
-        return t if self.take is None or t is None else t[self.take[0]:self.take[1]]
+        if self.take is None or t is None:
+            return t
+        return t[self.take] if isinstance(self.take, torch.Tensor) else t[self.take[0]:self.take[1]]
 
     @property
     def scale(self) -> float:

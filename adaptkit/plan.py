@@ -222,7 +222,10 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
                 continue
             shape = base_shape(m.weight_name)
             if shape is None:
-                if record(m, _match_fused(base, m, adapter, weight, disk, base_shape, ops)):
+                problem = _match_fused(base, m, adapter, weight, disk, base_shape, ops)
+                if problem == "missing" and m.kind == "linear" and not m.fan_in_fan_out:  # the model's own layout
+                    record(m, _match_converted(base, m, adapter, weight, ops))
+                elif record(m, problem):
                     relaid.append(m.name)
                 continue
             transposed = _orientation(m, shape, conv1d)
@@ -310,6 +313,30 @@ def renames(base: Checkpoint) -> dict[str, str]:
 
         cached = base._renames = checkpoint_renames(base.config, base.tensors)
     return cached
+
+
+def converted(base: Checkpoint) -> dict:
+    """The in-memory weights transformers builds from rows of on-disk tensors on load
+    (:func:`adaptkit.architecture.converted_rows`), asked once per base (cached)."""
+    cached = getattr(base, "_converted", None)
+    if cached is None:
+        from .architecture import converted_rows
+
+        cached = base._converted = converted_rows(base.config, {n: tuple(i.shape) for n, (_, i) in base.tensors.items()})
+    return cached
+
+
+def _rows_window(disk_rows: torch.Tensor, memory_rows: torch.Tensor):
+    """(into, take) of an Op for a module whose rows ``memory_rows`` are rows ``disk_rows`` of an on-disk tensor:
+    the window of that tensor (contiguous, else None) and the module's rows in its order (a range where it is one)."""
+    order = torch.argsort(disk_rows)
+    lo, hi = int(disk_rows[order[0]]), int(disk_rows[order[-1]]) + 1
+    if hi - lo != len(disk_rows):
+        return None, None
+    take = memory_rows[order]
+    if torch.equal(take, torch.arange(int(take[0]), int(take[0]) + len(take))):
+        take = (int(take[0]), int(take[0]) + len(take))
+    return (lo, hi), take
 
 
 def disk_module(base: Checkpoint | None, name: str) -> str:
@@ -431,6 +458,37 @@ def _match_fused(base: Checkpoint, m: LoraModule, adapter: Adapter, weight: floa
         if m.bias_key is not None:
             ops.setdefault(disk(module + ".bias"), []).append(Op("bias", adapter, weight, module=m, take=take,
                                                                 into=into))
+    return None
+
+
+def _match_converted(base: Checkpoint, m: LoraModule, adapter: Adapter, weight: float, ops: dict) -> str | None:
+    """Ops for a LoRA on a module transformers builds on load from rows of on-disk tensors (Sarvam's
+    query_key_value split into q/k/v, Mistral Large 4's wq permuted for RoPE, a vision tower's in_proj_weight
+    chunked and permuted): each disk tensor takes its rows of ΔW, in the order transformers reads them
+    (:func:`converted`). Returns a problem, "missing", or None."""
+    found = converted(base).get(m.weight_name)
+    if found is None:
+        return "missing"
+    if isinstance(found, str):
+        return f"{m.name}: {found}"
+    problem = _check_factors(m)
+    if problem:
+        return problem
+    bias = converted(base).get(m.name + ".bias") if m.bias_key is not None else None
+    if m.bias_key is not None and not isinstance(bias, list):
+        return f"{m.name} has a lora_bias, but transformers does not build its bias from rows of the checkpoint's"
+    planned = []
+    for kind, parts in (("lora", found), ("bias", bias or [])):
+        for name, disk_rows, memory_rows in parts:
+            into, take = _rows_window(disk_rows, memory_rows)
+            shape = tuple(base.info(name).shape)
+            if into is None or (kind == "lora" and (len(shape) != 2 or shape[1] != m.in_features)):
+                return f"{m.name} ({m.out_features}×{m.in_features}) does not fit {name} {list(shape)}"
+            planned.append((name, Op(kind, adapter, weight, module=m, take=take, into=into)))
+    if sum(len(r) for _, r, _ in found) != m.out_features:
+        return f"{m.name} has {m.out_features} rows, transformers builds {sum(len(r) for _, r, _ in found)}"
+    for name, op in planned:
+        ops.setdefault(name, []).append(op)
     return None
 
 

@@ -268,6 +268,73 @@ def test_experts_stored_as_3d_parts_merge_as_peft_merges_them_and_verify_sees_on
     assert not report.ok and [m.name for m in report.modules if not m.ok] == [name]
 
 
+CONVERTED = {
+    # Sarvam-MoE: query_key_value (Q + 2·KV rows) split into q/k/v on load (Split, sized by the model's own params)
+    "sarvam-moe": (build.sarvam_moe_config, None, r".*\.(q_proj|k_proj|v_proj|o_proj)",
+                   "model.layers.0.attention.query_key_value.weight", 8),
+    # Mistral Large 4: its vision encoder's wq/wk rows permuted for RoPE on load (PermuteForRope); the language
+    # model's wq, wkv_b, wo renamed only
+    "mistral-large4": (build.mistral_large4_config, "AutoModelForImageTextToText",
+                       r".*(vision_tower.*\.(q_proj|k_proj)|language_model.*\.(q_proj|kv_b_proj|o_proj))",
+                       "vision_encoder.transformer.layers.0.attention.wk.weight", 8),
+    # Step 3.7's vision tower: in_proj_weight chunked into q/k/v and q/k permuted for RoPE (Chunk, PermuteForRope)
+    "step3.7-vision": (build.step3p7_config, "AutoModelForImageTextToText",
+                       r".*(vision_model.*\.(q_proj|k_proj|v_proj)|language_model.*\.q_proj)",
+                       "vision_model.transformer.resblocks.0.attn.in_proj_weight", 5),
+}
+
+
+@pytest.mark.parametrize("family", list(CONVERTED))
+def test_modules_transformers_builds_from_rows_of_other_tensors_merge_as_peft_merges_them(tmp_path, family):
+    """A LoRA on a module transformers makes on load out of rows of differently laid-out checkpoint tensors:
+    each on-disk tensor takes its rows of ΔW, in the order transformers' own converter reads them (found by
+    running it on stand-ins), exactly as peft merges the LoRA into the loaded model; no warning (this is the
+    model's own layout); verify catches the first rows of one such tensor left unmerged. Refused before."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    config, auto, targets, fused, modules = CONVERTED[family]
+    build.build_model(config(), tmp_path / "base", dtype=torch.float32, auto=auto and getattr(transformers, auto))
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4, target_modules=targets)
+    result = adaptkit.merge(tmp_path / "base", ad, tmp_path / "m")
+    assert result.modules_merged == modules and not result.warnings
+    assert_merge_is_peft(tmp_path / "base", ad, tmp_path / "m")
+    merged = Checkpoint.open(tmp_path / "m")
+    f = merged.tensors[fused][0].path
+    t = load_file(f)
+    base = Checkpoint.open(tmp_path / "base")
+    t[fused][:4] = base.read(fused)[:4]  # four rows of the first part unmerged
+    save_file(t, f, metadata={"format": "pt"})
+    report = adaptkit.verify(tmp_path / "base", ad, tmp_path / "m", model=False)
+    assert not report.ok and [m.name for m in report.modules if not m.ok] == [fused]
+
+
+def test_the_rows_transformers_builds_a_module_from_are_read_off_its_converter(tmp_path):
+    """converted_rows on Sarvam-MoE: q, k, v are rows [0, 64), [64, 96), [96, 128) of query_key_value, in
+    order; Mistral Large 4's vision q_proj is its wq with each head's rows de-interleaved (PermuteForRope), its
+    language model's q_proj a plain rename of wq (not a conversion)."""
+    import transformers
+
+    from adaptkit.architecture import converted_rows
+
+    build.build_model(build.sarvam_moe_config(), tmp_path / "s", dtype=torch.float32)
+    build.build_model(build.mistral_large4_config(), tmp_path / "m", dtype=torch.float32,
+                      auto=transformers.AutoModelForImageTextToText)
+    s, m = Checkpoint.open(tmp_path / "s"), Checkpoint.open(tmp_path / "m")
+    rows = converted_rows(s.config, {n: tuple(i.shape) for n, (_, i) in s.tensors.items()})
+    for proj, (lo, hi) in (("q_proj", (0, 64)), ("k_proj", (64, 96)), ("v_proj", (96, 128))):
+        [(disk, disk_rows, memory_rows)] = rows[f"model.layers.0.self_attn.{proj}.weight"]
+        assert disk == "model.layers.0.attention.query_key_value.weight"
+        assert disk_rows.tolist() == list(range(lo, hi)) and memory_rows.tolist() == list(range(hi - lo))
+    rows = converted_rows(m.config, {n: tuple(i.shape) for n, (_, i) in m.tensors.items()})
+    assert "model.language_model.layers.0.self_attn.q_proj.weight" not in rows
+    [(disk, disk_rows, memory_rows)] = rows["model.vision_tower.transformer.layers.0.attention.q_proj.weight"]
+    head = 16  # 2 heads of 16: transformers reads head h's row 2i as its row i, row 2i+1 as its row 8 + i
+    want = [h * head + (2 * i if i < head // 2 else 2 * (i - head // 2) + 1) for h in range(2) for i in range(head)]
+    assert disk == "vision_encoder.transformer.layers.0.attention.wq.weight" and disk_rows.tolist() == want
+    assert memory_rows.tolist() == list(range(32))
+
+
 def test_experts_transformers_transposes_on_load_merge_in_the_checkpoints_own_layout(tmp_path):
     """Qwen3-VL-MoE checkpoints on the Hub store the experts as (E, H, 2I) / (E, I, H), which
     transformers 5 transposes on load (conversion_mapping: Transpose(1, 2)); peft's LoRA is in the
