@@ -277,6 +277,10 @@ CONVERTED = {
     "mistral-large4": (build.mistral_large4_config, "AutoModelForImageTextToText",
                        r".*(vision_tower.*\.(q_proj|k_proj)|language_model.*\.(q_proj|kv_b_proj|o_proj))",
                        "vision_encoder.transformer.layers.0.attention.wk.weight", 8),
+    # MiniMax-M3-VL: gate_proj and up_proj concatenated into one gate_up_proj on load (Concatenate): a fused module
+    # in memory, each split tensor on disk taking its rows of ΔW
+    "minimax-m3-vl": (build.minimax_m3_vl_config, "AutoModelForImageTextToText",
+                      r".*language_model.*\.(gate_up_proj|q_proj)", "language_model.model.layers.0.mlp.up_proj.weight", 4),
     # Step 3.7's vision tower: in_proj_weight chunked into q/k/v and q/k permuted for RoPE (Chunk, PermuteForRope)
     "step3.7-vision": (build.step3p7_config, "AutoModelForImageTextToText",
                        r".*(vision_model.*\.(q_proj|k_proj|v_proj)|language_model.*\.q_proj)",
@@ -307,6 +311,18 @@ def test_modules_transformers_builds_from_rows_of_other_tensors_merge_as_peft_me
     save_file(t, f, metadata={"format": "pt"})
     report = adaptkit.verify(tmp_path / "base", ad, tmp_path / "m", model=False)
     assert not report.ok and [m.name for m in report.modules if not m.ok] == [fused]
+
+
+def test_a_module_transformers_builds_by_another_op_is_refused_naming_it(runner, tmp_path):
+    """Ergo's shared expert: the checkpoint stores shared_up_proj transposed (Transpose on load), which is not a
+    row operation: a LoRA on it is refused in one line naming the op and the on-disk tensor, nothing written."""
+    build.build_model(build.ergo_config(), tmp_path / "base", dtype=torch.float32)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
+                             target_modules=["shared_experts.up_proj", "o_proj"])
+    res = invoke(runner, "merge", tmp_path / "base", ad, "-o", tmp_path / "m")
+    assert_one_line_error(res, "model.layers.1.mlp.shared_experts.up_proj", "layers.1.feed_forward.shared_up_proj",
+                          "Transpose")
+    assert not (tmp_path / "m").exists()
 
 
 def test_the_rows_transformers_builds_a_module_from_are_read_off_its_converter(tmp_path):
