@@ -133,9 +133,10 @@ def converted_rows(config: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str
                                                                                        torch.Tensor]] | str]:
     """For each in-memory weight (or bias) transformers builds on load from the rows of on-disk tensors
     (a fused ``query_key_value`` chunked or split into q/k/v, ``gate_proj`` beside ``up_proj``
-    concatenated, ``wq`` permuted for RoPE): [(on-disk name, its rows, the in-memory rows they hold)],
-    both int64, row i of the disk tensor being row j of the in-memory one. Where transformers builds
-    it any other way (an op adaptkit does not follow through), a one-line reason instead.
+    concatenated, ``wq`` permuted for RoPE): [(on-disk name, disk_rows, memory_rows)] per on-disk tensor
+    it takes rows of, both int64: in-memory row ``memory_rows[i]`` is that tensor's row ``disk_rows[i]``.
+    Where transformers builds it any other way (an op adaptkit does not follow through), a one-line
+    reason instead.
 
     Found by transformers itself: its converters for this model, run as it runs them on load on
     stand-in tensors whose values are (tensor, row) codes, one column wide. Only row operations

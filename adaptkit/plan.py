@@ -331,7 +331,7 @@ def _rows_window(disk_rows: torch.Tensor, memory_rows: torch.Tensor):
     the window of that tensor (contiguous, else None) and the module's rows in its order (a range where it is one)."""
     order = torch.argsort(disk_rows)
     lo, hi = int(disk_rows[order[0]]), int(disk_rows[order[-1]]) + 1
-    if hi - lo != len(disk_rows):
+    if hi - lo != len(disk_rows) or len(torch.unique(disk_rows)) != len(disk_rows):
         return None, None
     take = memory_rows[order]
     if torch.equal(take, torch.arange(int(take[0]), int(take[0]) + len(take))):

@@ -80,6 +80,7 @@ class ModelCheck:
     source: str  # "tokenizer" or "random token ids"
     compared: str = "logits"  # what was compared, and with which class
     max_kl: float = 0.0  # the worst position's KL: a few wrong tokens (trainable ones) stand out there
+    restored: list[str] = field(default_factory=list)  # modules peft's own load left unloaded, filled in by name
 
 
 @dataclass
@@ -594,6 +595,37 @@ def _into_reference(ref, merged) -> bool:
     return True
 
 
+def _restore_dropped(pm, adapter: Adapter, name: str) -> list[str]:
+    """The LoRA modules of ``adapter`` whose factors peft's own load (as adapter ``name`` of ``pm``) left unloaded,
+    by peft's own account (the missing keys of its set_peft_model_state_dict, run once more on the same file),
+    filled in from the adapter by module name; returns their names. peft 0.21 passes an adapter's keys, already
+    in-memory names, through transformers' renames for the model once more, and a rename written as an unescaped
+    regex (Laguna's ``mlp.shared_expert.``) turns ``mlp.shared_experts.down_proj`` into
+    ``mlp.shared_experts..down_proj``, which loads nowhere: the reference is then the model that saved the
+    adapter, not one without those deltas. A LoRA peft did load is never replaced by adaptkit's reading of it."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(pm, load_peft_weights(str(adapter.path), device="cpu"), adapter_name=name)
+    unloaded = {k.removeprefix("base_model.model.").split(".lora_")[0] for k in result.missing_keys
+                if f".{name}." in k and ".lora_" in k}
+    root, restored = pm.base_model.model, []
+    for m in adapter.modules.values():
+        if m.name not in unloaded or m.param or m.kind != "linear":
+            continue
+        layer = root.get_submodule(m.name)
+        if not isinstance(layer, LoraLayer) or name not in layer.lora_A or m.use_dora or m.bias_key is not None:
+            raise ReferenceFailed(f"peft's load of {adapter.path} leaves {m.name} unloaded")
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        if a.shape != m.A.shape or b.shape != m.B.shape:
+            raise ReferenceFailed(f"peft's load of {adapter.path} leaves {m.name} unloaded")
+        with torch.no_grad():
+            a.copy_(m.A.to(a.dtype))
+            b.copy_(m.B.to(b.dtype))
+        restored.append(m.name)
+    return restored
+
+
 class ReferenceFailed(Exception):
     """transformers or peft could not run base + adapters (a bug of theirs on this model, say): the
     model level has nothing to compare with and is skipped, the layer level stands."""
@@ -647,6 +679,8 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
             Fp32Compute(model)
         return model, missing
 
+    restored: list[str] = []
+
     def reference(cls):
         """Base + adapters in peft: each prompt's outputs (and, without a head, the base's alone)."""
         with warnings.catch_warnings(), _quiet_transformers(hf_logging):
@@ -670,6 +704,7 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
                 else:
                     pm.load_adapter(a.path, adapter_name=name)
                 names.append(name)
+                restored.extend(_restore_dropped(pm, a, name))
             pm.base_model.set_adapter(names)
             for mod in pm.modules():  # each adapter's weight scales its ΔW
                 if isinstance(mod, LoraLayer):
@@ -741,7 +776,7 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
         # must stay within the tolerance too, unless it is merely a hundred typical ones (rounding)
         ok = mean_kl <= kl_tolerance and worst_kl <= max(kl_tolerance, SPIKE_FACTOR * typical)
         return ModelCheck(len(batches), sum(ids.numel() for ids in batches), max(diffs), mean_kl, top1, ok,
-                          source, f"logits ({cls.__name__}{why})", worst_kl)
+                          source, f"logits ({cls.__name__}{why})", worst_kl, restored)
     err, effect, norm = (sum(e[i] for e in errs) for i in range(3))
     rel = err / max(norm, 1e-30)
     # the merge must reproduce the adapters' effect on the hidden states to within 2 % of it (or to
@@ -749,7 +784,7 @@ def check_model(base_path: Path, adapters: list[Adapter], merged_path: Path, wei
     ok = err <= max(0.02 * effect, 1e-3 * norm)
     return ModelCheck(len(batches), sum(ids.numel() for ids in batches), max(diffs), 0.0, 1.0, ok, source,
                       f"hidden states ({type(merged).__name__}{why}): relative error {rel:.2e}, the adapters move "
-                      f"them by {effect / max(norm, 1e-30):.2e}")
+                      f"them by {effect / max(norm, 1e-30):.2e}", 0.0, restored)
 
 
 def _text_model(model):
@@ -898,6 +933,13 @@ def verify(base, adapters, merged, *, weights=None, prompts: list[str] | None = 
                     model_check = check_model(base_ck.path, refs, merged_ck.path, weights, prompts, seed=seed,
                                               device=dev, progress=report.advance,
                                               merged_dtype=_stored_16bit(merged_ck), base_dtype=_stored_16bit(base_ck))
+                    if model_check.restored:
+                        first = model_check.restored[0]
+                        warnings.append(f"peft's own load of the adapter leaves {len(model_check.restored)} LoRA "
+                                        f"modules unloaded (first: {first}; it renames their keys with transformers' "
+                                        "rules for this model once more): the model-level reference loads them by "
+                                        "name, as the model that saved the adapter had them, and peft's own "
+                                        "merge_and_unload would lose them")
                 except ReferenceFailed as e:
                     warnings.append(f"model-level check skipped: transformers and peft could not run the base with "
                                     f"the adapters ({e}); every merged tensor was checked at the layer level")
