@@ -61,3 +61,32 @@ def test_fp8_cuda_equals_cpu(tmp_path, quantize):
         else:
             eps = torch.finfo(cpu[k].dtype).eps
             assert ((a - b).abs() <= eps * a.abs() + 1e-6).all(), k
+
+
+@pytest.mark.parametrize("family", ["step3p7", "sarvam", "deepseek-v4"])
+def test_layouts_transformers_converts_merge_on_cuda_as_on_the_cpu(tmp_path, family):
+    """Experts stored as 3-D parts (Step 3.7), a module transformers splits out of a fused tensor (Sarvam-MoE)
+    and regex-ruled per-expert tensors (DeepSeek-V4): the CUDA merge equals the CPU one to a unit of bf16."""
+    import transformers
+
+    from fixtures import build
+
+    config, auto, lora = {
+        "step3p7": (build.step3p7_config, transformers.AutoModelForImageTextToText,
+                    dict(target_modules=r".*(vision_model.*\.(q_proj|k_proj)|language_model.*\.q_proj)",
+                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])),
+        "sarvam": (build.sarvam_moe_config, None, dict(target_modules=["q_proj", "k_proj", "v_proj"])),
+        "deepseek-v4": (build.deepseek_v4_config, None,
+                        dict(target_modules=["q_a_proj"], target_parameters=["mlp.experts.gate_up_proj"])),
+    }[family]
+    build.build_model(config(), tmp_path / "base", dtype=torch.bfloat16, auto=auto)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4, base_dtype=torch.bfloat16,
+                             **lora)
+    merge(tmp_path / "base", [ad], tmp_path / "cpu", device="cpu")
+    merge(tmp_path / "base", [ad], tmp_path / "cuda", device="cuda")
+    cpu, cuda = load_dir(tmp_path / "cpu"), load_dir(tmp_path / "cuda")
+    assert set(cpu) == set(cuda)
+    for k in cpu:
+        a, b = cpu[k].double(), cuda[k].double()
+        eps = torch.finfo(cpu[k].dtype).eps if cpu[k].is_floating_point() else 0
+        assert ((a - b).abs() <= eps * a.abs() + 1e-6).all(), k
