@@ -390,6 +390,28 @@ def test_a_laguna_lora_merges_what_the_trained_model_computed_where_peft_reloads
     assert any("peft's own load of the adapter leaves 2 LoRA modules unloaded" in w for w in report.warnings)
 
 
+SWEPT = [("minimax_m2", False), ("phimoe", False), ("hy_v3", False), ("kolibri1", False), ("ernie4_5_moe", False),
+         ("minicpm5_moe", True), ("cosmos3_omni", True), ("hy_v4", True), ("aria", True), ("emu3", True)]
+
+
+@pytest.mark.parametrize("model_type, dense", SWEPT)
+def test_families_of_the_sweep_merge_as_peft_merges_them(tmp_path, model_type, dense):
+    """A few of fixtures/sweep_families.py's passing families kept as tests, each with renames or conversions of
+    its own (block_sparse_moe w1/w2/w3, router and bias renames, q_proj renamed q_gate_proj, to_q renamed q_proj,
+    language_model prefixes): the generic tiny config, a peft LoRA on its experts (and q_proj) or all-linear."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from fixtures.sweep_families import lora_targets, tiny_config
+
+    auto = None if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else transformers.AutoModelForImageTextToText
+    model = build.build_model(tiny_config(model_type), tmp_path / "base", dtype=torch.float32, auto=auto)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4, **lora_targets(model, dense))
+    result = adaptkit.merge(tmp_path / "base", ad, tmp_path / "m")
+    assert result.modules_merged >= 2 and not result.warnings
+    assert_merge_is_peft(tmp_path / "base", ad, tmp_path / "m")
+
+
 def test_experts_transformers_transposes_on_load_merge_in_the_checkpoints_own_layout(tmp_path):
     """Qwen3-VL-MoE checkpoints on the Hub store the experts as (E, H, 2I) / (E, I, H), which
     transformers 5 transposes on load (conversion_mapping: Transpose(1, 2)); peft's LoRA is in the
