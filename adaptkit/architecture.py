@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass
 
 import torch
 
@@ -129,14 +130,22 @@ def checkpoint_renames(config: dict, disk_names) -> dict[str, str]:
     return out
 
 
+@dataclass(frozen=True)
+class Transposed:
+    """An in-memory weight transformers reads transposed from one on-disk tensor (``disk``, stored (in, out))."""
+
+    disk: str
+
+
 def converted_rows(config: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, list[tuple[str, torch.Tensor,
-                                                                                       torch.Tensor]] | str]:
+                                                                                       torch.Tensor]] | str | Transposed]:
     """For each in-memory weight (or bias) transformers builds on load from the rows of on-disk tensors
     (a fused ``query_key_value`` chunked or split into q/k/v, ``gate_proj`` beside ``up_proj``
     concatenated, ``wq`` permuted for RoPE): [(on-disk name, disk_rows, memory_rows)] per on-disk tensor
     it takes rows of, both int64: in-memory row ``memory_rows[i]`` is that tensor's row ``disk_rows[i]``.
-    Where transformers builds it any other way (an op adaptkit does not follow through), a one-line
-    reason instead.
+    A 2-D weight transformers transposes from one tensor (Transpose alone) is :class:`Transposed`. Where
+    transformers builds it any other way (an op adaptkit does not follow through), a one-line reason
+    instead.
 
     Found by transformers itself: its converters for this model, run as it runs them on load on
     stand-in tensors whose values are (tensor, row) codes, one column wide. Only row operations
@@ -149,7 +158,7 @@ def converted_rows(config: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (Chunk, Concatenate, MergeModulelist, PermuteForRope, Split,
-                                                     WeightConverter, WeightRenaming, rename_source_key)
+                                                     Transpose, WeightConverter, WeightRenaming, rename_source_key)
     except ImportError:
         return {}
     if model is None:
@@ -175,9 +184,14 @@ def converted_rows(config: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str
     def row_op(op) -> bool:
         return isinstance(op, PermuteForRope) or (isinstance(op, (Chunk, Split, Concatenate)) and op.dim == 0)
 
-    out: dict[str, list | str] = {}
+    out: dict[str, list | str | Transposed] = {}
     for first, (conv, names) in groups.items():
         targets = [first.replace(conv.target_patterns[0], t) for t in conv.target_patterns]
+        [op, *more] = conv.operations
+        if (not more and isinstance(op, Transpose) and {op.dim0, op.dim1} == {0, 1} and not op.check_dims
+                and len(names) == 1 and len(targets) == 1 and len(shapes[names[0][0]]) == 2):
+            out[targets[0]] = Transposed(names[0][0])  # Ergo's shared experts and router: stored (in, out)
+            continue
         odd = next((type(op).__name__ for op in conv.operations if not row_op(op)), None)
         if odd is not None:
             for t in targets:

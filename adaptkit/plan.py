@@ -466,6 +466,8 @@ def _match_converted(base: Checkpoint, m: LoraModule, adapter: Adapter, weight: 
     query_key_value split into q/k/v, Mistral Large 4's wq permuted for RoPE, a vision tower's in_proj_weight
     chunked and permuted): each disk tensor takes its rows of ΔW, in the order transformers reads them
     (:func:`converted`). Returns a problem, "missing", or None."""
+    from .architecture import Transposed
+
     found = converted(base).get(m.weight_name)
     if found is None:
         return "missing"
@@ -474,6 +476,14 @@ def _match_converted(base: Checkpoint, m: LoraModule, adapter: Adapter, weight: 
     problem = _check_factors(m)
     if problem:
         return problem
+    if isinstance(found, Transposed):  # stored (in, out): ΔW lands transposed, as on a Conv1D weight
+        shape = tuple(base.info(found.disk).shape)
+        if shape != (m.in_features, m.out_features):
+            return f"{m.name} ({m.out_features}×{m.in_features}) does not fit {found.disk} {list(shape)}, stored (in, out)"
+        if m.bias_key is not None:
+            return f"{m.name} has a lora_bias, but transformers reads its weight transposed from {found.disk}"
+        ops.setdefault(found.disk, []).append(Op("lora", adapter, weight, module=m, transposed=True))
+        return None
     bias = converted(base).get(m.name + ".bias") if m.bias_key is not None else None
     if m.bias_key is not None and not isinstance(bias, list):
         return f"{m.name} has a lora_bias, but transformers does not build its bias from rows of the checkpoint's"

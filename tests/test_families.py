@@ -313,15 +313,39 @@ def test_modules_transformers_builds_from_rows_of_other_tensors_merge_as_peft_me
     assert not report.ok and [m.name for m in report.modules if not m.ok] == [fused]
 
 
-def test_a_module_transformers_builds_by_another_op_is_refused_naming_it(runner, tmp_path):
-    """Ergo's shared expert: the checkpoint stores shared_up_proj transposed (Transpose on load), which is not a
-    row operation: a LoRA on it is refused in one line naming the op and the on-disk tensor, nothing written."""
+def test_weights_transformers_transposes_on_load_merge_as_peft_merges_them(tmp_path):
+    """Ergo: the checkpoint stores its shared expert (feed_forward.shared_up_proj / shared_down_proj) and its router
+    (feed_forward.gate_kernel) transposed, (in, out), which transformers transposes on load (Transpose alone):
+    each ΔW lands transposed, exactly as peft merges the LoRA into the loaded model."""
     build.build_model(build.ergo_config(), tmp_path / "base", dtype=torch.float32)
     ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
-                             target_modules=["shared_experts.up_proj", "o_proj"])
+                             target_modules=["shared_experts.up_proj", "shared_experts.down_proj", "gate.linear",
+                                             "o_proj"])
+    result = adaptkit.merge(tmp_path / "base", ad, tmp_path / "m")
+    assert result.modules_merged == 5 and not result.warnings
+    assert_merge_is_peft(tmp_path / "base", ad, tmp_path / "m")
+
+
+def test_a_module_transformers_builds_by_another_op_is_refused_naming_it(runner, tmp_path, monkeypatch):
+    """A module transformers builds on load by an op adaptkit does not follow (here: as if Sarvam-MoE's q_proj came
+    out of query_key_value by an Interleave): refused in one line naming the op and the on-disk tensor, nothing
+    written."""
+    from adaptkit import plan
+
+    build.build_model(build.sarvam_moe_config(), tmp_path / "base", dtype=torch.float32)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4, target_modules=["q_proj"])
+    real = plan.converted
+
+    def converted(base):
+        rows = dict(real(base))
+        rows["model.layers.0.self_attn.q_proj.weight"] = ("transformers builds it on load from "
+                                                          "model.layers.0.attention.query_key_value.weight with "
+                                                          "Interleave, which adaptkit does not lay a LoRA across")
+        return rows
+
+    monkeypatch.setattr(plan, "converted", converted)
     res = invoke(runner, "merge", tmp_path / "base", ad, "-o", tmp_path / "m")
-    assert_one_line_error(res, "model.layers.1.mlp.shared_experts.up_proj", "layers.1.feed_forward.shared_up_proj",
-                          "Transpose")
+    assert_one_line_error(res, "model.layers.0.self_attn.q_proj", "query_key_value", "Interleave")
     assert not (tmp_path / "m").exists()
 
 
