@@ -242,6 +242,25 @@ def test_newer_families_merge_as_peft_merges_them(tmp_path, family):
     assert_merge_is_peft(tmp_path / "base", ad, tmp_path / "m")
 
 
+def test_verify_catches_one_experts_delta_dropped_where_transformers_rules_are_regexes(tmp_path):
+    """DeepSeek-V4 (ffn.experts.N.w1/w2/w3 on disk, matched by transformers' regex rules): verify names expert 2's
+    up projection when its delta is left out of the merge, and nothing else."""
+    from safetensors.torch import load_file, save_file
+
+    build.build_model(build.deepseek_v4_config(), tmp_path / "base", dtype=torch.float32)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4,
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    adaptkit.merge(tmp_path / "base", ad, tmp_path / "m")
+    assert adaptkit.verify(tmp_path / "base", ad, tmp_path / "m", model=False).ok
+    name = "model.layers.1.ffn.experts.2.w3.weight"
+    f = Checkpoint.open(tmp_path / "m").tensors[name][0].path
+    t = load_file(f)
+    t[name] = Checkpoint.open(tmp_path / "base").read(name)
+    save_file(t, f, metadata={"format": "pt"})
+    report = adaptkit.verify(tmp_path / "base", ad, tmp_path / "m", model=False)
+    assert not report.ok and [m.name for m in report.modules if not m.ok] == [name]
+
+
 def test_experts_stored_as_3d_parts_merge_as_peft_merges_them_and_verify_sees_one_dropped(tmp_path):
     """Step 3.7: the checkpoint stores each projection of all experts as one 3-D tensor (moe.gate_proj and
     moe.up_proj (E, I, H), concatenated into experts.gate_up_proj on load; moe.down_proj renamed): each part
