@@ -9,18 +9,23 @@ from adaptkit import merge
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("name", list(ADAPTERS))
-def test_cuda_equals_cpu(tmp_path, name, dtype):
-    merge(BASE_OF[name], [ADAPTERS[name]], tmp_path / "cpu", device="cpu", dtype=dtype)
-    merge(BASE_OF[name], [ADAPTERS[name]], tmp_path / "cuda", device="cuda", dtype=dtype)
+def _assert_same_merge(tmp_path) -> None:
+    """The merges at tmp_path/cpu and tmp_path/cuda hold the same tensors, each within one unit of the output
+    dtype (only the fp32 accumulation order differs)."""
     cpu, cuda = load_dir(tmp_path / "cpu"), load_dir(tmp_path / "cuda")
     assert set(cpu) == set(cuda)
     for k in cpu:
         a, b = cpu[k].double(), cuda[k].double()
         eps = torch.finfo(cpu[k].dtype).eps if cpu[k].is_floating_point() else 0
-        # within one unit of the output dtype: only the fp32 accumulation order differs
         assert ((a - b).abs() <= eps * a.abs() + 1e-6).all(), k
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_cuda_equals_cpu(tmp_path, name, dtype):
+    merge(BASE_OF[name], [ADAPTERS[name]], tmp_path / "cpu", device="cpu", dtype=dtype)
+    merge(BASE_OF[name], [ADAPTERS[name]], tmp_path / "cuda", device="cuda", dtype=dtype)
+    _assert_same_merge(tmp_path)
 
 
 @pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
@@ -84,9 +89,4 @@ def test_layouts_transformers_converts_merge_on_cuda_as_on_the_cpu(tmp_path, fam
                              **lora)
     merge(tmp_path / "base", [ad], tmp_path / "cpu", device="cpu")
     merge(tmp_path / "base", [ad], tmp_path / "cuda", device="cuda")
-    cpu, cuda = load_dir(tmp_path / "cpu"), load_dir(tmp_path / "cuda")
-    assert set(cpu) == set(cuda)
-    for k in cpu:
-        a, b = cpu[k].double(), cuda[k].double()
-        eps = torch.finfo(cpu[k].dtype).eps if cpu[k].is_floating_point() else 0
-        assert ((a - b).abs() <= eps * a.abs() + 1e-6).all(), k
+    _assert_same_merge(tmp_path)
