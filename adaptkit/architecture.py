@@ -149,8 +149,8 @@ def converted_rows(config: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str
 
     Found by transformers itself: its converters for this model, run as it runs them on load on
     stand-in tensors whose values are (tensor, row) codes, one column wide. Only row operations
-    (Chunk / Split / Concatenate on dim 0, PermuteForRope) are followed; MoE experts (MergeModulelist,
-    :func:`fused_from_disk`) are not described here.
+    (Chunk / Split / Concatenate on dim 0, PermuteForRope) and a lone Transpose are followed; MoE experts
+    (MergeModulelist, 3-D parameters: :func:`fused_from_disk`) are not described here.
     """
     from copy import deepcopy
 
