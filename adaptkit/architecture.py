@@ -294,6 +294,21 @@ def fused_from_disk(config: dict, disk_names) -> dict[str, list[tuple[str, int, 
     return out
 
 
+def part_spans(sources, shape_of) -> list[tuple[int, int] | None]:
+    """For each of ``sources`` (:func:`fused_from_disk`): the (start, stop) its part spans along the dim its
+    expert's parts are concatenated on (gate's rows, then up's), None where they are not concatenated."""
+    sizes = {(e, part): tuple(shape_of(name))[concat - (e is not None)]  # concat: a dim of the stacked parameter
+             for name, e, part, _, concat in sources if concat is not None}
+    spans = []
+    for _, e, part, _, concat in sources:
+        if concat is None:
+            spans.append(None)
+            continue
+        start = sum(sizes[(e, p)] for p in range(part))
+        spans.append((start, start + sizes[(e, part)]))
+    return spans
+
+
 def fused_shape(sources, shape_of) -> tuple[int, ...]:
     """The shape transformers gives a parameter it fuses from ``sources`` (:func:`fused_from_disk`):
     experts stacked on dim 0 (or each part 3-D already: expert None), the parts concatenated on their dim."""

@@ -413,19 +413,17 @@ def _match_experts(base: Checkpoint, m: LoraModule, adapter: Adapter, weight: fl
     sources = fused.get(m.weight_name)
     if not sources:
         return "missing"
+    from .architecture import part_spans
+
     per_expert = tuple(shape[1:])
-    sizes: dict[tuple[int, int], int] = {}
-    for disk_name, e, part, _, concat in sources:  # concat: the dim of the stacked (E, ...) parameter
-        sizes[(e, part)] = base.info(disk_name).shape[concat - (e is not None)] if concat is not None else 0
-    for disk_name, e, part, _, concat in sources:
-        if concat is None:
+    for (disk_name, e, _, _, concat), span in zip(sources, part_spans(sources, lambda n: base.info(n).shape)):
+        if span is None:
             slot = None
             expected = per_expert
         else:
             dim = concat - 1
-            start = sum(sizes[(e, p)] for p in range(part))
-            slot = (dim, start, start + sizes[(e, part)])
-            expected = tuple(sizes[(e, part)] if i == dim else n for i, n in enumerate(per_expert))
+            slot = (dim, *span)
+            expected = tuple(span[1] - span[0] if i == dim else n for i, n in enumerate(per_expert))
         if e is None:  # a 3-D part of every expert (Step 3.7's moe.gate_proj)
             expected = (m.experts, *expected)
         if tuple(base.info(disk_name).shape) != expected:

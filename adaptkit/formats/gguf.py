@@ -502,14 +502,13 @@ def _expert_parts(m, base, arch: str | None, path,
     sources = fused.get(m.weight_name)
     if not sources:
         raise AdaptkitError(f"{m.name}: cannot tell which on-disk tensors hold this parameter", path)
-    sizes = {(e, part): base.info(d).shape[concat - (e is not None)] if concat is not None else 0
-             for d, e, part, _, concat in sources}
+    from ..architecture import part_spans
+
     out = []
-    for disk, e, part, _, concat in sources:
-        start = sum(sizes[(e, p)] for p in range(part))
-        span = slice(start, start + sizes[(e, part)]) if concat is not None else every
-        out.append((disk.removesuffix(".weight"), -1 if e is None else e, span if concat == 1 else every,
-                    span if concat == 2 else every, False))
+    for (disk, e, _, _, concat), span in zip(sources, part_spans(sources, lambda n: base.info(n).shape)):
+        cut = slice(*span) if span is not None else every
+        out.append((disk.removesuffix(".weight"), -1 if e is None else e, cut if concat == 1 else every,
+                    cut if concat == 2 else every, False))
     return out
 
 
