@@ -304,3 +304,23 @@ def test_fp32_compute_gives_the_fp32_models_logits_and_leaves_the_16bit_weights(
     assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=0, atol=1e-6 * want.abs().max().item())
     assert all(p.dtype == torch.float16 for p in half.model.layers.parameters())  # given back after each layer
     assert sum(len(v) for v in run.free.values()) == sum(1 for _ in half.model.layers[0].parameters())  # one layer's
+
+
+def test_a_dora_on_a_base_stored_in_out_is_verified_in_the_bases_orientation(tmp_path):
+    """GPT-2's Conv1D weights are stored (in, out): verify's DoRA norms are taken on the base weight in the
+    (out, in) orientation its probes already use (it transposed that weight back, failing on c_attn's
+    (64, 192) with a shape error and, on the square c_proj, comparing against the wrong norms)."""
+    from helpers import TINY_GPT2, peft_merged
+
+    from fixtures.build import build_adapter
+
+    ad = build_adapter(TINY_GPT2, tmp_path / "dora", r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                       use_dora=True, fan_in_fan_out=True)
+    merge(TINY_GPT2, [ad], tmp_path / "m")
+    report = verify(TINY_GPT2, [ad], tmp_path / "m")
+    assert report.ok and {m.kind for m in report.modules if m.kind != "untouched"} >= {"dora"}
+    _, ref = peft_merged(TINY_GPT2, [ad])
+    got = load_dir(tmp_path / "m")
+    for name, t in ref.state_dict().items():
+        if name in got:
+            assert torch.allclose(got[name].float(), t.float(), rtol=1e-3, atol=1e-4), name

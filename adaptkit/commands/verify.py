@@ -142,7 +142,7 @@ def _expected(w: torch.Tensor, ops, x: torch.Tensor | None, transposed: bool,
         if m.use_dora:
             kind = "dora"
             # ‖W + ΔW‖² per row = ‖W‖² + 2 s (W Aᵀ)·B + s² B (A Aᵀ) Bᵀ, from the factors
-            wr = op.window(_canonical(ref_w, op.transposed))
+            wr = op.window(ref_w)  # (canonical already, as w)
             norm2 = (wr * wr).sum(1) + 2 * s * ((wr @ a.T) * b).sum(1) + s * s * ((b @ (a @ a.T)) * b).sum(1)
             factor = op.part_of(m.magnitude).to(dt) / norm2.clamp(min=0).sqrt()
             rows.copy_(factor[:, None] * (rows + dx))
