@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter, LoraModule, adapter_weights
-from .architecture import conv1d_modules
+from .architecture import conv1d_modules, meta_model
 from . import scaled
 from .codecs import DenseRead, DenseWrite, FourBitRead, FourBitWrite, NoRead, QLoRARead, ScaledRead, ScaledWrite
 from .dtypes import FLOAT_DTYPES, name_of, resolve_dtype
@@ -279,6 +279,8 @@ def match_adapters(base: Checkpoint, adapters: list[Adapter], weights: list[floa
         total = len(adapters[[str(a.path) for a in adapters].index(label)].modules)
         near = _closest(base, mods[0] + ".weight")
         tried = " (with transformers' renames for this architecture)" if names else ""
+        if not names and meta_model(base.config, required=False) is None:
+            tried = " (transformers cannot build a model from the base's config.json, so none of its renames were tried)"
         problems.insert(0, f"{label}: {len(mods)} of its {total} modules are not in the base{tried} (first: "
                            f"{', '.join(mods[:3])}{'; closest base tensor: ' + near if near else ''}); was it "
                            "trained on another model?")

@@ -1080,3 +1080,19 @@ def test_per_expert_linear_loras_go_to_vllm_complete_and_at_one_rank(tmp_path):
         assert not got[f"{stem}{e}.w1"].any() and not got[f"{stem}{e}.w3"].any()
     res = adaptkit.inspect(tmp_path / "v", checks=["vllm"]).checks[0]
     assert res.ok, res.problems
+
+
+def test_a_base_config_transformers_cannot_build_says_so_when_names_do_not_fit(runner, tmp_path):
+    """Sarvam-MoE's q/k/v exist only through transformers' conversion of query_key_value: with a config.json
+    transformers cannot build (num_key_value_heads "two"), the one-line refusal says no renames were tried,
+    instead of only asking whether the adapter was trained on another model."""
+    import json
+
+    build.build_model(build.sarvam_moe_config(), tmp_path / "base", dtype=torch.float32)
+    ad = build.build_adapter(tmp_path / "base", tmp_path / "lora", r=2, lora_alpha=4, target_modules=["q_proj"])
+    cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    cfg["num_key_value_heads"] = "two"
+    (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
+    res = invoke(runner, "merge", tmp_path / "base", ad, "-o", tmp_path / "m")
+    assert_one_line_error(res, "transformers cannot build a model from the base's config.json")
+    assert not (tmp_path / "m").exists()
